@@ -1,0 +1,25 @@
+# Fresh machine: only python3.11 and pip are needed; everything else is installed into .venv.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/digits
+CONFIG ?= configs/digits.py
+
+.PHONY: install pretrain test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,plot]'
+	touch $@
+
+install: $(VENV)/.installed
+
+pretrain: install
+	$(PY) -m kldino.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) workdirs
