@@ -1,0 +1,53 @@
+"""Cheap checks of a config, run before anything expensive starts: one clear line per problem."""
+from __future__ import annotations
+
+from kldino import objective
+from kldino.models import validate_model_config
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate_config(config, num_devices: int, num_processes: int = 1):
+  objective_config = config.objective
+  try:
+    objective.get_normalization(objective_config)
+    validate_model_config(config.model)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  _require(config.num_epochs >= 1, f'num_epochs={config.num_epochs} must be >= 1')
+  _require(config.batch_size >= 1 and config.batch_size % num_devices == 0,
+           f'batch_size={config.batch_size} must be a positive multiple of the {num_devices} '
+           f'devices (global batch); set --config.batch_size to a multiple of {num_devices}')
+  _require(config.batch_size % num_processes == 0,
+           f'batch_size={config.batch_size} must divide evenly over {num_processes} processes')
+  _require(config.sweep_batch_size % num_devices == 0,
+           f'sweep_batch_size={config.sweep_batch_size} must be a multiple of the '
+           f'{num_devices} devices')
+  _require(config.eval.batch_size % num_devices == 0,
+           f'eval.batch_size={config.eval.batch_size} must be a multiple of the '
+           f'{num_devices} devices')
+  _require(objective_config.prior_every_epochs >= 1,
+           f'objective.prior_every_epochs (T) = {objective_config.prior_every_epochs} must be '
+           '>= 1 epoch')
+  _require(objective_config.prior_init in ('sweep', 'uniform'),
+           f"objective.prior_init='{objective_config.prior_init}': use 'sweep' or 'uniform'")
+  for key in ('teacher_temp', 'warmup_teacher_temp', 'student_temp'):
+    value = objective_config[key]
+    _require(value > 0, f'objective.{key}={value} must be > 0')
+  _require(0 < objective_config.prior_eps < 1,
+           f'objective.prior_eps={objective_config.prior_eps} must be in (0, 1)')
+  _require(config.model.num_prototypes >= 2,
+           f'model.num_prototypes={config.model.num_prototypes} must be >= 2')
+  _require(config.eval.knn_temperature > 0,
+           f'eval.knn_temperature={config.eval.knn_temperature} must be > 0')
+  _require(config.data.name != 'folder' or bool(config.data.path),
+           "data.name='folder' needs --config.data.path=ROOT (ROOT/<split>/<class>/<image>)")
+  _require(len(config.data.mean) == len(config.data.std),
+           'data.mean and data.std must have one value per channel')

@@ -1,0 +1,59 @@
+"""The model's forward passes, shared by the train step, the prior sweep and evaluation.
+
+Parameters are pure dicts (`nnx.to_pure_dict`); `graphdef` is the static structure from
+`nnx.split`. Crops are batch-major ([B, views, ...] flattened to [B * views, ...]) so that a batch
+sharded over devices is reshaped without moving data between devices.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kldino import objective
+
+
+def _flatten_views(crops):
+  batch, views = crops.shape[:2]
+  return crops.reshape(batch * views, *crops.shape[2:]), batch, views
+
+
+def backbone_features(graphdef, params, images):
+  """What evaluation and export use: the backbone's feature (ViT: CLS after the final norm)."""
+  return nnx.merge(graphdef, params).backbone(images)
+
+
+def teacher_logits(graphdef, params, images, *, mask=None, standardise=False):
+  """t = w . normalize(z) for un-augmented or global views [N, H, W, C] -> [N, K]."""
+  model = nnx.merge(graphdef, params)
+  embedding = model.head.embed(model.backbone(images), mask)
+  if standardise:
+    embedding = objective.standardise_over_batch(embedding, mask)
+  return model.head.logits(embedding)
+
+
+def teacher_view_logits(graphdef, params, global_crops, *, standardise=False):
+  """Teacher logits of the global views: [B, G, H, W, C] -> [B, G, K]."""
+  images, batch, views = _flatten_views(global_crops)
+  logits = teacher_logits(graphdef, params, images, standardise=standardise)
+  return logits.reshape(batch, views, -1)
+
+
+def student_view_logits(graphdef, params, global_crops, local_crops, drop_key):
+  """Student logits of all views, global first: -> [B, G + L, K].
+
+  Each resolution goes through the backbone in one call; the features of both are joined along
+  the view axis so that the head (and its batch statistics) sees all crops together.
+  """
+  model = nnx.merge(graphdef, params)
+  global_key, local_key = jax.random.split(drop_key)
+  features = []
+  for crops, key in ((global_crops, global_key), (local_crops, local_key)):
+    if crops.shape[1] == 0:
+      continue
+    images, batch, views = _flatten_views(crops)
+    features.append(model.backbone(images, drop_key=key).reshape(batch, views, -1))
+  features = jnp.concatenate(features, axis=1)
+  batch, views = features.shape[:2]
+  embedding = model.head.embed(features.reshape(batch * views, -1))
+  return model.head.logits(embedding).reshape(batch, views, -1)

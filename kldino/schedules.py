@@ -1,0 +1,57 @@
+"""DINO's per-iteration schedules: lr, weight decay, teacher momentum, teacher temperature.
+
+All are functions of the global step (traceable, so the jitted step evaluates them itself and no
+host value is fed per step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
+import optax
+
+
+def cosine_interpolation(start: float, end: float, num_steps: int) -> Callable:
+  """start -> end along half a cosine over num_steps, then end (DINO's cosine_scheduler)."""
+  def schedule(step):
+    progress = jnp.clip(step / max(num_steps, 1), 0.0, 1.0)
+    return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return schedule
+
+
+def linear_warmup_then_constant(start: float, end: float, num_steps: int) -> Callable:
+  def schedule(step):
+    return jnp.where(step < num_steps, start + (end - start) * step / max(num_steps, 1), end)
+  return schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+  learning_rate: Callable
+  weight_decay: Callable
+  teacher_momentum: Callable
+  teacher_temp: Callable
+  total_steps: int
+  steps_per_epoch: int
+
+
+def make_schedules(config, steps_per_epoch: int) -> Schedules:
+  optim, objective = config.optim, config.objective
+  total_steps = config.num_epochs * steps_per_epoch
+  peak_lr = optim.lr * config.batch_size / 256.0  # DINO's linear scaling rule
+  warmup_steps = min(optim.warmup_epochs * steps_per_epoch, total_steps)
+  learning_rate = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=optim.min_lr)
+  return Schedules(
+      learning_rate=learning_rate,
+      weight_decay=cosine_interpolation(optim.weight_decay, optim.weight_decay_end, total_steps),
+      teacher_momentum=cosine_interpolation(
+          optim.teacher_momentum, optim.teacher_momentum_end, total_steps),
+      teacher_temp=linear_warmup_then_constant(
+          objective.warmup_teacher_temp, objective.teacher_temp,
+          objective.warmup_teacher_temp_epochs * steps_per_epoch),
+      total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch,
+  )

@@ -1,0 +1,129 @@
+"""The train state and the jitted train step.
+
+One step: teacher logits of the global views -> normalised targets -> multi-crop cross-entropy of
+the student -> AdamW update -> EMA teacher -> normalisation-state update -> metrics. It is one
+`jax.jit` function with explicit shardings over the mesh, donating its state.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kldino import forward
+from kldino import objective
+from kldino import sharding
+from kldino.models import build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array           # int32 scalar: optimizer steps taken
+  student: Any              # pure dict of parameters
+  teacher: Any              # EMA of the student, same structure
+  opt_state: Any
+  norm_state: dict          # {'log_prior': [K], 'center': [K]}
+  rng: jax.Array            # root key; step s uses fold_in(rng, s), so resuming needs no RNG state
+
+
+def build_graphdef(config, in_channels: int):
+  """The model's static structure and abstract parameters, without allocating anything."""
+  abstract_model = nnx.eval_shape(lambda: build_model(
+      config.model, in_channels=in_channels, image_size=config.aug.global_size,
+      rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  return graphdef, nnx.to_pure_dict(abstract_params)
+
+
+def make_init_fn(config, in_channels: int, optimizer):
+  def init(seed):
+    key = jax.random.PRNGKey(seed)
+    model_key, step_key = jax.random.split(key)
+    model = build_model(config.model, in_channels=in_channels,
+                        image_size=config.aug.global_size, rngs=nnx.Rngs(params=model_key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), student=params, teacher=params,
+        opt_state=optimizer.init(params),
+        norm_state=objective.init_norm_state(config.model.num_prototypes), rng=step_key)
+  return init
+
+
+def jit_init(init_fn, mesh, min_shard_size: int):
+  """Initialise directly into the state's shardings (nothing is materialised on one device)."""
+  abstract_state = jax.eval_shape(init_fn, 0)
+  shardings = sharding.state_shardings(abstract_state, mesh, min_shard_size)
+  return jax.jit(init_fn, static_argnums=0, out_shardings=shardings), shardings
+
+
+def _freeze_prototypes(updates, frozen):
+  head = updates['head']
+  prototypes = jnp.where(frozen, jnp.zeros_like(head['prototypes']), head['prototypes'])
+  return {**updates, 'head': {**head, 'prototypes': prototypes}}
+
+
+def make_train_step(graphdef, config, schedules, optimizer):
+  normalization = objective.get_normalization(config.objective)
+  standardise = normalization.standardise_teacher_embedding
+  objective_config = config.objective
+  frozen_steps = config.optim.freeze_prototypes_epochs * schedules.steps_per_epoch
+  fixed_prototypes = config.model.prototypes == 'fixed'
+
+  def train_step(state: TrainState, batch):
+    step = state.step
+    teacher_temp = schedules.teacher_temp(step)
+    teacher_logits = jax.lax.stop_gradient(forward.teacher_view_logits(
+        graphdef, state.teacher, batch['global_crops'], standardise=standardise))
+    batch_size, num_global, num_prototypes = teacher_logits.shape
+    flat_teacher_logits = teacher_logits.reshape(batch_size * num_global, num_prototypes)
+    targets = normalization.targets(
+        flat_teacher_logits, state.norm_state, teacher_temp, objective_config)
+    drop_key = jax.random.fold_in(state.rng, step)
+
+    def loss_fn(student_params):
+      student_logits = forward.student_view_logits(
+          graphdef, student_params, batch['global_crops'], batch['local_crops'], drop_key)
+      return objective.multicrop_cross_entropy(
+          targets.reshape(teacher_logits.shape), student_logits, objective_config.student_temp)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.student)
+    # DINO cancels the prototypes' gradient in epoch 0; 'fixed' prototypes never learn.
+    frozen = jnp.logical_or(fixed_prototypes, step < frozen_steps)
+    grads = _freeze_prototypes(grads, frozen)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
+    student = optax.apply_updates(state.student, _freeze_prototypes(updates, frozen))
+    momentum = schedules.teacher_momentum(step)
+    teacher = optax.incremental_update(student, state.teacher, 1.0 - momentum)
+    norm_state = normalization.update(
+        state.norm_state, flat_teacher_logits, teacher_temp, objective_config)
+
+    diagnostics = objective.target_diagnostics(flat_teacher_logits, targets, teacher_temp)
+    prior_entropy = objective.entropy(jnp.exp(norm_state['log_prior']))
+    metrics = {
+        'loss': loss,
+        'kl': loss - diagnostics['target_entropy'],
+        **diagnostics,
+        'prior_effective_clusters': jnp.exp(prior_entropy),
+        'grad_norm': optax.global_norm(grads),
+        'lr': schedules.learning_rate(step),
+        'weight_decay': schedules.weight_decay(step),
+        'teacher_momentum': momentum,
+        'teacher_temp': teacher_temp,
+    }
+    new_state = state.replace(step=step + 1, student=student, teacher=teacher,
+                              opt_state=opt_state, norm_state=norm_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings, mesh):
+  return jax.jit(
+      train_step,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
