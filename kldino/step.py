@@ -108,7 +108,7 @@ def make_train_step(graphdef, config, schedules, optimizer):
         'kl': loss - diagnostics['target_entropy'],
         **diagnostics,
         'prior_effective_clusters': jnp.exp(prior_entropy),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'lr': schedules.learning_rate(step),
         'weight_decay': schedules.weight_decay(step),
         'teacher_momentum': momentum,

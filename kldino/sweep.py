@@ -17,9 +17,10 @@ from kldino import sharding
 
 
 def init_sums(num_prototypes: int) -> dict:
-  zeros = jnp.zeros((num_prototypes,), jnp.float32)
-  return {'prob_sum': zeros, 'logit_sum': zeros, 'assignments': zeros,
-          'count': jnp.zeros((), jnp.float32)}
+  # Separate buffers: the accumulator is donated, and one buffer cannot be donated twice.
+  return {name: jnp.zeros((num_prototypes,), jnp.float32)
+          for name in ('prob_sum', 'logit_sum', 'assignments')} | {
+              'count': jnp.zeros((), jnp.float32)}
 
 
 def make_accumulate(graphdef, standardise: bool):

@@ -1,0 +1,198 @@
+"""Dataset sources by name: the embedded `digits`, a folder of images, or any prepared TFDS dataset.
+
+A source knows its `DatasetInfo` and reads one process's shard of a split in a fixed order, as
+{'image': uint8 [H, W, C], 'label': int32, 'index': int64}, `index` being the example's position
+in the split. Shards are contiguous: process p of P reads [p * ceil(N/P), (p + 1) * ceil(N/P)).
+Nothing here downloads: `digits` is built from scikit-learn's copy, other TFDS datasets must be
+prepared beforehand. Every check runs before anything expensive.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Iterable, Mapping
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from kldino.data import digits
+
+FOLDER_LAYOUT = 'ROOT/<split>/<class>/<image>.(png|jpg|jpeg)'
+
+# Read the files one after another so that positions follow the split's stored order.
+_IN_ORDER = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_channels: int
+  num_examples: Mapping[str, int]  # per split
+
+
+def shard_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, stop) of the examples that process `process_index` of `process_count` reads."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, {process_count}): '
+                     'pass the index of this process among process_count')
+  per_process = -(-num_examples // process_count)
+  start = min(num_examples, process_index * per_process)
+  return start, min(num_examples, start + per_process)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # compared by identity: pipelines cache per source
+class Source:
+  info: DatasetInfo
+  # (split, start, stop) -> examples [start, stop) of the split as {'image', 'label'}; stop > start
+  read_range: Callable[[str, int, int], tf.data.Dataset]
+
+  def num_examples(self, split: str) -> int:
+    if split not in self.info.num_examples:
+      raise ValueError(f"unknown split '{split}': this dataset has "
+                       f'{sorted(self.info.num_examples)}; use one of those')
+    return self.info.num_examples[split]
+
+  def read(self, split: str, *, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    start, stop = shard_range(self.num_examples(split), process_index, process_count)
+    if start == stop:  # a process past the end; TFDS cannot read an empty range
+      examples = self.read_range(split, 0, 1).take(0)
+    else:
+      examples = self.read_range(split, start, stop)
+    return examples.enumerate(start).map(
+        functools.partial(_as_example, num_channels=self.info.num_channels))
+
+
+def _as_example(index, example, *, num_channels: int) -> dict:
+  return {'image': tf.ensure_shape(example['image'], [None, None, num_channels]),
+          'label': tf.cast(example['label'], tf.int32),
+          'index': index}
+
+
+# --------------------------------------------------------------------------- the registry
+
+_SOURCES: dict[str, Callable[..., Source]] = {}
+
+
+def register_source(name: str):
+  """Decorator: `make_source(data_config) -> Source` serves `data.name == name`."""
+  def register(make_source):
+    _SOURCES[name] = make_source
+    return make_source
+  return register
+
+
+def get_source(data_config) -> Source:
+  """The source for `data_config.name`; any name not registered is a prepared TFDS dataset."""
+  make_source = _SOURCES.get(data_config.name, _prepared_tfds_source)
+  return make_source(data_config)
+
+
+def _data_dir(data_config) -> str | None:
+  return data_config.data_dir or None  # None: TFDS's default directory
+
+
+def _check_splits(available: Iterable[str], data_config, where: str):
+  available = sorted(available)
+  for key in ('train_split', 'eval_split'):
+    split = data_config[key]
+    if split not in available:
+      raise ValueError(f"split '{split}' (data.{key}) is not in {where}: its splits are "
+                       f'{available}; set --config.data.{key}')
+
+
+# --------------------------------------------------------------------------- TFDS builders
+
+def _read_tfds_range(builder, split: str, start: int, stop: int) -> tf.data.Dataset:
+  return builder.as_dataset(split=f'{split}[{start}:{stop}]', shuffle_files=False,
+                            read_config=_IN_ORDER)
+
+
+def _tfds_source(builder) -> Source:
+  info = DatasetInfo(
+      num_classes=builder.info.features['label'].num_classes,
+      num_channels=builder.info.features['image'].shape[-1],
+      num_examples={name: split.num_examples for name, split in builder.info.splits.items()})
+  return Source(info=info, read_range=functools.partial(_read_tfds_range, builder))
+
+
+def _prepare_digits(data_dir: str | None):
+  """The `digits` builder, prepared into `data_dir` on first use (about a second, offline)."""
+  builder = digits.Digits(data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except OSError:
+    # Another process may have finished preparing the same directory first: its copy is as good.
+    if not digits.Digits(data_dir=data_dir).is_prepared():
+      raise
+  return digits.Digits(data_dir=data_dir)  # reads the info written by whoever prepared it
+
+
+@register_source('digits')
+def _digits_source(data_config) -> Source:
+  _check_splits(digits.SPLITS, data_config, "the 'digits' dataset")
+  return _tfds_source(_prepare_digits(_data_dir(data_config)))
+
+
+def _prepared_tfds_source(data_config) -> Source:
+  name, data_dir = data_config.name, _data_dir(data_config)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except ValueError:  # DatasetNotFoundError, or a name TFDS cannot parse
+    raise ValueError(f"unknown dataset '{name}': use 'digits', 'folder' (with data.path) or a "
+                     'TFDS dataset name prepared in data.data_dir') from None
+  if not builder.is_prepared():
+    where = data_dir or tfds.core.constants.DATA_DIR
+    raise ValueError(f"TFDS dataset '{name}' is not prepared in {where} and kldino never "
+                     f'downloads: prepare it first with `tfds build {name} --data_dir={where}`')
+  features = builder.info.features
+  if not {'image', 'label'} <= set(features.keys()):
+    raise ValueError(f"TFDS dataset '{name}' has features {sorted(features.keys())}: kldino needs "
+                     "an image classification dataset with 'image' and 'label'")
+  _check_splits(builder.info.splits.keys(), data_config, f"TFDS dataset '{name}'")
+  return _tfds_source(builder)
+
+
+# --------------------------------------------------------------------------- image folders
+
+def _folder_channels(builder, split: str) -> int:
+  """1 when the first image is grayscale (with or without alpha), else 3: every image gets it."""
+  first = next(iter(_raw_folder_split(builder, split).take(1)))
+  return 1 if tf.io.decode_image(first['image']).shape[-1] <= 2 else 3
+
+
+def _raw_folder_split(builder, split: str) -> tf.data.Dataset:
+  return builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def _decode_folder_image(example, *, num_channels: int) -> dict:
+  image = tf.io.decode_image(example['image'], channels=num_channels, dtype=tf.uint8,
+                             expand_animations=False)
+  return {'image': image, 'label': example['label']}
+
+
+def _read_folder_range(builder, num_channels: int, split: str, start: int,
+                       stop: int) -> tf.data.Dataset:
+  # ImageFolder cannot slice a split: skip to the shard reading file bytes only, then decode.
+  return _raw_folder_split(builder, split).skip(start).take(stop - start).map(
+      functools.partial(_decode_folder_image, num_channels=num_channels),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+@register_source('folder')
+def _folder_source(data_config) -> Source:
+  root = data_config.path
+  if not root or not tf.io.gfile.isdir(root):
+    raise ValueError(f"data.path='{root}' is not a folder: data.name='folder' reads "
+                     f'{FOLDER_LAYOUT}; set --config.data.path=ROOT')
+  builder = tfds.ImageFolder(root)
+  num_examples = {name: split.num_examples for name, split in builder.info.splits.items()
+                  if split.num_examples > 0}
+  _check_splits(num_examples, data_config, f'the folder {root} (layout {FOLDER_LAYOUT})')
+  num_channels = _folder_channels(builder, data_config.train_split)
+  info = DatasetInfo(num_classes=builder.info.features['label'].num_classes,
+                     num_channels=num_channels, num_examples=num_examples)
+  return Source(info=info, read_range=functools.partial(_read_folder_range, builder, num_channels))
