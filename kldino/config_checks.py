@@ -18,7 +18,8 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
   objective_config = config.objective
   try:
     objective.get_normalization(objective_config)
-    validate_model_config(config.model)
+    validate_model_config(config.model,
+                          image_sizes=(config.aug.global_size, config.aug.local_size))
   except ValueError as error:
     raise ConfigError(str(error)) from None
   _require(config.num_epochs >= 1, f'num_epochs={config.num_epochs} must be >= 1')

@@ -1,0 +1,37 @@
+"""Small pieces shared by the backbones and the head."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def drop_path(branch: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: zero a residual branch for whole samples.
+
+  Kept samples are scaled by 1/keep so that the branch's expectation is unchanged, and the
+  deterministic network (key None) needs no rescaling.
+  """
+  if key is None or rate == 0.0:
+    return branch
+  keep = 1.0 - rate
+  per_sample = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+  kept = jax.random.bernoulli(key, keep, per_sample)
+  return jnp.where(kept, branch / keep, jnp.zeros_like(branch))
+
+
+def linear_drop_rates(max_rate: float, count: int) -> list[float]:
+  """Rates rising linearly from 0 to max_rate over `count` residual blocks, as in DINO."""
+  if count == 1:
+    return [0.0]
+  return [max_rate * index / (count - 1) for index in range(count)]
+
+
+def block_key(drop_key: jax.Array | None, index: int) -> jax.Array | None:
+  """A distinct key per residual block (None stays None: deterministic)."""
+  return None if drop_key is None else jax.random.fold_in(drop_key, index)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps); the max keeps the gradient finite at x = 0."""
+  squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))

@@ -1,0 +1,94 @@
+"""Config names -> backbones, and the student/teacher model (backbone + DINO head).
+
+Backbone modules register their sizes with `@register_backbone(name)`; importing
+`kldino.models` imports them all, so the registry is full before anyone builds a model.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from flax import nnx
+
+from kldino.models.head import DINOHead, HEAD_NORMS, PROTOTYPE_MODES
+
+
+class BackboneEntry(NamedTuple):
+  # build(*, patch_size, drop_path_rate, in_channels, image_size, rngs) -> module with
+  # __call__(images, *, drop_key=None) -> [B, num_features] and attribute num_features.
+  build: Callable[..., nnx.Module]
+  uses_patches: bool  # whether model.patch_size must divide the image sizes
+
+
+BACKBONES: dict[str, BackboneEntry] = {}
+
+
+def register_backbone(name: str, *, uses_patches: bool = False):
+  def register(build):
+    if name in BACKBONES:
+      raise ValueError(f"backbone '{name}' is registered twice: pick another name")
+    BACKBONES[name] = BackboneEntry(build, uses_patches)
+    return build
+  return register
+
+
+def _backbone_entry(name: str) -> BackboneEntry:
+  if name not in BACKBONES:
+    raise ValueError(f"unknown model '{name}': choose one of {', '.join(sorted(BACKBONES))}")
+  return BACKBONES[name]
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ValueError(message)
+
+
+def validate_model_config(model_config, *, image_sizes=()):
+  """The cheap checks of `config.model`, without building anything; one line per problem."""
+  entry = _backbone_entry(model_config.name)
+  _require(model_config.num_prototypes >= 2,
+           f'model.num_prototypes={model_config.num_prototypes} must be >= 2')
+  _require(model_config.head_norm in HEAD_NORMS,
+           f"unknown model.head_norm '{model_config.head_norm}': choose one of "
+           f"{', '.join(HEAD_NORMS)}")
+  _require(model_config.prototypes in PROTOTYPE_MODES,
+           f"unknown model.prototypes '{model_config.prototypes}': choose one of "
+           f"{', '.join(PROTOTYPE_MODES)}")
+  _require(model_config.head_num_layers >= 1,
+           f'model.head_num_layers={model_config.head_num_layers} must be >= 1')
+  _require(0.0 <= model_config.drop_path < 1.0,
+           f'model.drop_path={model_config.drop_path} must be in [0, 1)')
+  if entry.uses_patches:
+    patch_size = model_config.patch_size
+    _require(patch_size >= 1, f'model.patch_size={patch_size} must be >= 1')
+    for size in image_sizes:
+      _require(size % patch_size == 0,
+               f'image size {size} is not a multiple of model.patch_size={patch_size}: '
+               'change the crop sizes or the patch size')
+
+
+def build_backbone(model_config, *, in_channels: int, image_size: int, rngs: nnx.Rngs):
+  return _backbone_entry(model_config.name).build(
+      patch_size=model_config.patch_size, drop_path_rate=model_config.drop_path,
+      in_channels=in_channels, image_size=image_size, rngs=rngs)
+
+
+class DINOModel(nnx.Module):
+  """The student (and, with EMA parameters, the teacher): `backbone` then `head`."""
+
+  def __init__(self, backbone: nnx.Module, head: DINOHead):
+    self.backbone = backbone
+    self.head = head
+
+
+def build_model(model_config, *, in_channels: int, image_size: int,
+                rngs: nnx.Rngs) -> DINOModel:
+  validate_model_config(model_config, image_sizes=(image_size,))
+  backbone = build_backbone(model_config, in_channels=in_channels, image_size=image_size,
+                            rngs=rngs)
+  head = DINOHead(
+      backbone.num_features, hidden_dim=model_config.head_hidden_dim,
+      bottleneck_dim=model_config.head_bottleneck_dim,
+      num_layers=model_config.head_num_layers, num_prototypes=model_config.num_prototypes,
+      norm=model_config.head_norm, prototypes=model_config.prototypes,
+      prototype_init_std=model_config.prototype_init_std, rngs=rngs)
+  return DINOModel(backbone, head)

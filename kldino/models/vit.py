@@ -1,0 +1,147 @@
+"""Vision Transformer (as in DINO): patch embedding, CLS token, pre-norm blocks, final LayerNorm."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kldino.models.layers import block_key, drop_path, linear_drop_rates
+from kldino.models.registry import register_backbone
+
+# DINO's init for linears and tokens: trunc_normal_(std=.02, a=-2, b=2), zero biases. Its bounds
+# are absolute, +-100 std, so it never truncates: a plain normal is the same distribution.
+_token_init = nnx.initializers.normal(0.02)
+# DINO leaves the patch convolution at PyTorch's default; LeCun normal keeps patch tokens O(1).
+_patch_init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+_NORM_EPS = 1e-6
+
+
+def _linear(fan_in: int, fan_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(fan_in, fan_out, kernel_init=_token_init, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with one fused qkv projection."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f'dim={dim} is not divisible by num_heads={num_heads}: change either')
+    self.num_heads = num_heads
+    self.qkv = _linear(dim, 3 * dim, rngs)
+    self.proj = _linear(dim, dim, rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    batch, length, dim = tokens.shape
+    # qkv features are laid out [3, heads, head_dim], as in DINO's checkpoints.
+    qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+    mixed = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return self.proj(mixed.reshape(batch, length, dim))
+
+
+class MLP(nnx.Module):
+  def __init__(self, dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
+    self.fc1 = _linear(dim, hidden_dim, rngs)
+    self.fc2 = _linear(hidden_dim, dim, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; each residual branch has its own stochastic depth draw."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_rate: float, *,
+               rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
+    self.attn = Attention(dim, num_heads, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
+    self.mlp = MLP(dim, int(dim * mlp_ratio), rngs=rngs)
+    self.drop_rate = drop_rate
+
+  def __call__(self, tokens: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
+    attn_key, mlp_key = block_key(drop_key, 0), block_key(drop_key, 1)
+    tokens = tokens + drop_path(self.attn(self.norm1(tokens)), self.drop_rate, attn_key)
+    return tokens + drop_path(self.mlp(self.norm2(tokens)), self.drop_rate, mlp_key)
+
+
+class ViT(nnx.Module):
+  """images [B, H, W, C] -> CLS token after the final LayerNorm [B, dim].
+
+  Position embeddings are learned for the (image_size / patch_size)^2 grid and resized
+  bicubically to other grids (local crops); the CLS position is kept as is.
+  """
+
+  def __init__(self, *, patch_size: int, dim: int, depth: int, num_heads: int,
+               mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, in_channels: int,
+               image_size: int, rngs: nnx.Rngs):
+    if image_size % patch_size:
+      raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}: '
+                       'change the crop size or model.patch_size')
+    self.patch_size = patch_size
+    self.in_channels = in_channels
+    self.grid_size = image_size // patch_size
+    self.num_features = dim
+    self.patch_embed = nnx.Conv(
+        in_channels, dim, kernel_size=(patch_size, patch_size), strides=(patch_size,) * 2,
+        padding='VALID', kernel_init=_patch_init, rngs=rngs)
+    self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, dim)))
+    self.pos_embed = nnx.Param(_token_init(rngs.params(), (1, 1 + self.grid_size ** 2, dim)))
+    self.blocks = nnx.List([
+        Block(dim, num_heads, mlp_ratio, rate, rngs=rngs)
+        for rate in linear_drop_rates(drop_path_rate, depth)])
+    self.norm = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
+
+  def position_embedding(self, grid_height: int, grid_width: int) -> jax.Array:
+    """[1, 1 + h * w, dim]: the learned table, bicubically resized when the grid differs."""
+    table = self.pos_embed[...]
+    if (grid_height, grid_width) == (self.grid_size, self.grid_size):
+      return table
+    cls_position, patch_positions = table[:, :1], table[0, 1:]
+    grid = patch_positions.reshape(self.grid_size, self.grid_size, -1)
+    # No antialiasing (as DINO): a pure interpolation of the learned table, also when shrinking.
+    resized = jax.image.resize(grid, (grid_height, grid_width, grid.shape[-1]),
+                               method='bicubic', antialias=False)
+    return jnp.concatenate([cls_position, resized.reshape(1, -1, grid.shape[-1])], axis=1)
+
+  def _check_images(self, images: jax.Array):
+    if images.ndim != 4 or images.shape[-1] != self.in_channels:
+      raise ValueError(f'ViT expects images [B, H, W, {self.in_channels}], got shape '
+                       f'{images.shape}: pass channels-last images')
+    height, width = images.shape[1:3]
+    if height % self.patch_size or width % self.patch_size:
+      raise ValueError(f'image size {height}x{width} is not a multiple of patch_size='
+                       f'{self.patch_size}: resize or crop the images to a multiple')
+
+  def __call__(self, images: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
+    self._check_images(images)
+    patches = self.patch_embed(images)
+    batch, grid_height, grid_width, dim = patches.shape
+    cls_tokens = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim))
+    tokens = jnp.concatenate([cls_tokens, patches.reshape(batch, -1, dim)], axis=1)
+    tokens = tokens + self.position_embedding(grid_height, grid_width)
+    for index, block in enumerate(self.blocks):
+      tokens = block(tokens, drop_key=block_key(drop_key, index))
+    # The final norm is per token, so normalising only the CLS token gives the same result.
+    return self.norm(tokens[:, 0])
+
+
+VIT_SIZES = {
+    # vit_nano: the smallest ViT with every code path, for smoke runs and fast tests.
+    'vit_nano': dict(dim=32, depth=2, num_heads=2),
+    'vit_micro': dict(dim=128, depth=4, num_heads=4),
+    'vit_tiny': dict(dim=192, depth=12, num_heads=3),
+    'vit_small': dict(dim=384, depth=12, num_heads=6),
+    'vit_base': dict(dim=768, depth=12, num_heads=12),
+    'vit_large': dict(dim=1024, depth=24, num_heads=16),
+}
+
+
+def _register_vit(name: str, size: dict):
+  @register_backbone(name, uses_patches=True)
+  def build(*, patch_size, drop_path_rate, in_channels, image_size, rngs):
+    return ViT(patch_size=patch_size, drop_path_rate=drop_path_rate, in_channels=in_channels,
+               image_size=image_size, rngs=rngs, **size)
+
+
+for _name, _size in VIT_SIZES.items():
+  _register_vit(_name, _size)

@@ -1,0 +1,35 @@
+"""Small configs and random batches shared by the tests."""
+import numpy as np
+
+from kldino.defaults import base_config
+
+
+def tiny_config(**model_overrides):
+  """A model that compiles and steps in seconds, with every code path of the real one."""
+  config = base_config()
+  config.batch_size = 16
+  config.aug.global_size = 16
+  config.aug.local_size = 8
+  config.aug.num_local = 2
+  config.data.image_size = 16
+  config.model.name = 'vit_nano'
+  config.model.patch_size = 4
+  config.model.drop_path = 0.1
+  config.model.num_prototypes = 16
+  config.model.head_hidden_dim = 32
+  config.model.head_bottleneck_dim = 8
+  config.model.head_norm = 'batch'
+  config.model.update(model_overrides)
+  config.optim.freeze_prototypes_epochs = 0
+  config.mesh.fsdp_min_size = 1
+  return config
+
+
+def random_batch(config, seed=0, channels=1):
+  rng = np.random.default_rng(seed)
+  b, g, l = config.batch_size, config.aug.global_size, config.aug.local_size
+  return {
+      'global_crops': rng.standard_normal((b, 2, g, g, channels)).astype(np.float32),
+      'local_crops': rng.standard_normal((b, config.aug.num_local, l, l, channels)).astype(
+          np.float32),
+  }
