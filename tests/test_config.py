@@ -1,0 +1,96 @@
+"""Bad config values fail fast with one clear line; the ImageNet recipe builds abstractly."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from kldino import optim, schedules, step
+from kldino.config_checks import ConfigError, validate_config
+from kldino.defaults import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('key, value, fragment', [
+    ('batch_size', 60, 'batch_size=60 must be a positive multiple of the 8 devices'),
+    ('objective.prior_every_epochs', 0, 'prior_every_epochs (T) = 0 must be >= 1'),
+    ('objective.teacher_temp', 0.0, 'objective.teacher_temp=0.0 must be > 0'),
+    ('objective.student_temp', -0.1, 'objective.student_temp=-0.1 must be > 0'),
+    ('model.num_prototypes', 1, 'num_prototypes'),
+    ('model.name', 'vit_gigantic', "unknown model 'vit_gigantic'"),
+    ('objective.normalization', 'whiten', "unknown objective.normalization 'whiten'"),
+])
+def test_bad_values_are_refused_with_one_line(key, value, fragment):
+  config = base_config()
+  section, _, name = key.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ConfigError) as error:
+    validate_config(config, num_devices=8)
+  assert fragment in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def run_main(tmp_path, *overrides):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run(
+      [sys.executable, '-m', 'kldino.main', '--config=configs/digits.py',
+       f'--workdir={tmp_path}', *overrides],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('overrides, fragment', [
+    (('--config.data.name=no_such_dataset',), "unknown dataset 'no_such_dataset'"),
+    (('--config.data.name=folder', '--config.data.path=/no/such/folder'), '/no/such/folder'),
+    (('--config.batch_size=12',), 'batch_size=12 must be a positive multiple of the 8 devices'),
+])
+def test_command_line_fails_fast_with_one_line(tmp_path, overrides, fragment):
+  result = run_main(tmp_path, *overrides)
+  assert result.returncode != 0
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('kldino: ') and fragment in last_line, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_imagenet_vit_s16_recipe_builds_abstractly():
+  config = load_config('imagenet_vit_s16')
+  assert (config.model.name, config.model.patch_size) == ('vit_small', 16)
+  assert config.model.num_prototypes == 65536 and config.model.head_bottleneck_dim == 256
+  assert (config.aug.global_size, config.aug.local_size, config.aug.num_local) == (224, 96, 8)
+  assert config.optim.lr == 5e-4 and config.optim.clip_grad == 3.0
+  assert config.optim.teacher_momentum == 0.996 and config.objective.student_temp == 0.1
+  assert (config.objective.warmup_teacher_temp, config.objective.teacher_temp,
+          config.objective.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
+  assert config.objective.normalization == 'prior' and config.objective.prior_source == 'sweep'
+  validate_config(config, num_devices=8)
+
+  steps_per_epoch = 1281167 // config.batch_size
+  scheds = schedules.make_schedules(config, steps_per_epoch)
+  optimizer = optim.make_optimizer(config.optim, scheds)
+  graphdef, abstract_params = step.build_graphdef(config, in_channels=3)
+  backbone_size = sum(x.size for x in jax.tree.leaves(abstract_params['backbone']))
+  assert 21.5e6 < backbone_size < 22.0e6, backbone_size  # ViT-S/16: 21.7M
+  abstract_state = jax.eval_shape(step.make_init_fn(config, 3, optimizer), 0)
+  batch = {
+      'global_crops': jax.ShapeDtypeStruct((config.batch_size, 2, 224, 224, 3), 'float32'),
+      'local_crops': jax.ShapeDtypeStruct((config.batch_size, 8, 96, 96, 3), 'float32'),
+  }
+  train_step = step.make_train_step(graphdef, config, scheds, optimizer)
+  new_state, metrics = jax.eval_shape(train_step, abstract_state, batch)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), abstract_state)
+  assert new_state.norm_state['log_prior'].shape == (65536,)
+  assert metrics['loss'].shape == ()
+  # The schedules of the recipe: peak lr scaled by batch / 256, tau_t reaches 0.07 at epoch 30.
+  assert abs(float(scheds.learning_rate(10 * steps_per_epoch)) - 1e-3) < 1e-6
+  assert abs(float(scheds.teacher_temp(30 * steps_per_epoch)) - 0.07) < 1e-7

@@ -1,0 +1,55 @@
+"""The prior sweep counts every example exactly once, whatever the dataset and batch sizes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kldino import forward, optim, schedules, sharding, step, sweep
+from tests.helpers import tiny_config
+
+
+def np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def padded_batches(images, batch_size):
+  """The pipeline's contract: fixed-size batches, the last one padded with garbage, masked."""
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    garbage = np.full((pad, *images.shape[1:]), 1e3, np.float32)  # would dominate if counted
+    yield {'image': np.concatenate([chunk, garbage]),
+           'mask': np.arange(batch_size) < len(chunk)}
+
+
+@pytest.mark.parametrize('num_examples, batch_size', [(37, 16), (64, 16), (5, 8)])
+def test_sweep_counts_each_example_once(num_examples, batch_size):
+  config = tiny_config(head_norm='layer')  # per-image head, so batch size does not matter
+  mesh = sharding.make_mesh(config.mesh)  # 8 devices
+  scheds = schedules.make_schedules(config, 10)
+  graphdef, _ = step.build_graphdef(config, in_channels=1)
+  init, shardings = step.jit_init(step.make_init_fn(config, 1, optim.make_optimizer(
+      config.optim, scheds)), mesh, config.mesh.fsdp_min_size)
+  teacher = init(0).teacher
+  accumulate, _ = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
+  images = np.random.default_rng(0).standard_normal((num_examples, 16, 16, 1)).astype(np.float32)
+  temp = 0.07
+  sums = sweep.init_sums(config.model.num_prototypes)
+  for batch in padded_batches(images, batch_size):
+    sums = accumulate(sums, teacher, sharding.global_batch(batch, mesh), temp)
+  sums = jax.device_get(sums)
+
+  logits = np.asarray(jax.jit(lambda p, x: forward.teacher_logits(graphdef, p, x))(
+      jax.device_get(teacher), images))
+  probs = np_softmax(logits / temp)
+  assert sums['count'] == num_examples
+  np.testing.assert_allclose(sums['prob_sum'], probs.sum(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(sums['logit_sum'], logits.sum(0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(sums['assignments'],
+                                np.bincount(logits.argmax(-1), minlength=logits.shape[1]))
+  summary = sweep.summarise(sums, eps=1e-6)
+  prior = np.maximum(probs.mean(0), 1e-6)
+  np.testing.assert_allclose(np.exp(summary['log_prior']), prior / prior.sum(), rtol=1e-4)
+  np.testing.assert_allclose(summary['empty_cluster_fraction'],
+                             np.mean(np.bincount(logits.argmax(-1), minlength=16) == 0))
