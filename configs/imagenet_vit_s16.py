@@ -1,0 +1,76 @@
+"""DINO's ViT-S/16 ImageNet-1k recipe (100 epochs), with the paper's inverse-prior teacher.
+
+Hyper-parameters as in the official DINO (NOTES.md): AdamW lr 5e-4 per 256 images, warmup 10
+epochs, cosine weight decay 0.04 -> 0.4, teacher momentum 0.996 -> 1, tau_t 0.04 -> 0.07 over 30
+epochs, tau_s 0.1, per-parameter clipping at 3.0, drop path 0.1, prototypes frozen in epoch 0,
+2 x 224 + 8 x 96 crops, head 2048 / 256 / K = 65536 without normalisation layers. The teacher
+normalisation is the prior from a full-dataset sweep every epoch (override
+`--config.objective.normalization=center` for DINO itself).
+
+    python -m kldino.main --config=configs/imagenet_vit_s16.py --workdir=gs://BUCKET/run \
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+"""
+from kldino.defaults import base_config
+
+
+def get_config(arg=None):
+  del arg
+  config = base_config()
+  config.num_epochs = 100
+  config.batch_size = 512  # DINO: 64 per GPU on 8 GPUs
+  config.log_every_steps = 100
+
+  config.data.name = 'imagenet2012'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.image_size = 224
+  config.data.mean = (0.485, 0.456, 0.406)
+  config.data.std = (0.229, 0.224, 0.225)
+  config.data.shuffle_buffer = 50_000
+
+  config.aug.global_size = 224
+  config.aug.local_size = 96
+  config.aug.num_local = 8
+  config.aug.global_scale = (0.4, 1.0)
+  config.aug.local_scale = (0.05, 0.4)
+  config.aug.flip = True
+  config.aug.color_jitter = (0.4, 0.4, 0.2, 0.1)
+  config.aug.color_jitter_prob = 0.8
+  config.aug.grayscale_prob = 0.2
+  config.aug.blur_prob = (1.0, 0.1, 0.5)
+  config.aug.blur_sigma = (0.1, 2.0)
+  config.aug.solarize_prob = 0.2
+
+  config.model.name = 'vit_small'
+  config.model.patch_size = 16
+  config.model.drop_path = 0.1
+  config.model.num_prototypes = 65536
+  config.model.head_hidden_dim = 2048
+  config.model.head_bottleneck_dim = 256
+  config.model.head_num_layers = 3
+  config.model.head_norm = 'none'
+  config.model.prototypes = 'learned'
+  config.model.prototype_init_std = 0.02
+
+  config.objective.normalization = 'prior'
+  config.objective.prior_source = 'sweep'
+  config.objective.prior_every_epochs = 1
+  config.objective.student_temp = 0.1
+  config.objective.warmup_teacher_temp = 0.04
+  config.objective.teacher_temp = 0.07
+  config.objective.warmup_teacher_temp_epochs = 30
+
+  config.optim.lr = 5e-4
+  config.optim.min_lr = 1e-6
+  config.optim.warmup_epochs = 10
+  config.optim.weight_decay = 0.04
+  config.optim.weight_decay_end = 0.4
+  config.optim.clip_grad = 3.0
+  config.optim.clip_mode = 'per_param'
+  config.optim.freeze_prototypes_epochs = 1
+  config.optim.teacher_momentum = 0.996
+  config.optim.teacher_momentum_end = 1.0
+
+  config.eval.batch_size = 1024
+  config.sweep_batch_size = 1024
+  return config

@@ -1,0 +1,89 @@
+"""The complete set of config keys with their defaults; experiment files in configs/ override.
+
+Every key can be overridden on the command line: `--config.objective.normalization=center`.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_epochs = 60
+  config.batch_size = 64  # global, over all devices and hosts
+  config.log_every_steps = 20
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'digits'      # 'digits', 'folder', or any TFDS name
+  config.data.path = ''            # root of an ImageFolder tree, for name='folder'
+  config.data.data_dir = ''        # TFDS data_dir ('' = TFDS default)
+  config.data.train_split = 'train'
+  config.data.eval_split = 'test'
+  config.data.image_size = 16      # images are resized to this before cropping; eval size
+  config.data.mean = (0.5,)        # per channel, after scaling to [0, 1]
+  config.data.std = (0.5,)
+  config.data.shuffle_buffer = 4096
+  config.data.prefetch = 2
+
+  config.aug = ml_collections.ConfigDict()
+  config.aug.global_size = 16
+  config.aug.local_size = 8
+  config.aug.num_local = 6
+  config.aug.global_scale = (0.4, 1.0)
+  config.aug.local_scale = (0.1, 0.4)
+  config.aug.flip = False          # mirrored digits are other digits
+  config.aug.color_jitter = (0.4, 0.4, 0.0, 0.0)  # brightness, contrast, saturation, hue
+  config.aug.color_jitter_prob = 0.8
+  config.aug.grayscale_prob = 0.0
+  config.aug.blur_prob = (1.0, 0.1, 0.5)  # global 1, global 2, locals
+  config.aug.blur_sigma = (0.1, 1.0)
+  config.aug.solarize_prob = 0.2   # on global 2 only
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'convnet_small'
+  config.model.patch_size = 4      # ViT only
+  config.model.drop_path = 0.1
+  config.model.num_prototypes = 256
+  config.model.head_hidden_dim = 512
+  config.model.head_bottleneck_dim = 32
+  config.model.head_num_layers = 3
+  config.model.head_norm = 'batch'  # 'none' (DINO), 'batch' or 'layer' inside the head MLP
+  config.model.prototypes = 'learned'  # 'learned', 'fixed' or 'centered'
+  config.model.prototype_init_std = 1.0
+
+  config.objective = ml_collections.ConfigDict()
+  config.objective.normalization = 'prior'  # prior | center | sinkhorn | teacher_bn | none
+  config.objective.prior_source = 'sweep'   # sweep | batch | ema
+  config.objective.prior_every_epochs = 1   # T
+  config.objective.prior_init = 'sweep'     # sweep | uniform
+  config.objective.prior_eps = 1e-6         # floor of Q(k) before renormalising
+  config.objective.prior_momentum = 0.9     # source=ema
+  config.objective.center_momentum = 0.9
+  config.objective.sinkhorn_iters = 3
+  config.objective.student_temp = 0.1
+  config.objective.teacher_temp = 0.04
+  config.objective.warmup_teacher_temp = 0.04
+  config.objective.warmup_teacher_temp_epochs = 0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 2e-3           # per 256 images; scaled by batch_size / 256
+  config.optim.min_lr = 1e-6
+  config.optim.warmup_epochs = 5
+  config.optim.weight_decay = 0.04
+  config.optim.weight_decay_end = 0.4
+  config.optim.clip_grad = 3.0
+  config.optim.clip_mode = 'per_param'  # 'per_param' (DINO) or 'global'
+  config.optim.freeze_prototypes_epochs = 1
+  config.optim.teacher_momentum = 0.99
+  config.optim.teacher_momentum_end = 1.0
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.fsdp = 1             # devices per FSDP group; the rest is data parallel
+  config.mesh.fsdp_min_size = 2 ** 16  # parameters smaller than this stay replicated
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.knn_k = 20
+  config.eval.knn_temperature = 0.07
+  config.eval.batch_size = 256
+  config.eval.linear_epochs = 100
+  config.sweep_batch_size = 256
+  return config
