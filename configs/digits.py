@@ -4,7 +4,8 @@
 
 Small data wants a small head (NOTES.md, "A throwaway prototype"): a 32-d bottleneck, batch
 statistics inside the head MLP and K=256 prototypes keep the teacher logits spread compared with
-tau_t, so that the targets are informative from the first step.
+tau_t, so that the targets are informative from the first step. The backbone is a small residual
+CNN; digits are upsampled to 16x16 for the global crops (8x8 local crops).
 """
 from kldino.defaults import base_config
 
@@ -12,4 +13,6 @@ from kldino.defaults import base_config
 def get_config(arg=None):
   del arg
   config = base_config()
+  config.num_epochs = 18
+  config.eval.baselines = True  # report raw pixels and the backbone at init beside the result
   return config

@@ -85,5 +85,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.knn_temperature = 0.07
   config.eval.batch_size = 256
   config.eval.linear_epochs = 100
+  config.eval.baselines = False   # also probe raw pixels and the backbone at initialisation
   config.sweep_batch_size = 256
   return config

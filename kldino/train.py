@@ -120,8 +120,7 @@ class Trainer:
 
   # --------------------------------------------------------------------------- epochs
 
-  def _log(self, step: int, pending: list, images: int, seconds: float, epoch: int):
-    metrics = jax.device_get(pending)
+  def _log(self, step: int, metrics: list, images: int, seconds: float, epoch: int):
     averaged = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
     if not np.isfinite(averaged['loss']):
       raise Collapsed(f'non-finite loss at step {step}: lower optim.lr or check the data')
@@ -129,7 +128,8 @@ class Trainer:
     averaged['epoch'] = epoch
     self.writer.write_scalars(step, averaged)
     total = self.schedules.total_steps
-    eta = (total - step) * seconds / max(len(pending), 1)
+    elapsed = time.time() - self._train_start  # includes the sweeps, unlike the window
+    eta = (total - step) * elapsed / max(step - self._first_step, 1)
     logging.info('step %d/%d epoch %d | loss %.4f kl %.4f | teacher H %.3f target H %.3f | '
                  'clusters %.1f (prior %.1f) | lr %.2e | %.1f img/s | ETA %s', step, total, epoch,
                  averaged['loss'], averaged['kl'], averaged['teacher_entropy'],
@@ -150,6 +150,7 @@ class Trainer:
       pending.append(metrics)
       images += config.batch_size
       if step % config.log_every_steps == 0 or step == self.schedules.total_steps:
+        pending = jax.device_get(pending)  # waits for the dispatched steps before timing them
         self._log(step, pending, images, time.time() - window_start, epoch)
         pending, images, window_start = [], 0, time.time()
     return state
@@ -157,6 +158,7 @@ class Trainer:
   def train(self):
     config = self.config
     state = self.init(config.seed)
+    self._train_start, self._first_step = time.time(), 0
     logging.info('%d parameters in the student; %d steps per epoch, %d epochs, %d devices',
                  sum(x.size for x in jax.tree.leaves(state.student)),
                  self.schedules.steps_per_epoch, config.num_epochs, jax.device_count())
@@ -188,9 +190,20 @@ def write_eval_json(results: dict, path: str):
       json.dump(results, f, indent=1, sort_keys=True)
 
 
+def _baselines(trainer: Trainer) -> dict:
+  """The same probes on raw pixels and on the backbone at initialisation, for comparison."""
+  pixels = protocol.evaluate_pixels(trainer.source, trainer.config)
+  init = trainer.evaluate(trainer.init(trainer.config.seed))
+  baselines = {f'pixels_{k}': pixels[k] for k in ('knn_top1', 'linear_top1')}
+  baselines.update({f'init_{k}': init[k] for k in ('knn_top1', 'linear_top1', 'cluster_mi')})
+  logging.info('baselines: %s', baselines)
+  return baselines
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
+  baselines = _baselines(trainer) if config.eval.baselines else {}
   state = trainer.train()
-  results = trainer.evaluate(state)
+  results = {**trainer.evaluate(state), **baselines}
   write_eval_json(results, os.path.join(workdir, 'eval.json'))
   return results

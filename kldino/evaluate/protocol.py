@@ -42,6 +42,18 @@ def split_outputs(graphdef, teacher_params, source, config, mesh, teacher_shardi
   return values[:, :-num_prototypes], values[:, -num_prototypes:], labels
 
 
+def probe(train_features, train_labels, eval_features, eval_labels, config, num_classes) -> dict:
+  """k-NN and linear-probe top-1 of one set of frozen features."""
+  knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels,
+                     num_classes=num_classes, k=config.eval.knn_k,
+                     temperature=config.eval.knn_temperature)
+  linear = linear_probe(train_features, train_labels, eval_features, eval_labels,
+                        num_classes=num_classes, epochs=config.eval.linear_epochs,
+                        seed=config.seed)
+  return {'knn_top1': float(knn), 'linear_top1': float(linear['top1']),
+          'linear_weight_decay': float(linear['weight_decay'])}
+
+
 def evaluate_teacher(graphdef, teacher_params, source, config, mesh, teacher_shardings, *,
                      teacher_temp: float, standardise: bool) -> dict:
   kwargs = dict(teacher_temp=teacher_temp, standardise=standardise)
@@ -51,21 +63,23 @@ def evaluate_teacher(graphdef, teacher_params, source, config, mesh, teacher_sha
   eval_features, eval_probs, eval_labels = split_outputs(
       graphdef, teacher_params, source, config, mesh, teacher_shardings,
       config.data.eval_split, **kwargs)
-  num_classes = source.info.num_classes
-  knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels,
-                     num_classes=num_classes, k=config.eval.knn_k,
-                     temperature=config.eval.knn_temperature)
-  linear = linear_probe(train_features, train_labels, eval_features, eval_labels,
-                        num_classes=num_classes, epochs=config.eval.linear_epochs,
-                        seed=config.seed)
   mean_posterior = np.mean(eval_probs, axis=0)
   return {
-      'knn_top1': float(knn),
-      'linear_top1': float(linear['top1']),
-      'linear_weight_decay': float(linear['weight_decay']),
+      **probe(train_features, train_labels, eval_features, eval_labels, config,
+              source.info.num_classes),
       'cluster_mi': float(objective.cluster_mutual_information(jnp.asarray(eval_probs))),
       'effective_clusters': float(np.exp(objective.entropy(jnp.asarray(mean_posterior)))),
       'teacher_temp': teacher_temp,
       'num_train': int(train_labels.shape[0]),
       'num_eval': int(eval_labels.shape[0]),
   }
+
+
+def evaluate_pixels(source, config) -> dict:
+  """The raw-pixel baseline: the same probes on the flattened, normalised eval views."""
+  def pixels(split):
+    batches = pipeline.eval_batches(source, split, config, batch_size=config.eval.batch_size)
+    return extract_features(lambda batch: batch['image'].reshape(batch['image'].shape[0], -1),
+                            batches)
+  return probe(*pixels(config.data.train_split), *pixels(config.data.eval_split), config,
+               source.info.num_classes)

@@ -1,0 +1,79 @@
+"""End to end: a folder of images trains, sweeps, evaluates and writes eval.json."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.datasets import load_digits
+
+from kldino import train
+from tests.helpers import tiny_config
+
+
+def write_folder(root, per_class_train=12, per_class_test=4):
+  """sklearn's digits as PNG files in the ImageFolder layout ROOT/<split>/<class>/<image>."""
+  digits = load_digits()
+  counts = {}
+  for image, label in zip(digits.images, digits.target):
+    seen = counts.get(label, 0)
+    if seen >= per_class_train + per_class_test:
+      continue
+    counts[label] = seen + 1
+    split = 'train' if seen < per_class_train else 'test'
+    folder = os.path.join(root, split, f'class_{label}')
+    os.makedirs(folder, exist_ok=True)
+    pixels = np.round(image * 255 / 16).astype(np.uint8)[..., None]
+    tf.io.write_file(os.path.join(folder, f'{seen}.png'), tf.io.encode_png(pixels))
+
+
+@pytest.fixture(scope='module')
+def folder_run(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('folder'))
+  write_folder(root)
+  config = tiny_config()
+  config.data.name = 'folder'
+  config.data.path = root
+  config.num_epochs = 2
+  config.batch_size = 32
+  config.sweep_batch_size = 48  # 120 train images: the last sweep batch is padded
+  config.eval.batch_size = 64
+  config.eval.linear_epochs = 20
+  config.eval.baselines = True
+  workdir = str(tmp_path_factory.mktemp('workdir'))
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_folder_dataset_trains_and_reports(folder_run):
+  config, workdir, results = folder_run
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    assert json.load(f) == results
+  steps_per_epoch = 120 // config.batch_size
+  assert results['step'] == config.num_epochs * steps_per_epoch
+  assert (results['num_train'], results['num_eval']) == (120, 40)
+  for key in ('knn_top1', 'linear_top1', 'init_knn_top1', 'pixels_knn_top1'):
+    assert 0.0 <= results[key] <= 1.0
+  # Raw digit pixels are far above chance (0.1) even with 12 images per class.
+  assert results['pixels_knn_top1'] > 0.5
+  k = config.model.num_prototypes
+  assert 0.0 <= results['cluster_mi'] <= np.log(k) + 1e-6
+  assert 1.0 <= results['effective_clusters'] <= k + 1e-3
+
+
+def test_training_logs_sweeps_and_metrics(folder_run):
+  _, workdir, _ = folder_run
+  event_files = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  assert event_files, os.listdir(workdir)
+  scalars = {}
+  for event_file in event_files:
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, event_file)):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+  tags = set(scalars)
+  for tag in ('loss', 'kl', 'teacher_entropy', 'prior_effective_clusters', 'lr',
+              'teacher_momentum', 'teacher_temp', 'images_per_sec', 'sweep/examples',
+              'sweep/jensen_gap', 'eval/knn_top1'):
+    assert tag in tags, sorted(tags)
+  # One sweep before each epoch (T = 1), each over all 120 training images exactly once.
+  assert scalars['sweep/examples'] == [120.0, 120.0]
