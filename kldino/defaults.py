@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.knn_temperature = 0.07
   config.eval.batch_size = 256
   config.eval.linear_epochs = 100
+  config.eval.every_epochs = 0     # k-NN on the eval split every N epochs (0: only at the end)
   config.eval.baselines = False   # also probe raw pixels and the backbone at initialisation
   config.sweep_batch_size = 256
   return config

@@ -166,16 +166,19 @@ class Trainer:
       if self._sweep_due(epoch):
         state = self.run_sweep(state, epoch)
       state = self.train_epoch(state, epoch)
+      every = config.eval.every_epochs
+      if every and (epoch + 1) % every == 0 and epoch + 1 < config.num_epochs:
+        logging.info('epoch %d: %s', epoch, self.evaluate(state, with_linear=False))
     return state
 
   # --------------------------------------------------------------------------- evaluation
 
-  def evaluate(self, state) -> dict:
+  def evaluate(self, state, with_linear: bool = True) -> dict:
     results = protocol.evaluate_teacher(
         self.graphdef, state.teacher, self.source, self.config, self.mesh,
         self.state_shardings.teacher,
         teacher_temp=float(self.schedules.teacher_temp(state.step)),
-        standardise=self.normalization.standardise_teacher_embedding)
+        standardise=self.normalization.standardise_teacher_embedding, with_linear=with_linear)
     results['step'] = int(state.step)
     self.writer.write_scalars(results['step'], {
         f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})

@@ -42,11 +42,14 @@ def split_outputs(graphdef, teacher_params, source, config, mesh, teacher_shardi
   return values[:, :-num_prototypes], values[:, -num_prototypes:], labels
 
 
-def probe(train_features, train_labels, eval_features, eval_labels, config, num_classes) -> dict:
-  """k-NN and linear-probe top-1 of one set of frozen features."""
+def probe(train_features, train_labels, eval_features, eval_labels, config, num_classes, *,
+          with_linear: bool = True) -> dict:
+  """k-NN and (unless with_linear=False) linear-probe top-1 of one set of frozen features."""
   knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels,
                      num_classes=num_classes, k=config.eval.knn_k,
                      temperature=config.eval.knn_temperature)
+  if not with_linear:
+    return {'knn_top1': float(knn)}
   linear = linear_probe(train_features, train_labels, eval_features, eval_labels,
                         num_classes=num_classes, epochs=config.eval.linear_epochs,
                         seed=config.seed)
@@ -55,7 +58,7 @@ def probe(train_features, train_labels, eval_features, eval_labels, config, num_
 
 
 def evaluate_teacher(graphdef, teacher_params, source, config, mesh, teacher_shardings, *,
-                     teacher_temp: float, standardise: bool) -> dict:
+                     teacher_temp: float, standardise: bool, with_linear: bool = True) -> dict:
   kwargs = dict(teacher_temp=teacher_temp, standardise=standardise)
   train_features, _, train_labels = split_outputs(
       graphdef, teacher_params, source, config, mesh, teacher_shardings,
@@ -66,7 +69,7 @@ def evaluate_teacher(graphdef, teacher_params, source, config, mesh, teacher_sha
   mean_posterior = np.mean(eval_probs, axis=0)
   return {
       **probe(train_features, train_labels, eval_features, eval_labels, config,
-              source.info.num_classes),
+              source.info.num_classes, with_linear=with_linear),
       'cluster_mi': float(objective.cluster_mutual_information(jnp.asarray(eval_probs))),
       'effective_clusters': float(np.exp(objective.entropy(jnp.asarray(mean_posterior)))),
       'teacher_temp': teacher_temp,
