@@ -16,6 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from kldino.models.layers import masked_standardise
+
 NORMALIZATIONS = ('prior', 'center', 'sinkhorn', 'teacher_bn', 'none')
 PRIOR_SOURCES = ('sweep', 'batch', 'ema')
 
@@ -69,11 +71,7 @@ def standardise_over_batch(embedding, mask=None, eps=1e-5):
 
   `mask` [N] excludes padding rows (the sweep's last batch) from the statistics.
   """
-  weight = jnp.ones(embedding.shape[:1]) if mask is None else mask.astype(embedding.dtype)
-  weight = weight[:, None] / jnp.maximum(jnp.sum(weight), 1.0)
-  mean = jnp.sum(weight * embedding, axis=0, keepdims=True)
-  var = jnp.sum(weight * jnp.square(embedding - mean), axis=0, keepdims=True)
-  return (embedding - mean) * jax.lax.rsqrt(var + eps)
+  return masked_standardise(embedding, mask, eps)
 
 
 def batch_log_prior(teacher_logits, teacher_temp, eps):

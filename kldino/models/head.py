@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldino.models.layers import l2_normalize
+from kldino.models.layers import l2_normalize, masked_standardise
 
 HEAD_NORMS = ('none', 'batch', 'layer')
 # Variance 1/fan_in (untruncated): keeps the logits' spread at init comparable with tau_t.
@@ -27,11 +27,7 @@ class MaskedBatchNorm(nnx.Module):
     self.epsilon = epsilon
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    weight = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
-    weight = weight[:, None] / jnp.maximum(jnp.sum(weight), 1.0)
-    mean = jnp.sum(weight * x, axis=0)
-    variance = jnp.sum(weight * jnp.square(x - mean), axis=0)
-    standardised = (x - mean) * jax.lax.rsqrt(variance + self.epsilon)
+    standardised = masked_standardise(x, mask, self.epsilon)
     return standardised * self.scale[...] + self.bias[...]
 
 

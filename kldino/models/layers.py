@@ -35,3 +35,16 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """x / max(||x||, eps); the max keeps the gradient finite at x = 0."""
   squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
+
+
+def masked_standardise(x: jax.Array, mask: jax.Array | None = None,
+                       eps: float = 1e-5) -> jax.Array:
+  """Standardise each feature over the batch axis, counting only rows where mask is True.
+
+  Under jax.jit with the batch sharded over devices, these means are over the global batch.
+  """
+  weight = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
+  weight = weight[:, None] / jnp.maximum(jnp.sum(weight), 1.0)
+  mean = jnp.sum(weight * x, axis=0)
+  variance = jnp.sum(weight * jnp.square(x - mean), axis=0)
+  return (x - mean) * jax.lax.rsqrt(variance + eps)
