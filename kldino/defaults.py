@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = 'convnet_small'
   config.model.patch_size = 4      # ViT only
+  config.model.stem = 'patch'      # ViT only: 'patch' (linear, as DINO) or 'conv' (3x3 convs)
   config.model.drop_path = 0.1
   config.model.num_prototypes = 256
   config.model.head_hidden_dim = 512

@@ -24,7 +24,8 @@ def micro_vit(drop_path_rate=0.0, seed=0):
 
 def model_config(**overrides):
   config = ml_collections.ConfigDict(dict(
-      name='convnet_small', patch_size=4, drop_path=0.1, num_prototypes=16, head_hidden_dim=32,
+      name='convnet_small', patch_size=4, stem='patch', drop_path=0.1, num_prototypes=16,
+      head_hidden_dim=32,
       head_bottleneck_dim=8, head_num_layers=3, head_norm='batch', prototypes='learned',
       prototype_init_std=1.0))
   config.update(overrides)
@@ -233,3 +234,14 @@ def test_build_model_holds_only_params_and_runs_under_jit():
     return model.head.logits(model.head.embed(model.backbone(x, drop_key=key)))
 
   assert logits(params, images((4, 8, 8, 1)), jax.random.key(0)).shape == (4, 16)
+
+
+def test_conv_stem_gives_the_patch_grid_and_refuses_other_patch_sizes():
+  config = model_config(name='vit_nano', stem='conv', patch_size=4)
+  model = build_model(config, in_channels=1, image_size=16, rngs=nnx.Rngs(0))
+  tokens = model.backbone.patch_embed(jnp.ones((2, 16, 16, 1)))
+  assert tokens.shape == (2, 4, 4, model.backbone.num_features)
+  assert run(model.backbone, jnp.ones((2, 8, 8, 1))).shape == (2, model.backbone.num_features)
+  with pytest.raises(ValueError, match='power-of-two patch_size'):
+    build_model(model_config(name='vit_nano', stem='conv', patch_size=3), in_channels=1,
+                image_size=12, rngs=nnx.Rngs(0))

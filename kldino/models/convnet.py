@@ -114,8 +114,8 @@ CONVNET_SIZES = {
 
 def _register_convnet(name: str, size: dict):
   @register_backbone(name)
-  def build(*, patch_size, drop_path_rate, in_channels, image_size, rngs):
-    del patch_size, image_size  # convolutions take any size
+  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, rngs):
+    del patch_size, image_size, stem  # convolutions take any size; the stem is fixed
     return ResNet(drop_path_rate=drop_path_rate, in_channels=in_channels, rngs=rngs, **size)
 
 

@@ -14,6 +14,7 @@ _token_init = nnx.initializers.normal(0.02)
 # DINO leaves the patch convolution at PyTorch's default; LeCun normal keeps patch tokens O(1).
 _patch_init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 _NORM_EPS = 1e-6
+VIT_STEMS = ('patch', 'conv')
 
 
 def _linear(fan_in: int, fan_out: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -64,6 +65,33 @@ class Block(nnx.Module):
     return tokens + drop_path(self.mlp(self.norm2(tokens)), self.drop_rate, mlp_key)
 
 
+class ConvStem(nnx.Module):
+  """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers
+  see better"): log2(patch) stride-2 3x3 convolutions with GroupNorm and GELU, then a 1x1
+  projection to `dim`. It gives the same token grid as the linear patch embedding, with the
+  locality prior that small datasets lack the data to learn.
+  """
+
+  def __init__(self, in_channels: int, dim: int, patch_size: int, *, rngs: nnx.Rngs):
+    num_convs = patch_size.bit_length() - 1
+    if patch_size != 2 ** num_convs or num_convs < 1:
+      raise ValueError(f'a conv stem needs a power-of-two patch_size >= 2, got {patch_size}: '
+                       "change model.patch_size or use model.stem='patch'")
+    widths = [in_channels] + [dim // 2 ** (num_convs - i) for i in range(num_convs)]
+    self.convs = nnx.List([
+        nnx.Conv(fan_in, fan_out, kernel_size=(3, 3), strides=(2, 2), padding='SAME',
+                 use_bias=False, rngs=rngs) for fan_in, fan_out in zip(widths[:-1], widths[1:])])
+    self.norms = nnx.List([nnx.GroupNorm(width, num_groups=min(8, width), rngs=rngs)
+                           for width in widths[1:]])
+    self.project = nnx.Conv(widths[-1], dim, kernel_size=(1, 1), rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = images
+    for conv, norm in zip(self.convs, self.norms):
+      x = jax.nn.gelu(norm(conv(x)), approximate=False)
+    return self.project(x)
+
+
 class ViT(nnx.Module):
   """images [B, H, W, C] -> CLS token after the final LayerNorm [B, dim].
 
@@ -73,7 +101,7 @@ class ViT(nnx.Module):
 
   def __init__(self, *, patch_size: int, dim: int, depth: int, num_heads: int,
                mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, in_channels: int,
-               image_size: int, rngs: nnx.Rngs):
+               image_size: int, stem: str = 'patch', rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}: '
                        'change the crop size or model.patch_size')
@@ -81,9 +109,14 @@ class ViT(nnx.Module):
     self.in_channels = in_channels
     self.grid_size = image_size // patch_size
     self.num_features = dim
-    self.patch_embed = nnx.Conv(
-        in_channels, dim, kernel_size=(patch_size, patch_size), strides=(patch_size,) * 2,
-        padding='VALID', kernel_init=_patch_init, rngs=rngs)
+    if stem not in VIT_STEMS:
+      raise ValueError(f"unknown ViT stem '{stem}': choose one of {', '.join(VIT_STEMS)}")
+    if stem == 'conv':
+      self.patch_embed = ConvStem(in_channels, dim, patch_size, rngs=rngs)
+    else:
+      self.patch_embed = nnx.Conv(
+          in_channels, dim, kernel_size=(patch_size, patch_size), strides=(patch_size,) * 2,
+          padding='VALID', kernel_init=_patch_init, rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, dim)))
     self.pos_embed = nnx.Param(_token_init(rngs.params(), (1, 1 + self.grid_size ** 2, dim)))
     self.blocks = nnx.List([
@@ -138,9 +171,9 @@ VIT_SIZES = {
 
 def _register_vit(name: str, size: dict):
   @register_backbone(name, uses_patches=True)
-  def build(*, patch_size, drop_path_rate, in_channels, image_size, rngs):
+  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, rngs):
     return ViT(patch_size=patch_size, drop_path_rate=drop_path_rate, in_channels=in_channels,
-               image_size=image_size, rngs=rngs, **size)
+               image_size=image_size, stem=stem, rngs=rngs, **size)
 
 
 for _name, _size in VIT_SIZES.items():
