@@ -23,6 +23,11 @@ def backbone_features(graphdef, params, images):
   return nnx.merge(graphdef, params).backbone(images)
 
 
+def unit_prototypes(graphdef, params):
+  """The prototypes as the head uses them ([bottleneck, K], unit columns, centered if asked)."""
+  return nnx.merge(graphdef, params).head.unit_prototypes()
+
+
 def teacher_logits(graphdef, params, images, *, mask=None, standardise=False):
   """t = w . normalize(z) for un-augmented or global views [N, H, W, C] -> [N, K]."""
   model = nnx.merge(graphdef, params)

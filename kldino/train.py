@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from kldino import forward
 from kldino import objective
 from kldino import optim
 from kldino import schedules as schedules_lib
@@ -87,8 +88,8 @@ class Trainer:
       gap_sum = self.gap_accumulate(gap_sum, state.teacher,
                                     sharding.global_batch(batch, self.mesh), teacher_temp,
                                     summary['log_prior'], summary['mean_logits'])
-    prototypes = jnp.asarray(state.teacher['head']['prototypes'])
-    unit = prototypes / jnp.linalg.norm(prototypes, axis=0, keepdims=True)
+    # The head's own unit prototypes, so that the 'centered' mode is measured as it is used.
+    unit = forward.unit_prototypes(self.graphdef, state.teacher)
     sweep_metrics = {
         'sweep/effective_clusters': summary['effective_clusters'],
         'sweep/prior_entropy': summary['prior_entropy'],
