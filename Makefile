@@ -10,7 +10,7 @@ CONFIG ?= configs/digits.py
 $(VENV)/.installed: setup.cfg pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.lock -e '.[test,plot]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,plot,torch]'
 	touch $@
 
 install: $(VENV)/.installed

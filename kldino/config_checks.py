@@ -23,6 +23,12 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
   except ValueError as error:
     raise ConfigError(str(error)) from None
   _require(config.num_epochs >= 1, f'num_epochs={config.num_epochs} must be >= 1')
+  _require(config.checkpoint_every_steps >= 1,
+           f'checkpoint_every_steps={config.checkpoint_every_steps} must be >= 1 (a checkpoint '
+           'is also written at the end and on SIGTERM)')
+  _require(config.keep_checkpoints >= 1,
+           f'keep_checkpoints={config.keep_checkpoints} must be >= 1 (older checkpoints are the '
+           'fallback when the latest is unreadable: 2 or more is safer)')
   _require(config.batch_size >= 1 and config.batch_size % num_devices == 0,
            f'batch_size={config.batch_size} must be a positive multiple of the {num_devices} '
            f'devices (global batch); set --config.batch_size to a multiple of {num_devices}')

@@ -11,6 +11,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_epochs = 60
   config.batch_size = 64  # global, over all devices and hosts
   config.log_every_steps = 20
+  config.checkpoint_every_steps = 500  # and always at the end and on SIGTERM / preemption
+  config.keep_checkpoints = 3
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'digits'      # 'digits', 'folder', or any TFDS name

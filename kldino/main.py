@@ -2,12 +2,21 @@
 
     python -m kldino.main --config=configs/digits.py --workdir=DIR [--config.KEY=VALUE ...]
 
-Trains, then evaluates the teacher backbone; the last stdout line is the evaluation JSON (also
-written to DIR/eval.json). Log lines go to stderr.
+trains (resuming from DIR's latest checkpoint if there is one), then evaluates the teacher
+backbone; the last stdout line is the evaluation JSON (also written to DIR/eval.json). Log lines
+go to stderr. The other modes (kldino/commands.py) read a checkpoint of DIR:
+
+    --mode=eval     [--step=N] [--output=FILE.json] [--config.data.name=... ...]
+    --mode=features [--step=N] [--split=test | --inputs=X.npy] [--output=F.npy]
+    --mode=export   [--step=N] [--output=FILE.npz]
+    --mode=import   --import_from=FILE.pth --config=CONFIG   (writes DIR's step-0 checkpoint)
+
+and print one JSON line saying what they wrote. Without --config they use DIR/config.json.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app
@@ -17,7 +26,50 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'features', 'export', 'import'],
+                          'What to do.')
+_STEP = flags.DEFINE_integer('step', None, 'eval/features/export: the checkpoint step '
+                             '(default: the latest readable one).')
+_OUTPUT = flags.DEFINE_string('output', None, 'eval: JSON path (default DIR/eval.json); '
+                              'features: .npy path; export: .npz path.')
+_SPLIT = flags.DEFINE_string('split', None, 'features: the split (default data.eval_split).')
+_INPUTS = flags.DEFINE_string('inputs', None, 'features: a .npy of float32 NHWC images, already '
+                              'preprocessed (no augmentation, no resizing).')
+_IMPORT_FROM = flags.DEFINE_string('import_from', None, 'import: an official DINO .pth file.')
+
+# Modes that read a checkpoint take the run's own config when no --config is given.
+_WORKDIR_CONFIG_MODES = ('eval', 'features', 'export')
+_WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir_config.py')
+
+
+def _flag_value(argv, name):
+  for index, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and index + 1 < len(argv):
+      return argv[index + 1]
+  return None
+
+
+def _with_workdir_config(argv):
+  """argv with `--config=<kldino>/workdir_config.py:DIR` when a checkpoint mode has no --config
+  (config overrides need a config flag that comes before them)."""
+  has_config = any(arg == '--config' or arg.startswith('--config=') for arg in argv)
+  workdir = _flag_value(argv, 'workdir')
+  if has_config or _flag_value(argv, 'mode') not in _WORKDIR_CONFIG_MODES or not workdir:
+    return argv
+  return [argv[0], f'--config={_WORKDIR_CONFIG}:{workdir}', *argv[1:]]
+
+
+def _mode_kwargs(mode):
+  if mode == 'import':
+    if not _IMPORT_FROM.value:
+      sys.exit('kldino: --mode=import needs --import_from=FILE.pth')
+    return {'import_from': _IMPORT_FROM.value}
+  kwargs = {'step': _STEP.value, 'output': _OUTPUT.value}
+  if mode == 'features':
+    kwargs.update(split=_SPLIT.value, inputs=_INPUTS.value)
+  return kwargs
 
 
 def main(argv):
@@ -29,15 +81,24 @@ def main(argv):
   from kldino import train  # pylint: disable=g-import-not-at-top
   from kldino.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', _CONFIG.value)
+  mode = _MODE.value
   try:
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if mode == 'train':
+      results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      from kldino import commands  # pylint: disable=g-import-not-at-top
+      results = commands.COMMANDS[mode](_CONFIG.value, _WORKDIR.value, **_mode_kwargs(mode))
   except (ConfigError, train.Collapsed) as error:
     sys.exit(f'kldino: {error}')
+  except train.Preempted as error:
+    print(f'kldino: {error}', file=sys.stderr, flush=True)
+    return
   print(json.dumps(results, sort_keys=True), flush=True)
 
 
 def run():
   """The `kldino` console script."""
+  sys.argv = _with_workdir_config(sys.argv)
   app.run(main)
 
 

@@ -1,12 +1,19 @@
 """The training loop: the only place with I/O and side effects.
 
-Sections: set-up (config checks, data, mesh, state) -> initial prior sweep -> epochs of jitted
-steps, with a sweep every T epochs -> final evaluation of the teacher backbone.
+Sections: set-up (config checks, data, mesh, state) -> restore the latest checkpoint or
+initialise -> initial prior sweep -> epochs of jitted steps, with a sweep every T epochs and a
+checkpoint every N steps -> final checkpoint -> evaluation of the teacher backbone.
+
+A resumed run is the uninterrupted run: the state holds everything that changes (parameters,
+optimizer and normalisation state, step, RNG) and the batches of step s are a pure function of
+(seed, s). SIGTERM (one process) or JAX's preemption sync point (several) saves the step just taken,
+waits for the files, and stops with `Preempted`.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import jax
@@ -15,6 +22,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from kldino import checkpoint as checkpoint_lib
 from kldino import forward
 from kldino import objective
 from kldino import optim
@@ -29,6 +37,10 @@ from kldino.evaluate import protocol
 
 class Collapsed(RuntimeError):
   """Training stopped: the loss is not finite."""
+
+
+class Preempted(RuntimeError):
+  """Training stopped on request (SIGTERM or a preemption notice) after saving a checkpoint."""
 
 
 class Trainer:
@@ -62,8 +74,53 @@ class Trainer:
     standardise = self.normalization.standardise_teacher_embedding
     self.sweep_accumulate, self.gap_accumulate = sweep_lib.jit_sweep_fns(
         self.graphdef, standardise, self.state_shardings.teacher, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                         sharding=leaf_sharding),
+        jax.eval_shape(init_fn, 0), self.state_shardings)
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
+
+  # --------------------------------------------------------------------------- checkpoints
+
+  def restore_or_init(self, step: int | None = None):
+    """The latest readable checkpoint (or `step`), else a fresh state."""
+    state, meta = self.checkpointer.restore(self.abstract_state, self.config, step=step)
+    if state is None:
+      return self.init(self.config.seed)
+    if meta['steps_per_epoch'] != self.schedules.steps_per_epoch:
+      raise ConfigError(
+          f"the checkpoint at step {meta['epoch'] * meta['steps_per_epoch'] + meta['step_in_epoch']}"
+          f" has {meta['steps_per_epoch']} steps per epoch and this run "
+          f'{self.schedules.steps_per_epoch} (the dataset changed): use a new --workdir')
+    logging.info('resuming from the checkpoint at step %d (epoch %d, step %d of the epoch)',
+                 int(state.step), meta['epoch'], meta['step_in_epoch'])
+    return state
+
+  def restore_teacher(self, step: int | None = None):
+    """(teacher parameters, step) from the latest or a given checkpoint, for evaluation."""
+    teacher, step = self.checkpointer.restore_teacher(self.abstract_state, self.config, step=step)
+    if teacher is None:
+      raise ConfigError(f'no readable checkpoint in {self.checkpointer.directory}: train first '
+                        'or pass the --workdir of a training run')
+    return teacher, step
+
+  def save(self, state, step: int, *, force: bool = False):
+    spe = self.schedules.steps_per_epoch
+    meta = {'config': self.config.to_dict(), 'epoch': step // spe, 'step_in_epoch': step % spe,
+            'steps_per_epoch': spe}
+    self.checkpointer.save(step, state, meta, force=force)
+
+  def _stop_requested(self, step: int) -> bool:
+    # Several processes must stop at the same step: JAX's preemption sync point agrees on one.
+    return self._sigterm_received or self.checkpointer.reached_preemption(step)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint after the current step')
+    self._sigterm_received = True
 
   # --------------------------------------------------------------------------- prior sweep
 
@@ -138,13 +195,14 @@ class Trainer:
                  averaged['prior_effective_clusters'], averaged['lr'],
                  averaged['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
 
-  def train_epoch(self, state, epoch: int):
+  def train_epoch(self, state, epoch: int, start_step: int = 0):
+    """Steps [start_step, steps_per_epoch) of an epoch, saving checkpoints on the way."""
     config = self.config
     pending, images, window_start = [], 0, time.time()
-    batches = pipeline.train_batches(self.source, config, epoch=epoch,
+    batches = pipeline.train_batches(self.source, config, epoch=epoch, start_step=start_step,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
-    first_step = epoch * self.schedules.steps_per_epoch
+    first_step = epoch * self.schedules.steps_per_epoch + start_step
     # The step is counted on the host: reading state.step would wait for the device every step.
     for step, batch in enumerate(batches, start=first_step + 1):
       state, metrics = self.train_step(state, sharding.global_batch(batch, self.mesh))
@@ -154,33 +212,57 @@ class Trainer:
         pending = jax.device_get(pending)  # waits for the dispatched steps before timing them
         self._log(step, pending, images, time.time() - window_start, epoch)
         pending, images, window_start = [], 0, time.time()
+      if self._stop_requested(step):
+        self.save(state, step, force=True)
+        self.checkpointer.wait()
+        raise Preempted(f'stopped at step {step} on request; the checkpoint is saved: rerun the '
+                        'same command to resume')
+      if self.checkpointer.should_save(step):
+        self.save(state, step)  # asynchronous: the files are written while training goes on
     return state
 
   def train(self):
     config = self.config
-    state = self.init(config.seed)
-    self._train_start, self._first_step = time.time(), 0
+    spe = self.schedules.steps_per_epoch
+    state = self.restore_or_init()
+    start = int(state.step)
+    self._train_start, self._first_step = time.time(), start
     logging.info('%d parameters in the student; %d steps per epoch, %d epochs, %d devices',
-                 sum(x.size for x in jax.tree.leaves(state.student)),
-                 self.schedules.steps_per_epoch, config.num_epochs, jax.device_count())
-    for epoch in range(config.num_epochs):
-      if self._sweep_due(epoch):
-        state = self.run_sweep(state, epoch)
-      state = self.train_epoch(state, epoch)
-      every = config.eval.every_epochs
-      if every and (epoch + 1) % every == 0 and epoch + 1 < config.num_epochs:
-        logging.info('epoch %d: %s', epoch, self.evaluate(state, with_linear=False))
+                 sum(x.size for x in jax.tree.leaves(state.student)), spe, config.num_epochs,
+                 jax.device_count())
+    self._sigterm_received = False
+    # One process: SIGTERM is ours. Several: JAX's preemption service receives it and the sync
+    # point (reached_preemption) makes every process stop at the same step.
+    previous_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
+                        if jax.process_count() == 1 else None)
+    try:
+      for epoch in range(start // spe, config.num_epochs):
+        start_step = start - epoch * spe if epoch == start // spe else 0
+        if start_step == 0 and self._sweep_due(epoch):
+          state = self.run_sweep(state, epoch)
+        state = self.train_epoch(state, epoch, start_step)
+        every = config.eval.every_epochs
+        if every and (epoch + 1) % every == 0 and epoch + 1 < config.num_epochs:
+          logging.info('epoch %d: %s', epoch, self.evaluate(state.teacher, (epoch + 1) * spe,
+                                                            with_linear=False))
+      final_step = max(start, self.schedules.total_steps)
+      if self.checkpointer.latest_step() != final_step:
+        self.save(state, final_step, force=True)
+      self.checkpointer.wait()
+    finally:
+      if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
     return state
 
   # --------------------------------------------------------------------------- evaluation
 
-  def evaluate(self, state, with_linear: bool = True) -> dict:
+  def evaluate(self, teacher, step: int, with_linear: bool = True) -> dict:
     results = protocol.evaluate_teacher(
-        self.graphdef, state.teacher, self.source, self.config, self.mesh,
+        self.graphdef, teacher, self.source, self.config, self.mesh,
         self.state_shardings.teacher,
-        teacher_temp=float(self.schedules.teacher_temp(state.step)),
+        teacher_temp=float(self.schedules.teacher_temp(step)),
         standardise=self.normalization.standardise_teacher_embedding, with_linear=with_linear)
-    results['step'] = int(state.step)
+    results['step'] = int(step)
     self.writer.write_scalars(results['step'], {
         f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
     self.writer.flush()
@@ -197,7 +279,7 @@ def write_eval_json(results: dict, path: str):
 def _baselines(trainer: Trainer) -> dict:
   """The same probes on raw pixels and on the backbone at initialisation, for comparison."""
   pixels = protocol.evaluate_pixels(trainer.source, trainer.config)
-  init = trainer.evaluate(trainer.init(trainer.config.seed))
+  init = trainer.evaluate(trainer.init(trainer.config.seed).teacher, 0)
   baselines = {f'pixels_{k}': pixels[k] for k in ('knn_top1', 'linear_top1')}
   baselines.update({f'init_{k}': init[k] for k in ('knn_top1', 'linear_top1', 'cluster_mi')})
   logging.info('baselines: %s', baselines)
@@ -206,8 +288,9 @@ def _baselines(trainer: Trainer) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
+  checkpoint_lib.write_config_json(config, workdir)
   baselines = _baselines(trainer) if config.eval.baselines else {}
   state = trainer.train()
-  results = {**trainer.evaluate(state), **baselines}
+  results = {**trainer.evaluate(state.teacher, int(state.step)), **baselines}
   write_eval_json(results, os.path.join(workdir, 'eval.json'))
   return results

@@ -1,0 +1,229 @@
+"""Checkpoints that lose nothing: the whole train state, where the data stood, and the config.
+
+Layout, one orbax step directory per checkpoint:
+
+    WORKDIR/checkpoints/<step>/state   the TrainState pytree (student, teacher, optimizer state,
+                                       normalisation state, step, RNG), written by orbax
+    WORKDIR/checkpoints/<step>/meta    JSON: {'config': ..., 'epoch', 'step_in_epoch',
+                                       'steps_per_epoch', 'format'}
+
+Orbax writes each step into a temporary directory and renames it when the save commits, so a crash
+during a save leaves no step behind. A committed step that cannot be read (a disk error, a file
+truncated by hand) is moved to WORKDIR/checkpoints_unreadable/ and the previous one is used. A
+checkpoint of another architecture is refused before anything is read.
+
+The training data are a pure function of (seed, epoch, step in epoch) (data/pipeline.py), so the
+data position is the step; `meta` records it explicitly so that a changed batch size or dataset,
+which would move it, is caught instead of resuming at the wrong place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from kldino.config_checks import ConfigError
+from kldino.defaults import base_config
+
+FORMAT = 1
+# Keys that fix the parameters' shapes: a checkpoint written with other values cannot be loaded.
+ARCHITECTURE_KEYS = ('model', 'aug.global_size')
+# Keys that place the data: with other values the saved data position means something else.
+DATA_POSITION_KEYS = ('seed', 'batch_size', 'data.name', 'data.path', 'data.train_split')
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def _flatten(config_dict: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in config_dict.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = tuple(value) if isinstance(value, list) else value
+  return flat
+
+
+def _selected(flat: dict, prefixes) -> dict:
+  return {k: v for k, v in flat.items()
+          if any(k == p or k.startswith(p + '.') for p in prefixes)}
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """The saved config on top of today's defaults: keys added since the save keep their default,
+  and lists written by JSON become tuples again where the default is a tuple."""
+  config = base_config()
+  for key, value in _flatten(saved).items():
+    parent, _, leaf = key.rpartition('.')
+    node = config
+    for part in filter(None, parent.split('.')):
+      node = node[part]
+    if leaf in node:
+      node[leaf] = value
+  return config
+
+
+def _leaf_shapes(tree) -> dict:
+  # Orbax's metadata of a scalar may carry no shape: read it as ().
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape or ())
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_compatible(saved_config: dict, config, step: int, where: str, *,
+                     for_training: bool = True):
+  """Refuse a checkpoint whose parameters (or, to train on, data position) differ from what
+  `config` builds. Evaluation may use any dataset; training must continue on the same batches."""
+  saved, current = _flatten(saved_config), _flatten(config.to_dict())
+  checks = [(ARCHITECTURE_KEYS, 'its parameters have other shapes')]
+  if for_training:
+    checks.append((DATA_POSITION_KEYS, 'its data position means other batches'))
+  for prefixes, problem in checks:
+    old, new = _selected(saved, prefixes), _selected(current, prefixes)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+      differences = ', '.join(f'{k}={old.get(k)!r} (now {new.get(k)!r})' for k in changed[:4])
+      raise ConfigError(
+          f'the checkpoint at step {step} in {where} was written with {differences}, so '
+          f'{problem}: use the same values or a new --workdir')
+  changed = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
+  if changed and for_training:
+    logging.warning('resuming step %d with changed config keys (the run will differ from an '
+                    'uninterrupted one): %s', step, ', '.join(changed))
+
+
+class Checkpointer:
+  """An orbax CheckpointManager with kldino's layout, fallback and compatibility checks."""
+
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, read_only: bool = False):
+    self.directory = directory(workdir)
+    if read_only and not os.path.isdir(self.directory):
+      raise ConfigError(f'no checkpoints in {workdir} ({self.directory} does not exist): '
+                        'train first or pass the --workdir of a training run')
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, every_steps), max_to_keep=keep, create=not read_only,
+        read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=True)
+    # Handlers named up front: a fresh process can then read metadata before any restore.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+    """Asynchronous: returns once the arrays are copied off the devices (the state may then be
+    donated); `wait()` waits for the files."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave({**meta, 'format': FORMAT})),
+        force=force)
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """JAX's preemption sync point (TPU VMs): every process agrees on the same step."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+  def _check_shapes(self, step: int, abstract_state):
+    """Every array this run builds must be in the checkpoint with the same shape."""
+    saved = _leaf_shapes(self.manager.item_metadata(step)['state'])
+    for path, shape in _leaf_shapes(abstract_state).items():
+      if saved.get(path) != shape:
+        raise ConfigError(
+            f'the checkpoint at step {step} in {self.directory} holds {path} with shape '
+            f'{saved.get(path)} where this config builds {shape}: use the config it was trained '
+            'with (data channels, model, crop size) or a new --workdir')
+
+  def _restore_step(self, step: int, abstract_state, config, *, for_training: bool):
+    meta = self.meta(step)
+    check_compatible(meta['config'], config, step, self.directory, for_training=for_training)
+    self._check_shapes(step, abstract_state)
+    if for_training:
+      return self._read_state(step, abstract_state, partial=False), meta
+    # Evaluation reads the teacher alone: no optimizer state, no student.
+    teacher = self._read_state(step, {'teacher': abstract_state.teacher}, partial=True)
+    return teacher['teacher'], meta
+
+  def _read_state(self, step: int, abstract_tree, *, partial: bool):
+    """Arrays placed directly into the shardings of `abstract_tree` (this run's mesh)."""
+    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_tree, partial_restore=partial,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))))['state']
+
+  def _restore_newest(self, abstract_state, config, step, for_training: bool):
+    if step is not None:
+      if step not in self.all_steps():
+        raise ConfigError(f'no checkpoint at step {step} in {self.directory}: its steps are '
+                          f'{self.all_steps()}')
+      return self._restore_step(step, abstract_state, config, for_training=for_training)
+    for candidate in reversed(self.all_steps()):
+      try:
+        return self._restore_step(candidate, abstract_state, config, for_training=for_training)
+      except ConfigError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except
+        # Any read failure of one step (orbax, tensorstore, JSON) means that step is unusable.
+        logging.warning('checkpoint at step %d is unreadable (%s: %s); falling back to the '
+                        'previous one', candidate, type(error).__name__,
+                        str(error).splitlines()[0][:200] if str(error) else '')
+        self._set_aside(candidate)
+    return None, None
+
+  def restore(self, abstract_state: Any, config, *, step: int | None = None):
+    """(state, meta) of `step`, or of the newest readable step; (None, None) when there is none.
+
+    `abstract_state` holds jax.ShapeDtypeStruct leaves with the shardings of *this* run's mesh,
+    so a checkpoint written on 8 devices restores onto 1 (or onto another FSDP layout).
+    """
+    return self._restore_newest(abstract_state, config, step, for_training=True)
+
+  def restore_teacher(self, abstract_state: Any, config, *, step: int | None = None):
+    """(teacher parameters, step) as `restore`, reading only the teacher; (None, None) if none."""
+    teacher, meta = self._restore_newest(abstract_state, config, step, for_training=False)
+    if teacher is None:
+      return None, None
+    return teacher, meta['epoch'] * meta['steps_per_epoch'] + meta['step_in_epoch']
+
+  def _set_aside(self, step: int):
+    """Move an unreadable step out of orbax's sight (kept for inspection, never deleted): the
+    resumed run will write that step number again."""
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_unreadable')
+      os.makedirs(aside, exist_ok=True)
+      target = os.path.join(aside, str(step))
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'kldino_set_aside_{step}')
+    self.manager.reload()
+
+
+def write_config_json(config, workdir: str):
+  """WORKDIR/config.json: the run's config, for people (checkpoints hold their own copy)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=list)
