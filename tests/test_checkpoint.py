@@ -1,0 +1,198 @@
+"""Checkpoints lose nothing: kill -9 and SIGTERM resume to the uninterrupted result, unreadable
+checkpoints fall back, incompatible ones are refused, and any mesh restores any checkpoint."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs.smoke import get_config as smoke_config
+from kldino import commands
+from kldino import export as export_lib
+from kldino.config_checks import ConfigError
+from kldino.train import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 2 * (1347 // 32)  # configs/smoke.py on digits: 2 epochs of 42 steps
+
+
+def _command(workdir, *args, config='configs/smoke.py'):
+  command = [sys.executable, '-m', 'kldino.main', f'--workdir={workdir}', *args]
+  return command[:3] + [f'--config={config}'] + command[3:] if config else command
+
+
+def _run(workdir, *args, env=None, config='configs/smoke.py'):
+  result = subprocess.run(_command(workdir, *args, config=config), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _steps(workdir):
+  """Committed checkpoint steps (orbax renames a step's directory only once it is complete)."""
+  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints',
+                                                                         '*'))
+                if os.path.basename(p).isdigit())
+
+
+def _start_and_wait_for_step(workdir, min_step):
+  process = subprocess.Popen(_command(workdir), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 400
+  while not any(step >= min_step for step in _steps(workdir)):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.05)
+  return process
+
+
+def _final_state(workdir, step=TOTAL_STEPS):
+  trainer = Trainer(smoke_config(), workdir)
+  state = trainer.restore_or_init(step=step)
+  return jax.device_get(state)
+
+
+def _assert_states_equal(actual, expected):
+  leaves_actual, tree_actual = jax.tree.flatten(actual)
+  leaves_expected, tree_expected = jax.tree.flatten(expected)
+  assert tree_actual == tree_expected
+  for a, e in zip(leaves_actual, leaves_expected):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  result = _run(workdir)
+  return workdir, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_kill_9_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
+  reference, reference_results = uninterrupted
+  workdir = str(tmp_path / 'killed')
+  process = _start_and_wait_for_step(workdir, 20)
+  process.kill()  # SIGKILL: no handler runs, an asynchronous save may be cut short
+  process.communicate()
+  killed_at = max(_steps(workdir))
+  assert killed_at < TOTAL_STEPS
+  result = _run(workdir)
+  assert 'resuming from the checkpoint at step' in result.stderr
+  _assert_states_equal(_final_state(workdir), _final_state(reference))
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
+
+
+def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  workdir = str(tmp_path / 'preempted')
+  process = _start_and_wait_for_step(workdir, 10)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'stopped at step' in stderr
+  stopped_at = int(stderr.split('stopped at step ')[1].split()[0])
+  assert stopped_at in _steps(workdir) and stopped_at < TOTAL_STEPS
+  _run(workdir)
+  _assert_states_equal(_final_state(workdir), _final_state(reference))
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  workdir = str(tmp_path / 'corrupt')
+  shutil.copytree(reference, workdir)
+  steps = _steps(workdir)
+  latest, previous = steps[-1], steps[-2]
+  for path in glob.glob(os.path.join(workdir, 'checkpoints', str(latest), 'state', '**', '*'),
+                        recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'wb'):  # truncate: a disk that lost the data
+        pass
+  # An interrupted save leaves only a temporary directory: never a candidate.
+  os.makedirs(os.path.join(workdir, 'checkpoints', f'{latest + 1}.orbax-checkpoint-tmp-1'))
+  state = _final_state(workdir, step=None)
+  assert int(state.step) == previous
+  _assert_states_equal(state, _final_state(reference, step=previous))
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_unreadable', str(latest)))
+  assert latest not in _steps(workdir)
+
+
+@pytest.mark.parametrize('key, value, fragment', [
+    ('model.num_prototypes', 32, 'model.num_prototypes=16 (now 32)'),
+    ('model.name', 'vit_micro', "model.name='vit_nano' (now 'vit_micro')"),
+    ('batch_size', 16, 'batch_size=32 (now 16)'),
+])
+def test_incompatible_config_is_refused(uninterrupted, key, value, fragment):
+  reference, _ = uninterrupted
+  config = smoke_config()
+  parent, _, leaf = key.rpartition('.')
+  (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(ConfigError, match='its parameters have other shapes|its data position') as error:
+    Trainer(config, reference).restore_or_init()
+  assert fragment in str(error.value) and '\n' not in str(error.value)
+
+
+def test_eval_mode_on_one_device_restores_an_8_device_checkpoint(uninterrupted, tmp_path):
+  reference, reference_results = uninterrupted
+  one_device = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  output = str(tmp_path / 'eval.json')
+  result = _run(reference, '--mode=eval', f'--output={output}', env=one_device, config=None)
+  results = json.loads(result.stdout.strip().splitlines()[-1])
+  with open(output) as f:
+    assert json.load(f) == results
+  assert results['step'] == TOTAL_STEPS
+  # The same teacher on 1 device: the same k-NN (features agree to float rounding).
+  assert abs(results['knn_top1'] - reference_results['knn_top1']) <= 1 / 450 + 1e-9
+  assert abs(results['cluster_mi'] - reference_results['cluster_mi']) < 1e-3
+
+
+def test_fsdp_sharded_state_restores_replicated_and_back(tmp_path):
+  sharded_config = smoke_config()
+  sharded_config.mesh.fsdp = 8
+  trainer = Trainer(sharded_config, str(tmp_path))
+  state = trainer.init(0)
+  assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+             for leaf in jax.tree.leaves(state.student))
+  trainer.save(state, 3, force=True)
+  trainer.checkpointer.wait()
+  replicated = Trainer(smoke_config(), str(tmp_path)).restore_or_init()
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(replicated.student))
+  _assert_states_equal(jax.device_get(replicated), jax.device_get(state))
+
+
+def test_features_and_export_agree(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  config = smoke_config()
+  images = np.random.default_rng(0).standard_normal((11, 16, 16, 1)).astype(np.float32)
+  inputs = str(tmp_path / 'x.npy')
+  np.save(inputs, images)
+  dumped = commands.dump_features(config, reference, step=None, output=str(tmp_path / 'f.npy'),
+                                  split=None, inputs=inputs)
+  exported = commands.export_teacher(config, reference, step=None,
+                                     output=str(tmp_path / 'backbone.npz'))
+  assert dumped['step'] == exported['step'] == TOTAL_STEPS
+  backbone, meta = export_lib.load_backbone(exported['export'])
+  assert meta['feature_dim'] == dumped['feature_dim'] == 32
+  np.testing.assert_allclose(np.asarray(backbone(images)), np.load(dumped['features']),
+                             atol=1e-5, rtol=1e-5)
+  split = commands.dump_features(config, reference, step=None, output=str(tmp_path / 't.npy'),
+                                 split='test', inputs=None)
+  labels = np.load(split['labels'])
+  assert np.load(split['features']).shape == (450, 32) and labels.shape == (450,)
+  assert set(labels.tolist()) == set(range(10))
+
+
+def test_bad_inputs_are_refused_in_one_line(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  bad = str(tmp_path / 'bad.npy')
+  np.save(bad, np.zeros((2, 16, 16, 3), np.float64))
+  with pytest.raises(ConfigError, match=r'float32 \[N, H, W, 1\]'):
+    commands.dump_features(smoke_config(), reference, step=None, output=None, split=None,
+                           inputs=bad)
+  with pytest.raises(ConfigError, match='no checkpoint at step 5'):
+    commands.evaluate_checkpoint(smoke_config(), reference, step=5, output=None)

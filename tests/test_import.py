@@ -1,0 +1,141 @@
+"""Importing official DINO PyTorch ViT weights: every tensor in the right place and layout."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from configs.smoke import get_config as smoke_config
+from kldino import commands
+from kldino import convert_dino
+from kldino.config_checks import ConfigError
+from kldino.models.registry import build_backbone
+from kldino.train import Trainer
+from tests.torch_vit import VisionTransformer
+
+IMAGE, PATCH, DIM, DEPTH, HEADS, CHANNELS = 16, 4, 32, 2, 2, 1  # vit_nano, as configs/smoke.py
+
+
+def _torch_vit(seed=0):
+  torch.manual_seed(seed)
+  model = VisionTransformer(IMAGE, PATCH, CHANNELS, DIM, DEPTH, HEADS).eval()
+  with torch.no_grad():  # every tensor random, so that no misplaced one goes unnoticed
+    for parameter in model.parameters():
+      parameter.copy_(torch.randn_like(parameter) * 0.3)
+  return model
+
+
+def _numpy_state_dict(model):
+  return {key: value.detach().numpy() for key, value in model.state_dict().items()}
+
+
+def _kldino_vit(params):
+  backbone = build_backbone(smoke_config().model, in_channels=CHANNELS, image_size=IMAGE,
+                            rngs=nnx.Rngs(0))
+  state = nnx.state(backbone, nnx.Param)
+  if params is not None:
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(backbone, state)
+  return backbone, nnx.to_pure_dict(state)
+
+
+def _images(seed=1, count=5):
+  return np.random.default_rng(seed).standard_normal((count, IMAGE, IMAGE, CHANNELS)).astype(
+      np.float32)
+
+
+def _torch_features(model, images_nhwc):
+  with torch.no_grad():
+    return model(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)).numpy()
+
+
+def test_every_tensor_lands_in_place_with_kldino_layout():
+  state_dict = _numpy_state_dict(_torch_vit())
+  _, template = _kldino_vit(None)
+  params = convert_dino.convert(convert_dino.backbone_state_dict(state_dict), template)
+  np.testing.assert_array_equal(params['blocks'][1]['attn']['qkv']['kernel'],
+                                state_dict['blocks.1.attn.qkv.weight'].T)
+  np.testing.assert_array_equal(params['blocks'][0]['mlp']['fc2']['kernel'],
+                                state_dict['blocks.0.mlp.fc2.weight'].T)
+  np.testing.assert_array_equal(params['blocks'][0]['norm2']['scale'],
+                                state_dict['blocks.0.norm2.weight'])
+  # OIHW -> HWIO: kernel[i, j, c, d] is weight[d, c, i, j].
+  weight = state_dict['patch_embed.proj.weight']
+  np.testing.assert_array_equal(params['patch_embed']['kernel'][1, 3, 0, 5], weight[5, 0, 1, 3])
+  np.testing.assert_array_equal(params['pos_embed'], state_dict['pos_embed'])
+  np.testing.assert_array_equal(params['norm']['bias'], state_dict['norm.bias'])
+
+
+def test_one_attention_block_computes_the_same_both_ways():
+  model = _torch_vit()
+  params = convert_dino.convert(_numpy_state_dict(model), _kldino_vit(None)[1])
+  backbone, _ = _kldino_vit(params)
+  tokens = np.random.default_rng(2).standard_normal((3, 17, DIM)).astype(np.float32)
+  with torch.no_grad():
+    expected = model.blocks[0](torch.from_numpy(tokens)).numpy()
+  np.testing.assert_allclose(np.asarray(backbone.blocks[0](jnp.asarray(tokens))), expected,
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_imported_backbone_gives_the_official_features():
+  model = _torch_vit()
+  params = convert_dino.convert(_numpy_state_dict(model), _kldino_vit(None)[1])
+  backbone, _ = _kldino_vit(params)
+  images = _images()
+  np.testing.assert_allclose(np.asarray(backbone(jnp.asarray(images))),
+                             _torch_features(model, images), atol=1e-5, rtol=1e-5)
+
+
+def test_missing_or_foreign_keys_are_refused():
+  state_dict = _numpy_state_dict(_torch_vit())
+  _, template = _kldino_vit(None)
+  with pytest.raises(ValueError, match='blocks/1/mlp/fc1'):
+    convert_dino.convert({k: v for k, v in state_dict.items()
+                          if not k.startswith('blocks.1.mlp.fc1')}, template)
+  with pytest.raises(ValueError, match="unexpected key 'fc_norm.weight'"):
+    convert_dino.convert({**state_dict, 'fc_norm.weight': np.ones(DIM, np.float32)}, template)
+
+
+@pytest.fixture(scope='module')
+def imported_workdir(tmp_path_factory):
+  """--mode=import of a DINO *training* checkpoint ('teacher' with module./backbone. prefixes)."""
+  model = _torch_vit()
+  prefixed = {f'module.backbone.{k}': v for k, v in model.state_dict().items()}
+  prefixed['module.head.last_layer.weight'] = torch.zeros(4, 4)  # the DINO head: skipped
+  path = str(tmp_path_factory.mktemp('pth') / 'dino_checkpoint.pth')
+  torch.save({'teacher': prefixed, 'student': prefixed, 'epoch': 3}, path)
+  workdir = str(tmp_path_factory.mktemp('imported'))
+  written = commands.import_dino(smoke_config(), workdir, import_from=path)
+  return model, workdir, written, path
+
+
+def test_import_mode_writes_a_step0_checkpoint_that_features_and_training_use(
+    imported_workdir, tmp_path):
+  model, workdir, written, _ = imported_workdir
+  assert written['step'] == 0 and written['tensors'] == len(model.state_dict())
+  images = _images(seed=3, count=7)
+  inputs = str(tmp_path / 'inputs.npy')
+  np.save(inputs, images)
+  result = commands.dump_features(smoke_config(), workdir, step=None,
+                                  output=str(tmp_path / 'f.npy'), split=None, inputs=inputs)
+  np.testing.assert_allclose(np.load(result['features']), _torch_features(model, images),
+                             atol=1e-5, rtol=1e-5)
+  # Training starts from the imported weights: student and teacher backbones hold them.
+  trainer = Trainer(smoke_config(), workdir)
+  state = trainer.restore_or_init()
+  assert int(state.step) == 0
+  for params in (state.student, state.teacher):
+    np.testing.assert_array_equal(
+        np.asarray(params['backbone']['blocks'][1]['attn']['proj']['kernel']),
+        model.state_dict()['blocks.1.attn.proj.weight'].numpy().T)
+
+
+def test_import_refuses_the_wrong_architecture_and_a_used_workdir(imported_workdir, tmp_path):
+  _, workdir, _, path = imported_workdir
+  with pytest.raises(ConfigError, match='already has checkpoints'):
+    commands.import_dino(smoke_config(), workdir, import_from=path)
+  config = smoke_config()
+  config.model.name = 'vit_micro'
+  with pytest.raises(ConfigError, match='shape'):
+    commands.import_dino(config, str(tmp_path / 'other'), import_from=path)
