@@ -5,7 +5,7 @@ Layout, one orbax step directory per checkpoint:
     WORKDIR/checkpoints/<step>/state   the TrainState pytree (student, teacher, optimizer state,
                                        normalisation state, step, RNG), written by orbax
     WORKDIR/checkpoints/<step>/meta    JSON: {'config': ..., 'epoch', 'step_in_epoch',
-                                       'steps_per_epoch', 'format'}
+                                       'steps_per_epoch', 'data_shards', 'format'}
 
 Orbax writes each step into a temporary directory and renames it when the save commits, so a crash
 during a save leaves no step behind. A committed step that cannot be read (a disk error, a file

@@ -34,6 +34,16 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
            f'devices (global batch); set --config.batch_size to a multiple of {num_devices}')
   _require(config.batch_size % num_processes == 0,
            f'batch_size={config.batch_size} must divide evenly over {num_processes} processes')
+  shards = config.data.shards or num_processes
+  _require(config.data.shards >= 0 and shards % num_processes == 0,
+           f'data.shards={config.data.shards} must be 0 (one per process) or a multiple of the '
+           f'{num_processes} processes')
+  for key, value in (('batch_size', config.batch_size),
+                     ('sweep_batch_size', config.sweep_batch_size),
+                     ('eval.batch_size', config.eval.batch_size)):
+    _require(value % shards == 0,
+             f'{key}={value} must be a multiple of the {shards} data shards (data.shards): '
+             'change either')
   _require(config.sweep_batch_size % num_devices == 0,
            f'sweep_batch_size={config.sweep_batch_size} must be a multiple of the '
            f'{num_devices} devices')

@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.mean = (0.5,)        # per channel, after scaling to [0, 1]
   config.data.std = (0.5,)
   config.data.shuffle_buffer = 4096
+  config.data.shards = 0           # training data shards (0: one per process); fixing it makes
+                                   # the batches independent of the number of processes
   config.data.prefetch = 2
 
   config.aug = ml_collections.ConfigDict()
@@ -45,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.patch_size = 4      # ViT only
   config.model.stem = 'patch'      # ViT only: 'patch' (linear, as DINO) or 'conv' (3x3 convs)
   config.model.drop_path = 0.1
+  config.model.compute_dtype = 'float32'  # the backbone's arithmetic: 'float32' or 'bfloat16'
   config.model.num_prototypes = 256
   config.model.head_hidden_dim = 512
   config.model.head_bottleneck_dim = 32

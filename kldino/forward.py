@@ -13,6 +13,21 @@ from flax import nnx
 from kldino import objective
 
 
+def _merge(graphdef, params):
+  """The model, with its backbone's parameters cast to its compute dtype (float32 masters)."""
+  model = nnx.merge(graphdef, params)
+  if model.compute_dtype == 'float32':
+    return model
+  backbone = jax.tree.map(lambda p: p.astype(model.compute_dtype), params['backbone'])
+  return nnx.merge(graphdef, {**params, 'backbone': backbone})
+
+
+def _backbone(model, images, drop_key=None):
+  """Backbone features in float32, whatever the compute dtype."""
+  features = model.backbone(images.astype(model.compute_dtype), drop_key=drop_key)
+  return features.astype(jnp.float32)
+
+
 def _flatten_views(crops):
   batch, views = crops.shape[:2]
   return crops.reshape(batch * views, *crops.shape[2:]), batch, views
@@ -20,7 +35,7 @@ def _flatten_views(crops):
 
 def backbone_features(graphdef, params, images):
   """What evaluation and export use: the backbone's feature (ViT: CLS after the final norm)."""
-  return nnx.merge(graphdef, params).backbone(images)
+  return _backbone(_merge(graphdef, params), images)
 
 
 def unit_prototypes(graphdef, params):
@@ -30,8 +45,8 @@ def unit_prototypes(graphdef, params):
 
 def teacher_logits(graphdef, params, images, *, mask=None, standardise=False):
   """t = w . normalize(z) for un-augmented or global views [N, H, W, C] -> [N, K]."""
-  model = nnx.merge(graphdef, params)
-  embedding = model.head.embed(model.backbone(images), mask)
+  model = _merge(graphdef, params)
+  embedding = model.head.embed(_backbone(model, images), mask)
   if standardise:
     embedding = objective.standardise_over_batch(embedding, mask)
   return model.head.logits(embedding)
@@ -50,14 +65,14 @@ def student_view_logits(graphdef, params, global_crops, local_crops, drop_key):
   Each resolution goes through the backbone in one call; the features of both are joined along
   the view axis so that the head (and its batch statistics) sees all crops together.
   """
-  model = nnx.merge(graphdef, params)
+  model = _merge(graphdef, params)
   global_key, local_key = jax.random.split(drop_key)
   features = []
   for crops, key in ((global_crops, global_key), (local_crops, local_key)):
     if crops.shape[1] == 0:
       continue
     images, batch, views = _flatten_views(crops)
-    features.append(model.backbone(images, drop_key=key).reshape(batch, views, -1))
+    features.append(_backbone(model, images, key).reshape(batch, views, -1))
   features = jnp.concatenate(features, axis=1)
   batch, views = features.shape[:2]
   embedding = model.head.embed(features.reshape(batch * views, -1))

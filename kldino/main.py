@@ -36,6 +36,10 @@ _SPLIT = flags.DEFINE_string('split', None, 'features: the split (default data.e
 _INPUTS = flags.DEFINE_string('inputs', None, 'features: a .npy of float32 NHWC images, already '
                               'preprocessed (no augmentation, no resizing).')
 _IMPORT_FROM = flags.DEFINE_string('import_from', None, 'import: an official DINO .pth file.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: HOST:PORT of '
+                                   'process 0 (default: auto-detect TPU VMs and SLURM).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, 0-based.')
 
 # Modes that read a checkpoint take the run's own config when no --config is given.
 _WORKDIR_CONFIG_MODES = ('eval', 'features', 'export')
@@ -78,6 +82,12 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit('kldino: --config=FILE and --workdir=DIR are required')
   # Imported here so that --help and flag errors answer before TensorFlow and JAX load.
+  from kldino import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as error:
+    sys.exit(f'kldino: {error}')
+  import jax  # pylint: disable=g-import-not-at-top
   from kldino import train  # pylint: disable=g-import-not-at-top
   from kldino.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', _CONFIG.value)
@@ -93,7 +103,8 @@ def main(argv):
   except train.Preempted as error:
     print(f'kldino: {error}', file=sys.stderr, flush=True)
     return
-  print(json.dumps(results, sort_keys=True), flush=True)
+  if jax.process_index() == 0:  # one JSON line per run, not one per process
+    print(json.dumps(results, sort_keys=True), flush=True)
 
 
 def run():

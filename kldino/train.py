@@ -11,6 +11,7 @@ waits for the files, and stops with `Preempted`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -57,10 +58,15 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh)
     info = self.source.info
     num_train = info.num_examples[config.data.train_split]
-    steps_per_epoch = pipeline.steps_per_epoch(num_train, config.batch_size, jax.process_count())
+    try:
+      shards = pipeline.num_shards(config.data, jax.process_count())
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+    steps_per_epoch = pipeline.steps_per_epoch(num_train, config.batch_size, shards)
     if steps_per_epoch < 1:
       raise ConfigError(f'batch_size={config.batch_size} is larger than the {num_train} training '
                         'examples: lower --config.batch_size')
+    self.data_shards = shards
     self.schedules = schedules_lib.make_schedules(config, steps_per_epoch)
     self.normalization = objective.get_normalization(config.objective)
     optimizer = optim.make_optimizer(config.optim, self.schedules)
@@ -80,8 +86,13 @@ class Trainer:
         jax.eval_shape(init_fn, 0), self.state_shardings)
     self.checkpointer = checkpoint_lib.Checkpointer(
         workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
+
+  @functools.cached_property
+  def writer(self):
+    """TensorBoard + console on process 0, console only elsewhere; created when first used, so
+    that reading a checkpoint leaves no event file behind."""
+    return metric_writers.create_default_writer(self.workdir,
+                                                just_logging=jax.process_index() > 0)
 
   # --------------------------------------------------------------------------- checkpoints
 
@@ -90,13 +101,18 @@ class Trainer:
     state, meta = self.checkpointer.restore(self.abstract_state, self.config, step=step)
     if state is None:
       return self.init(self.config.seed)
+    step = int(state.step)
     if meta['steps_per_epoch'] != self.schedules.steps_per_epoch:
       raise ConfigError(
-          f"the checkpoint at step {meta['epoch'] * meta['steps_per_epoch'] + meta['step_in_epoch']}"
-          f" has {meta['steps_per_epoch']} steps per epoch and this run "
-          f'{self.schedules.steps_per_epoch} (the dataset changed): use a new --workdir')
+          f"the checkpoint at step {step} has {meta['steps_per_epoch']} steps per epoch and this "
+          f'run {self.schedules.steps_per_epoch} (the dataset changed): use a new --workdir')
+    if meta['data_shards'] != self.data_shards:
+      raise ConfigError(
+          f"the checkpoint at step {step} read the data in {meta['data_shards']} shards and this "
+          f'run would read {self.data_shards}: set --config.data.shards={meta["data_shards"]} '
+          'to resume on this number of processes')
     logging.info('resuming from the checkpoint at step %d (epoch %d, step %d of the epoch)',
-                 int(state.step), meta['epoch'], meta['step_in_epoch'])
+                 step, meta['epoch'], meta['step_in_epoch'])
     return state
 
   def restore_teacher(self, step: int | None = None):
@@ -110,7 +126,7 @@ class Trainer:
   def save(self, state, step: int, *, force: bool = False):
     spe = self.schedules.steps_per_epoch
     meta = {'config': self.config.to_dict(), 'epoch': step // spe, 'step_in_epoch': step % spe,
-            'steps_per_epoch': spe}
+            'steps_per_epoch': spe, 'data_shards': self.data_shards}
     self.checkpointer.save(step, state, meta, force=force)
 
   def _stop_requested(self, step: int) -> bool:

@@ -240,6 +240,29 @@ def test_crops_do_not_depend_on_the_process_count():
       np.testing.assert_array_equal(crops, single[example])
 
 
+def test_fixed_shards_give_the_same_global_batches_on_any_process_count():
+  source, config = marked_source(41), marked_config(batch_size=4)
+  config.data.shards = 2
+  single = list(pipeline.train_batches(source, config, epoch=2))
+  parts = [list(pipeline.train_batches(source, config, epoch=2, process_index=index,
+                                       process_count=2)) for index in range(2)]
+  assert len(single) == len(parts[0]) == len(parts[1]) == pipeline.steps_per_epoch(41, 4, 2) == 10
+  for whole, first, second in zip(single, *parts):
+    for key in whole:  # the global batch is process 0's rows, then process 1's
+      np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
+  eval_single = list(pipeline.eval_batches(source, 'train', config, batch_size=6))
+  eval_parts = [list(pipeline.eval_batches(source, 'train', config, batch_size=6,
+                                           process_index=index, process_count=2))
+                for index in range(2)]
+  assert len(eval_single) == len(eval_parts[0]) == 7  # shards of 21 and 20 in parts of 3
+  for whole, first, second in zip(eval_single, *eval_parts):
+    for key in whole:
+      np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
+  config.data.shards = 3
+  with pytest.raises(ValueError, match='data.shards=3 must be a multiple of the 2 processes'):
+    pipeline.train_batches(source, config, epoch=0, process_index=0, process_count=2)
+
+
 def test_each_epoch_is_a_new_order_of_every_example():
   source, config = marked_source(40), marked_config(batch_size=4)
   orders = [list(crops_by_example(pipeline.train_batches(source, config, epoch=epoch)))
@@ -278,7 +301,7 @@ def test_a_small_shard_is_read_once_per_run():
 
 
 def test_batch_that_does_not_divide_over_processes_is_rejected():
-  one_line_error('multiple of the 3 processes', pipeline.steps_per_epoch, 100, 64, 3)
+  one_line_error('multiple of the 3 data shards', pipeline.steps_per_epoch, 100, 64, 3)
 
 
 # --------------------------------------------------------------------------- evaluation batches

@@ -1,8 +1,12 @@
 """Host batches: augmented multi-crop batches for training, padded and masked ones for evaluation.
 
-Training order is a pure function of (seed, epoch, process): each process shuffles its own shard
-with a seed from (seed, epoch), and augments each example with a seed from (seed, epoch, index),
-so that a resumed run (`start_step`) sees exactly the batches an uninterrupted run would have.
+Training order is a pure function of (seed, epoch, data shards): the training split is cut into
+`data.shards` contiguous shards (default: one per process), each shuffled with a seed from
+(seed, epoch) and contributing batch_size / shards examples to every global batch; each example
+is augmented with a seed from (seed, epoch, index). A process reads only the shards it owns, so a
+resumed run (`start_step`) sees exactly the batches an uninterrupted run would have, and with a
+fixed `data.shards` so does a run on another number of processes (e.g. 1 process with shards=2
+sees the global batches of 2 processes).
 Evaluation reads every example of a split exactly once over all processes; every process yields
 the same number of batches (padding masked out) so that collectives never wait on a process.
 
@@ -25,22 +29,32 @@ from kldino.data.datasets import Source, shard_range
 _CACHE_BYTES = 2 * 2**30  # per process: the resized shard of a small dataset, kept across epochs
 
 
-def _local_batch(global_batch: int, process_count: int) -> int:
-  if global_batch < process_count or global_batch % process_count:
-    raise ValueError(f'batch size {global_batch} must be a positive multiple of the '
-                     f'{process_count} processes (each takes an equal part): change it')
-  return global_batch // process_count
+def _local_batch(global_batch: int, parts: int) -> int:
+  """The rows of one data shard (or process) in a global batch."""
+  if global_batch < parts or global_batch % parts:
+    raise ValueError(f'batch size {global_batch} must be a positive multiple of the {parts} '
+                     'data shards (one per process unless data.shards is set): change it')
+  return global_batch // parts
 
 
-def steps_per_epoch(num_train_examples: int, global_batch: int, process_count: int) -> int:
+def num_shards(data_config, process_count: int) -> int:
+  """Training data shards: `data.shards`, or one per process when it is 0."""
+  shards = data_config.shards or process_count
+  if shards % process_count:
+    raise ValueError(f'data.shards={shards} must be a multiple of the {process_count} '
+                     'processes (each reads whole shards): change data.shards')
+  return shards
+
+
+def steps_per_epoch(num_train_examples: int, global_batch: int, shards: int) -> int:
   """Steps that every process runs in an epoch; the remainder of the data is dropped."""
-  return (num_train_examples // process_count) // _local_batch(global_batch, process_count)
+  return (num_train_examples // shards) // _local_batch(global_batch, shards)
 
 
-def num_eval_batches(num_examples: int, batch_size: int, process_count: int) -> int:
+def num_eval_batches(num_examples: int, batch_size: int, shards: int) -> int:
   """Batches that every process yields for a split: enough for the largest shard."""
-  largest_shard = -(-num_examples // process_count)
-  return -(-largest_shard // _local_batch(batch_size, process_count))
+  largest_shard = -(-num_examples // shards)
+  return -(-largest_shard // _local_batch(batch_size, shards))
 
 
 def _float01(image_uint8) -> tf.Tensor:
@@ -88,34 +102,61 @@ def _crops(example, *, config, epoch: int) -> dict:
                             config.data.std)
 
 
+def _shard_batches(source: Source, config, *, epoch: int, start_step: int, shard: int,
+                   shards: int, num_steps: int) -> tf.data.Dataset:
+  """Steps [start_step, num_steps) of one shard's part of the global batches."""
+  data = config.data
+  shard_batch = _local_batch(config.batch_size, shards)
+  shard_size = _shard_size(source, data.train_split, shard, shards)
+  if shard_size == 0 and num_steps > 0:
+    raise ValueError(f'data shard {shard} of {shards} has no examples of '
+                     f"'{data.train_split}' to train on: use fewer shards or processes")
+  examples = _examples(source, data.train_split, config, shard, shards)
+  examples = examples.shuffle(max(1, min(shard_size, data.shuffle_buffer)),
+                              seed=_shuffle_seed(config.seed, epoch),
+                              reshuffle_each_iteration=False)
+  # Contiguous shards can leave the last ones a few examples short of N // S: they wrap around
+  # to the start of their own order rather than run fewer steps than the others.
+  examples = examples.repeat().skip(start_step * shard_batch).take(
+      (num_steps - start_step) * shard_batch)
+  crops = examples.map(functools.partial(_crops, config=config, epoch=epoch),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return crops.batch(shard_batch, drop_remainder=True)
+
+
+def _concat_shards(*parts):
+  return {key: tf.concat([part[key] for part in parts], axis=0) for key in parts[0]}
+
+
+def _process_batches(make_shard_batches, shards: int, process_index: int,
+                     process_count: int) -> tf.data.Dataset:
+  """The batches of this process's shards, side by side in shard order."""
+  per_process = shards // process_count
+  parts = [make_shard_batches(shard)
+           for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+  if len(parts) == 1:
+    return parts[0]
+  return tf.data.Dataset.zip(tuple(parts)).map(_concat_shards)
+
+
 def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
                   process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, steps_per_epoch) of an epoch: {'global_crops': float32 [b, 2, G, G, C],
-  'local_crops': float32 [b, L, l, l, C]}, b = batch_size / process_count."""
+  'local_crops': float32 [b, L, l, l, C]}, b = batch_size / process_count, the rows of this
+  process's shards side by side (shard order)."""
   data = config.data
-  local_batch = _local_batch(config.batch_size, process_count)
-  num_steps = steps_per_epoch(source.num_examples(data.train_split), config.batch_size,
-                              process_count)
+  shards = num_shards(data, process_count)
+  _local_batch(config.batch_size, shards)
+  num_steps = steps_per_epoch(source.num_examples(data.train_split), config.batch_size, shards)
   if not 0 <= start_step <= num_steps:
     raise ValueError(f'start_step={start_step} is outside the {num_steps} steps of an epoch: '
                      f'resume from a step in [0, {num_steps}]')
-  shard_size = _shard_size(source, data.train_split, process_index, process_count)
-  if shard_size == 0 and num_steps > 0:
-    raise ValueError(f'process {process_index} of {process_count} has no examples of '
-                     f"'{data.train_split}' to train on: use fewer processes")
-  examples = _examples(source, data.train_split, config, process_index, process_count)
-  examples = examples.shuffle(max(1, min(shard_size, data.shuffle_buffer)),
-                              seed=_shuffle_seed(config.seed, epoch),
-                              reshuffle_each_iteration=False)
-  # Contiguous shards can leave the last processes a few examples short of N // P: they wrap
-  # around to the start of their own order rather than run fewer steps than the others.
-  examples = examples.repeat().skip(start_step * local_batch).take(
-      (num_steps - start_step) * local_batch)
-  crops = examples.map(functools.partial(_crops, config=config, epoch=epoch),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  batches = crops.batch(local_batch, drop_remainder=True).prefetch(data.prefetch)
-  return batches.as_numpy_iterator()
+  batches = _process_batches(
+      lambda shard: _shard_batches(source, config, epoch=epoch, start_step=start_step,
+                                   shard=shard, shards=shards, num_steps=num_steps),
+      shards, process_index, process_count)
+  return batches.prefetch(data.prefetch).as_numpy_iterator()
 
 
 def _center(example, *, data_config) -> dict:
@@ -129,17 +170,30 @@ def _padding(size: int, num_channels: int) -> dict:
           'mask': tf.constant(False)}
 
 
+def _shard_eval_batches(source: Source, split: str, config, *, shard: int, shards: int,
+                        shard_batch: int, num_batches: int) -> tf.data.Dataset:
+  data = config.data
+  views = _examples(source, split, config, shard, shards).map(
+      functools.partial(_center, data_config=data), num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True)
+  padding = tf.data.Dataset.from_tensors(
+      _padding(data.image_size, source.info.num_channels)).repeat()
+  return views.concatenate(padding).take(num_batches * shard_batch).batch(shard_batch)
+
+
 def eval_batches(source: Source, split: str, config, *, batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Un-augmented batches {'image': float32 [b, H, W, C], 'label': int32 [b], 'mask': bool [b]},
-  b = batch_size / process_count, each example of the split once over all processes."""
-  data = config.data
-  local_batch = _local_batch(batch_size, process_count)
-  num_batches = num_eval_batches(source.num_examples(split), batch_size, process_count)
-  examples = _examples(source, split, config, process_index, process_count)
-  views = examples.map(functools.partial(_center, data_config=data),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors(
-      _padding(data.image_size, source.info.num_channels)).repeat()
-  batches = views.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
-  return batches.prefetch(data.prefetch).as_numpy_iterator()
+  b = batch_size / process_count, each example of the split once over all processes.
+
+  Batches are made of the data shards' parts like training batches, so that their composition
+  (which matters to a head with batch statistics) does not depend on the number of processes.
+  """
+  shards = num_shards(config.data, process_count)
+  shard_batch = _local_batch(batch_size, shards)
+  num_batches = num_eval_batches(source.num_examples(split), batch_size, shards)
+  batches = _process_batches(
+      lambda shard: _shard_eval_batches(source, split, config, shard=shard, shards=shards,
+                                        shard_batch=shard_batch, num_batches=num_batches),
+      shards, process_index, process_count)
+  return batches.prefetch(config.data.prefetch).as_numpy_iterator()

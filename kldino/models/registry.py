@@ -55,6 +55,9 @@ def validate_model_config(model_config, *, image_sizes=()):
            f"{', '.join(PROTOTYPE_MODES)}")
   _require(model_config.head_num_layers >= 1,
            f'model.head_num_layers={model_config.head_num_layers} must be >= 1')
+  _require(model_config.compute_dtype in COMPUTE_DTYPES,
+           f"unknown model.compute_dtype '{model_config.compute_dtype}': choose one of "
+           f"{', '.join(COMPUTE_DTYPES)}")
   _require(0.0 <= model_config.drop_path < 1.0,
            f'model.drop_path={model_config.drop_path} must be in [0, 1)')
   if entry.uses_patches:
@@ -72,12 +75,20 @@ def build_backbone(model_config, *, in_channels: int, image_size: int, rngs: nnx
       in_channels=in_channels, image_size=image_size, stem=model_config.stem, rngs=rngs)
 
 
-class DINOModel(nnx.Module):
-  """The student (and, with EMA parameters, the teacher): `backbone` then `head`."""
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
-  def __init__(self, backbone: nnx.Module, head: DINOHead):
+
+class DINOModel(nnx.Module):
+  """The student (and, with EMA parameters, the teacher): `backbone` then `head`.
+
+  `compute_dtype` is the backbone's arithmetic (forward.py casts its parameters and images);
+  parameters stay float32, and the head, the objective and the optimizer run in float32.
+  """
+
+  def __init__(self, backbone: nnx.Module, head: DINOHead, compute_dtype: str = 'float32'):
     self.backbone = backbone
     self.head = head
+    self.compute_dtype = compute_dtype
 
 
 def build_model(model_config, *, in_channels: int, image_size: int,
@@ -91,4 +102,4 @@ def build_model(model_config, *, in_channels: int, image_size: int,
       num_layers=model_config.head_num_layers, num_prototypes=model_config.num_prototypes,
       norm=model_config.head_norm, prototypes=model_config.prototypes,
       prototype_init_std=model_config.prototype_init_std, rngs=rngs)
-  return DINOModel(backbone, head)
+  return DINOModel(backbone, head, model_config.compute_dtype)

@@ -1,0 +1,68 @@
+"""DINO ViT-S/16, ViT-B/16 and ViT-L/16 on ImageNet-1k, laid out for real hardware.
+
+    get_config('MODEL,HARDWARE')   MODEL in vit_s16 | vit_b16 | vit_l16
+                                   HARDWARE in v4-32 | v5e-64 | v5p-128 | h100x8 | h100x32
+
+    # TPU pod (run on every worker; launch/tpu_vm.py does this):
+    python -m kldino.main --config=configs/imagenet_scale.py:vit_b16,v5p-128 \
+        --workdir=gs://BUCKET/kldino/vit_b16 --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+
+The recipe is configs/imagenet_vit_s16.py (DINO's, with the prior normalisation); this file sets
+what the model and the hardware decide: the global batch (1024 on the pods, 64 per GPU on the
+H100 hosts), the mesh (FSDP groups where the replicated state would crowd a device's memory), bf16
+compute (float32 master weights), the lr per 256 images (DINO's ViT-B/16: 7.5e-4 at batch 1024),
+stochastic depth, and the TFDS data_dir on a bucket (override it on the command line).
+"""
+import importlib.util
+import os
+
+
+def _sibling_config(name: str):
+  """get_config of another file in this directory, importable however this file was loaded."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'kldino_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config
+
+# Devices, processes (hosts) and the accelerator's memory per device (GiB).
+HARDWARE = {
+    'v4-32': dict(kind='tpu', devices=16, hosts=4, memory=32),
+    'v5e-64': dict(kind='tpu', devices=64, hosts=16, memory=16),
+    'v5p-128': dict(kind='tpu', devices=64, hosts=16, memory=95),
+    'h100x8': dict(kind='gpu', devices=8, hosts=1, memory=80),
+    'h100x32': dict(kind='gpu', devices=32, hosts=4, memory=80),
+}
+
+MODELS = {
+    # name, drop path, lr per 256 images, FSDP group size by the memory of one device
+    'vit_s16': dict(name='vit_small', drop_path=0.1, lr=5e-4, fsdp={16: 1, 32: 1, 80: 1, 95: 1}),
+    'vit_b16': dict(name='vit_base', drop_path=0.1, lr=1.875e-4,
+                    fsdp={16: 8, 32: 4, 80: 1, 95: 1}),
+    'vit_l16': dict(name='vit_large', drop_path=0.4, lr=1.25e-4,
+                    fsdp={16: 16, 32: 16, 80: 8, 95: 8}),
+}
+
+DATA_DIR = 'gs://YOUR_BUCKET/tensorflow_datasets'
+
+
+def _parse(arg):
+  parts = (arg or '').split(',')
+  if len(parts) != 2 or parts[0] not in MODELS or parts[1] not in HARDWARE:
+    raise ValueError(f"configs/imagenet_scale.py needs ':MODEL,HARDWARE' with MODEL in "
+                     f"{', '.join(MODELS)} and HARDWARE in {', '.join(HARDWARE)}; got {arg!r}")
+  return MODELS[parts[0]], HARDWARE[parts[1]]
+
+
+def get_config(arg=None):
+  model, hardware = _parse(arg)
+  config = _sibling_config('imagenet_vit_s16')()
+  config.model.name = model['name']
+  config.model.drop_path = model['drop_path']
+  config.model.compute_dtype = 'bfloat16'
+  config.optim.lr = model['lr']
+  config.batch_size = 64 * hardware['devices'] if hardware['kind'] == 'gpu' else 1024
+  config.mesh.fsdp = model['fsdp'][hardware['memory']]
+  config.data.data_dir = DATA_DIR
+  config.eval.batch_size = config.sweep_batch_size = 16 * hardware['devices']
+  return config

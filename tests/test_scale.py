@@ -1,0 +1,114 @@
+"""Scale-out configs and FSDP: every pod / GPU config builds abstractly, and FSDP really divides
+the per-device state on 8 simulated devices (XLA's memory analysis of the compiled step)."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kldino import forward
+from kldino import optim
+from kldino import schedules
+from kldino import sharding
+from kldino import step
+from kldino.config_checks import validate_config
+from tests.helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+SCALE = _config_module('imagenet_scale')
+BACKBONE_PARAMS = {'vit_s16': 21.7e6, 'vit_b16': 85.8e6, 'vit_l16': 303.3e6}
+
+
+def _state_bytes(tree):
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
+def _abstract_train_step(config, batch_size, num_local):
+  scheds = schedules.make_schedules(config, 1000)
+  optimizer = optim.make_optimizer(config.optim, scheds)
+  graphdef, abstract_params = step.build_graphdef(config, in_channels=3)
+  init_fn = step.make_init_fn(config, 3, optimizer)
+  abstract_state = jax.eval_shape(init_fn, 0)
+  train_step = step.make_train_step(graphdef, config, scheds, optimizer)
+  batch = {'global_crops': jax.ShapeDtypeStruct((batch_size, 2, 224, 224, 3), jnp.float32),
+           'local_crops': jax.ShapeDtypeStruct((batch_size, num_local, 96, 96, 3), jnp.float32)}
+  return train_step, init_fn, abstract_state, abstract_params, batch
+
+
+@pytest.mark.parametrize('model', sorted(SCALE.MODELS))
+def test_every_hardware_config_builds_and_fits(model):
+  built = False
+  for hardware_name, hardware in SCALE.HARDWARE.items():
+    config = SCALE.get_config(f'{model},{hardware_name}')
+    devices, hosts = hardware['devices'], hardware['hosts']
+    validate_config(config, num_devices=devices, num_processes=hosts)
+    assert config.model.compute_dtype == 'bfloat16'
+    assert config.data.data_dir.startswith('gs://') and config.data.name == 'imagenet2012'
+    assert devices % config.mesh.fsdp == 0 and config.batch_size % devices == 0
+    assert config.batch_size == (64 * devices if hardware['kind'] == 'gpu' else 1024)
+    mesh = jax.sharding.AbstractMesh((devices // config.mesh.fsdp, config.mesh.fsdp),
+                                     sharding.BATCH_AXES)
+    assert mesh.size == devices
+    if not built:  # the model is the same on every hardware: trace it once
+      train_step, _, abstract_state, params, batch = _abstract_train_step(config, 2, 1)
+      new_state, metrics = jax.eval_shape(train_step, abstract_state, batch)
+      assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new_state.student))
+      assert metrics['loss'].dtype == jnp.float32
+      backbone = sum(leaf.size for leaf in jax.tree.leaves(params['backbone']))
+      assert abs(backbone - BACKBONE_PARAMS[model]) / BACKBONE_PARAMS[model] < 0.01, backbone
+      state_bytes, built = _state_bytes(abstract_state), True
+    # Parameters, teacher and two Adam moments, split over the FSDP group, take at most a
+    # quarter of a device's memory: the rest is for activations.
+    assert state_bytes / config.mesh.fsdp < hardware['memory'] * 2**30 / 4, hardware_name
+
+
+def test_fsdp_on_8_devices_holds_an_eighth_of_the_state():
+  config = _config_module('imagenet_vit_s16').get_config()
+  config.mesh.fsdp = 8
+  train_step, _, abstract_state, _, batch = _abstract_train_step(config, 8, 0)
+  mesh = sharding.make_mesh(config.mesh)
+  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  jitted = step.jit_train_step(train_step, shardings, mesh)
+  state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                       abstract_state, shardings)
+  batch = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+      leaf.shape, leaf.dtype, sharding=sharding.batch_sharding(mesh)), batch)
+  memory = jitted.lower(state, batch).compile().memory_analysis()
+  replicated_per_device = _state_bytes(abstract_state)  # ViT-S/16 + K=65536 head: ~704 MB
+  assert replicated_per_device > 600e6
+  # Arguments per device: the state shard plus 1 image of the batch.
+  assert memory.argument_size_in_bytes <= 1.15 * replicated_per_device / 8, (
+      memory.argument_size_in_bytes, replicated_per_device / 8)
+  assert memory.output_size_in_bytes <= 1.15 * replicated_per_device / 8
+
+
+def test_bf16_compute_keeps_float32_parameters_and_gradients():
+  config = tiny_config()
+  graphdef, _ = step.build_graphdef(config, 1)
+  config_bf16 = tiny_config(compute_dtype='bfloat16')
+  graphdef_bf16, _ = step.build_graphdef(config_bf16, 1)
+  state = jax.jit(step.make_init_fn(config, 1, optim.make_optimizer(
+      config.optim, schedules.make_schedules(config, 10))), static_argnums=0)(0)
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 16, 1)), jnp.float32)
+  features = forward.backbone_features(graphdef, state.teacher, images)
+  features_bf16 = forward.backbone_features(graphdef_bf16, state.teacher, images)
+  assert features_bf16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(features_bf16), np.asarray(features), atol=0.1)
+  assert not np.array_equal(np.asarray(features_bf16), np.asarray(features))  # really bf16
+
+  def loss(params):
+    return jnp.sum(forward.teacher_logits(graphdef_bf16, params, images) ** 2)
+  grads = jax.grad(loss)(state.student)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(grads))
