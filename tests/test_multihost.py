@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs.smoke import get_config as smoke_config
+from kldino import distributed
 from kldino.train import Trainer
 from tests.test_train import write_folder
 
@@ -111,3 +112,15 @@ def test_only_process_0_writes_logs(runs):
   _, _, _, multi_dir, _ = runs
   event_files = [f for f in os.listdir(multi_dir) if f.startswith('events.out.tfevents')]
   assert len(event_files) == 1
+
+
+def test_cluster_detection_and_partial_flags():
+  assert distributed.cluster_detected({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'}) == 'tpu'
+  assert distributed.cluster_detected({'TPU_WORKER_HOSTNAMES': 'localhost'}) is None
+  assert distributed.cluster_detected({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '16'}) == 'slurm'
+  assert distributed.cluster_detected({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}) is None
+  assert distributed.initialize(None, None, None, environ={}) == 'single process'
+  with pytest.raises(ValueError, match='go together'):
+    distributed.initialize('localhost:1234', 2, None, environ={})
+  with pytest.raises(ValueError, match=r'--process_id=2 must be in \[0, 2\)'):
+    distributed.initialize('localhost:1234', 2, 2, environ={})
