@@ -42,6 +42,11 @@ def _require(condition: bool, message: str):
     raise ValueError(message)
 
 
+def _compute_dtype(model_config) -> str:
+  # Model configs written before the key existed compute in float32.
+  return model_config.get('compute_dtype', 'float32')
+
+
 def validate_model_config(model_config, *, image_sizes=()):
   """The cheap checks of `config.model`, without building anything; one line per problem."""
   entry = _backbone_entry(model_config.name)
@@ -55,8 +60,9 @@ def validate_model_config(model_config, *, image_sizes=()):
            f"{', '.join(PROTOTYPE_MODES)}")
   _require(model_config.head_num_layers >= 1,
            f'model.head_num_layers={model_config.head_num_layers} must be >= 1')
-  _require(model_config.compute_dtype in COMPUTE_DTYPES,
-           f"unknown model.compute_dtype '{model_config.compute_dtype}': choose one of "
+  compute_dtype = _compute_dtype(model_config)
+  _require(compute_dtype in COMPUTE_DTYPES,
+           f"unknown model.compute_dtype '{compute_dtype}': choose one of "
            f"{', '.join(COMPUTE_DTYPES)}")
   _require(0.0 <= model_config.drop_path < 1.0,
            f'model.drop_path={model_config.drop_path} must be in [0, 1)')
@@ -102,4 +108,4 @@ def build_model(model_config, *, in_channels: int, image_size: int,
       num_layers=model_config.head_num_layers, num_prototypes=model_config.num_prototypes,
       norm=model_config.head_norm, prototypes=model_config.prototypes,
       prototype_init_std=model_config.prototype_init_std, rngs=rngs)
-  return DINOModel(backbone, head, model_config.compute_dtype)
+  return DINOModel(backbone, head, _compute_dtype(model_config))

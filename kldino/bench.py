@@ -1,0 +1,235 @@
+"""The benchmark: how fast the train step, the prior sweep and the input pipeline run, and how close
+to the machine's peak.
+
+    python -m kldino.bench --preset=tiny32 [--steps=10] [--json]
+
+Measured after warm-up (compilation and two runs), over `--steps` runs with no host
+synchronisation inside the timed loop: the train step (time, images/s where an image counts with
+all its crops, FLOP/s from XLA's cost analysis, MFU), the prior sweep (images/s, MFU, and its
+time as a fraction of a training epoch with T = 1: both sweep passes, the prior and the Jensen
+gap), the input pipeline alone (multi-crop batches of the embedded digits resized to the preset's
+image size), and memory (XLA's analysis of the compiled step, and the process's peak RSS).
+
+The peak is, on CPU, the best float32 matmul rate measured in the same run (so MFU compares
+like with like on this machine); on GPU/TPU, the device kind's dense bf16 peak from a table.
+Presets use random inputs for the step and the sweep, float32, and exactly the shapes below, so
+that they can be compared with the official DINO implementation.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from kldino import objective
+from kldino import optim
+from kldino import schedules as schedules_lib
+from kldino import sharding
+from kldino import step as step_lib
+from kldino import sweep as sweep_lib
+from kldino.defaults import base_config
+
+_PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits')
+_STEPS = flags.DEFINE_integer('steps', 10, 'timed runs of the step (and of the sweep batch)')
+_JSON = flags.DEFINE_bool('json', False, 'end with one JSON line of the results')
+
+# Dense bf16 peak FLOP/s per device, by jax's device_kind (vendor data sheets).
+PEAK_FLOPS = {
+    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12,
+    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+}
+
+
+def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, batch,
+                sweep_batch):
+  config.model.update(name=name, patch_size=patch, drop_path=0.1, num_prototypes=prototypes,
+                      head_hidden_dim=2048, head_bottleneck_dim=256, head_num_layers=3,
+                      head_norm='none', prototype_init_std=0.02)
+  config.aug.update(global_size=global_size, local_size=local_size, num_local=6)
+  config.data.image_size = global_size
+  config.data.mean, config.data.std = (0.5,) * 3, (0.5,) * 3
+  config.batch_size, config.sweep_batch_size = batch, sweep_batch
+  return config
+
+
+def preset_config(name: str):
+  """(config, input channels) of a preset."""
+  config = base_config()
+  if name == 'tiny32':  # ViT-Ti/4, 2 x 32 + 6 x 16 crops
+    return _vit_preset(config, name='vit_tiny', patch=4, global_size=32, local_size=16,
+                       prototypes=4096, batch=64, sweep_batch=256), 3
+  if name == 'small224':  # ViT-S/16, 2 x 224 + 6 x 96 crops
+    return _vit_preset(config, name='vit_small', patch=16, global_size=224, local_size=96,
+                       prototypes=65536, batch=8, sweep_batch=32), 3
+  if name == 'digits':  # the embedded default, configs/digits.py
+    return config, 1
+  raise app.UsageError(f"unknown preset '{name}': choose tiny32, small224 or digits")
+
+
+def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
+  """The best float32 matmul FLOP/s of this machine, measured now."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def device_peak() -> tuple[float, str]:
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return measure_cpu_peak() * jax.device_count(), 'measured float32 matmul'
+  kind = device.device_kind
+  if kind not in PEAK_FLOPS:
+    raise ValueError(f"no peak FLOP/s known for '{kind}': add it to kldino/bench.py PEAK_FLOPS")
+  return PEAK_FLOPS[kind] * jax.device_count(), f'{kind} bf16 table'
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis['flops'])
+
+
+def _time(run, steps: int) -> float:
+  """Seconds per call of run() (which returns arrays), after a warm-up, one sync at the end."""
+  jax.block_until_ready(run())
+  jax.block_until_ready(run())
+  start = time.perf_counter()
+  outputs = [run() for _ in range(steps)]
+  jax.block_until_ready(outputs)
+  return (time.perf_counter() - start) / steps
+
+
+def _random_batch(config, channels: int, mesh):
+  rng = np.random.default_rng(0)
+  g, l, b = config.aug.global_size, config.aug.local_size, config.batch_size
+  batch = {'global_crops': rng.standard_normal((b, 2, g, g, channels), np.float32),
+           'local_crops': rng.standard_normal((b, config.aug.num_local, l, l, channels),
+                                              np.float32)}
+  return jax.device_put(batch, sharding.batch_sharding(mesh))  # on device before timing
+
+
+def bench_train_step(config, channels: int, mesh, steps: int) -> dict:
+  schedules = schedules_lib.make_schedules(config, steps_per_epoch=1000)
+  optimizer = optim.make_optimizer(config.optim, schedules)
+  graphdef, _ = step_lib.build_graphdef(config, channels)
+  init, shardings = step_lib.jit_init(step_lib.make_init_fn(config, channels, optimizer), mesh,
+                                      config.mesh.fsdp_min_size)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(graphdef, config, schedules, optimizer), shardings, mesh)
+  batch = _random_batch(config, channels, mesh)
+  state = init(config.seed)
+  compiled = train_step.lower(state, batch).compile()
+  holder = {'state': state}
+
+  def run():  # the state is donated: carry it from step to step as training does
+    holder['state'], metrics = compiled(holder['state'], batch)
+    return metrics['loss']
+  seconds = _time(run, steps)
+  memory = compiled.memory_analysis()
+  return {
+      'step_ms': 1e3 * seconds, 'images_per_sec': config.batch_size / seconds,
+      'step_flops': _flops(compiled),
+      'step_memory_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                               + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+      'teacher': holder['state'].teacher, 'graphdef': graphdef, 'shardings': shardings,
+  }
+
+
+def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_shardings,
+                steps: int) -> dict:
+  standardise = objective.get_normalization(config.objective).standardise_teacher_embedding
+  accumulate, gap_accumulate = sweep_lib.jit_sweep_fns(graphdef, standardise,
+                                                       teacher_shardings, mesh)
+  size, b = config.data.image_size, config.sweep_batch_size
+  batch = jax.device_put(
+      {'image': np.random.default_rng(1).standard_normal((b, size, size, channels), np.float32),
+       'mask': np.ones((b,), bool)}, sharding.batch_sharding(mesh))
+  replicated = sharding.replicated(mesh)
+  sums = jax.device_put(sweep_lib.init_sums(config.model.num_prototypes), replicated)
+  temp = jnp.float32(config.objective.teacher_temp)
+  compiled = accumulate.lower(sums, teacher, batch, temp).compile()
+  holder = {'sums': sums}
+
+  def run():
+    holder['sums'] = compiled(holder['sums'], teacher, batch, temp)
+    return holder['sums']['count']
+  seconds = _time(run, steps)
+  summary = sweep_lib.summarise(holder['sums'], config.objective.prior_eps)
+  gap_args = (jax.device_put(jnp.zeros(()), replicated), teacher, batch, temp,
+              summary['log_prior'], summary['mean_logits'])
+  gap_compiled = gap_accumulate.lower(*gap_args).compile()
+  gap_seconds = _time(lambda: gap_compiled(*gap_args), steps)
+  return {'sweep_images_per_sec': b / seconds, 'sweep_flops': _flops(compiled),
+          'sweep_seconds_per_image': (seconds + gap_seconds) / b}
+
+
+def bench_input(config, steps: int) -> float:
+  """Images/s of the multi-crop pipeline on the digits, resized to the preset's size."""
+  from kldino.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  data_config = config.copy_and_resolve_references()
+  data_config.data.update(name='digits', mean=(0.5,), std=(0.5,))
+  source = datasets.get_source(data_config.data)
+  batches = pipeline.train_batches(source, data_config, epoch=0)
+  next(batches)  # builds and warms the pipeline (and its cache)
+  count, start = 0, time.perf_counter()
+  for count, _ in enumerate(batches, start=1):
+    if count == steps:
+      break
+  return count * data_config.batch_size / (time.perf_counter() - start)
+
+
+def run_benchmark(preset: str, steps: int) -> dict:
+  config, channels = preset_config(preset)
+  mesh = sharding.make_mesh(config.mesh)
+  peak, peak_source = device_peak()
+  train = bench_train_step(config, channels, mesh, steps)
+  step_seconds = train['step_ms'] / 1e3
+  sweep = bench_sweep(config, channels, mesh, train['graphdef'], train['teacher'],
+                      train['shardings'].teacher, steps)
+  sweep_seconds = config.sweep_batch_size / sweep['sweep_images_per_sec']
+  return {
+      'preset': preset, 'devices': jax.device_count(), 'device': jax.devices()[0].device_kind,
+      'step_ms': train['step_ms'], 'images_per_sec': train['images_per_sec'],
+      'step_tflops': train['step_flops'] / step_seconds / 1e12,
+      'mfu': train['step_flops'] / step_seconds / peak,
+      'peak_tflops': peak / 1e12, 'peak_source': peak_source,
+      'sweep_images_per_sec': sweep['sweep_images_per_sec'],
+      'sweep_mfu': sweep['sweep_flops'] / sweep_seconds / peak,
+      # Both cost the same per image of the training set, whatever its size.
+      'sweep_epoch_fraction': sweep['sweep_seconds_per_image'] * train['images_per_sec'],
+      'input_images_per_sec': bench_input(config, steps),
+      'step_memory_gb': train['step_memory_bytes'] / 1e9,
+      'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _STEPS.value < 1:
+    sys.exit(f'kldino.bench: --steps={_STEPS.value} must be >= 1')
+  results = run_benchmark(_PRESET.value, _STEPS.value)
+  for key, value in results.items():
+    logging.info('%-22s %s', key, f'{value:.4g}' if isinstance(value, float) else value)
+  if _JSON.value:
+    print(json.dumps(results, sort_keys=True), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
