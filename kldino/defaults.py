@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.objective.prior_init = 'sweep'     # sweep | uniform
   config.objective.prior_eps = 1e-6         # floor of Q(k) before renormalising
   config.objective.prior_momentum = 0.9     # source=ema
+  config.objective.gap_examples = 10_000    # Jensen-gap pass of a sweep: first N examples (0: all)
   config.objective.center_momentum = 0.9
   config.objective.sinkhorn_iters = 3
   config.objective.student_temp = 0.1

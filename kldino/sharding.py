@@ -8,6 +8,9 @@ the parameters' shapes, is partitioned exactly like the parameters.
 """
 from __future__ import annotations
 
+import collections
+from typing import Iterable, Iterator
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -54,3 +57,15 @@ def global_batch(local_batch: dict, mesh) -> dict:
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda local: jax.make_array_from_process_local_data(sharding, local), local_batch)
+
+
+def prefetch_global_batches(local_batches: Iterable[dict], mesh, depth: int = 2) -> Iterator[dict]:
+  """Global batches, `depth` ahead of the consumer: their host-to-device copies (asynchronous in
+  JAX) overlap the steps that run meanwhile."""
+  queue = collections.deque()
+  for local_batch in local_batches:
+    queue.append(global_batch(local_batch, mesh))
+    if len(queue) > depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

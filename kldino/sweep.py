@@ -41,13 +41,20 @@ def make_accumulate(graphdef, standardise: bool):
   return accumulate
 
 
+def init_gap_sums() -> dict:
+  return {'gap_sum': jnp.zeros((), jnp.float32), 'count': jnp.zeros((), jnp.float32)}
+
+
 def make_gap_accumulate(graphdef, standardise: bool):
-  """Sum of the Jensen gap KL(prior targets || centered targets) over one masked batch."""
-  def accumulate(gap_sum, teacher_params, batch, teacher_temp, log_prior, mean_logits):
+  """Sums of the Jensen gap KL(prior targets || centered targets) and of the examples, over one
+  masked batch. It needs the dataset-level prior, hence a second pass (over all examples or the
+  first `objective.gap_examples`)."""
+  def accumulate(gap_sums, teacher_params, batch, teacher_temp, log_prior, mean_logits):
     logits = forward.teacher_logits(
         graphdef, teacher_params, batch['image'], mask=batch['mask'], standardise=standardise)
     gap = objective.jensen_gap(logits, log_prior, mean_logits, teacher_temp)
-    return gap_sum + jnp.sum(jnp.where(batch['mask'], gap, 0.0))
+    return {'gap_sum': gap_sums['gap_sum'] + jnp.sum(jnp.where(batch['mask'], gap, 0.0)),
+            'count': gap_sums['count'] + jnp.sum(batch['mask'].astype(jnp.float32))}
   return accumulate
 
 
@@ -61,7 +68,7 @@ def jit_sweep_fns(graphdef, standardise, teacher_shardings, mesh):
   gap_accumulate = jax.jit(
       make_gap_accumulate(graphdef, standardise),
       in_shardings=(replicated, teacher_shardings, batch, replicated, replicated, replicated),
-      out_shardings=replicated)
+      out_shardings=replicated, donate_argnums=(0,))
   return accumulate, gap_accumulate
 
 

@@ -12,6 +12,7 @@ waits for the files, and stops with `Preempted`.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import signal
@@ -147,7 +148,8 @@ class Trainer:
         process_count=jax.process_count())
 
   def run_sweep(self, state, epoch: int):
-    """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15)."""
+    """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15), then
+    measure the Jensen gap with it (over `objective.gap_examples` examples, 0: all)."""
     start = time.time()
     teacher_temp = self.schedules.teacher_temp(state.step)
     replicated = sharding.replicated(self.mesh)  # as the jitted outputs: one compile, not two
@@ -156,18 +158,20 @@ class Trainer:
       sums = self.sweep_accumulate(sums, state.teacher, sharding.global_batch(batch, self.mesh),
                                    teacher_temp)
     summary = sweep_lib.summarise(sums, self.config.objective.prior_eps)
-    gap_sum = jax.device_put(jnp.zeros(()), replicated)
-    for batch in self._sweep_batches():
-      gap_sum = self.gap_accumulate(gap_sum, state.teacher,
-                                    sharding.global_batch(batch, self.mesh), teacher_temp,
-                                    summary['log_prior'], summary['mean_logits'])
+    gap_sums = jax.device_put(sweep_lib.init_gap_sums(), replicated)
+    gap_examples = self.config.objective.gap_examples
+    gap_batches = -(-gap_examples // self.config.sweep_batch_size) if gap_examples else None
+    for batch in itertools.islice(self._sweep_batches(), gap_batches):
+      gap_sums = self.gap_accumulate(gap_sums, state.teacher,
+                                     sharding.global_batch(batch, self.mesh), teacher_temp,
+                                     summary['log_prior'], summary['mean_logits'])
     # The head's own unit prototypes, so that the 'centered' mode is measured as it is used.
     unit = forward.unit_prototypes(self.graphdef, state.teacher)
     sweep_metrics = {
         'sweep/effective_clusters': summary['effective_clusters'],
         'sweep/prior_entropy': summary['prior_entropy'],
         'sweep/empty_cluster_fraction': summary['empty_cluster_fraction'],
-        'sweep/jensen_gap': gap_sum / summary['count'],
+        'sweep/jensen_gap': gap_sums['gap_sum'] / gap_sums['count'],
         'sweep/prototype_mean_norm': jnp.linalg.norm(jnp.mean(unit, axis=1)),
         'sweep/examples': summary['count'],
     }
@@ -220,8 +224,9 @@ class Trainer:
                                      process_count=jax.process_count())
     first_step = epoch * self.schedules.steps_per_epoch + start_step
     # The step is counted on the host: reading state.step would wait for the device every step.
-    for step, batch in enumerate(batches, start=first_step + 1):
-      state, metrics = self.train_step(state, sharding.global_batch(batch, self.mesh))
+    for step, batch in enumerate(sharding.prefetch_global_batches(batches, self.mesh),
+                                 start=first_step + 1):
+      state, metrics = self.train_step(state, batch)
       pending.append(metrics)
       images += config.batch_size
       if step % config.log_every_steps == 0 or step == self.schedules.total_steps:

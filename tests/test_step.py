@@ -90,3 +90,13 @@ def test_teacher_is_ema_of_student():
   expected = jax.tree.map(lambda t, s: 0.9 * t + 0.1 * s, initial.teacher, state.student)
   assert_trees_close(state.teacher, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics[0]['teacher_momentum'], 0.9, rtol=1e-6)
+
+
+def test_prefetched_global_batches_are_the_batches_in_order():
+  mesh = sharding.make_mesh(tiny_config().mesh)
+  local = [{'x': np.full((8, 2), index, np.float32)} for index in range(5)]
+  fetched = list(sharding.prefetch_global_batches(iter(local), mesh, depth=2))
+  assert len(fetched) == 5
+  for index, batch in enumerate(fetched):
+    assert batch['x'].sharding == sharding.batch_sharding(mesh)
+    np.testing.assert_array_equal(np.asarray(batch['x']), local[index]['x'])
