@@ -1,0 +1,38 @@
+"""The benchmark's arithmetic (its timings are measured by the command, never by tests)."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from kldino import bench
+
+
+def test_flops_come_from_xla_cost_analysis():
+  compiled = jax.jit(lambda a, b: a @ b).lower(
+      jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32)
+  ).compile()
+  assert bench._flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_sweep_epoch_fraction_counts_both_passes():
+  config = ml_collections.ConfigDict({'objective': {'gap_examples': 1000}})
+  train = {'images_per_sec': 10.0}  # an epoch of 5000 images: 500 s
+  sweep = {'prior_seconds_per_image': 0.004, 'gap_seconds_per_image': 0.005}
+  # 5000 * 0.004 + 1000 * 0.005 = 25 s of 500 s.
+  assert bench.sweep_epoch_fraction(config, 5000, train, sweep) == pytest.approx(0.05)
+  config.objective.gap_examples = 0  # the gap over every image
+  assert bench.sweep_epoch_fraction(config, 5000, train, sweep) == pytest.approx(0.09)
+
+
+def test_presets_have_the_issue_shapes():
+  tiny, channels = bench.preset_config('tiny32')
+  assert channels == 3 and (tiny.model.name, tiny.model.patch_size) == ('vit_tiny', 4)
+  assert (tiny.aug.global_size, tiny.aug.local_size, tiny.aug.num_local) == (32, 16, 6)
+  assert (tiny.model.head_hidden_dim, tiny.model.head_bottleneck_dim,
+          tiny.model.num_prototypes) == (2048, 256, 4096)
+  assert (tiny.batch_size, tiny.sweep_batch_size, tiny.model.drop_path) == (64, 256, 0.1)
+  small, _ = bench.preset_config('small224')
+  assert (small.model.name, small.model.patch_size, small.model.num_prototypes) == (
+      'vit_small', 16, 65536)
+  assert (small.aug.global_size, small.aug.local_size, small.aug.num_local) == (224, 96, 6)
+  assert (small.batch_size, small.sweep_batch_size) == (8, 32)
