@@ -94,5 +94,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.linear_epochs = 100
   config.eval.every_epochs = 0     # k-NN on the eval split every N epochs (0: only at the end)
   config.eval.baselines = False   # also probe raw pixels and the backbone at initialisation
+  config.eval.sweep_diagnostics = False  # sweep every T epochs to measure any normalisation
   config.sweep_batch_size = 256
   return config

@@ -174,6 +174,7 @@ class Trainer:
         'sweep/jensen_gap': gap_sums['gap_sum'] / gap_sums['count'],
         'sweep/prototype_mean_norm': jnp.linalg.norm(jnp.mean(unit, axis=1)),
         'sweep/examples': summary['count'],
+        'sweep/teacher_temp': teacher_temp,
     }
     sweep_metrics = {k: float(v) for k, v in jax.device_get(sweep_metrics).items()}
     sweep_metrics['sweep/seconds'] = time.time() - start  # after device_get: the real duration
@@ -183,10 +184,12 @@ class Trainer:
                  sweep_metrics['sweep/effective_clusters'],
                  100 * sweep_metrics['sweep/empty_cluster_fraction'],
                  sweep_metrics['sweep/jensen_gap'], sweep_metrics['sweep/seconds'])
+    if not self._prior_update_due(epoch):  # a diagnostic sweep: measured, not used
+      return state
     norm_state = {**state.norm_state, 'log_prior': summary['log_prior']}
     return state.replace(norm_state=jax.device_put(norm_state, self.state_shardings.norm_state))
 
-  def _sweep_due(self, epoch: int) -> bool:
+  def _prior_update_due(self, epoch: int) -> bool:
     objective_config = self.config.objective
     if not objective.uses_sweep(objective_config):
       return False
@@ -195,6 +198,13 @@ class Trainer:
     # The EMA source only takes its initial value from a sweep; `sweep` re-estimates every T.
     return (objective_config.prior_source == 'sweep'
             and epoch % objective_config.prior_every_epochs == 0)
+
+  def _sweep_due(self, epoch: int) -> bool:
+    """A sweep sets the prior, or (eval.sweep_diagnostics) only measures the teacher's cluster
+    statistics every T epochs, for any normalisation: the study compares them all."""
+    diagnostic = (self.config.eval.sweep_diagnostics
+                  and epoch % self.config.objective.prior_every_epochs == 0)
+    return self._prior_update_due(epoch) or diagnostic
 
   # --------------------------------------------------------------------------- epochs
 

@@ -2,7 +2,8 @@
 after the other (runner `local`) or handed to the TPU VM or SLURM launcher.
 
     python -m launch.sweep --sweep=sweeps/normalisations.py --config=configs/digits.py \
-        --workdir_root=/tmp/sweep [--runner=local|tpu_vm|slurm] [--dry_run] [-- LAUNCHER FLAGS]
+        --workdir_root=/tmp/sweep [--runner=local|tpu_vm|slurm] [--dry_run] [--report] \
+        [-- LAUNCHER FLAGS]
 
 A sweep file defines `get_sweep()` returning a dict with one of
     'grid': {KEY: [values, ...], ...}     every combination, the last key varying fastest
@@ -152,6 +153,8 @@ def parser() -> argparse.ArgumentParser:
   flags.add_argument('--workdir_root', required=True, help='job NAME runs in ROOT/NAME')
   flags.add_argument('--runner', choices=RUNNERS, default='local')
   flags.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
+  flags.add_argument('--report', action='store_true', help='local runner: then write the '
+                     'study report (kldino.report) under --workdir_root')
   flags.add_argument('launcher_flags', nargs='*', help='flags for the tpu_vm / slurm launcher '
                      '(after --), e.g. --zone=... --accelerator=... --name=...')
   return flags
@@ -168,7 +171,12 @@ def main(argv=None) -> int:
                           launcher_flags=args.launcher_flags)
   if args.dry_run or args.runner != 'local':
     return execute(job_commands, dry_run=args.dry_run)
-  return run_local(sweep_jobs, job_commands, args.workdir_root)
+  returncode = run_local(sweep_jobs, job_commands, args.workdir_root)
+  if args.report:
+    from kldino import report  # pylint: disable=g-import-not-at-top
+    report.write_report(args.workdir_root)
+    print(os.path.join(args.workdir_root, 'report.md'))
+  return returncode
 
 
 if __name__ == '__main__':
