@@ -35,11 +35,13 @@ HARDWARE = {
 }
 
 MODELS = {
-    # name, drop path, lr per 256 images, FSDP group size by the memory of one device
-    'vit_s16': dict(name='vit_small', drop_path=0.1, lr=5e-4, fsdp={16: 1, 32: 1, 80: 1, 95: 1}),
-    'vit_b16': dict(name='vit_base', drop_path=0.1, lr=1.875e-4,
+    # name, drop path, lr per 256 images, block rematerialisation, FSDP group size by the
+    # memory of one device
+    'vit_s16': dict(name='vit_small', drop_path=0.1, lr=5e-4, remat=False,
+                    fsdp={16: 1, 32: 1, 80: 1, 95: 1}),
+    'vit_b16': dict(name='vit_base', drop_path=0.1, lr=1.875e-4, remat=False,
                     fsdp={16: 8, 32: 4, 80: 1, 95: 1}),
-    'vit_l16': dict(name='vit_large', drop_path=0.4, lr=1.25e-4,
+    'vit_l16': dict(name='vit_large', drop_path=0.4, lr=1.25e-4, remat=True,
                     fsdp={16: 16, 32: 16, 80: 8, 95: 8}),
 }
 
@@ -59,6 +61,7 @@ def get_config(arg=None):
   config = _sibling_config('imagenet_vit_s16')()
   config.model.name = model['name']
   config.model.drop_path = model['drop_path']
+  config.model.remat = model['remat']
   config.model.compute_dtype = 'bfloat16'
   config.optim.lr = model['lr']
   config.batch_size = 64 * hardware['devices'] if hardware['kind'] == 'gpu' else 1024

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.stem = 'patch'      # ViT only: 'patch' (linear, as DINO) or 'conv' (3x3 convs)
   config.model.drop_path = 0.1
   config.model.compute_dtype = 'float32'  # the backbone's arithmetic: 'float32' or 'bfloat16'
+  config.model.remat = False       # recompute each block's activations in the backward pass
   config.model.num_prototypes = 256
   config.model.head_hidden_dim = 512
   config.model.head_bottleneck_dim = 32

@@ -245,3 +245,22 @@ def test_conv_stem_gives_the_patch_grid_and_refuses_other_patch_sizes():
   with pytest.raises(ValueError, match='power-of-two patch_size'):
     build_model(model_config(name='vit_nano', stem='conv', patch_size=3), in_channels=1,
                 image_size=12, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('name', ['vit_nano', 'convnet_small'])
+def test_remat_gives_the_same_features_and_gradients(name):
+  from kldino import forward, step as step_lib  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(name=name)
+  plain, params = step_lib.build_graphdef(config, 1)
+  rematted, _ = step_lib.build_graphdef(tiny_config(name=name, remat=True), 1)
+  params = jax.tree.map(
+      lambda leaf: jax.random.normal(jax.random.PRNGKey(leaf.size), leaf.shape) * 0.1, params)
+  images = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 1))
+
+  def loss(graphdef, p):
+    return jnp.sum(forward.backbone_features(graphdef, p, images) ** 2)
+  np.testing.assert_allclose(loss(rematted, params), loss(plain, params), rtol=1e-6)
+  grads = [jax.grad(lambda p, g=g: loss(g, p))(params) for g in (plain, rematted)]
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldino.models.layers import block_key, drop_path, linear_drop_rates
+from kldino.models.layers import drop_path, linear_drop_rates, run_blocks
 from kldino.models.registry import register_backbone
 
 # He init (fan_out) for convolutions followed by a norm and ReLU, as in torchvision.
@@ -70,9 +70,11 @@ class ResNet(nnx.Module):
   """
 
   def __init__(self, *, widths, depths, strides, bottleneck: bool, large_stem: bool,
-               groups: int, drop_path_rate: float = 0.0, in_channels: int, rngs: nnx.Rngs):
+               groups: int, drop_path_rate: float = 0.0, in_channels: int, remat: bool = False,
+               rngs: nnx.Rngs):
     self.in_channels = in_channels
     self.large_stem = large_stem
+    self.remat = remat
     stem_width = 64 if large_stem else widths[0]
     self.stem = ConvNorm(in_channels, stem_width, 7 if large_stem else 3,
                          2 if large_stem else 1, groups, rngs=rngs)
@@ -96,8 +98,7 @@ class ResNet(nnx.Module):
     x = jax.nn.relu(self.stem(images))
     if self.large_stem:
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for index, block in enumerate(self.blocks):
-      x = block(x, drop_key=block_key(drop_key, index))
+    x = run_blocks(self.blocks, x, drop_key, remat=self.remat)
     return self.norm(jnp.mean(x, axis=(1, 2)))
 
 
@@ -114,9 +115,10 @@ CONVNET_SIZES = {
 
 def _register_convnet(name: str, size: dict):
   @register_backbone(name)
-  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, rngs):
+  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs):
     del patch_size, image_size, stem  # convolutions take any size; the stem is fixed
-    return ResNet(drop_path_rate=drop_path_rate, in_channels=in_channels, rngs=rngs, **size)
+    return ResNet(drop_path_rate=drop_path_rate, in_channels=in_channels, remat=remat, rngs=rngs,
+                  **size)
 
 
 for _name, _size in CONVNET_SIZES.items():

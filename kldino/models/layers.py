@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def drop_path(branch: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -48,3 +49,18 @@ def masked_standardise(x: jax.Array, mask: jax.Array | None = None,
   mean = jnp.sum(weight * x, axis=0)
   variance = jnp.sum(weight * jnp.square(x - mean), axis=0)
   return (x - mean) * jax.lax.rsqrt(variance + eps)
+
+
+def run_blocks(blocks, x, drop_key, *, remat: bool):
+  """x through residual blocks in order, each with its own stochastic-depth key. With `remat`,
+  each block's activations are recomputed in the backward pass instead of stored (memory for
+  compute: large models at large batch)."""
+  for index, block in enumerate(blocks):
+    key = block_key(drop_key, index)
+    x = _rematted_call(block, x, key) if remat else block(x, drop_key=key)
+  return x
+
+
+@nnx.remat
+def _rematted_call(block, x, key):
+  return block(x, drop_key=key)

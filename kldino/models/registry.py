@@ -13,7 +13,7 @@ from kldino.models.head import DINOHead, HEAD_NORMS, PROTOTYPE_MODES
 
 
 class BackboneEntry(NamedTuple):
-  # build(*, patch_size, drop_path_rate, in_channels, image_size, stem, rngs) -> module with
+  # build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs) -> module with
   # __call__(images, *, drop_key=None) -> [B, num_features] and attribute num_features.
   build: Callable[..., nnx.Module]
   uses_patches: bool  # whether model.patch_size must divide the image sizes
@@ -78,7 +78,8 @@ def validate_model_config(model_config, *, image_sizes=()):
 def build_backbone(model_config, *, in_channels: int, image_size: int, rngs: nnx.Rngs):
   return _backbone_entry(model_config.name).build(
       patch_size=model_config.patch_size, drop_path_rate=model_config.drop_path,
-      in_channels=in_channels, image_size=image_size, stem=model_config.stem, rngs=rngs)
+      in_channels=in_channels, image_size=image_size, stem=model_config.stem,
+      remat=model_config.get('remat', False), rngs=rngs)
 
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')

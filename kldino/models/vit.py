@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldino.models.layers import block_key, drop_path, linear_drop_rates
+from kldino.models.layers import block_key, drop_path, linear_drop_rates, run_blocks
 from kldino.models.registry import register_backbone
 
 # DINO's init for linears and tokens: trunc_normal_(std=.02, a=-2, b=2), zero biases. Its bounds
@@ -101,7 +101,7 @@ class ViT(nnx.Module):
 
   def __init__(self, *, patch_size: int, dim: int, depth: int, num_heads: int,
                mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, in_channels: int,
-               image_size: int, stem: str = 'patch', rngs: nnx.Rngs):
+               image_size: int, stem: str = 'patch', remat: bool = False, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}: '
                        'change the crop size or model.patch_size')
@@ -109,6 +109,7 @@ class ViT(nnx.Module):
     self.in_channels = in_channels
     self.grid_size = image_size // patch_size
     self.num_features = dim
+    self.remat = remat
     if stem not in VIT_STEMS:
       raise ValueError(f"unknown ViT stem '{stem}': choose one of {', '.join(VIT_STEMS)}")
     if stem == 'conv':
@@ -152,8 +153,7 @@ class ViT(nnx.Module):
     cls_tokens = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim))
     tokens = jnp.concatenate([cls_tokens, patches.reshape(batch, -1, dim)], axis=1)
     tokens = tokens + self.position_embedding(grid_height, grid_width)
-    for index, block in enumerate(self.blocks):
-      tokens = block(tokens, drop_key=block_key(drop_key, index))
+    tokens = run_blocks(self.blocks, tokens, drop_key, remat=self.remat)
     # The final norm is per token, so normalising only the CLS token gives the same result.
     return self.norm(tokens[:, 0])
 
@@ -171,8 +171,9 @@ VIT_SIZES = {
 
 def _register_vit(name: str, size: dict):
   @register_backbone(name, uses_patches=True)
-  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, rngs):
+  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs):
     return ViT(patch_size=patch_size, drop_path_rate=drop_path_rate, in_channels=in_channels,
+               remat=remat,
                image_size=image_size, stem=stem, rngs=rngs, **size)
 
 
