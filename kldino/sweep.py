@@ -31,11 +31,12 @@ def make_accumulate(graphdef, standardise: bool):
     logits = forward.teacher_logits(
         graphdef, teacher_params, batch['image'], mask=mask, standardise=standardise)
     probs = jax.nn.softmax(logits / teacher_temp, axis=-1)
-    hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1])
+    # Hard assignments by scatter-add: a [B, K] one-hot would cost as much as the softmax.
+    assignments = sums['assignments'].at[jnp.argmax(logits, axis=-1)].add(weight[:, 0])
     return {
         'prob_sum': sums['prob_sum'] + jnp.sum(weight * probs, axis=0),
         'logit_sum': sums['logit_sum'] + jnp.sum(weight * logits, axis=0),
-        'assignments': sums['assignments'] + jnp.sum(weight * hard, axis=0),
+        'assignments': assignments,
         'count': sums['count'] + jnp.sum(weight),
     }
   return accumulate
