@@ -141,18 +141,21 @@ def _plot_accuracy(runs, path):
 
 def _plot_curves(runs, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+  figure, axes = plt.subplots(2, 2, figsize=(14, 8))
   plotted = {}
+  colours = plt.get_cmap('tab20').colors  # 20 distinct colours, 4 line styles: 80 runs apart
   for axis, (tag, title) in zip(axes.flat, CURVES):
-    for run in runs:
+    for index, run in enumerate(runs):
       steps, values = run.series(tag)
       if steps.size:
-        axis.plot(steps, values, marker='o', markersize=3, label=run.label)
+        axis.plot(steps, values, marker='o', markersize=3, label=run.label,
+                  color=colours[index % 20], linestyle=('-', '--', ':', '-.')[index // 20 % 4])
         plotted.setdefault(tag, {})[run.name] = values.tolist()
     axis.set_title(title)
     axis.set_xlabel('step')
-  axes.flat[0].legend(fontsize=6)
-  figure.tight_layout()
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  figure.legend(handles, labels, loc='center right', fontsize=7)
+  figure.tight_layout(rect=(0, 0, 0.8, 1))
   figure.savefig(path, dpi=100)
   plt.close(figure)
   return plotted
