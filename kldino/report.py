@@ -214,6 +214,16 @@ def claims(runs) -> list[tuple[str, str, str]]:
                   'nats)', 'supported' if gap < CLOSE_GAP else 'not supported',
                   f'mean Jensen gap over sweeps {_fmt(gap)} nats; norm of w_bar at the last sweep '
                   f"{_fmt(float(default[0].series('sweep/prototype_mean_norm')[1][-1]))}"))
+  centered = _find(runs, objective__normalization='prior', objective__prior_source='sweep',
+                   model__prototypes='centered', model__head_norm='batch',
+                   objective__teacher_temp=0.04)
+  if centered and default:
+    gaps = _mean_gap(centered[0]), _mean_gap(default[0])
+    found.append(('w_bar = 0 (centered prototypes) brings centering closer to the prior',
+                  'supported' if gaps[0] < 0.5 * gaps[1] else 'not supported',
+                  f'mean Jensen gap {_fmt(gaps[0])} nats with centered prototypes (norm of '
+                  f"w_bar {_fmt(float(centered[0].series('sweep/prototype_mean_norm')[1][-1]))})"
+                  f', {_fmt(gaps[1])} with learned ones'))
   temperature_runs = _temperature_runs(runs)
   if len(temperature_runs) >= 3:
     temps = np.array([run.value('objective.teacher_temp') for run in temperature_runs])
