@@ -10,6 +10,11 @@ CONFIG ?= configs/digits.py
 $(VENV)/.installed: setup.cfg pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[plot]'
+	touch $@
+
+# The tests also need pytest and PyTorch (the DINO import is checked against a PyTorch model).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -c requirements.lock -e '.[test,plot,torch]'
 	touch $@
 
@@ -18,7 +23,7 @@ install: $(VENV)/.installed
 pretrain: install
 	$(PY) -m kldino.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: install
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 clean:
