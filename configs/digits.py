@@ -2,10 +2,14 @@
 
     python -m kldino.main --config=configs/digits.py --workdir=/tmp/kldino_digits
 
-Small data wants a small head (NOTES.md, "A throwaway prototype"): a 32-d bottleneck, batch
-statistics inside the head MLP and K=256 prototypes keep the teacher logits spread compared with
-tau_t, so that the targets are informative from the first step. The backbone is a small residual
-CNN; digits are upsampled to 16x16 for the global crops (8x8 local crops).
+A ViT (vit_micro: dim 128, depth 4, patch 4 on 16x16 global / 8x8 local crops) with the prior
+normalisation from a full-dataset sweep every epoch. Small data wants a small head (NOTES.md, "A
+throwaway prototype"): a 32-d bottleneck, batch statistics inside the head MLP and K=256
+prototypes keep the teacher logits spread compared with tau_t. What made the ViT learn here
+(README results): a higher lr (8e-3 per 256 images), no stochastic depth for a 4-block model, a
+2-epoch warmup, and a prior floor of 1e-3: with 1e-6, the inverse prior of the many empty
+clusters flattens the targets and starves the student. Measured: k-NN 0.344 -> 0.902, linear
+0.698 -> 0.944 in 80 epochs (11 min of training on 2 cores).
 """
 from kldino.defaults import base_config
 
@@ -13,7 +17,12 @@ from kldino.defaults import base_config
 def get_config(arg=None):
   del arg
   config = base_config()
-  # 10 epochs keep `make pretrain` (install included) under 15 minutes on 2 CPU cores.
-  config.num_epochs = 10
+  config.num_epochs = 80  # `make pretrain` (install included) under 15 minutes on 2 CPU cores
+  config.model.name = 'vit_micro'
+  config.model.patch_size = 4
+  config.model.drop_path = 0.0
+  config.optim.lr = 8e-3
+  config.optim.warmup_epochs = 2
+  config.objective.prior_eps = 1e-3
   config.eval.baselines = True  # report raw pixels and the backbone at init beside the result
   return config
