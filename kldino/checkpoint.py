@@ -143,9 +143,6 @@ class Checkpointer:
   def wait(self):
     self.manager.wait_until_finished()
 
-  def close(self):
-    self.manager.close()
-
   def _check_shapes(self, step: int, abstract_state):
     """Every array this run builds must be in the checkpoint with the same shape."""
     saved = _leaf_shapes(self.manager.item_metadata(step)['state'])
