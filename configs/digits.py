@@ -24,5 +24,6 @@ def get_config(arg=None):
   config.optim.lr = 8e-3
   config.optim.warmup_epochs = 2
   config.objective.prior_eps = 1e-3
+  config.objective.gap_examples = 256  # the Jensen gap is a diagnostic: one sweep batch is enough
   config.eval.baselines = True  # report raw pixels and the backbone at init beside the result
   return config
