@@ -17,7 +17,9 @@ that they can be compared with the official DINO implementation.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import resource
 import sys
 import time
@@ -31,6 +33,7 @@ from absl import logging
 
 from kldino import objective
 from kldino import optim
+from kldino import profiling
 from kldino import schedules as schedules_lib
 from kldino import sharding
 from kldino import step as step_lib
@@ -40,6 +43,9 @@ from kldino.defaults import base_config
 _PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed runs of the step (and of the sweep batch)')
 _JSON = flags.DEFINE_bool('json', False, 'end with one JSON line of the results')
+_PROFILE = flags.DEFINE_string(
+    'profile', '', 'trace the step and the sweep into this folder and report where the time '
+    'goes: by kind of op, by kldino source line, and the top ops (kldino/profiling.py)')
 
 # Dense bf16 peak FLOP/s per device, by jax's device_kind (vendor data sheets).
 PEAK_FLOPS = {
@@ -66,18 +72,37 @@ def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, bat
   return config
 
 
+def _digits_config():
+  """configs/digits.py, the embedded default, as `make pretrain` runs it."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'digits.py')
+  if not os.path.exists(path):
+    raise app.UsageError(f'preset digits reads {path}, which is missing: run the benchmark from '
+                         'a checkout of kldino (pip install -e)')
+  spec = importlib.util.spec_from_file_location('digits_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# name -> (build the config, input channels)
+PRESETS = {
+    'tiny32': (lambda: _vit_preset(  # ViT-Ti/4, 2 x 32 + 6 x 16 crops
+        base_config(), name='vit_tiny', patch=4, global_size=32, local_size=16,
+        prototypes=4096, batch=64, sweep_batch=256), 3),
+    'small224': (lambda: _vit_preset(  # ViT-S/16, 2 x 224 + 6 x 96 crops
+        base_config(), name='vit_small', patch=16, global_size=224, local_size=96,
+        prototypes=65536, batch=8, sweep_batch=32), 3),
+    'digits': (_digits_config, 1),
+}
+
+
 def preset_config(name: str):
   """(config, input channels) of a preset."""
-  config = base_config()
-  if name == 'tiny32':  # ViT-Ti/4, 2 x 32 + 6 x 16 crops
-    return _vit_preset(config, name='vit_tiny', patch=4, global_size=32, local_size=16,
-                       prototypes=4096, batch=64, sweep_batch=256), 3
-  if name == 'small224':  # ViT-S/16, 2 x 224 + 6 x 96 crops
-    return _vit_preset(config, name='vit_small', patch=16, global_size=224, local_size=96,
-                       prototypes=65536, batch=8, sweep_batch=32), 3
-  if name == 'digits':  # the embedded default, configs/digits.py
-    return config, 1
-  raise app.UsageError(f"unknown preset '{name}': choose tiny32, small224 or digits")
+  if name not in PRESETS:
+    raise app.UsageError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+  build, channels = PRESETS[name]
+  return build(), channels
 
 
 def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -130,7 +155,15 @@ def _random_batch(config, channels: int, mesh):
   return jax.device_put(batch, sharding.batch_sharding(mesh))  # on device before timing
 
 
-def bench_train_step(config, channels: int, mesh, steps: int) -> dict:
+def _profile(run, compiled, profile_dir: str, name: str) -> dict:
+  """{'NAME_profile': where the time of two traced calls went}, or {} without --profile."""
+  if not profile_dir:
+    return {}
+  return {f'{name}_profile': profiling.profile_calls(
+      run, 2, os.path.join(profile_dir, name), compiled.as_text())}
+
+
+def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str = '') -> dict:
   schedules = schedules_lib.make_schedules(config, steps_per_epoch=1000)
   optimizer = optim.make_optimizer(config.optim, schedules)
   graphdef, _ = step_lib.build_graphdef(config, channels)
@@ -147,6 +180,7 @@ def bench_train_step(config, channels: int, mesh, steps: int) -> dict:
     holder['state'], metrics = compiled(holder['state'], batch)
     return metrics['loss']
   seconds = _time(run, steps)
+  profile = _profile(run, compiled, profile_dir, 'step')
   memory = compiled.memory_analysis()
   return {
       'step_ms': 1e3 * seconds, 'images_per_sec': config.batch_size / seconds,
@@ -154,11 +188,12 @@ def bench_train_step(config, channels: int, mesh, steps: int) -> dict:
       'step_memory_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                                + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
       'teacher': holder['state'].teacher, 'graphdef': graphdef, 'shardings': shardings,
+      **profile,
   }
 
 
 def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_shardings,
-                steps: int) -> dict:
+                steps: int, profile_dir: str = '') -> dict:
   standardise = objective.get_normalization(config.objective).standardise_teacher_embedding
   accumulate, gap_accumulate = sweep_lib.jit_sweep_fns(graphdef, standardise,
                                                        teacher_shardings, mesh)
@@ -176,6 +211,7 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
     holder['sums'] = compiled(holder['sums'], teacher, batch, temp)
     return holder['sums']['count']
   seconds = _time(run, steps)
+  profile = _profile(run, compiled, profile_dir, 'sweep')
   summary = sweep_lib.summarise(holder['sums'], config.objective.prior_eps)
   gap_args = (teacher, batch, temp, summary['log_prior'], summary['mean_logits'])
   gap_holder = {'sums': jax.device_put(sweep_lib.init_gap_sums(), replicated)}
@@ -186,7 +222,8 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
     return gap_holder['sums']['count']
   gap_seconds = _time(run_gap, steps)
   return {'sweep_images_per_sec': b / seconds, 'sweep_flops': _flops(compiled),
-          'prior_seconds_per_image': seconds / b, 'gap_seconds_per_image': gap_seconds / b}
+          'prior_seconds_per_image': seconds / b, 'gap_seconds_per_image': gap_seconds / b,
+          **profile}
 
 
 def bench_input(config, steps: int) -> float:
@@ -213,14 +250,14 @@ def sweep_epoch_fraction(config, num_images: int, train: dict, sweep: dict) -> f
   return sweep_seconds / (num_images / train['images_per_sec'])
 
 
-def run_benchmark(preset: str, steps: int) -> dict:
+def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
   config, channels = preset_config(preset)
   mesh = sharding.make_mesh(config.mesh)
   peak, peak_source = device_peak()
-  train = bench_train_step(config, channels, mesh, steps)
+  train = bench_train_step(config, channels, mesh, steps, profile_dir)
   step_seconds = train['step_ms'] / 1e3
   sweep = bench_sweep(config, channels, mesh, train['graphdef'], train['teacher'],
-                      train['shardings'].teacher, steps)
+                      train['shardings'].teacher, steps, profile_dir)
   sweep_seconds = config.sweep_batch_size / sweep['sweep_images_per_sec']
   return {
       'preset': preset, 'devices': jax.device_count(), 'device': jax.devices()[0].device_kind,
@@ -234,7 +271,16 @@ def run_benchmark(preset: str, steps: int) -> dict:
       'input_images_per_sec': bench_input(config, steps),
       'step_memory_gb': train['step_memory_bytes'] / 1e9,
       'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+      **{key: value for key, value in {**train, **sweep}.items() if key.endswith('_profile')},
   }
+
+
+def _log_profile(name: str, profile: dict):
+  logging.info('%s: %.1f ms of op time per call (summed over threads)', name,
+               profile['busy_ms'])
+  for section in ('by_category_ms', 'by_source_ms', 'top_ops_ms'):
+    for key, ms in profile[section].items():
+      logging.info('  %-14s %8.1f ms  %s', section[:-3], ms, key)
 
 
 def main(argv):
@@ -242,9 +288,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _STEPS.value < 1:
     sys.exit(f'kldino.bench: --steps={_STEPS.value} must be >= 1')
-  results = run_benchmark(_PRESET.value, _STEPS.value)
+  results = run_benchmark(_PRESET.value, _STEPS.value, _PROFILE.value)
   for key, value in results.items():
-    logging.info('%-22s %s', key, f'{value:.4g}' if isinstance(value, float) else value)
+    if isinstance(value, dict):
+      _log_profile(key, value)
+    else:
+      logging.info('%-22s %s', key, f'{value:.4g}' if isinstance(value, float) else value)
   if _JSON.value:
     print(json.dumps(results, sort_keys=True), flush=True)
 

@@ -150,6 +150,8 @@ class Trainer:
   def run_sweep(self, state, epoch: int):
     """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15), then
     measure the Jensen gap with it (over `objective.gap_examples` examples, 0: all)."""
+    # The last train steps may still be queued: wait for them, or the sweep's time includes them.
+    jax.block_until_ready(state.teacher)
     start = time.time()
     teacher_temp = self.schedules.teacher_temp(state.step)
     replicated = sharding.replicated(self.mesh)  # as the jitted outputs: one compile, not two
