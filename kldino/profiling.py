@@ -38,7 +38,8 @@ _COLLECTIVE_OPCODES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all
 class HloOp:
   opcode: str
   category: str  # matmul | reduction | elementwise | layout | collective | other
-  source: str    # the innermost kldino frame, 'file.py:line function', or '' if none
+  source: str    # 'file.py:line function' of the innermost kldino frame (else of the innermost
+                 # frame, its path shortened), or '' where the op has no frame
 
 
 def _parse_tables(hlo_text: str) -> dict[str, dict[int, str]]:
@@ -55,7 +56,8 @@ def _parse_tables(hlo_text: str) -> dict[str, dict[int, str]]:
 
 
 def _frame_sources(tables: dict) -> dict[int, str]:
-  """stack_frame_id -> the innermost frame in a kldino file, walking up the parents."""
+  """stack_frame_id -> the innermost frame in a kldino file, walking up the parents, or else the
+  innermost frame."""
   files, functions = tables.get('FileNames', {}), tables.get('FunctionNames', {})
   locations, frames = tables.get('FileLocations', {}), tables.get('StackFrames', {})
 
@@ -67,15 +69,22 @@ def _frame_sources(tables: dict) -> dict[int, str]:
 
   sources = {}
   for frame_id in frames:
-    current, seen = frame_id, set()
+    current, seen, innermost = frame_id, set(), None
     while current in frames and current not in seen:
       seen.add(current)
       fields = dict(re.findall(r'(\w+)=(\d+)', frames[current]))
       file_name, line, function = location(int(fields.get('file_location_id', -1)))
+      innermost = innermost or (file_name, line, function)
       if f'{os.sep}kldino{os.sep}' in file_name:
         sources[frame_id] = f'{file_name.rsplit(os.sep + "kldino" + os.sep, 1)[1]}:{line} {function}'
         break
       current = int(fields.get('parent_frame_id', -1))
+    else:
+      # JAX can cut a stack short (a library layer's op has only the library's frame): the
+      # innermost frame's last path parts still say which layer it was.
+      if innermost and innermost[0]:
+        file_name, line, function = innermost
+        sources[frame_id] = f'{"/".join(file_name.split(os.sep)[-3:])}:{line} {function}'
   return sources
 
 
@@ -95,23 +104,30 @@ def _category(opcode: str, called_opcodes: set[str]) -> str:
 
 
 def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
-  """Instruction name -> HloOp, for every instruction of the compiled module's text."""
+  """Instruction name -> HloOp, for every instruction of the compiled module's text. A fusion
+  with no frame of its own (the CPU backend's matmul fusions) takes the frame of the dot or
+  convolution it contains, or else of its first instruction that has one."""
   sources = _frame_sources(_parse_tables(hlo_text))
-  computation_opcodes, instructions, computation = collections.defaultdict(set), [], None
+  computation_opcodes = collections.defaultdict(set)
+  computation_sources = collections.defaultdict(list)  # (is matmul, source), in order
+  instructions, computation = [], None
   for line in hlo_text.splitlines():
     if (header := _COMPUTATION.match(line)) and ' = ' not in line:
       computation = header.group(1)
     elif match := _INSTRUCTION.match(line):
       name, opcode = match.groups()
+      calls, frame = _CALLS.search(line), _FRAME.search(line)
+      source = sources.get(int(frame.group(1)), '') if frame else ''
       computation_opcodes[computation].add(opcode)
-      calls = _CALLS.search(line)
-      frame = _FRAME.search(line)
-      instructions.append((name, opcode, calls.group(1) if calls else None,
-                           sources.get(int(frame.group(1)), '') if frame else ''))
+      if source:
+        computation_sources[computation].append((opcode in _MATMUL_OPCODES, source))
+      instructions.append((name, opcode, calls.group(1) if calls else None, source))
   ops = {}
   for name, opcode, called, source in instructions:
-    called_opcodes = (computation_opcodes.get(called, set()) - {'parameter'}
-                      if opcode == 'fusion' else set())
+    is_fusion = opcode == 'fusion'
+    called_opcodes = computation_opcodes.get(called, set()) - {'parameter'} if is_fusion else set()
+    if is_fusion and not source and computation_sources.get(called):
+      source = sorted(computation_sources[called], key=lambda item: not item[0])[0][1]
     ops[name] = HloOp(opcode, _category(opcode, called_opcodes), source)
   return ops
 
@@ -145,7 +161,7 @@ def breakdown(times_us: dict[str, float], ops: dict[str, HloOp], calls: int,
   for name, ms in per_call.items():
     op = ops.get(name, HloOp('?', 'other', ''))
     by_category[op.category] += ms
-    by_source[op.source or '(no kldino frame)'] += ms
+    by_source[op.source or '(no source frame)'] += ms
   top_ops = sorted(per_call.items(), key=lambda item: -item[1])[:top]
   return {
       'busy_ms': sum(per_call.values()),

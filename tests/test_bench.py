@@ -36,3 +36,17 @@ def test_presets_have_the_issue_shapes():
       'vit_small', 16, 65536)
   assert (small.aug.global_size, small.aug.local_size, small.aug.num_local) == (224, 96, 6)
   assert (small.batch_size, small.sweep_batch_size) == (8, 32)
+
+
+def test_the_digits_preset_is_the_embedded_default_config():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'digits.py')
+  spec = importlib.util.spec_from_file_location('digits_for_test', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config, channels = bench.preset_config('digits')
+  assert channels == 1
+  assert config.to_dict() == module.get_config().to_dict()
+  with pytest.raises(Exception, match="unknown preset 'tiny'"):
+    bench.preset_config('tiny')

@@ -47,15 +47,58 @@ def test_breakdown_sums_per_call_and_ranks_the_slowest_first():
   assert result['by_category_ms'] == pytest.approx(
       {'matmul': 3.0, 'elementwise': 1.5, 'layout': 0.5, 'other': 1.0})
   assert list(result['by_category_ms'])[0] == 'matmul'
-  assert result['by_source_ms']['(no kldino frame)'] == pytest.approx(1.5)
+  assert result['by_source_ms']['(no source frame)'] == pytest.approx(1.5)
   assert list(result['top_ops_ms'])[0].startswith('dot.1 (matmul')
 
 
 def test_a_traced_run_maps_every_timed_op_to_the_compiled_module(tmp_path):
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((256, 256)), jnp.float32)
-  compiled, text = _compiled(_matmul_tanh, a, a)
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((512, 512)), jnp.float32)
+  compiled, text = _compiled(lambda x, y: jnp.tanh(x @ y), a, a)
   compiled(a, a).block_until_ready()
   result = profiling.profile_calls(lambda: compiled(a, a), 2, str(tmp_path), text)
   assert result['busy_ms'] > 0
   assert result['by_category_ms'].get('matmul', 0.0) > 0.5 * result['busy_ms']
   assert all('(' in name for name in result['top_ops_ms']), 'a traced op is not in the HLO text'
+
+
+_HLO_FUSION_WITHOUT_FRAME = '''HloModule m
+
+FileNames
+1 "/src/kldino/models/vit.py"
+2 "/usr/lib/python3.11/runpy.py"
+
+FunctionNames
+1 "MLP.__call__"
+2 "_run_module"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=48 end_line=48 column=4 end_column=9}
+2 {file_name_id=2 function_name_id=2 line=7 end_line=7 column=0 end_column=1}
+
+StackFrames
+1 {file_location_id=2 parent_frame_id=1}
+2 {file_location_id=1 parent_frame_id=1}
+3 {file_location_id=2 parent_frame_id=2}
+
+%fused_computation (param_0: f32[4,4], param_1: f32[4,4]) -> f32[4,4] {
+  %param_0 = f32[4,4]{1,0} parameter(0)
+  %param_1 = f32[4,4]{1,0} parameter(1)
+  %add.1 = f32[4,4]{1,0} add(%param_0, %param_1), metadata={op_name="add" stack_frame_id=1}
+  ROOT %dot.2 = f32[4,4]{1,0} dot(%add.1, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="dot_general" stack_frame_id=3}
+}
+
+ENTRY %main (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %b = f32[4,4]{1,0} parameter(1)
+  ROOT %ynn_fusion = f32[4,4]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation
+}
+'''
+
+
+def test_a_fusion_without_a_frame_takes_its_dots_frame():
+  ops = profiling.hlo_ops(_HLO_FUSION_WITHOUT_FRAME)
+  assert ops['ynn_fusion'].category == 'matmul'
+  # frame 3 is runpy called from vit.py:48; frame 1 (the add) has no kldino frame at all
+  assert ops['ynn_fusion'].source == 'models/vit.py:48 MLP.__call__'
+  assert ops['add.1'].source == 'lib/python3.11/runpy.py:7 _run_module'
+  assert ops['add.1'].category == 'elementwise'
