@@ -121,17 +121,21 @@ def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
 def device_peak() -> tuple[float, str]:
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    return measure_cpu_peak() * jax.device_count(), 'measured float32 matmul'
+    # This process's CPU devices (simulated ones included) share the machine's cores, and one
+    # matmul on one device already uses all of them: the peak is the machine's, not per device.
+    return measure_cpu_peak(), 'measured float32 matmul'
   kind = device.device_kind
   if kind not in PEAK_FLOPS:
     raise ValueError(f"no peak FLOP/s known for '{kind}': add it to kldino/bench.py PEAK_FLOPS")
   return PEAK_FLOPS[kind] * jax.device_count(), f'{kind} bf16 table'
 
 
-def _flops(compiled) -> float:
+def _flops(compiled, num_devices: int) -> float:
+  """FLOPs of one call of a program partitioned over `num_devices`: XLA's cost analysis counts
+  one device's part."""
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float(analysis['flops'])
+  return float(analysis['flops']) * num_devices
 
 
 def _time(run, steps: int) -> float:
@@ -184,7 +188,7 @@ def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str =
   memory = compiled.memory_analysis()
   return {
       'step_ms': 1e3 * seconds, 'images_per_sec': config.batch_size / seconds,
-      'step_flops': _flops(compiled),
+      'step_flops': _flops(compiled, mesh.devices.size),
       'step_memory_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                                + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
       'teacher': holder['state'].teacher, 'graphdef': graphdef, 'shardings': shardings,
@@ -221,7 +225,7 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
     gap_holder['sums'] = gap_compiled(gap_holder['sums'], *gap_args)
     return gap_holder['sums']['count']
   gap_seconds = _time(run_gap, steps)
-  return {'sweep_images_per_sec': b / seconds, 'sweep_flops': _flops(compiled),
+  return {'sweep_images_per_sec': b / seconds, 'sweep_flops': _flops(compiled, mesh.devices.size),
           'prior_seconds_per_image': seconds / b, 'gap_seconds_per_image': gap_seconds / b,
           **profile}
 

@@ -7,11 +7,16 @@ import pytest
 from kldino import bench
 
 
-def test_flops_come_from_xla_cost_analysis():
-  compiled = jax.jit(lambda a, b: a @ b).lower(
+def test_flops_come_from_xla_cost_analysis_over_all_devices():
+  # A matmul with its rows split over the 8 (simulated) devices: each device's program does 1/8.
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  compiled = jax.jit(lambda a, b: a @ b, in_shardings=(rows, whole), out_shardings=rows).lower(
       jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32)
   ).compile()
-  assert bench._flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+  assert jax.device_count() == 8
+  assert bench._flops(compiled, 8) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
 
 
 def test_sweep_epoch_fraction_counts_both_passes():
