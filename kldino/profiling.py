@@ -126,8 +126,8 @@ def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
   for name, opcode, called, source in instructions:
     is_fusion = opcode == 'fusion'
     called_opcodes = computation_opcodes.get(called, set()) - {'parameter'} if is_fusion else set()
-    if is_fusion and not source and computation_sources.get(called):
-      source = sorted(computation_sources[called], key=lambda item: not item[0])[0][1]
+    if is_fusion and not source and (called_sources := computation_sources.get(called)):
+      source = next((s for is_matmul, s in called_sources if is_matmul), called_sources[0][1])
     ops[name] = HloOp(opcode, _category(opcode, called_opcodes), source)
   return ops
 

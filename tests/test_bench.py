@@ -5,6 +5,7 @@ import ml_collections
 import pytest
 
 from kldino import bench
+from tests.helpers import config_module
 
 
 def test_flops_come_from_xla_cost_analysis_over_all_devices():
@@ -44,14 +45,8 @@ def test_presets_have_the_issue_shapes():
 
 
 def test_the_digits_preset_is_the_embedded_default_config():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'digits.py')
-  spec = importlib.util.spec_from_file_location('digits_for_test', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   config, channels = bench.preset_config('digits')
   assert channels == 1
-  assert config.to_dict() == module.get_config().to_dict()
+  assert config.to_dict() == config_module('digits').get_config().to_dict()
   with pytest.raises(Exception, match="unknown preset 'tiny'"):
     bench.preset_config('tiny')

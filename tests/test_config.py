@@ -1,5 +1,4 @@
 """Bad config values fail fast with one clear line; the ImageNet recipe builds abstractly."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 from kldino import optim, schedules, step
 from kldino.config_checks import ConfigError, validate_config
 from kldino.defaults import base_config
+from tests.helpers import config_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,10 +56,7 @@ def test_command_line_fails_fast_with_one_line(tmp_path, overrides, fragment):
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name + '.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_module(name).get_config()
 
 
 def test_imagenet_vit_s16_recipe_builds_abstractly():

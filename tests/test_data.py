@@ -4,7 +4,6 @@ Everything runs offline in temporary directories. Expected values are computed i
 (numpy, scipy, scikit-learn) wherever they can be.
 """
 import collections
-import importlib.util
 import math
 import pathlib
 import re
@@ -19,17 +18,14 @@ from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 
 from kldino.data import augment, datasets, pipeline
+from tests.helpers import config_module
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 
 
 def digits_config(data_dir) -> ml_collections.ConfigDict:
   """The real configs/digits.py, with its data in `data_dir`."""
-  spec = importlib.util.spec_from_file_location('digits_config', ROOT / 'configs' / 'digits.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_module('digits').get_config()
   config.data.data_dir = str(data_dir)
   return config
 

@@ -1,7 +1,5 @@
 """Scale-out configs and FSDP: every pod / GPU config builds abstractly, and FSDP really divides
 the per-device state on 8 simulated devices (XLA's memory analysis of the compiled step)."""
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,19 +12,9 @@ from kldino import schedules
 from kldino import sharding
 from kldino import step
 from kldino.config_checks import validate_config
-from tests.helpers import tiny_config
+from tests.helpers import config_module, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config_module(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-SCALE = _config_module('imagenet_scale')
+SCALE = config_module('imagenet_scale')
 BACKBONE_PARAMS = {'vit_s16': 21.7e6, 'vit_b16': 85.8e6, 'vit_l16': 303.3e6}
 
 
@@ -74,7 +62,7 @@ def test_every_hardware_config_builds_and_fits(model):
 
 
 def test_fsdp_on_8_devices_holds_an_eighth_of_the_state():
-  config = _config_module('imagenet_vit_s16').get_config()
+  config = config_module('imagenet_vit_s16').get_config()
   config.mesh.fsdp = 8
   train_step, _, abstract_state, _, batch = _abstract_train_step(config, 8, 0)
   mesh = sharding.make_mesh(config.mesh)
