@@ -12,7 +12,7 @@ from flax import nnx
 from kldino.models import (BACKBONES, DINOModel, ResNet, ViT, build_backbone, build_model,
                            register_backbone, validate_model_config)
 from kldino.models.convnet import CONVNET_SIZES
-from kldino.models.layers import drop_path
+from kldino.models.layers import drop_path, gelu
 from kldino.models.vit import Attention
 
 
@@ -127,6 +127,19 @@ def test_drop_path_is_off_without_key_and_random_with_one():
   np.testing.assert_array_equal(dropped, run(dropping, x, key_a))
   assert not np.allclose(dropped, deterministic, atol=1e-4)
   assert not np.allclose(dropped, run(dropping, x, key_b), atol=1e-4)
+
+
+def test_gelu_is_exact_gelu_with_its_derivative():
+  """x * Phi(x) and its derivative Phi(x) + x * phi(x), from math.erf in float64."""
+  x = np.concatenate([np.linspace(-12.0, 12.0, 4801), [-5.3, -0.7071, 0.0, 0.3, 2.9]])
+  phi_cdf = np.array([0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+  phi_pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+  values, pullback = jax.vjp(gelu, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(values, x * phi_cdf, rtol=2e-6, atol=1e-6)
+  np.testing.assert_allclose(pullback(jnp.ones(len(x), jnp.float32))[0],
+                             phi_cdf + x * phi_pdf, rtol=1e-5, atol=2e-6)
+  # DINO's nn.GELU is the exact form, not the tanh one, which differs by up to ~5e-4 here.
+  assert np.max(np.abs(np.asarray(values) - np.asarray(jax.nn.gelu(x, approximate=True)))) > 1e-4
 
 
 def test_drop_path_drops_whole_samples_and_preserves_the_mean():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldino.models.layers import l2_normalize, masked_standardise
+from kldino.models.layers import gelu, l2_normalize, masked_standardise
 
 HEAD_NORMS = ('none', 'batch', 'layer')
 # Variance 1/fan_in (untruncated): keeps the logits' spread at init comparable with tau_t.
@@ -84,7 +84,7 @@ class DINOHead(nnx.Module):
         x = self.norms[index](x, mask)
       elif self.norm == 'layer':
         x = self.norms[index](x)
-      x = jax.nn.gelu(x, approximate=False)
+      x = gelu(x)
     return self.layers[-1](x)
 
   def unit_prototypes(self) -> jax.Array:

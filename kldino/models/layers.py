@@ -1,9 +1,25 @@
 """Small pieces shared by the backbones and the head."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x) with the normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2, as DINO's
+  nn.GELU.
+
+  jax.nn.gelu(approximate=False) computes Phi through erfc (exact in the far negative tail),
+  which XLA:CPU expands into a branchy rational approximation several times the cost of erf's;
+  with erf the tiny32 train step runs ~8 % faster (README, "Where the time goes"). The two
+  differ only where Phi(x) is below float32's resolution of 1 (x < -5), by < 1e-6 absolute.
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
 
 
 def drop_path(branch: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -16,8 +32,10 @@ def drop_path(branch: jax.Array, rate: float, key: jax.Array | None) -> jax.Arra
     return branch
   keep = 1.0 - rate
   per_sample = (branch.shape[0],) + (1,) * (branch.ndim - 1)
-  kept = jax.random.bernoulli(key, keep, per_sample)
-  return jnp.where(kept, branch / keep, jnp.zeros_like(branch))
+  # A multiply by 0 or 1/keep (as DINO's drop_path) fuses into the residual add; a select
+  # with a zeros array did not, and cost ~5 % of the tiny32 step.
+  scale = jax.random.bernoulli(key, keep, per_sample).astype(branch.dtype) / keep
+  return branch * scale
 
 
 def linear_drop_rates(max_rate: float, count: int) -> list[float]:

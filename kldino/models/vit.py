@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldino.models.layers import block_key, drop_path, linear_drop_rates, run_blocks
+from kldino.models.layers import block_key, drop_path, gelu, linear_drop_rates, run_blocks
 from kldino.models.registry import register_backbone
 
 # DINO's init for linears and tokens: trunc_normal_(std=.02, a=-2, b=2), zero biases. Its bounds
@@ -45,7 +45,7 @@ class MLP(nnx.Module):
     self.fc2 = _linear(hidden_dim, dim, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
@@ -88,7 +88,7 @@ class ConvStem(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images
     for conv, norm in zip(self.convs, self.norms):
-      x = jax.nn.gelu(norm(conv(x)), approximate=False)
+      x = gelu(norm(conv(x)))
     return self.project(x)
 
 
