@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from kldino import host_memory
 from kldino import objective
 from kldino import optim
 from kldino import profiling
@@ -138,16 +139,19 @@ def _flops(compiled, num_devices: int) -> float:
   return float(analysis['flops']) * num_devices
 
 
-def _time(run, steps: int) -> float:
-  """Seconds per call of run(), after a warm-up, with one sync at the end: run() returns an
-  output of its call (alive until the next call, which may donate it)."""
+def _time(run, steps: int) -> tuple[float, float]:
+  """(seconds, minor page faults) per call of run(), after a warm-up, with one sync at the end:
+  run() returns an output of its call (alive until the next call, which may donate it). The
+  faults show whether the host buffers of each call are mapped afresh (kldino/host_memory.py)."""
   jax.block_until_ready(run())
   jax.block_until_ready(run())
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
   for _ in range(steps):
     last = run()
   jax.block_until_ready(last)
-  return (time.perf_counter() - start) / steps
+  seconds = (time.perf_counter() - start) / steps
+  return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
 
 def _random_batch(config, channels: int, mesh):
@@ -183,11 +187,12 @@ def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str =
   def run():  # the state is donated: carry it from step to step as training does
     holder['state'], metrics = compiled(holder['state'], batch)
     return metrics['loss']
-  seconds = _time(run, steps)
+  seconds, page_faults = _time(run, steps)
   profile = _profile(run, compiled, profile_dir, 'step')
   memory = compiled.memory_analysis()
   return {
       'step_ms': 1e3 * seconds, 'images_per_sec': config.batch_size / seconds,
+      'step_page_faults': page_faults,
       'step_flops': _flops(compiled, mesh.devices.size),
       'step_memory_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                                + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
@@ -214,7 +219,7 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
   def run():
     holder['sums'] = compiled(holder['sums'], teacher, batch, temp)
     return holder['sums']['count']
-  seconds = _time(run, steps)
+  seconds, _ = _time(run, steps)
   profile = _profile(run, compiled, profile_dir, 'sweep')
   summary = sweep_lib.summarise(holder['sums'], config.objective.prior_eps)
   gap_args = (teacher, batch, temp, summary['log_prior'], summary['mean_logits'])
@@ -224,7 +229,7 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
   def run_gap():
     gap_holder['sums'] = gap_compiled(gap_holder['sums'], *gap_args)
     return gap_holder['sums']['count']
-  gap_seconds = _time(run_gap, steps)
+  gap_seconds, _ = _time(run_gap, steps)
   return {'sweep_images_per_sec': b / seconds, 'sweep_flops': _flops(compiled, mesh.devices.size),
           'prior_seconds_per_image': seconds / b, 'gap_seconds_per_image': gap_seconds / b,
           **profile}
@@ -274,6 +279,8 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
       'sweep_epoch_fraction': sweep_epoch_fraction(config, EPOCH_IMAGES[preset], train, sweep),
       'input_images_per_sec': bench_input(config, steps),
       'step_memory_gb': train['step_memory_bytes'] / 1e9,
+      'step_page_faults': train['step_page_faults'],
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
       **{key: value for key, value in {**train, **sweep}.items() if key.endswith('_profile')},
   }
@@ -292,6 +299,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _STEPS.value < 1:
     sys.exit(f'kldino.bench: --steps={_STEPS.value} must be >= 1')
+  host_memory.reexec_with_huge_pages()  # XLA:CPU's per-call buffers (kldino/host_memory.py)
   results = run_benchmark(_PRESET.value, _STEPS.value, _PROFILE.value)
   for key, value in results.items():
     if isinstance(value, dict):

@@ -24,6 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from kldino import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'features', 'export', 'import'],
@@ -81,6 +83,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit('kldino: --config=FILE and --workdir=DIR are required')
+  host_memory.reexec_with_huge_pages()  # before JAX allocates anything (kldino/host_memory.py)
   # Imported here so that --help and flag errors answer before TensorFlow and JAX load.
   from kldino import distributed  # pylint: disable=g-import-not-at-top
   try:

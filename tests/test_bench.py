@@ -1,7 +1,10 @@
 """The benchmark's arithmetic (its timings are measured by the command, never by tests)."""
+import mmap
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from kldino import bench
@@ -18,6 +21,28 @@ def test_flops_come_from_xla_cost_analysis_over_all_devices():
   ).compile()
   assert jax.device_count() == 8
   assert bench._flops(compiled, 8) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_time_counts_the_page_faults_of_fresh_host_buffers():
+  """A call that maps a fresh 64 MB buffer in 4 KiB pages and touches each page faults once per
+  page; a call that reuses its memory faults almost none."""
+  size, page = 64 << 20, 4096
+
+  def fresh_buffer():
+    buffer = mmap.mmap(-1, size)
+    buffer.madvise(mmap.MADV_NOHUGEPAGE)  # 4 KiB pages whatever the kernel's THP mode
+    for offset in range(0, size, page):
+      buffer[offset] = 1
+    return buffer
+  _, fresh = bench._time(fresh_buffer, steps=3)
+  reused = np.zeros(size // 4, np.float32)
+
+  def refill():
+    reused.fill(1.0)
+    return reused
+  _, warm = bench._time(refill, steps=3)
+  assert fresh >= 0.9 * size / page
+  assert warm < 0.05 * size / page
 
 
 def test_sweep_epoch_fraction_counts_both_passes():
