@@ -11,7 +11,7 @@ glibc reads tunables once, at process start, so the command-line entry points (k
 kldino.bench) re-execute themselves once with it set, before they load JAX. Nothing changes where
 it would not help: not Linux glibc >= 2.35, transparent huge pages off ('never') or already on for
 every mapping ('always'), or GLIBC_TUNABLES already naming the tunable (set
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to opt out).
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to opt out), and never in an interactive session.
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def huge_page_environ(environ: dict[str, str], libc: tuple[str, str], mode: str
 def reexec_with_huge_pages() -> None:
   """Replaces this process by itself with `glibc.malloc.hugetlb=1`, where that helps. Call it at
   the start of a command's main(), before anything is printed or loaded."""
+  if sys.flags.interactive or 'IPython' in sys.modules:
+    return  # never replace an interactive session (a notebook kernel, python -i)
   environ = huge_page_environ(dict(os.environ), platform.libc_ver(), thp_mode())
   if environ is None:
     return

@@ -51,6 +51,11 @@ def test_a_process_reexecutes_itself_once_with_the_tunable(tmp_path):
       print('done')
   '''))
   env = {key: value for key, value in os.environ.items() if key != 'GLIBC_TUNABLES'}
+  # An interactive session is never replaced: one run.
+  subprocess.run([sys.executable, '-i', str(script), '--flag=1'], env=env, stdin=subprocess.DEVNULL,
+                 capture_output=True, check=True, timeout=120)
+  assert log.read_text().splitlines() == [repr((['--flag=1'], None))]
+  log.unlink()
   out = subprocess.run([sys.executable, str(script), '--flag=1'], env=env, capture_output=True,
                        text=True, check=True, timeout=120)
   assert out.stdout == 'done\n'
