@@ -84,6 +84,7 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit('kldino: --config=FILE and --workdir=DIR are required')
   host_memory.reexec_with_huge_pages()  # before JAX allocates anything (kldino/host_memory.py)
+  logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', ''))
   # Imported here so that --help and flag errors answer before TensorFlow and JAX load.
   from kldino import distributed  # pylint: disable=g-import-not-at-top
   try:
