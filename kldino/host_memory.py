@@ -49,8 +49,7 @@ def huge_page_environ(environ: dict[str, str], libc: tuple[str, str], mode: str
                       ) -> dict[str, str] | None:
   """The environment to re-execute with, or None where re-executing would change nothing."""
   tunables = environ.get('GLIBC_TUNABLES', '')
-  if (_glibc_version(libc) < _MIN_GLIBC or mode != 'madvise'
-      or TUNABLE in tunables):
+  if _glibc_version(libc) < _MIN_GLIBC or mode != 'madvise' or TUNABLE in tunables:
     return None
   return {**environ, 'GLIBC_TUNABLES': ':'.join(filter(None, (tunables, f'{TUNABLE}=1')))}
 

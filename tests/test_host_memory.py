@@ -1,5 +1,6 @@
 """The entry points' re-execution with glibc's transparent-huge-page tunable."""
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -60,8 +61,7 @@ def test_a_process_reexecutes_itself_once_with_the_tunable(tmp_path):
                        text=True, check=True, timeout=120)
   assert out.stdout == 'done\n'
   runs = log.read_text().splitlines()
-  if host_memory.huge_page_environ(env, host_memory.platform.libc_ver(),
-                                   host_memory.thp_mode()) is None:
+  if host_memory.huge_page_environ(env, platform.libc_ver(), host_memory.thp_mode()) is None:
     assert runs == [repr((['--flag=1'], None))]
   else:
     assert runs == [repr((['--flag=1'], None)),
