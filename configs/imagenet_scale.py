@@ -36,13 +36,13 @@ HARDWARE = {
 
 MODELS = {
     # name, drop path, lr per 256 images, block rematerialisation, FSDP group size by the
-    # memory of one device
+    # memory of one device, and DINO's linear-evaluation features (last blocks, avgpool)
     'vit_s16': dict(name='vit_small', drop_path=0.1, lr=5e-4, remat=False,
-                    fsdp={16: 1, 32: 1, 80: 1, 95: 1}),
+                    fsdp={16: 1, 32: 1, 80: 1, 95: 1}, n_last_blocks=4, avgpool=False),
     'vit_b16': dict(name='vit_base', drop_path=0.1, lr=1.875e-4, remat=False,
-                    fsdp={16: 8, 32: 4, 80: 1, 95: 1}),
+                    fsdp={16: 8, 32: 4, 80: 1, 95: 1}, n_last_blocks=1, avgpool=True),
     'vit_l16': dict(name='vit_large', drop_path=0.4, lr=1.25e-4, remat=True,
-                    fsdp={16: 16, 32: 16, 80: 8, 95: 8}),
+                    fsdp={16: 16, 32: 16, 80: 8, 95: 8}, n_last_blocks=1, avgpool=True),
 }
 
 DATA_DIR = 'gs://YOUR_BUCKET/tensorflow_datasets'
@@ -68,4 +68,6 @@ def get_config(arg=None):
   config.mesh.fsdp = model['fsdp'][hardware['memory']]
   config.data.data_dir = DATA_DIR
   config.eval.batch_size = config.sweep_batch_size = 16 * hardware['devices']
+  config.eval.n_last_blocks = model['n_last_blocks']
+  config.eval.avgpool_patchtokens = model['avgpool']
   return config

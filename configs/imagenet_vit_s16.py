@@ -73,4 +73,12 @@ def get_config(arg=None):
 
   config.eval.batch_size = 1024
   config.sweep_batch_size = 1024
+  # DINO's evaluation: k-NN with k in (10, 20, 100, 200); the linear evaluation on the CLS tokens
+  # of the last 4 blocks, lr 1e-3 x 1024 / 256 (here with DINOv2's grid around it), 100 epochs.
+  config.eval.knn_k = (10, 20, 100, 200)
+  config.eval.n_last_blocks = 4
+  config.eval.linear_lrs = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+  config.eval.linear_batch_size = 1024
+  # The quick feature probe gathers features to the host: at ImageNet scale, --mode=linear_eval.
+  del config.evals['linear_probe']
   return config

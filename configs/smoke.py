@@ -19,5 +19,5 @@ def get_config(arg=None):
   config.model.head_bottleneck_dim = 8
   config.aug.num_local = 2
   config.mesh.fsdp_min_size = 1  # shard every parameter when mesh.fsdp > 1
-  config.eval.linear_epochs = 10
+  config.eval.probe_epochs = 10
   return config

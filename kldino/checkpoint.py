@@ -100,6 +100,10 @@ def check_compatible(saved_config: dict, config, step: int, where: str, *,
                     'uninterrupted one): %s', step, ', '.join(changed))
 
 
+class Preempted(RuntimeError):
+  """A loop stopped on request (SIGTERM or a preemption notice) after saving a checkpoint."""
+
+
 class Checkpointer:
   """An orbax CheckpointManager with kldino's layout, fallback and compatibility checks."""
 
@@ -153,14 +157,16 @@ class Checkpointer:
             f'{saved.get(path)} where this config builds {shape}: use the config it was trained '
             'with (data channels, model, crop size) or a new --workdir')
 
-  def _restore_step(self, step: int, abstract_state, config, *, for_training: bool):
+  def _restore_step(self, step: int, abstract_tree, config, *, for_training: bool):
+    """(state, meta) for training; for evaluation `abstract_tree` is the teacher's parameters
+    alone and only they are read (no optimizer state, no student)."""
     meta = self.meta(step)
     check_compatible(meta['config'], config, step, self.directory, for_training=for_training)
-    self._check_shapes(step, abstract_state)
     if for_training:
-      return self._read_state(step, abstract_state, partial=False), meta
-    # Evaluation reads the teacher alone: no optimizer state, no student.
-    teacher = self._read_state(step, {'teacher': abstract_state.teacher}, partial=True)
+      self._check_shapes(step, abstract_tree)
+      return self._read_state(step, abstract_tree, partial=False), meta
+    self._check_shapes(step, {'teacher': abstract_tree})
+    teacher = self._read_state(step, {'teacher': abstract_tree}, partial=True)
     return teacher['teacher'], meta
 
   def _read_state(self, step: int, abstract_tree, *, partial: bool):
@@ -169,15 +175,17 @@ class Checkpointer:
         item=abstract_tree, partial_restore=partial,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))))['state']
 
-  def _restore_newest(self, abstract_state, config, step, for_training: bool):
+  def _restore_newest(self, abstract_tree, config, step, for_training: bool):
+    """(tree, meta, step) of `step`, or of the newest readable step; (None, None, None)."""
     if step is not None:
       if step not in self.all_steps():
         raise ConfigError(f'no checkpoint at step {step} in {self.directory}: its steps are '
                           f'{self.all_steps()}')
-      return self._restore_step(step, abstract_state, config, for_training=for_training)
+      return (*self._restore_step(step, abstract_tree, config, for_training=for_training), step)
     for candidate in reversed(self.all_steps()):
       try:
-        return self._restore_step(candidate, abstract_state, config, for_training=for_training)
+        return (*self._restore_step(candidate, abstract_tree, config, for_training=for_training),
+                candidate)
       except ConfigError:
         raise
       except Exception as error:  # pylint: disable=broad-except
@@ -186,7 +194,7 @@ class Checkpointer:
                         'previous one', candidate, type(error).__name__,
                         str(error).splitlines()[0][:200] if str(error) else '')
         self._set_aside(candidate)
-    return None, None
+    return None, None, None
 
   def restore(self, abstract_state: Any, config, *, step: int | None = None):
     """(state, meta) of `step`, or of the newest readable step; (None, None) when there is none.
@@ -194,14 +202,14 @@ class Checkpointer:
     `abstract_state` holds jax.ShapeDtypeStruct leaves with the shardings of *this* run's mesh,
     so a checkpoint written on 8 devices restores onto 1 (or onto another FSDP layout).
     """
-    return self._restore_newest(abstract_state, config, step, for_training=True)
+    state, meta, _ = self._restore_newest(abstract_state, config, step, for_training=True)
+    return state, meta
 
-  def restore_teacher(self, abstract_state: Any, config, *, step: int | None = None):
-    """(teacher parameters, step) as `restore`, reading only the teacher; (None, None) if none."""
-    teacher, meta = self._restore_newest(abstract_state, config, step, for_training=False)
-    if teacher is None:
-      return None, None
-    return teacher, meta['epoch'] * meta['steps_per_epoch'] + meta['step_in_epoch']
+  def restore_teacher(self, abstract_teacher: Any, config, *, step: int | None = None):
+    """(teacher parameters, step) as `restore`, reading only the teacher, whose abstract
+    parameters (with this run's shardings) are `abstract_teacher`; (None, None) if none."""
+    teacher, _, step = self._restore_newest(abstract_teacher, config, step, for_training=False)
+    return teacher, step
 
   def _set_aside(self, step: int):
     """Move an unreadable step out of orbax's sight (kept for inspection, never deleted): the
@@ -216,6 +224,14 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'kldino_set_aside_{step}')
     self.manager.reload()
+
+
+def position_meta(config, step: int, steps_per_epoch: int | None, data_shards: int) -> dict:
+  """A checkpoint's `meta`: the config and where the data stood. `steps_per_epoch` is None for
+  a step-0 checkpoint written without reading the dataset (an import)."""
+  epoch, step_in_epoch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, step)
+  return {'config': config.to_dict(), 'epoch': epoch, 'step_in_epoch': step_in_epoch,
+          'steps_per_epoch': steps_per_epoch, 'data_shards': data_shards}
 
 
 def write_config_json(config, workdir: str):

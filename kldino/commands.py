@@ -1,12 +1,17 @@
-"""What `python -m kldino.main --mode=...` runs besides training: each reads a checkpoint of the
-workdir (or, for import, writes the first one) and writes its result to a file.
+"""What `python -m kldino.main --mode=...` runs besides training. Each opens the workdir as a Run
+(kldino/run.py: no optimizer, no train step), reads a checkpoint of it (or, for import, writes
+the first one) and writes its result to a file:
 
-    eval      the teacher backbone of the latest (or --step) checkpoint: k-NN + linear probe on
-              any dataset kldino reads -> eval JSON
-    features  its features (CLS after the final norm) and labels of a split, or of a float32 NHWC
-              .npy of already-preprocessed images -> .npy
-    export    its parameters -> .npz (format in kldino/export.py)
-    import    an official DINO PyTorch ViT checkpoint -> a step-0 checkpoint of this workdir
+    eval         the config's final evaluators (config.evals) on the teacher of the latest (or
+                 --step) checkpoint, on any dataset kldino reads -> eval JSON
+    linear_eval  DINO's linear evaluation of that teacher (kldino/linear_eval_loop.py)
+                 -> linear_eval JSON
+    features     its features (eval.n_last_blocks, eval.avgpool_patchtokens) and labels of a
+                 split, or of a float32 NHWC .npy of already-preprocessed images -> .npy
+    export       its parameters -> .npz (format in kldino/export.py)
+    import       an official DINO PyTorch ViT checkpoint -> a step-0 checkpoint of this workdir
+
+import, export and features of --inputs read no dataset: the config and the weights suffice.
 """
 from __future__ import annotations
 
@@ -22,27 +27,44 @@ from kldino import checkpoint as checkpoint_lib
 from kldino import convert_dino
 from kldino import export as export_lib
 from kldino import forward
+from kldino import linear_eval_loop
+from kldino import optim
+from kldino import schedules as schedules_lib
 from kldino import sharding
+from kldino import step as step_lib
 from kldino.config_checks import ConfigError
-from kldino.evaluate import protocol
-from kldino.train import Trainer, write_eval_json
+from kldino.evaluate import bank as bank_lib
+from kldino.evaluate.evaluators import Evaluators, SplitBanks
+from kldino.registry import Registry
+from kldino.run import Run
+from kldino.train import evaluate, write_eval_json
+
+MODES = Registry('mode', key='--mode')
 
 
+@MODES.register('eval')
 def evaluate_checkpoint(config, workdir: str, *, step: int | None, output: str | None) -> dict:
-  trainer = Trainer(config, workdir)
-  teacher, step = trainer.restore_teacher(step)
-  results = trainer.evaluate(teacher, step)
+  run = Run(config, workdir)
+  evaluators = Evaluators(run)  # checks the evals entries before anything is read
+  teacher, step = run.restore_teacher(step)
+  results = evaluate(evaluators, teacher, step, run.teacher_temp(step))
   write_eval_json(results, output or os.path.join(workdir, 'eval.json'))
   return results
 
 
-def _array_features(trainer: Trainer, teacher, images: np.ndarray) -> np.ndarray:
+@MODES.register('linear_eval')
+def linear_eval(config, workdir: str, *, step: int | None, output: str | None) -> dict:
+  return linear_eval_loop.linear_eval(Run(config, workdir), step=step, output=output)
+
+
+def _array_features(run: Run, teacher, images: np.ndarray) -> np.ndarray:
   """Backbone features of host images [N, H, W, C], in padded batches sharded over the mesh."""
-  batch_size = trainer.config.eval.batch_size
+  batch_size = run.config.eval.batch_size
+  options = run.feature_options
   features_fn = jax.jit(
-      lambda params, batch: forward.backbone_features(trainer.graphdef, params, batch),
-      in_shardings=(trainer.state_shardings.teacher, sharding.batch_sharding(trainer.mesh)),
-      out_shardings=sharding.replicated(trainer.mesh))
+      lambda params, batch: forward.backbone_features(run.graphdef, params, batch, **options),
+      in_shardings=(run.param_shardings, sharding.batch_sharding(run.mesh)),
+      out_shardings=sharding.replicated(run.mesh))
   outputs = []
   for start in range(0, images.shape[0], batch_size):
     chunk = images[start:start + batch_size]
@@ -62,25 +84,32 @@ def _load_inputs(path: str, in_channels: int) -> np.ndarray:
   return images
 
 
+def _split_features(run: Run, teacher, split: str) -> tuple[np.ndarray, np.ndarray]:
+  run.source.num_examples(split)  # an unknown split fails here, with the splits it has
+  banks = SplitBanks(run, feature_options=run.feature_options, cluster_stats=False)
+  banks.start(teacher)
+  return bank_lib.host_features(banks.bank(teacher, split))
+
+
+@MODES.register('features')
 def dump_features(config, workdir: str, *, step: int | None, output: str | None,
                   split: str | None, inputs: str | None) -> dict:
   """Features (and, for a split, labels) to .npy files; returns what was written."""
   if jax.process_count() > 1 and inputs:
     raise ConfigError('--inputs runs on one process: run --mode=features without '
                       'jax.distributed (one host)')
-  trainer = Trainer(config, workdir)
-  teacher, step = trainer.restore_teacher(step)
+  run = Run(config, workdir)
+  images = _load_inputs(inputs, run.in_channels) if inputs else None
+  teacher, step = run.restore_teacher(step)
   if inputs:
-    features = _array_features(trainer, teacher,
-                               _load_inputs(inputs, trainer.source.info.num_channels))
-    labels = None
+    features, labels = _array_features(run, teacher, images), None
     output = output or os.path.join(workdir, f'features_inputs_step{step}.npy')
   else:
     split = split or config.data.eval_split
-    features, _, labels = protocol.split_outputs(
-        trainer.graphdef, teacher, trainer.source, config, trainer.mesh,
-        trainer.state_shardings.teacher, split, teacher_temp=config.objective.teacher_temp,
-        standardise=trainer.normalization.standardise_teacher_embedding)
+    try:
+      features, labels = _split_features(run, teacher, split)
+    except ValueError as error:
+      raise ConfigError(f'--split={split}: {error}') from None
     output = output or os.path.join(workdir, f'features_{split}_step{step}.npy')
   written = {'features': output, 'step': step, 'num_examples': int(features.shape[0]),
              'feature_dim': int(features.shape[1])}
@@ -94,17 +123,17 @@ def dump_features(config, workdir: str, *, step: int | None, output: str | None,
   return written
 
 
+@MODES.register('export')
 def export_teacher(config, workdir: str, *, step: int | None, output: str | None) -> dict:
-  trainer = Trainer(config, workdir)
-  teacher, step = trainer.restore_teacher(step)
+  run = Run(config, workdir)
+  teacher, step = run.restore_teacher(step)
   output = output or os.path.join(workdir, f'backbone_step{step}.npz')
-  feature_dim = nnx.merge(trainer.graphdef, teacher).backbone.num_features
+  feature_dim = nnx.merge(run.graphdef, teacher).backbone.num_features
   if jax.process_index() == 0:
     export_lib.export_backbone(
-        output, teacher['backbone'], model_config=config.model,
-        in_channels=trainer.source.info.num_channels, image_size=config.aug.global_size,
-        feature_dim=feature_dim, step=step, mean=config.data.mean,
-        std=config.data.std)
+        output, teacher['backbone'], model_config=config.model, in_channels=run.in_channels,
+        image_size=config.aug.global_size, feature_dim=feature_dim, step=step,
+        mean=config.data.mean, std=config.data.std)
   return {'export': output, 'step': step}
 
 
@@ -123,33 +152,38 @@ def _read_torch_checkpoint(path: str) -> dict:
           for key, value in convert_dino.backbone_state_dict(checkpoint).items()}
 
 
+def _fresh_state(run: Run):
+  """A freshly initialised train state, without reading the dataset: the optimizer state's
+  structure does not depend on the schedules' values, so one-step epochs serve to build it."""
+  config = run.config
+  optimizer = optim.make_optimizer(config.optim, schedules_lib.make_schedules(config, 1))
+  init, shardings = step_lib.jit_init(
+      step_lib.make_init_fn(config, run.in_channels, optimizer), run.mesh,
+      config.mesh.fsdp_min_size)
+  return init(config.seed), shardings
+
+
+@MODES.register('import')
 def import_dino(config, workdir: str, *, import_from: str) -> dict:
   """A step-0 checkpoint whose student and teacher backbones hold the imported weights."""
   state_dict = _read_torch_checkpoint(import_from)
-  trainer = Trainer(config, workdir)
-  if trainer.checkpointer.all_steps():
+  run = Run(config, workdir)
+  if run.checkpointer.all_steps():
     raise ConfigError(f'{workdir} already has checkpoints (steps '
-                      f'{trainer.checkpointer.all_steps()}): import into an empty --workdir')
-  state = trainer.init(config.seed)
+                      f'{run.checkpointer.all_steps()}): import into an empty --workdir')
+  state, shardings = _fresh_state(run)
   try:
     backbone = convert_dino.convert(state_dict, jax.device_get(state.student['backbone']))
   except ValueError as error:
     raise ConfigError(str(error)) from None
-  backbone = jax.device_put(backbone, trainer.state_shardings.student['backbone'])
+  backbone = jax.device_put(backbone, shardings.student['backbone'])
   state = state.replace(student={**state.student, 'backbone': backbone},
                         teacher={**state.teacher, 'backbone': backbone})
   checkpoint_lib.write_config_json(config, workdir)
-  trainer.save(state, 0, force=True)
-  trainer.checkpointer.wait()
+  run.checkpointer.save(0, state, checkpoint_lib.position_meta(config, 0, None, run.data_shards),
+                        force=True)
+  run.checkpointer.wait()
   logging.info('imported %d tensors from %s into %s', len(state_dict), import_from,
-               trainer.checkpointer.directory)
-  return {'import': import_from, 'checkpoint': trainer.checkpointer.directory, 'step': 0,
+               run.checkpointer.directory)
+  return {'import': import_from, 'checkpoint': run.checkpointer.directory, 'step': 0,
           'tensors': len(state_dict)}
-
-
-COMMANDS = {
-    'eval': evaluate_checkpoint,
-    'features': dump_features,
-    'export': export_teacher,
-    'import': import_dino,
-}

@@ -89,12 +89,32 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp_min_size = 2 ** 16  # parameters smaller than this stay replicated
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.knn_k = 20
+  config.eval.knn_k = (20,)        # one k or several, e.g. (10, 20, 100, 200): knn_top1_k{K} each
   config.eval.knn_temperature = 0.07
   config.eval.batch_size = 256
-  config.eval.linear_epochs = 100
-  config.eval.every_epochs = 0     # k-NN on the eval split every N epochs (0: only at the end)
+  config.eval.probe_epochs = 100   # the quick feature probe (evals type feature_probe)
   config.eval.baselines = False   # also probe raw pixels and the backbone at initialisation
   config.eval.sweep_diagnostics = False  # sweep every T epochs to measure any normalisation
+  # Features of --mode=linear_eval and --mode=features (DINO's linear evaluation): the CLS token
+  # of each of the last n blocks through the final norm, concatenated; with avgpool (n = 1) also
+  # the mean of the last block's patch tokens, interleaved with the CLS token as DINO does.
+  config.eval.n_last_blocks = 1
+  config.eval.avgpool_patchtokens = False
+  # --mode=linear_eval (DINO's protocol): SGD momentum 0.9, no weight decay, lr x batch / 256
+  # with a per-epoch cosine to 0; one head per lr of linear_lrs (linear_lr when empty), trained
+  # together from one backbone pass; the best head on the eval split is reported.
+  config.eval.linear_lr = 1e-3
+  config.eval.linear_lrs = ()
+  config.eval.linear_epochs = 100
+  config.eval.linear_batch_size = 1024  # global (DINO: 128 per GPU on 8 GPUs)
+  config.eval.linear_crop_scale = (0.08, 1.0)  # RandomResizedCrop of the training views
+
+  # Named evaluators (kldino/evaluate/evaluators.py): type, every_epochs during training (0: not
+  # during training), final (at the end of training and in --mode=eval).
+  config.evals = ml_collections.ConfigDict({
+      'knn': {'type': 'knn', 'every_epochs': 0, 'final': True},
+      'clusters': {'type': 'clusters', 'every_epochs': 0, 'final': True},
+      'linear_probe': {'type': 'feature_probe', 'every_epochs': 0, 'final': True},
+  })
   config.sweep_batch_size = 256
   return config

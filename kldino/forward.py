@@ -33,9 +33,14 @@ def _flatten_views(crops):
   return crops.reshape(batch * views, *crops.shape[2:]), batch, views
 
 
-def backbone_features(graphdef, params, images):
-  """What evaluation and export use: the backbone's feature (ViT: CLS after the final norm)."""
-  return _backbone(_merge(graphdef, params), images)
+def backbone_features(graphdef, params, images, *, n_last_blocks=1, avgpool_patchtokens=False):
+  """What evaluation and export use, in float32: the backbone's `features` (ViT: CLS after the
+  final norm; with the options, DINO's linear-evaluation feature, see `ViT.features`)."""
+  model = _merge(graphdef, params)
+  features = model.backbone.features(images.astype(model.compute_dtype),
+                                     n_last_blocks=n_last_blocks,
+                                     avgpool_patchtokens=avgpool_patchtokens)
+  return features.astype(jnp.float32)
 
 
 def unit_prototypes(graphdef, params):

@@ -7,6 +7,7 @@ backbone; the last stdout line is the evaluation JSON (also written to DIR/eval.
 go to stderr. The other modes (kldino/commands.py) read a checkpoint of DIR:
 
     --mode=eval     [--step=N] [--output=FILE.json] [--config.data.name=... ...]
+    --mode=linear_eval [--step=N] [--output=FILE.json]   (DINO's linear evaluation)
     --mode=features [--step=N] [--split=test | --inputs=X.npy] [--output=F.npy]
     --mode=export   [--step=N] [--output=FILE.npz]
     --mode=import   --import_from=FILE.pth --config=CONFIG   (writes DIR's step-0 checkpoint)
@@ -28,11 +29,13 @@ from kldino import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'features', 'export', 'import'],
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'eval', 'linear_eval', 'features', 'export', 'import'],
                           'What to do.')
 _STEP = flags.DEFINE_integer('step', None, 'eval/features/export: the checkpoint step '
                              '(default: the latest readable one).')
 _OUTPUT = flags.DEFINE_string('output', None, 'eval: JSON path (default DIR/eval.json); '
+                              'linear_eval: JSON path (default DIR/linear_eval.json); '
                               'features: .npy path; export: .npz path.')
 _SPLIT = flags.DEFINE_string('split', None, 'features: the split (default data.eval_split).')
 _INPUTS = flags.DEFINE_string('inputs', None, 'features: a .npy of float32 NHWC images, already '
@@ -44,7 +47,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, 0-based.')
 
 # Modes that read a checkpoint take the run's own config when no --config is given.
-_WORKDIR_CONFIG_MODES = ('eval', 'features', 'export')
+_WORKDIR_CONFIG_MODES = ('eval', 'linear_eval', 'features', 'export')
 _WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir_config.py')
 
 
@@ -94,6 +97,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from kldino import train  # pylint: disable=g-import-not-at-top
   from kldino.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  from kldino.checkpoint import Preempted  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', _CONFIG.value)
   mode = _MODE.value
   try:
@@ -101,10 +105,10 @@ def main(argv):
       results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       from kldino import commands  # pylint: disable=g-import-not-at-top
-      results = commands.COMMANDS[mode](_CONFIG.value, _WORKDIR.value, **_mode_kwargs(mode))
+      results = commands.MODES.get(mode)(_CONFIG.value, _WORKDIR.value, **_mode_kwargs(mode))
   except (ConfigError, train.Collapsed) as error:
     sys.exit(f'kldino: {error}')
-  except train.Preempted as error:
+  except Preempted as error:
     print(f'kldino: {error}', file=sys.stderr, flush=True)
     return
   if jax.process_index() == 0:  # one JSON line per run, not one per process

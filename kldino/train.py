@@ -28,51 +28,34 @@ from kldino import checkpoint as checkpoint_lib
 from kldino import forward
 from kldino import objective
 from kldino import optim
-from kldino import schedules as schedules_lib
+from kldino import run as run_lib
 from kldino import sharding
 from kldino import step as step_lib
 from kldino import sweep as sweep_lib
-from kldino.config_checks import ConfigError, validate_config
-from kldino.data import datasets, pipeline
-from kldino.evaluate import protocol
+from kldino.config_checks import ConfigError
+from kldino.data import pipeline
+from kldino.evaluate.evaluators import Evaluators
 
 
 class Collapsed(RuntimeError):
   """Training stopped: the loss is not finite."""
 
 
-class Preempted(RuntimeError):
-  """Training stopped on request (SIGTERM or a preemption notice) after saving a checkpoint."""
+
 
 
 class Trainer:
-  """Holds what the loop needs: the data source, the mesh, the jitted functions, the writer."""
+  """A Run (kldino/run.py) plus what training adds: the optimizer, the jitted init, train step and
+  prior sweep, and the metric writer."""
 
   def __init__(self, config, workdir: str):
-    validate_config(config, jax.device_count(), jax.process_count())
+    self.run = run_lib.Run(config, workdir)
     self.config = config
     self.workdir = workdir
-    try:
-      self.source = datasets.get_source(config.data)
-    except ValueError as error:  # the data registry's one-line messages
-      raise ConfigError(str(error)) from None
-    self.mesh = sharding.make_mesh(config.mesh)
-    info = self.source.info
-    num_train = info.num_examples[config.data.train_split]
-    try:
-      shards = pipeline.num_shards(config.data, jax.process_count())
-    except ValueError as error:
-      raise ConfigError(str(error)) from None
-    steps_per_epoch = pipeline.steps_per_epoch(num_train, config.batch_size, shards)
-    if steps_per_epoch < 1:
-      raise ConfigError(f'batch_size={config.batch_size} is larger than the {num_train} training '
-                        'examples: lower --config.batch_size')
-    self.data_shards = shards
-    self.schedules = schedules_lib.make_schedules(config, steps_per_epoch)
-    self.normalization = objective.get_normalization(config.objective)
+    self.schedules = self.run.schedules  # reads the dataset's size: fails early on bad data
+    self.normalization = self.run.normalization
     optimizer = optim.make_optimizer(config.optim, self.schedules)
-    self.graphdef, _ = step_lib.build_graphdef(config, info.num_channels)
-    init_fn = step_lib.make_init_fn(config, info.num_channels, optimizer)
+    init_fn = step_lib.make_init_fn(config, self.run.in_channels, optimizer)
     self.init, self.state_shardings = step_lib.jit_init(init_fn, self.mesh,
                                                         config.mesh.fsdp_min_size)
     self.train_step = step_lib.jit_train_step(
@@ -81,12 +64,18 @@ class Trainer:
     standardise = self.normalization.standardise_teacher_embedding
     self.sweep_accumulate, self.gap_accumulate = sweep_lib.jit_sweep_fns(
         self.graphdef, standardise, self.state_shardings.teacher, self.mesh)
+    self.evaluators = Evaluators(self.run)
     self.abstract_state = jax.tree.map(
         lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                          sharding=leaf_sharding),
         jax.eval_shape(init_fn, 0), self.state_shardings)
-    self.checkpointer = checkpoint_lib.Checkpointer(
-        workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+
+  # The Run's parts, under the names the loop uses.
+  source = property(lambda self: self.run.source)
+  mesh = property(lambda self: self.run.mesh)
+  graphdef = property(lambda self: self.run.graphdef)
+  checkpointer = property(lambda self: self.run.checkpointer)
+  data_shards = property(lambda self: self.run.data_shards)
 
   @functools.cached_property
   def writer(self):
@@ -103,7 +92,8 @@ class Trainer:
     if state is None:
       return self.init(self.config.seed)
     step = int(state.step)
-    if meta['steps_per_epoch'] != self.schedules.steps_per_epoch:
+    # An imported checkpoint (step 0, written without reading a dataset) records no epoch size.
+    if meta['steps_per_epoch'] not in (None, self.schedules.steps_per_epoch):
       raise ConfigError(
           f"the checkpoint at step {step} has {meta['steps_per_epoch']} steps per epoch and this "
           f'run {self.schedules.steps_per_epoch} (the dataset changed): use a new --workdir')
@@ -116,18 +106,9 @@ class Trainer:
                  step, meta['epoch'], meta['step_in_epoch'])
     return state
 
-  def restore_teacher(self, step: int | None = None):
-    """(teacher parameters, step) from the latest or a given checkpoint, for evaluation."""
-    teacher, step = self.checkpointer.restore_teacher(self.abstract_state, self.config, step=step)
-    if teacher is None:
-      raise ConfigError(f'no readable checkpoint in {self.checkpointer.directory}: train first '
-                        'or pass the --workdir of a training run')
-    return teacher, step
-
   def save(self, state, step: int, *, force: bool = False):
-    spe = self.schedules.steps_per_epoch
-    meta = {'config': self.config.to_dict(), 'epoch': step // spe, 'step_in_epoch': step % spe,
-            'steps_per_epoch': spe, 'data_shards': self.data_shards}
+    meta = checkpoint_lib.position_meta(self.config, step, self.schedules.steps_per_epoch,
+                                        self.data_shards)
     self.checkpointer.save(step, state, meta, force=force)
 
   def _stop_requested(self, step: int) -> bool:
@@ -248,7 +229,7 @@ class Trainer:
       if self._stop_requested(step):
         self.save(state, step, force=True)
         self.checkpointer.wait()
-        raise Preempted(f'stopped at step {step} on request; the checkpoint is saved: rerun the '
+        raise checkpoint_lib.Preempted(f'stopped at step {step} on request; the checkpoint is saved: rerun the '
                         'same command to resume')
       if self.checkpointer.should_save(step):
         self.save(state, step)  # asynchronous: the files are written while training goes on
@@ -274,10 +255,10 @@ class Trainer:
         if start_step == 0 and self._sweep_due(epoch):
           state = self.run_sweep(state, epoch)
         state = self.train_epoch(state, epoch, start_step)
-        every = config.eval.every_epochs
-        if every and (epoch + 1) % every == 0 and epoch + 1 < config.num_epochs:
-          logging.info('epoch %d: %s', epoch, self.evaluate(state.teacher, (epoch + 1) * spe,
-                                                            with_linear=False))
+        if epoch + 1 < config.num_epochs:
+          periodic = self.evaluate(state.teacher, (epoch + 1) * spe, epochs_done=epoch + 1)
+          if periodic:
+            logging.info('epoch %d: %s', epoch, periodic)
       final_step = max(start, self.schedules.total_steps)
       if self.checkpointer.latest_step() != final_step:
         self.save(state, final_step, force=True)
@@ -289,17 +270,28 @@ class Trainer:
 
   # --------------------------------------------------------------------------- evaluation
 
-  def evaluate(self, teacher, step: int, with_linear: bool = True) -> dict:
-    results = protocol.evaluate_teacher(
-        self.graphdef, teacher, self.source, self.config, self.mesh,
-        self.state_shardings.teacher,
-        teacher_temp=float(self.schedules.teacher_temp(step)),
-        standardise=self.normalization.standardise_teacher_embedding, with_linear=with_linear)
-    results['step'] = int(step)
-    self.writer.write_scalars(results['step'], {
-        f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
-    self.writer.flush()
+  def evaluate(self, teacher, step: int, *, epochs_done: int | None = None) -> dict:
+    """The final evaluators (config.evals) on `teacher`, or with `epochs_done` the periodic ones
+    due then ({} if none); scalars also go to TensorBoard."""
+    results = evaluate(self.evaluators, teacher, step, self.run.teacher_temp(step),
+                       epochs_done=epochs_done)
+    if results:
+      self.writer.write_scalars(step, {
+          f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
+      self.writer.flush()
     return results
+
+
+def evaluate(evaluators: Evaluators, params, step: int, teacher_temp: float, *,
+             epochs_done: int | None = None) -> dict:
+  """The evaluation JSON of `params` at `step`: the evaluators' fields, the step and tau_t."""
+  if epochs_done is None:
+    results = evaluators.final(params, teacher_temp)
+  else:
+    results = evaluators.periodic(params, teacher_temp, epochs_done)
+  if results:
+    results.update(step=int(step), teacher_temp=teacher_temp)
+  return results
 
 
 def write_eval_json(results: dict, path: str):
@@ -311,10 +303,12 @@ def write_eval_json(results: dict, path: str):
 
 def _baselines(trainer: Trainer) -> dict:
   """The same probes on raw pixels and on the backbone at initialisation, for comparison."""
-  pixels = protocol.evaluate_pixels(trainer.source, trainer.config)
+  pixels = Evaluators(trainer.run, features='pixels', types=('knn', 'feature_probe'))
+  baselines = {f'pixels_{k}': v for k, v in pixels.final(None, 1.0).items()
+               if k in ('knn_top1', 'linear_top1')}
   init = trainer.evaluate(trainer.init(trainer.config.seed).teacher, 0)
-  baselines = {f'pixels_{k}': pixels[k] for k in ('knn_top1', 'linear_top1')}
-  baselines.update({f'init_{k}': init[k] for k in ('knn_top1', 'linear_top1', 'cluster_mi')})
+  baselines.update({f'init_{k}': init[k] for k in ('knn_top1', 'linear_top1', 'cluster_mi')
+                    if k in init})
   logging.info('baselines: %s', baselines)
   return baselines
 

@@ -35,7 +35,7 @@ def study(tmp_path_factory):
     config = tiny_config()
     config.data.name, config.data.path = 'folder', root
     config.num_epochs, config.batch_size = 2, 32
-    config.sweep_batch_size, config.eval.batch_size, config.eval.linear_epochs = 48, 64, 5
+    config.sweep_batch_size, config.eval.batch_size, config.eval.probe_epochs = 48, 64, 5
     config.eval.sweep_diagnostics = True
     config.objective.update(objective)
     workdir = os.path.join(study_dir, name)

@@ -38,7 +38,7 @@ def folder_run(tmp_path_factory):
   config.batch_size = 32
   config.sweep_batch_size = 48  # 120 train images: the last sweep batch is padded
   config.eval.batch_size = 64
-  config.eval.linear_epochs = 20
+  config.eval.probe_epochs = 20
   config.eval.baselines = True
   workdir = str(tmp_path_factory.mktemp('workdir'))
   results = train.train_and_evaluate(config, workdir)

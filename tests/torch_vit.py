@@ -66,10 +66,35 @@ class VisionTransformer(nn.Module):
     self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
     self.head = nn.Identity()
 
-  def forward(self, images):
+  def _embed(self, images):
     tokens = self.patch_embed(images)
     cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-    tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
+    return torch.cat([cls, tokens], dim=1) + self.pos_embed
+
+  def forward(self, images):
+    tokens = self._embed(images)
     for block in self.blocks:
       tokens = block(tokens)
     return self.norm(tokens)[:, 0]
+
+  def get_intermediate_layers(self, images, n=1):
+    """The whole token sequences after each of the last n blocks, each through `norm`."""
+    tokens = self._embed(images)
+    normed = []
+    for index, block in enumerate(self.blocks):
+      tokens = block(tokens)
+      if index >= len(self.blocks) - n:
+        normed.append(self.norm(tokens))
+    return normed
+
+
+def linear_eval_features(model, images, n_last_blocks=1, avgpool_patchtokens=False):
+  """DINO's linear-evaluation input: the CLS tokens of the last n normed layers side by side
+  (earliest first); with avgpool, the CLS feature and the patch-token mean of the last layer
+  alternate element by element, [cls_0, mean_0, cls_1, mean_1, ...]."""
+  layers = model.get_intermediate_layers(images, n_last_blocks)
+  features = torch.cat([layer[:, 0] for layer in layers], dim=-1)
+  if avgpool_patchtokens:
+    patch_mean = layers[-1][:, 1:].mean(dim=1)
+    features = torch.stack([features, patch_mean], dim=-1).flatten(1)
+  return features

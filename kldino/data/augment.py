@@ -10,6 +10,9 @@ Gaussian blur (p) -> solarisation (p, global view 2 only) -> (x - mean) / std.
 The views of one size are augmented together as a stack [n, S, S, C], each with its own random
 draws: one op per step for all of them instead of one per view keeps tf.data's per-op overhead,
 which dominates on small images, from multiplying by the number of crops.
+
+`linear_train_view` is the linear evaluation's training view (random resized crop, flip) and
+`center_view` the un-augmented view of evaluation.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import tensorflow as tf
 _LOG_ASPECT_RATIO = (math.log(3 / 4), math.log(4 / 3))
 _CROP_ATTEMPTS = 10  # then the whole image, as torchvision falls back after 10 tries
 _SOLARIZE_THRESHOLD = 0.5  # torchvision's 128 of 255
+LINEAR_SCALE = (0.08, 1.0)  # RandomResizedCrop's default scale, the linear evaluation's crops
 
 
 def _seeds(seed, num: int) -> list[tf.Tensor]:
@@ -190,6 +194,20 @@ def multi_crop(image_float01, seed, aug_config, mean: Sequence[float],
                             image_float01.shape[-1]])
   return {'global_crops': normalize(global_crops, mean, std),
           'local_crops': normalize(local_crops, mean, std)}
+
+
+def linear_train_view(image_float01, seed, *, size: int, scale: Sequence[float] = LINEAR_SCALE,
+                      flip: bool, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """The training view of the linear evaluation: [size, size, C], normalised.
+
+  torchvision's RandomResizedCrop(size, scale) (default scale (0.08, 1.0)) then, when `flip`, a
+  horizontal flip with probability 0.5, as in DINO's linear evaluation; the seed decides both.
+  """
+  crop_seed, flip_seed = _seeds(seed, 2)
+  views = _random_resized_crops(image_float01, crop_seed, 1, size, scale)
+  if flip:
+    views = tf.where(_coins(flip_seed, [0.5]), tf.reverse(views, axis=[2]), views)
+  return normalize(views[0], mean, std)
 
 
 def center_view(image_float01, size: int, mean: Sequence[float],

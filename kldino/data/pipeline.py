@@ -7,6 +7,8 @@ is augmented with a seed from (seed, epoch, index). A process reads only the sha
 resumed run (`start_step`) sees exactly the batches an uninterrupted run would have, and with a
 fixed `data.shards` so does a run on another number of processes (e.g. 1 process with shards=2
 sees the global batches of 2 processes).
+The linear evaluation's training batches (`linear_train_batches`) are made the same way, with
+one crop-and-flip view and the label of each example in place of the multi-crop views.
 Evaluation reads every example of a split exactly once over all processes; every process yields
 the same number of batches (padding masked out) so that collectives never wait on a process.
 
@@ -95,18 +97,33 @@ def _shuffle_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
 
 
+def _example_seed(config, epoch: int, index) -> tf.Tensor:
+  """The augmentation seed of an example in an epoch: a pure function of (seed, epoch, index)."""
+  return tf.random.experimental.stateless_fold_in(
+      tf.constant([config.seed, epoch], tf.int64), index)
+
+
 def _crops(example, *, config, epoch: int) -> dict:
-  seed = tf.random.experimental.stateless_fold_in(
-      tf.constant([config.seed, epoch], tf.int64), example['index'])
-  return augment.multi_crop(_float01(example['image']), seed, config.aug, config.data.mean,
-                            config.data.std)
+  return augment.multi_crop(_float01(example['image']),
+                            _example_seed(config, epoch, example['index']), config.aug,
+                            config.data.mean, config.data.std)
 
 
-def _shard_batches(source: Source, config, *, epoch: int, start_step: int, shard: int,
-                   shards: int, num_steps: int) -> tf.data.Dataset:
-  """Steps [start_step, num_steps) of one shard's part of the global batches."""
+def _linear_view(example, *, config, epoch: int, scale) -> dict:
+  image = augment.linear_train_view(
+      _float01(example['image']), _example_seed(config, epoch, example['index']),
+      size=config.data.image_size, scale=scale, flip=config.aug.flip, mean=config.data.mean,
+      std=config.data.std)
+  return {'image': image, 'label': tf.cast(example['label'], tf.int32),
+          'mask': tf.constant(True)}
+
+
+def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int, shard: int,
+                   shards: int, num_steps: int, batch_size: int) -> tf.data.Dataset:
+  """Steps [start_step, num_steps) of one shard's part of the global batches of `batch_size`:
+  the shard's examples in the epoch's shuffled order, each mapped by view(example, epoch=...)."""
   data = config.data
-  shard_batch = _local_batch(config.batch_size, shards)
+  shard_batch = _local_batch(batch_size, shards)
   shard_size = _shard_size(source, data.train_split, shard, shards)
   if shard_size == 0 and num_steps > 0:
     raise ValueError(f'data shard {shard} of {shards} has no examples of '
@@ -119,9 +136,9 @@ def _shard_batches(source: Source, config, *, epoch: int, start_step: int, shard
   # to the start of their own order rather than run fewer steps than the others.
   examples = examples.repeat().skip(start_step * shard_batch).take(
       (num_steps - start_step) * shard_batch)
-  crops = examples.map(functools.partial(_crops, config=config, epoch=epoch),
+  views = examples.map(functools.partial(view, epoch=epoch),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return crops.batch(shard_batch, drop_remainder=True)
+  return views.batch(shard_batch, drop_remainder=True)
 
 
 def _concat_shards(*parts):
@@ -139,24 +156,59 @@ def _process_batches(make_shard_batches, shards: int, process_index: int,
   return tf.data.Dataset.zip(tuple(parts)).map(_concat_shards)
 
 
+def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int,
+                   batch_size: int, process_index: int,
+                   process_count: int) -> Iterator[dict[str, np.ndarray]]:
+  """Steps [start_step, steps_per_epoch) of an epoch of the training split in global batches of
+  `batch_size`, each example mapped by `view`; this process's rows of each batch."""
+  data = config.data
+  shards = num_shards(data, process_count)
+  _local_batch(batch_size, shards)
+  num_steps = steps_per_epoch(source.num_examples(data.train_split), batch_size, shards)
+  if not 0 <= start_step <= num_steps:
+    raise ValueError(f'start_step={start_step} is outside the {num_steps} steps of an epoch: '
+                     f'resume from a step in [0, {num_steps}]')
+  batches = _process_batches(
+      lambda shard: _shard_batches(source, config, view, epoch=epoch, start_step=start_step,
+                                   shard=shard, shards=shards, num_steps=num_steps,
+                                   batch_size=batch_size),
+      shards, process_index, process_count)
+  return batches.prefetch(data.prefetch).as_numpy_iterator()
+
+
 def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
                   process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, steps_per_epoch) of an epoch: {'global_crops': float32 [b, 2, G, G, C],
   'local_crops': float32 [b, L, l, l, C]}, b = batch_size / process_count, the rows of this
   process's shards side by side (shard order)."""
-  data = config.data
-  shards = num_shards(data, process_count)
-  _local_batch(config.batch_size, shards)
-  num_steps = steps_per_epoch(source.num_examples(data.train_split), config.batch_size, shards)
-  if not 0 <= start_step <= num_steps:
-    raise ValueError(f'start_step={start_step} is outside the {num_steps} steps of an epoch: '
-                     f'resume from a step in [0, {num_steps}]')
-  batches = _process_batches(
-      lambda shard: _shard_batches(source, config, epoch=epoch, start_step=start_step,
-                                   shard=shard, shards=shards, num_steps=num_steps),
-      shards, process_index, process_count)
-  return batches.prefetch(data.prefetch).as_numpy_iterator()
+  return _epoch_batches(source, config, functools.partial(_crops, config=config), epoch=epoch,
+                        start_step=start_step, batch_size=config.batch_size,
+                        process_index=process_index, process_count=process_count)
+
+
+def linear_steps_per_epoch(source: Source, config, *, batch_size: int,
+                           process_count: int = 1) -> int:
+  """Steps of an epoch of linear_train_batches with global batch `batch_size`."""
+  return steps_per_epoch(source.num_examples(config.data.train_split), batch_size,
+                         num_shards(config.data, process_count))
+
+
+def linear_train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
+                         batch_size: int, scale=augment.LINEAR_SCALE, process_index: int = 0,
+                         process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Steps [start_step, linear_steps_per_epoch) of an epoch of the linear evaluation's training:
+  {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b] (all True)},
+  S = data.image_size, b = batch_size / process_count.
+
+  Each data shard's examples come in the shuffled order of train_batches' epoch (a function of
+  seed and epoch); each view is augment.linear_train_view (a random resized crop of `scale`,
+  then a flip when aug.flip) with the seed of (seed, epoch, example index).
+  """
+  view = functools.partial(_linear_view, config=config, scale=tuple(scale))
+  return _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
+                        batch_size=batch_size, process_index=process_index,
+                        process_count=process_count)
 
 
 def _center(example, *, data_config) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
-def _to_host(array) -> np.ndarray:
+def to_host(array) -> np.ndarray:
   """The whole array on the host; a global array spanning several processes is gathered first."""
   if isinstance(array, jax.Array) and not array.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
@@ -26,9 +26,9 @@ def extract_features(feature_fn, batches) -> tuple[np.ndarray, np.ndarray]:
   """
   features, labels = [], []
   for batch in batches:
-    batch_features = _to_host(feature_fn(batch))
-    batch_labels = _to_host(batch['label'])
-    keep = _to_host(batch['mask']).astype(bool)
+    batch_features = to_host(feature_fn(batch))
+    batch_labels = to_host(batch['label'])
+    keep = to_host(batch['mask']).astype(bool)
     if not batch_features.shape[0] == batch_labels.shape[0] == keep.shape[0]:
       raise ValueError(f'batch rows differ: features {batch_features.shape[0]}, labels '
                        f'{batch_labels.shape[0]}, mask {keep.shape[0]}')

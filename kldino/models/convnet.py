@@ -71,7 +71,8 @@ class ResNet(nnx.Module):
 
   def __init__(self, *, widths, depths, strides, bottleneck: bool, large_stem: bool,
                groups: int, drop_path_rate: float = 0.0, in_channels: int, remat: bool = False,
-               rngs: nnx.Rngs):
+               model_name: str = 'ResNet', rngs: nnx.Rngs):
+    self.model_name = model_name
     self.in_channels = in_channels
     self.large_stem = large_stem
     self.remat = remat
@@ -101,6 +102,25 @@ class ResNet(nnx.Module):
     x = run_blocks(self.blocks, x, drop_key, remat=self.remat)
     return self.norm(jnp.mean(x, axis=(1, 2)))
 
+  def _check_feature_options(self, n_last_blocks: int, avgpool_patchtokens: bool):
+    if n_last_blocks != 1 or avgpool_patchtokens:
+      raise ValueError(
+          'eval.n_last_blocks / eval.avgpool_patchtokens apply to ViTs only: model '
+          f'{self.model_name} has one pooled feature, got n_last_blocks={n_last_blocks!r}, '
+          f'avgpool_patchtokens={avgpool_patchtokens!r}: set eval.n_last_blocks=1 and '
+          'eval.avgpool_patchtokens=False')
+
+  def feature_dim(self, n_last_blocks: int = 1, avgpool_patchtokens: bool = False) -> int:
+    """The width of `features(...)`: num_features (only the ViT options' defaults apply)."""
+    self._check_feature_options(n_last_blocks, avgpool_patchtokens)
+    return self.num_features
+
+  def features(self, images: jax.Array, *, n_last_blocks: int = 1,
+               avgpool_patchtokens: bool = False) -> jax.Array:
+    """The evaluation feature, `__call__`'s; the ViT options must keep their defaults."""
+    self._check_feature_options(n_last_blocks, avgpool_patchtokens)
+    return self(images)
+
 
 CONVNET_SIZES = {
     # ~0.69M parameters; 16x16 -> 16, 8, 4 (8x8 local crops -> 8, 4, 2).
@@ -117,8 +137,8 @@ def _register_convnet(name: str, size: dict):
   @register_backbone(name)
   def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs):
     del patch_size, image_size, stem  # convolutions take any size; the stem is fixed
-    return ResNet(drop_path_rate=drop_path_rate, in_channels=in_channels, remat=remat, rngs=rngs,
-                  **size)
+    return ResNet(drop_path_rate=drop_path_rate, in_channels=in_channels, remat=remat,
+                  model_name=name, rngs=rngs, **size)
 
 
 for _name, _size in CONVNET_SIZES.items():

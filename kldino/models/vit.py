@@ -146,16 +146,64 @@ class ViT(nnx.Module):
       raise ValueError(f'image size {height}x{width} is not a multiple of patch_size='
                        f'{self.patch_size}: resize or crop the images to a multiple')
 
-  def __call__(self, images: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
+  def _embed(self, images: jax.Array) -> jax.Array:
+    """images -> tokens [B, 1 + h * w, dim] entering the first block (CLS first)."""
     self._check_images(images)
     patches = self.patch_embed(images)
     batch, grid_height, grid_width, dim = patches.shape
     cls_tokens = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim))
     tokens = jnp.concatenate([cls_tokens, patches.reshape(batch, -1, dim)], axis=1)
-    tokens = tokens + self.position_embedding(grid_height, grid_width)
-    tokens = run_blocks(self.blocks, tokens, drop_key, remat=self.remat)
+    return tokens + self.position_embedding(grid_height, grid_width)
+
+  def block_outputs(self, images: jax.Array) -> list[jax.Array]:
+    """The token sequences [B, 1 + h * w, dim] after each block, first block first, before the
+    final norm (deterministic: no stochastic depth)."""
+    tokens = self._embed(images)
+    outputs = []
+    for block in self.blocks:
+      tokens = block(tokens)
+      outputs.append(tokens)
+    return outputs
+
+  def __call__(self, images: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
+    tokens = run_blocks(self.blocks, self._embed(images), drop_key, remat=self.remat)
     # The final norm is per token, so normalising only the CLS token gives the same result.
     return self.norm(tokens[:, 0])
+
+  def _check_feature_options(self, n_last_blocks: int, avgpool_patchtokens: bool):
+    depth = len(self.blocks)
+    if isinstance(n_last_blocks, bool) or not isinstance(n_last_blocks, int) or not (
+        1 <= n_last_blocks <= depth):
+      raise ValueError(f'eval.n_last_blocks={n_last_blocks!r} must be an integer from 1 to the '
+                       f'ViT depth {depth}: change eval.n_last_blocks')
+    if avgpool_patchtokens and n_last_blocks != 1:
+      raise ValueError(f'eval.avgpool_patchtokens=True needs eval.n_last_blocks=1 (as DINO), got '
+                       f'{n_last_blocks}: set eval.n_last_blocks=1 or '
+                       'eval.avgpool_patchtokens=False')
+
+  def feature_dim(self, n_last_blocks: int = 1, avgpool_patchtokens: bool = False) -> int:
+    """The width of `features(...)` with these options, without running the model."""
+    self._check_feature_options(n_last_blocks, avgpool_patchtokens)
+    return n_last_blocks * self.num_features * (2 if avgpool_patchtokens else 1)
+
+  def features(self, images: jax.Array, *, n_last_blocks: int = 1,
+               avgpool_patchtokens: bool = False) -> jax.Array:
+    """DINO's linear-evaluation feature [B, feature_dim(...)].
+
+    The CLS tokens of the last `n_last_blocks` blocks, each through the final norm, concatenated
+    earliest block first. With `avgpool_patchtokens` (n_last_blocks 1) the normed CLS and the
+    mean of the normed patch tokens are interleaved: [cls_0, avg_0, cls_1, avg_1, ...].
+    (1, False) is `__call__`'s feature.
+    """
+    self._check_feature_options(n_last_blocks, avgpool_patchtokens)
+    if n_last_blocks == 1 and not avgpool_patchtokens:
+      return self(images)
+    last = self.block_outputs(images)[-n_last_blocks:]
+    if not avgpool_patchtokens:
+      return jnp.concatenate([self.norm(tokens[:, 0]) for tokens in last], axis=-1)
+    normed = self.norm(last[-1])
+    pooled = jnp.stack([normed[:, 0], jnp.mean(normed[:, 1:], axis=1)], axis=-1)
+    return pooled.reshape(normed.shape[0], -1)
 
 
 VIT_SIZES = {

@@ -1,0 +1,157 @@
+"""DINO's linear evaluation protocol as pure functions: heads, optimiser, train and eval steps.
+
+The protocol of the official DINO linear evaluation (eval_linear.py), for a frozen backbone:
+  * a linear classifier on the frozen features, Linear(F, C), its weight drawn from N(0, 0.01^2)
+    (standard deviation 0.01) and its bias zero;
+  * cross-entropy loss, the mean over the batch;
+  * SGD with momentum 0.9 in PyTorch's form (buf = momentum * buf + grad; p -= lr * buf; no
+    dampening, no Nesterov) and no weight decay;
+  * lr = base_lr * global_batch / 256, annealed by CosineAnnealingLR(T_max=epochs, eta_min=0)
+    that DINO steps once per epoch, so the lr is constant within an epoch:
+    lr_e = lr * (1 + cos(pi * e / epochs)) / 2 in epoch e (0-based);
+  * top-1 and top-5 accuracy on the eval split (top-5 counts a label among the 5 largest logits).
+As in DINOv2's linear evaluation, several heads, one per base learning rate, are trained at once
+on the features of one backbone pass: their parameters are stacked along a leading head axis H.
+Each head's gradient is that of its own mean cross-entropy, so the heads train independently.
+
+Batches are {'image', 'label', 'mask'}; rows with mask False (padding) count in no loss, gradient
+or accuracy. Nothing here does I/O or chooses shardings: the caller jits the steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+INIT_STD = 0.01  # the standard deviation of DINO's linear classifier weights
+REFERENCE_BATCH = 256  # lr = base_lr * global_batch / REFERENCE_BATCH
+TOP_K = 5
+
+FeatureFn = Callable[..., jax.Array]  # (backbone_params, images [B, ...]) -> features [B, F]
+
+
+def init_heads(key, learning_rates: Sequence[float], feature_dim: int,
+               num_classes: int) -> dict[str, jax.Array]:
+  """One linear head per learning rate, stacked: {'kernel': [H, F, C], 'bias': [H, C]}.
+
+  Each kernel entry is drawn independently from N(0, INIT_STD^2); the biases are zero.
+  """
+  num_heads = len(learning_rates)
+  kernel = INIT_STD * jax.random.normal(key, (num_heads, feature_dim, num_classes), jnp.float32)
+  return {'kernel': kernel, 'bias': jnp.zeros((num_heads, num_classes), jnp.float32)}
+
+
+def scaled_learning_rates(learning_rates: Sequence[float], batch_size: int) -> jax.Array:
+  """[H] learning rates of epoch 0: base_lr * global batch / 256."""
+  return jnp.asarray(learning_rates, jnp.float32) * (batch_size / REFERENCE_BATCH)
+
+
+def epoch_cosine(step, *, steps_per_epoch: int, epochs: int) -> jax.Array:
+  """The lr factor at a step: (1 + cos(pi * epoch / epochs)) / 2, epoch = step // steps_per_epoch.
+
+  This is CosineAnnealingLR(T_max=epochs, eta_min=0) stepped once per epoch.
+  """
+  epoch = jnp.asarray(step) // steps_per_epoch
+  return 0.5 * (1.0 + jnp.cos(math.pi * epoch.astype(jnp.float32) / epochs))
+
+
+def _scale_by_head(factors: jax.Array) -> optax.GradientTransformation:
+  """Multiplies head h's updates by factors[h] (leaves have the head axis first)."""
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    def scale(update):
+      per_head = factors.reshape((-1,) + (1,) * (update.ndim - 1))
+      return (per_head * update).astype(update.dtype)
+    return jax.tree.map(scale, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(learning_rates: Sequence[float], *, batch_size: int, steps_per_epoch: int,
+                   epochs: int, momentum: float = 0.9) -> optax.GradientTransformation:
+  """SGD with momentum for stacked heads, head h with lr learning_rates[h] * batch_size / 256.
+
+  `batch_size` is the global batch. The update at step t (0-based) is
+  -lr_h * epoch_cosine(t) * buf_t with buf_t = momentum * buf_{t-1} + grad_t and buf_{-1} = 0:
+  PyTorch's SGD(momentum, dampening=0, nesterov=False, weight_decay=0), whose first step sets
+  the buffer to the gradient, with the lr of the current epoch.
+  """
+  if steps_per_epoch < 1 or epochs < 1:
+    raise ValueError(f'steps_per_epoch={steps_per_epoch} and epochs={epochs} must both be '
+                     'positive: the linear evaluation needs at least one step')
+  lrs = scaled_learning_rates(learning_rates, batch_size)
+  return optax.chain(
+      optax.trace(decay=momentum, nesterov=False),
+      _scale_by_head(-lrs),
+      optax.scale_by_schedule(
+          lambda step: epoch_cosine(step, steps_per_epoch=steps_per_epoch, epochs=epochs)))
+
+
+def head_logits(heads, features) -> jax.Array:
+  """[H, B, C] logits of every head for features [B, F], in float32."""
+  features = features.astype(jnp.float32)
+  logits = jnp.einsum('bf,hfc->hbc', features, heads['kernel'],
+                      precision=jax.lax.Precision.HIGHEST)
+  return logits + heads['bias'][:, None, :]
+
+
+def head_losses(heads, features, labels, mask) -> jax.Array:
+  """[H]: each head's mean cross-entropy over the rows where mask is True (0 if there are none)."""
+  logits = head_logits(heads, features)
+  labels = jnp.broadcast_to(labels.astype(jnp.int32), logits.shape[:2])
+  per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [H, B]
+  weights = mask.astype(jnp.float32)
+  return (per_row * weights).sum(axis=1) / jnp.maximum(weights.sum(), 1.0)
+
+
+def loss_fn(heads, features, labels, mask) -> jax.Array:
+  """The sum over heads of head_losses: head h's gradient is that of its own mean CE."""
+  return head_losses(heads, features, labels, mask).sum()
+
+
+def make_train_step(feature_fn: FeatureFn, optimizer: optax.GradientTransformation):
+  """train_step(heads, opt_state, backbone_params, batch) -> (heads, opt_state, metrics).
+
+  The backbone is frozen: its features are computed under stop_gradient and only the heads
+  change. metrics is an [H] array: each head's mean cross-entropy on the batch before the update.
+  """
+  def objective(heads, features, labels, mask):
+    losses = head_losses(heads, features, labels, mask)
+    return losses.sum(), losses
+
+  def train_step(heads, opt_state, backbone_params, batch):
+    features = jax.lax.stop_gradient(feature_fn(backbone_params, batch['image']))
+    grads, losses = jax.grad(objective, has_aux=True)(heads, features, batch['label'],
+                                                      batch['mask'])
+    updates, opt_state = optimizer.update(grads, opt_state, heads)
+    return optax.apply_updates(heads, updates), opt_state, losses
+
+  return train_step
+
+
+def make_eval_step(feature_fn: FeatureFn):
+  """eval_step(heads, backbone_params, batch) -> {'top1': [H], 'top5': [H], 'count': []}.
+
+  Counts (int32) over the rows where mask is True: top1 = rows whose largest logit is the label,
+  top5 = rows whose label is among the 5 largest logits (with fewer than 5 classes, among all of
+  them, so every row), count = the rows. Accuracy = top1 / count summed over the eval batches.
+  """
+  def eval_step(heads, backbone_params, batch):
+    features = feature_fn(backbone_params, batch['image'])
+    logits = head_logits(heads, features)
+    num_classes = logits.shape[-1]
+    _, top = jax.lax.top_k(logits, min(TOP_K, num_classes))  # [H, B, k], largest first
+    hits = top == batch['label'].astype(top.dtype)[None, :, None]
+    mask = batch['mask'][None, :]
+    return {'top1': (hits[..., 0] & mask).sum(axis=1, dtype=jnp.int32),
+            'top5': (hits.any(axis=-1) & mask).sum(axis=1, dtype=jnp.int32),
+            'count': batch['mask'].sum(dtype=jnp.int32)}
+
+  return eval_step
