@@ -1,4 +1,6 @@
 """Importing official DINO PyTorch ViT weights: every tensor in the right place and layout."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,3 +141,27 @@ def test_import_refuses_the_wrong_architecture_and_a_used_workdir(imported_workd
   config.model.name = 'vit_micro'
   with pytest.raises(ConfigError, match='shape'):
     commands.import_dino(config, str(tmp_path / 'other'), import_from=path)
+
+
+def test_import_export_and_array_features_read_no_dataset(tmp_path):
+  """import, export and features of --inputs need the config and the weights only: an
+  unprepared TFDS dataset (as imagenet2012 before its preparation) is never opened."""
+  model = _torch_vit(seed=4)
+  path = str(tmp_path / 'vit.pth')
+  torch.save(model.state_dict(), path)
+  config = smoke_config()
+  config.data.name = 'imagenet2012'
+  config.data.data_dir = str(tmp_path / 'no_tfds_here')
+  workdir = str(tmp_path / 'run')
+  commands.import_dino(config, workdir, import_from=path)
+  exported = commands.export_teacher(config, workdir, step=None,
+                                     output=str(tmp_path / 'backbone.npz'))
+  with np.load(exported['export']) as arrays:
+    np.testing.assert_array_equal(arrays['norm/scale'], model.state_dict()['norm.weight'].numpy())
+  images = _images(seed=5, count=3)
+  np.save(str(tmp_path / 'x.npy'), images)
+  result = commands.dump_features(config, workdir, step=None, output=str(tmp_path / 'f.npy'),
+                                  split=None, inputs=str(tmp_path / 'x.npy'))
+  np.testing.assert_allclose(np.load(result['features']), _torch_features(model, images),
+                             atol=1e-5, rtol=1e-5)
+  assert not os.path.exists(config.data.data_dir)

@@ -20,9 +20,9 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from kldino import objective
-from kldino.evaluate.features import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,13 @@ def build_bank(batch_features: Callable, batches: Iterable[dict]) -> FeatureBank
   return FeatureBank(features=join_on_devices(features), labels=join_on_devices(labels),
                      valid=valid_bank, num_examples=int(jnp.sum(valid_bank)),
                      num_batches=len(features))
+
+
+def to_host(array) -> np.ndarray:
+  """The whole array on this host; a global array spanning several processes is gathered."""
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(jax.device_get(array))
 
 
 def _split_order(rows: np.ndarray, bank: FeatureBank) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""Feature banks: joined on each device without moving rows, back in the split's order on the
+host (masked rows dropped), across processes too; cluster statistics against numpy.
+
+Run as a script, this file is one process of the two-process test below.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kldino import sharding
+from kldino.evaluate import bank as bank_lib
+
+ROWS_PER_PROCESS = 8
+
+
+def _mesh(devices=None):
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices), 1), sharding.BATCH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+
+
+def _global_batches(masks, mesh):
+  """Batches whose row i of batch j has id = running position; features [id, -id]."""
+  start, batches = 0, []
+  for mask in masks:
+    ids = np.arange(start, start + len(mask))
+    start += len(mask)
+    local = {'image': np.stack([ids, -ids], axis=1).astype(np.float32),
+             'label': (ids % 5).astype(np.int32), 'mask': np.asarray(mask)}
+    batches.append(sharding.global_batch(local, mesh))
+  return batches
+
+
+def test_bank_keeps_rows_on_their_devices_and_host_order_is_the_splits():
+  mesh = _mesh()
+  rng = np.random.default_rng(0)
+  masks = [rng.random(16) < 0.7 for _ in range(5)]
+  batches = _global_batches(masks, mesh)
+  bank = bank_lib.build_bank(lambda batch: batch['image'] * 1.0, batches)
+  assert bank.features.shape == (80, 2) and bank.num_batches == 5
+  assert bank.num_examples == int(np.sum(np.concatenate(masks)))
+  # Each device's block holds exactly the rows it computed, batch after batch.
+  for shard in bank.features.addressable_shards:
+    expected = np.concatenate([np.asarray(s.data) for batch in batches
+                               for s in batch['image'].addressable_shards
+                               if s.device == shard.device])
+    np.testing.assert_array_equal(np.asarray(shard.data), expected)
+  features, labels = bank_lib.host_features(bank)
+  kept = np.flatnonzero(np.concatenate(masks))
+  np.testing.assert_array_equal(features, np.stack([kept, -kept], axis=1))
+  np.testing.assert_array_equal(labels, kept % 5)
+  assert features.dtype == np.float32 and labels.dtype == np.int32
+
+
+def test_empty_split_is_refused():
+  with pytest.raises(ValueError, match='no batch'):
+    bank_lib.build_bank(lambda batch: batch['image'], [])
+
+
+def test_cluster_statistics_equal_numpy():
+  rng = np.random.default_rng(1)
+  temperature, num_prototypes = 0.1, 12
+  batches = [(rng.standard_normal((8, num_prototypes)).astype(np.float32), rng.random(8) < 0.8)
+             for _ in range(3)]
+  sums = bank_lib.init_cluster_sums(num_prototypes)
+  for logits, mask in batches:
+    sums = bank_lib.add_cluster_sums(sums, jnp.asarray(logits), jnp.asarray(mask), temperature)
+  stats = bank_lib.cluster_statistics(sums)
+  logits = np.concatenate([l for l, m in batches])[np.concatenate([m for l, m in batches])]
+  z = logits.astype(np.float64) / temperature
+  probs = np.exp(z - z.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  mean = probs.mean(axis=0)
+  marginal = -np.sum(mean * np.log(mean))
+  conditional = -np.mean(np.sum(probs * np.log(probs), axis=1))
+  assert stats['cluster_mi'] == pytest.approx(marginal - conditional, abs=1e-5)
+  assert stats['effective_clusters'] == pytest.approx(np.exp(marginal), rel=1e-5)
+
+
+def run_process(port, process_id):
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                             process_id=process_id)
+  mesh = _mesh()
+  batches = []
+  for step in range(3):
+    ids = np.arange(2 * ROWS_PER_PROCESS * step, 2 * ROWS_PER_PROCESS * (step + 1))
+    local_ids = ids[process_id * ROWS_PER_PROCESS:(process_id + 1) * ROWS_PER_PROCESS]
+    # Multiples of 3 are padding, and process 1 has run out of data in the last batch.
+    mask = (local_ids % 3 != 0) & ~(step == 2 and process_id == 1)
+    local = {'image': local_ids[:, None].astype(np.float32), 'label': local_ids.astype(np.int32),
+             'mask': mask}
+    batches.append(sharding.global_batch(local, mesh))
+  bank = bank_lib.build_bank(lambda batch: 10 * batch['image'], batches)
+  features, labels = bank_lib.host_features(bank)
+  print('labels', labels.tolist(), 'features', (features[:, 0] / 10).astype(int).tolist())
+
+
+def free_port():
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    return probe.getsockname()[1]
+
+
+def test_host_features_gather_across_processes():
+  port = free_port()
+  # Two devices per process, so that each process also holds several blocks of the bank.
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  workers = [subprocess.Popen([sys.executable, __file__, str(port), str(process_id)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for process_id in range(2)]
+  try:
+    outputs = [worker.communicate(timeout=180)[0] for worker in workers]
+  finally:
+    for worker in workers:
+      worker.kill()
+  expected = [i for i in range(48) if i % 3 and not 40 <= i < 48]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output
+    assert f'labels {expected} features {expected}' in output
+
+
+if __name__ == '__main__':
+  run_process(port=int(sys.argv[1]), process_id=int(sys.argv[2]))

@@ -1,0 +1,64 @@
+"""Named evaluators from config.evals: the registry, the choice of entries, and their refusals."""
+import pytest
+
+from kldino import optim, schedules, step
+from kldino.config_checks import ConfigError
+from kldino.evaluate import evaluators as evaluators_lib
+from kldino.registry import Registry
+from kldino.run import Run
+from tests.helpers import tiny_config
+
+
+def test_registry_refuses_duplicates_and_names_the_choices():
+  registry = Registry('thing', key='things.type')
+  registry.register('a')(object)
+  with pytest.raises(ValueError, match="'a' is registered twice"):
+    registry.register('a')(object)
+  with pytest.raises(ValueError, match="unknown things.type 'b': choose one of a"):
+    registry.get('b')
+  assert 'a' in registry and list(registry) == ['a']
+
+
+def _config():
+  config = tiny_config()
+  config.batch_size = config.eval.batch_size = 64
+  return config
+
+
+def _teacher(run):
+  optimizer = optim.make_optimizer(run.config.optim, schedules.make_schedules(run.config, 1))
+  init, _ = step.jit_init(step.make_init_fn(run.config, run.in_channels, optimizer), run.mesh, 1)
+  return init(0).teacher
+
+
+def test_unknown_type_is_refused_before_anything_runs(tmp_path):
+  config = _config()
+  config.evals.knn.type = 'knnn'
+  with pytest.raises(ConfigError, match="evals.knn: unknown evals.<name>.type 'knnn': choose "
+                                        'one of clusters, feature_probe, knn'):
+    evaluators_lib.Evaluators(Run(config, str(tmp_path)))
+
+
+def test_feature_probe_that_would_not_fit_the_host_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setattr(evaluators_lib, 'FEATURE_PROBE_MAX_BYTES', 1000)
+  with pytest.raises(ConfigError, match='--mode=linear_eval'):
+    evaluators_lib.Evaluators(Run(_config(), str(tmp_path)))
+
+
+def test_periodic_runs_the_entries_due_and_final_every_final_one(tmp_path):
+  config = _config()
+  config.eval.knn_k = (5, 20)
+  config.evals.knn.every_epochs = 2
+  config.evals.linear_probe.final = False
+  run = Run(config, str(tmp_path))
+  evaluators = evaluators_lib.Evaluators(run)
+  teacher = _teacher(run)
+  assert evaluators.periodic(teacher, 0.04, epochs_done=3) == {}
+  periodic = evaluators.periodic(teacher, 0.04, epochs_done=4)
+  assert set(periodic) == {'knn_top1', 'knn_top1_k5', 'knn_top1_k20'}
+  assert periodic['knn_top1'] == periodic['knn_top1_k20']
+  final = evaluators.final(teacher, 0.04)
+  assert set(final) == {'knn_top1', 'knn_top1_k5', 'knn_top1_k20', 'cluster_mi',
+                        'effective_clusters', 'num_train', 'num_eval'}
+  assert final['knn_top1_k5'] == periodic['knn_top1_k5']
+  assert (final['num_train'], final['num_eval']) == (1347, 450)
