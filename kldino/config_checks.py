@@ -1,6 +1,8 @@
 """Cheap checks of a config, run before anything expensive starts: one clear line per problem."""
 from __future__ import annotations
 
+import math
+
 from kldino import objective
 from kldino.models import validate_model_config
 
@@ -40,7 +42,8 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
            f'{num_processes} processes')
   for key, value in (('batch_size', config.batch_size),
                      ('sweep_batch_size', config.sweep_batch_size),
-                     ('eval.batch_size', config.eval.batch_size)):
+                     ('eval.batch_size', config.eval.batch_size),
+                     ('eval.linear_batch_size', config.eval.linear_batch_size)):
     _require(value % shards == 0,
              f'{key}={value} must be a multiple of the {shards} data shards (data.shards): '
              'change either')
@@ -64,7 +67,42 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
            f'model.num_prototypes={config.model.num_prototypes} must be >= 2')
   _require(config.eval.knn_temperature > 0,
            f'eval.knn_temperature={config.eval.knn_temperature} must be > 0')
+  _validate_eval(config, num_devices)
   _require(config.data.name != 'folder' or bool(config.data.path),
            "data.name='folder' needs --config.data.path=ROOT (ROOT/<split>/<class>/<image>)")
   _require(len(config.data.mean) == len(config.data.std),
            'data.mean and data.std must have one value per channel')
+
+
+def _positive_finite(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _validate_eval(config, num_devices: int):
+  """The evaluation keys: eval.* and the config.evals entries."""
+  eval_config = config.eval
+  ks = eval_config.knn_k if isinstance(eval_config.knn_k, (tuple, list)) else (eval_config.knn_k,)
+  _require(len(ks) >= 1 and all(isinstance(k, int) and k >= 1 for k in ks),
+           f'eval.knn_k={eval_config.knn_k} must be one k >= 1 or a tuple of them, e.g. '
+           '(10, 20, 100, 200)')
+  _require(eval_config.n_last_blocks >= 1,
+           f'eval.n_last_blocks={eval_config.n_last_blocks} must be >= 1')
+  _require(not eval_config.avgpool_patchtokens or eval_config.n_last_blocks == 1,
+           'eval.avgpool_patchtokens=True works with eval.n_last_blocks=1 (as in DINO): set '
+           'one of them back')
+  lrs = tuple(eval_config.linear_lrs) or (eval_config.linear_lr,)
+  _require(all(_positive_finite(lr) for lr in lrs),
+           f'eval.linear_lr / eval.linear_lrs = {lrs}: every learning rate must be finite and > 0')
+  for key in ('linear_epochs', 'probe_epochs'):
+    _require(eval_config[key] >= 1, f'eval.{key}={eval_config[key]} must be >= 1')
+  _require(eval_config.linear_batch_size >= 1 and eval_config.linear_batch_size % num_devices == 0,
+           f'eval.linear_batch_size={eval_config.linear_batch_size} must be a positive multiple '
+           f'of the {num_devices} devices')
+  low, high = eval_config.linear_crop_scale
+  _require(0 < low <= high <= 1, f'eval.linear_crop_scale={tuple(eval_config.linear_crop_scale)} '
+           'must satisfy 0 < low <= high <= 1 (fractions of the image area)')
+  for name, entry in config.evals.items():
+    _require(isinstance(entry.get('type'), str) and isinstance(entry.get('final'), bool)
+             and isinstance(entry.get('every_epochs'), int) and entry.every_epochs >= 0,
+             f'evals.{name} must have type (an evaluator name), every_epochs (>= 0: 0 is not '
+             'during training) and final (True or False)')

@@ -157,8 +157,9 @@ class _Loop:
           if self._stop or self.checkpointer.reached_preemption(step):
             self.save(state, step, force=True)
             self.checkpointer.wait()
-            raise checkpoint_lib.Preempted(f'linear_eval stopped at step {step} on request; the heads '
-                                    'are saved: rerun the same command to resume')
+            raise checkpoint_lib.Preempted(
+                f'linear_eval stopped at step {step} on request; the heads are saved: rerun the '
+                'same command to resume')
           if self.checkpointer.should_save(step):
             self.save(state, step)
       if self.checkpointer.latest_step() != self.total_steps:

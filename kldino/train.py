@@ -229,8 +229,8 @@ class Trainer:
       if self._stop_requested(step):
         self.save(state, step, force=True)
         self.checkpointer.wait()
-        raise checkpoint_lib.Preempted(f'stopped at step {step} on request; the checkpoint is saved: rerun the '
-                        'same command to resume')
+        raise checkpoint_lib.Preempted(f'stopped at step {step} on request; the checkpoint is '
+                                       'saved: rerun the same command to resume')
       if self.checkpointer.should_save(step):
         self.save(state, step)  # asynchronous: the files are written while training goes on
     return state

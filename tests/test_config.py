@@ -22,9 +22,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('model.num_prototypes', 1, 'num_prototypes'),
     ('model.name', 'vit_gigantic', "unknown model 'vit_gigantic'"),
     ('objective.normalization', 'whiten', "unknown objective.normalization 'whiten'"),
+    ('eval.knn_k', (10, 0), 'eval.knn_k=(10, 0) must be one k >= 1 or a tuple of them'),
+    ('eval.n_last_blocks', 0, 'eval.n_last_blocks=0 must be >= 1'),
+    ('eval.avgpool_patchtokens', True, 'eval.avgpool_patchtokens=True works with '
+                                       'eval.n_last_blocks=1'),
+    ('eval.linear_lrs', (1e-3, float('nan')), 'every learning rate must be finite and > 0'),
+    ('eval.linear_lr', -1e-3, 'every learning rate must be finite and > 0'),
+    ('eval.linear_batch_size', 100, 'eval.linear_batch_size=100 must be a positive multiple'),
+    ('eval.linear_epochs', 0, 'eval.linear_epochs=0 must be >= 1'),
+    ('eval.linear_crop_scale', (0.5, 0.1), 'must satisfy 0 < low <= high <= 1'),
 ])
 def test_bad_values_are_refused_with_one_line(key, value, fragment):
   config = base_config()
+  if key == 'eval.avgpool_patchtokens':
+    config.eval.n_last_blocks = 4
   section, _, name = key.rpartition('.')
   (config[section] if section else config)[name] = value
   with pytest.raises(ConfigError) as error:

@@ -14,7 +14,7 @@ from kldino import convert_dino
 from kldino.config_checks import ConfigError
 from kldino.models.registry import build_backbone
 from kldino.train import Trainer
-from tests.torch_vit import VisionTransformer
+from tests.torch_vit import VisionTransformer, linear_eval_features
 
 IMAGE, PATCH, DIM, DEPTH, HEADS, CHANNELS = 16, 4, 32, 2, 2, 1  # vit_nano, as configs/smoke.py
 
@@ -165,3 +165,20 @@ def test_import_export_and_array_features_read_no_dataset(tmp_path):
   np.testing.assert_allclose(np.load(result['features']), _torch_features(model, images),
                              atol=1e-5, rtol=1e-5)
   assert not os.path.exists(config.data.data_dir)
+
+
+@pytest.mark.parametrize('n_last_blocks, avgpool', [(2, False), (1, True)])
+def test_features_mode_gives_dinos_linear_eval_features(imported_workdir, tmp_path,
+                                                        n_last_blocks, avgpool):
+  model, workdir, _, _ = imported_workdir
+  config = smoke_config()
+  config.eval.n_last_blocks, config.eval.avgpool_patchtokens = n_last_blocks, avgpool
+  images = _images(seed=6, count=4)
+  np.save(str(tmp_path / 'x.npy'), images)
+  result = commands.dump_features(config, workdir, step=None, output=str(tmp_path / 'f.npy'),
+                                  split=None, inputs=str(tmp_path / 'x.npy'))
+  with torch.no_grad():
+    expected = linear_eval_features(model, torch.from_numpy(images).permute(0, 3, 1, 2),
+                                    n_last_blocks, avgpool).numpy()
+  assert result['feature_dim'] == 2 * DIM
+  np.testing.assert_allclose(np.load(result['features']), expected, atol=1e-5, rtol=1e-5)
