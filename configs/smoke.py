@@ -20,4 +20,5 @@ def get_config(arg=None):
   config.aug.num_local = 2
   config.mesh.fsdp_min_size = 1  # shard every parameter when mesh.fsdp > 1
   config.eval.probe_epochs = 10
+  config.eval.linear_batch_size = 256
   return config

@@ -100,6 +100,8 @@ def dump_features(config, workdir: str, *, step: int | None, output: str | None,
                       'jax.distributed (one host)')
   run = Run(config, workdir)
   images = _load_inputs(inputs, run.in_channels) if inputs else None
+  if not inputs:
+    run.source  # pylint: disable=pointless-statement  # a bad dataset fails before any reading
   teacher, step = run.restore_teacher(step)
   if inputs:
     features, labels = _array_features(run, teacher, images), None

@@ -192,6 +192,7 @@ class _Loop:
 
 def linear_eval(run, *, step: int | None, output: str | None) -> dict:
   """Train and score the heads on the teacher of `step` (default: the latest checkpoint)."""
+  run.source  # pylint: disable=pointless-statement  # a bad dataset fails before anything is read
   teacher, backbone_step = run.restore_teacher(step)
   loop = _Loop(run, backbone_step)
   started = time.time()

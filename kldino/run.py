@@ -47,8 +47,13 @@ class Run:
       self.data_shards = pipeline.num_shards(config.data, jax.process_count())
     except ValueError as error:
       raise ConfigError(str(error)) from None
-    self.checkpointer = checkpoint_lib.Checkpointer(
-        workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+
+  @functools.cached_property
+  def checkpointer(self) -> checkpoint_lib.Checkpointer:
+    """The workdir's checkpoints, opened on first use (after the cheap checks of the data)."""
+    config = self.config
+    return checkpoint_lib.Checkpointer(
+        self.workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
 
   @functools.cached_property
   def source(self) -> datasets.Source:
