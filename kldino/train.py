@@ -62,7 +62,7 @@ class Trainer:
         step_lib.make_train_step(self.graphdef, config, self.schedules, optimizer),
         self.state_shardings, self.mesh)
     standardise = self.normalization.standardise_teacher_embedding
-    self.sweep_accumulate, self.gap_accumulate = sweep_lib.jit_sweep_fns(
+    self.sweep_accumulate, self.gap_accumulate, self.drift_accumulate = sweep_lib.jit_sweep_fns(
         self.graphdef, standardise, self.state_shardings.teacher, self.mesh)
     self.evaluators = Evaluators(self.run)
     self.abstract_state = jax.tree.map(
@@ -129,27 +129,40 @@ class Trainer:
         process_count=jax.process_count())
 
   def run_sweep(self, state, epoch: int):
-    """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15), then
-    measure the Jensen gap with it (over `objective.gap_examples` examples, 0: all)."""
+    """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15), at the
+    mean teacher temperature of the steps it will serve (kldino/sweep.py:period_temperatures),
+    then measure the Jensen gap with it (over `objective.gap_examples` examples, 0: all) and,
+    during a temperature warm-up, how far the targets drift from those of the exact prior."""
     # The last train steps may still be queued: wait for them, or the sweep's time includes them.
     jax.block_until_ready(state.teacher)
     start = time.time()
-    teacher_temp = self.schedules.teacher_temp(state.step)
+    step = int(state.step)
+    period_end = min(step + self.config.objective.prior_every_epochs
+                     * self.schedules.steps_per_epoch, self.schedules.total_steps)
+    temps = sweep_lib.period_temperatures(self.schedules.teacher_temp, step, period_end)
     replicated = sharding.replicated(self.mesh)  # as the jitted outputs: one compile, not two
-    sums = jax.device_put(sweep_lib.init_sums(self.config.model.num_prototypes), replicated)
+    sums = jax.device_put(sweep_lib.init_sums(self.config.model.num_prototypes, len(temps)),
+                          replicated)
     for batch in self._sweep_batches():
       sums = self.sweep_accumulate(sums, state.teacher, sharding.global_batch(batch, self.mesh),
-                                   teacher_temp)
-    summary = sweep_lib.summarise(sums, self.config.objective.prior_eps)
+                                   temps)
+    eps = self.config.objective.prior_eps
+    summary = sweep_lib.summarise(sums, eps)
     gap_sums = jax.device_put(sweep_lib.init_gap_sums(), replicated)
+    drift_sums = jax.device_put(sweep_lib.init_drift_sums(), replicated)
+    log_priors = jnp.stack([sweep_lib.summarise(sums, eps, row)['log_prior']
+                            for row in range(len(temps))])
     gap_examples = self.config.objective.gap_examples
     gap_batches = -(-gap_examples // self.config.sweep_batch_size) if gap_examples else None
     for batch in itertools.islice(self._sweep_batches(), gap_batches):
-      gap_sums = self.gap_accumulate(gap_sums, state.teacher,
-                                     sharding.global_batch(batch, self.mesh), teacher_temp,
+      batch = sharding.global_batch(batch, self.mesh)
+      gap_sums = self.gap_accumulate(gap_sums, state.teacher, batch, temps[0],
                                      summary['log_prior'], summary['mean_logits'])
+      if len(temps) > 1:
+        drift_sums = self.drift_accumulate(drift_sums, state.teacher, batch, temps, log_priors)
     # The head's own unit prototypes, so that the 'centered' mode is measured as it is used.
     unit = forward.unit_prototypes(self.graphdef, state.teacher)
+    drift_count = jnp.maximum(drift_sums['count'], 1.0)
     sweep_metrics = {
         'sweep/effective_clusters': summary['effective_clusters'],
         'sweep/prior_entropy': summary['prior_entropy'],
@@ -157,16 +170,23 @@ class Trainer:
         'sweep/jensen_gap': gap_sums['gap_sum'] / gap_sums['count'],
         'sweep/prototype_mean_norm': jnp.linalg.norm(jnp.mean(unit, axis=1)),
         'sweep/examples': summary['count'],
-        'sweep/teacher_temp': teacher_temp,
+        'sweep/teacher_temp': temps[0],
+        # KL(targets with the exact prior || targets with the one used), per image, at the
+        # period's first and last steps; and at its last step for a prior measured at the first
+        # step's temperature. All 0 when the temperature is constant over the period.
+        'sweep/prior_temp_drift': jnp.maximum(drift_sums['first'], drift_sums['last'])
+                                  / drift_count,
+        'sweep/prior_temp_drift_if_first_temp': drift_sums['first_temp'] / drift_count,
     }
     sweep_metrics = {k: float(v) for k, v in jax.device_get(sweep_metrics).items()}
     sweep_metrics['sweep/seconds'] = time.time() - start  # after device_get: the real duration
-    self.writer.write_scalars(int(state.step), sweep_metrics)
+    self.writer.write_scalars(step, sweep_metrics)
     logging.info('prior sweep before epoch %d: %d examples, effective clusters %.1f, '
-                 'empty %.1f%%, Jensen gap %.4f, %.1fs', epoch, sweep_metrics['sweep/examples'],
-                 sweep_metrics['sweep/effective_clusters'],
+                 'empty %.1f%%, Jensen gap %.4f, tau_t %.4f (drift %.2e), %.1fs', epoch,
+                 sweep_metrics['sweep/examples'], sweep_metrics['sweep/effective_clusters'],
                  100 * sweep_metrics['sweep/empty_cluster_fraction'],
-                 sweep_metrics['sweep/jensen_gap'], sweep_metrics['sweep/seconds'])
+                 sweep_metrics['sweep/jensen_gap'], sweep_metrics['sweep/teacher_temp'],
+                 sweep_metrics['sweep/prior_temp_drift'], sweep_metrics['sweep/seconds'])
     if not self._prior_update_due(epoch):  # a diagnostic sweep: measured, not used
       return state
     norm_state = {**state.norm_state, 'log_prior': summary['log_prior']}

@@ -32,7 +32,7 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
   init, shardings = step.jit_init(step.make_init_fn(config, 1, optim.make_optimizer(
       config.optim, scheds)), mesh, config.mesh.fsdp_min_size)
   teacher = init(0).teacher
-  accumulate, _ = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
+  accumulate, _, _ = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
   images = np.random.default_rng(0).standard_normal((num_examples, 16, 16, 1)).astype(np.float32)
   temp = 0.07
   sums = sweep.init_sums(config.model.num_prototypes)
@@ -44,7 +44,7 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
       jax.device_get(teacher), images))
   probs = np_softmax(logits / temp)
   assert sums['count'] == num_examples
-  np.testing.assert_allclose(sums['prob_sum'], probs.sum(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(sums['prob_sum'][0], probs.sum(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(sums['logit_sum'], logits.sum(0), rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(sums['assignments'],
                                 np.bincount(logits.argmax(-1), minlength=logits.shape[1]))
@@ -53,3 +53,51 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
   np.testing.assert_allclose(np.exp(summary['log_prior']), prior / prior.sum(), rtol=1e-4)
   np.testing.assert_allclose(summary['empty_cluster_fraction'],
                              np.mean(np.bincount(logits.argmax(-1), minlength=16) == 0))
+
+
+def test_period_temperatures_mean_first_last():
+  constant = schedules.linear_warmup_then_constant(0.04, 0.04, 0)
+  np.testing.assert_allclose(sweep.period_temperatures(constant, 10, 20), [0.04])
+  warmup = schedules.linear_warmup_then_constant(0.04, 0.07, 30)
+  temps = 0.04 + 0.03 * np.minimum(np.arange(20, 40), 30) / 30  # steps 20..39
+  np.testing.assert_allclose(sweep.period_temperatures(warmup, 20, 40),
+                             [temps.mean(), temps[0], temps[-1]], rtol=1e-6)
+  # After the warm-up the temperature is constant: one temperature again.
+  np.testing.assert_allclose(sweep.period_temperatures(warmup, 30, 40), [0.07])
+
+
+def test_prior_rows_and_drift_equal_numpy():
+  config = tiny_config(head_norm='layer')
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, _ = step.build_graphdef(config, in_channels=1)
+  init, shardings = step.jit_init(step.make_init_fn(config, 1, optim.make_optimizer(
+      config.optim, schedules.make_schedules(config, 10))), mesh, config.mesh.fsdp_min_size)
+  teacher = init(0).teacher
+  accumulate, _, drift_accumulate = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
+  images = np.random.default_rng(2).standard_normal((21, 16, 16, 1)).astype(np.float32)
+  temps = np.asarray([0.05, 0.04, 0.07], np.float32)
+  sums = sweep.init_sums(config.model.num_prototypes, len(temps))
+  batches = [sharding.global_batch(batch, mesh) for batch in padded_batches(images, 16)]
+  for batch in batches:
+    sums = accumulate(sums, teacher, batch, temps)
+  logits = np.asarray(jax.jit(lambda p, x: forward.teacher_logits(graphdef, p, x))(
+      jax.device_get(teacher), images)).astype(np.float64)
+  log_priors = []
+  for row, temp in enumerate(temps):
+    np.testing.assert_allclose(np.asarray(sums['prob_sum'])[row],
+                               np_softmax(logits / temp).sum(0), rtol=1e-4, atol=1e-5)
+    log_priors.append(np.asarray(sweep.summarise(sums, 1e-6, row)['log_prior'], np.float64))
+  drift = sweep.init_drift_sums()
+  for batch in batches:
+    drift = drift_accumulate(drift, teacher, batch, temps, np.asarray(log_priors, np.float32))
+
+  def kl(temp, exact_row, used_row):
+    exact = np_softmax(logits / temp - log_priors[exact_row])
+    used = np_softmax(logits / temp - log_priors[used_row])
+    return np.sum(exact * (np.log(exact) - np.log(used)))
+  drift = jax.device_get(drift)
+  assert drift['count'] == len(images)
+  np.testing.assert_allclose(drift['first'], kl(temps[1], 1, 0), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(drift['last'], kl(temps[2], 2, 0), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(drift['first_temp'], kl(temps[2], 2, 1), rtol=1e-3, atol=1e-6)
+  assert drift['first_temp'] > drift['last'] > 0
