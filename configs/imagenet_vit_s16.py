@@ -1,11 +1,21 @@
 """DINO's ViT-S/16 ImageNet-1k recipe (100 epochs), with the paper's inverse-prior teacher.
 
-Hyper-parameters as in the official DINO (NOTES.md): AdamW lr 5e-4 per 256 images, warmup 10
-epochs, cosine weight decay 0.04 -> 0.4, teacher momentum 0.996 -> 1, tau_t 0.04 -> 0.07 over 30
-epochs, tau_s 0.1, per-parameter clipping at 3.0, drop path 0.1, prototypes frozen in epoch 0,
-2 x 224 + 8 x 96 crops, head 2048 / 256 / K = 65536 without normalisation layers. The teacher
-normalisation is the prior from a full-dataset sweep every epoch (override
-`--config.objective.normalization=center` for DINO itself).
+Every value is the official run's: `python -m torch.distributed.launch --nproc_per_node=8
+main_dino.py --arch vit_small` (README, "Vanilla DINO training"), i.e. main_dino.py's argparse
+defaults on 8 GPUs x 64 images (tests/test_recipe.py checks each against its source): AdamW, lr
+5e-4 per 256 images (1e-3 at batch 512) after a 10-epoch linear warmup, cosine to 1e-6; weight
+decay 0.04 -> 0.4 (cosine); teacher momentum 0.996 -> 1 (cosine); teacher temperature 0.04
+throughout (warmup_teacher_temp = teacher_temp = 0.04, no warmup epochs); student temperature
+0.1; each parameter's gradient clipped to norm 3.0; the last layer frozen in epoch 0; drop path
+0.1; 2 x 224 crops of scale (0.4, 1) and 8 x 96 of scale (0.05, 0.4) with DataAugmentationDINO's
+flip / colour jitter / grayscale / blur / solarisation; head 2048 -> 2048 -> 256 with GELU, no
+normalisation layers, DINO's init, K = 65536 weight-normalised prototypes with the norm fixed at 1
+(norm_last_layer). DINO's longer "boosted" run is configs/imagenet_vit_s16_boost.py.
+
+The one kldino choice: the teacher's normalisation is the prior from a full-dataset sweep every
+epoch; `--config.objective.normalization=center` gives DINO itself (centering, momentum 0.9).
+DINO trains in fp16 autocast; this recipe computes in float32 (`--config.model.compute_dtype=
+bfloat16` for mixed precision, as configs/imagenet_scale.py does).
 
     python -m kldino.main --config=configs/imagenet_vit_s16.py --workdir=gs://BUCKET/run \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
@@ -48,17 +58,20 @@ def get_config(arg=None):
   config.model.head_hidden_dim = 2048
   config.model.head_bottleneck_dim = 256
   config.model.head_num_layers = 3
-  config.model.head_norm = 'none'
+  config.model.head_norm = 'none'   # DINO: use_bn_in_head False
+  config.model.head_init = 'dino'   # MLP kernels normal(0, .02), zero biases
   config.model.prototypes = 'learned'
-  config.model.prototype_init_std = 0.02
+  config.model.prototype_init_std = 0.0  # DINO's nn.Linear default: uniform(+-1/sqrt(256))
+  config.model.norm_last_layer = True
 
   config.objective.normalization = 'prior'
   config.objective.prior_source = 'sweep'
   config.objective.prior_every_epochs = 1
+  config.objective.center_momentum = 0.9  # for normalization=center (DINO's)
   config.objective.student_temp = 0.1
   config.objective.warmup_teacher_temp = 0.04
-  config.objective.teacher_temp = 0.07
-  config.objective.warmup_teacher_temp_epochs = 30
+  config.objective.teacher_temp = 0.04
+  config.objective.warmup_teacher_temp_epochs = 0
 
   config.optim.lr = 5e-4
   config.optim.min_lr = 1e-6

@@ -204,7 +204,7 @@ def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str =
 def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_shardings,
                 steps: int, profile_dir: str = '') -> dict:
   standardise = objective.get_normalization(config.objective).standardise_teacher_embedding
-  accumulate, gap_accumulate = sweep_lib.jit_sweep_fns(graphdef, standardise,
+  accumulate, gap_accumulate, _ = sweep_lib.jit_sweep_fns(graphdef, standardise,
                                                        teacher_shardings, mesh)
   size, b = config.data.image_size, config.sweep_batch_size
   batch = jax.device_put(

@@ -55,7 +55,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.head_num_layers = 3
   config.model.head_norm = 'batch'  # 'none' (DINO), 'batch' or 'layer' inside the head MLP
   config.model.prototypes = 'learned'  # 'learned', 'fixed' or 'centered'
+  # The head's init. 'dino' is DINO's (the ImageNet recipes): MLP kernels normal(0, .02) (DINO's
+  # trunc_normal_, whose +-2 bounds never bite) and zero biases. 'lecun' (this digits default):
+  # LeCun-normal kernels, which keep the logits' spread at init comparable with tau_t on small
+  # data, where DINO's init leaves the centered targets nearly uniform.
+  config.model.head_init = 'lecun'  # 'dino' or 'lecun'
+  # The raw prototype directions (only their unit columns enter the logits, but their norm sets
+  # the step of each update): 0 = DINO's, nn.Linear's uniform(+-1/sqrt(head_bottleneck_dim));
+  # > 0 = a normal with this std (the digits runs: 1.0).
   config.model.prototype_init_std = 1.0
+  # DINO's --norm_last_layer: True = the prototypes' norm is fixed at 1 (logits are cosines);
+  # False = a learnable gain g_k per prototype, init 1 (DINO's weight_g), logits g_k cos(z, w_k);
+  # needs prototypes='learned'. Frozen with the prototypes (optim.freeze_prototypes_epochs), as
+  # DINO freezes its whole last layer.
+  config.model.norm_last_layer = True
 
   config.objective = ml_collections.ConfigDict()
   config.objective.normalization = 'prior'  # prior | center | sinkhorn | teacher_bn | none

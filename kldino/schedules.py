@@ -20,9 +20,14 @@ def cosine_interpolation(start: float, end: float, num_steps: int) -> Callable:
   return schedule
 
 
-def linear_warmup_then_constant(start: float, end: float, num_steps: int) -> Callable:
+def epoch_warmup_then_constant(start: float, end: float, warmup_epochs: int,
+                               steps_per_epoch: int) -> Callable:
+  """DINO's teacher-temperature schedule: constant within an epoch, linspace(start, end,
+  warmup_epochs)[epoch] during the warm-up (so `end` in its last epoch), then `end`."""
   def schedule(step):
-    return jnp.where(step < num_steps, start + (end - start) * step / max(num_steps, 1), end)
+    epoch = jnp.asarray(step) // steps_per_epoch
+    fraction = jnp.minimum(epoch / max(warmup_epochs - 1, 1), 1.0)
+    return jnp.where(epoch < warmup_epochs, start + (end - start) * fraction, end)
   return schedule
 
 
@@ -49,9 +54,9 @@ def make_schedules(config, steps_per_epoch: int) -> Schedules:
       weight_decay=cosine_interpolation(optim.weight_decay, optim.weight_decay_end, total_steps),
       teacher_momentum=cosine_interpolation(
           optim.teacher_momentum, optim.teacher_momentum_end, total_steps),
-      teacher_temp=linear_warmup_then_constant(
+      teacher_temp=epoch_warmup_then_constant(
           objective.warmup_teacher_temp, objective.teacher_temp,
-          objective.warmup_teacher_temp_epochs * steps_per_epoch),
+          objective.warmup_teacher_temp_epochs, steps_per_epoch),
       total_steps=total_steps,
       steps_per_epoch=steps_per_epoch,
   )

@@ -16,6 +16,7 @@ from flax import nnx
 
 from kldino import forward
 from kldino import objective
+from kldino import optim
 from kldino import sharding
 from kldino.models import build_model
 
@@ -60,12 +61,6 @@ def jit_init(init_fn, mesh, min_shard_size: int):
   return jax.jit(init_fn, static_argnums=0, out_shardings=shardings), shardings
 
 
-def _freeze_prototypes(updates, frozen):
-  head = updates['head']
-  prototypes = jnp.where(frozen, jnp.zeros_like(head['prototypes']), head['prototypes'])
-  return {**updates, 'head': {**head, 'prototypes': prototypes}}
-
-
 def make_train_step(graphdef, config, schedules, optimizer):
   normalization = objective.get_normalization(config.objective)
   standardise = normalization.standardise_teacher_embedding
@@ -91,11 +86,12 @@ def make_train_step(graphdef, config, schedules, optimizer):
           targets.reshape(teacher_logits.shape), student_logits, objective_config.student_temp)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.student)
-    # DINO cancels the prototypes' gradient in epoch 0; 'fixed' prototypes never learn.
+    # DINO cancels the prototypes' gradient in epoch 0 (PyTorch's AdamW then skips them: no
+    # step count, moments or weight decay; kldino/optim.py); 'fixed' prototypes never learn.
     frozen = jnp.logical_or(fixed_prototypes, step < frozen_steps)
-    grads = _freeze_prototypes(grads, frozen)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
-    student = optax.apply_updates(state.student, _freeze_prototypes(updates, frozen))
+    grads = optim.zero_prototypes(grads, frozen)  # a frozen parameter has no gradient
+    student, opt_state = optim.apply_gradients(
+        optimizer, state.student, state.opt_state, grads, frozen)
     momentum = schedules.teacher_momentum(step)
     teacher = optax.incremental_update(student, state.teacher, 1.0 - momentum)
     norm_state = normalization.update(

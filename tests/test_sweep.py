@@ -56,14 +56,16 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
 
 
 def test_period_temperatures_mean_first_last():
-  constant = schedules.linear_warmup_then_constant(0.04, 0.04, 0)
+  constant = schedules.epoch_warmup_then_constant(0.04, 0.04, 0, 10)
   np.testing.assert_allclose(sweep.period_temperatures(constant, 10, 20), [0.04])
-  warmup = schedules.linear_warmup_then_constant(0.04, 0.07, 30)
-  temps = 0.04 + 0.03 * np.minimum(np.arange(20, 40), 30) / 30  # steps 20..39
-  np.testing.assert_allclose(sweep.period_temperatures(warmup, 20, 40),
-                             [temps.mean(), temps[0], temps[-1]], rtol=1e-6)
-  # After the warm-up the temperature is constant: one temperature again.
-  np.testing.assert_allclose(sweep.period_temperatures(warmup, 30, 40), [0.07])
+  # 4 warm-up epochs of 10 steps: 0.04, 0.05, 0.06, 0.07, then 0.07.
+  warmup = schedules.epoch_warmup_then_constant(0.04, 0.07, 4, 10)
+  # Within one epoch the temperature is constant (a prior pass every epoch never drifts).
+  np.testing.assert_allclose(sweep.period_temperatures(warmup, 10, 20), [0.05], rtol=1e-6)
+  temps = np.repeat([0.05, 0.06, 0.07, 0.07], 10)  # steps 10..49
+  np.testing.assert_allclose(sweep.period_temperatures(warmup, 10, 50),
+                             [temps.mean(), 0.05, 0.07], rtol=1e-6)
+  np.testing.assert_allclose(sweep.period_temperatures(warmup, 30, 50), [0.07])
 
 
 def test_prior_rows_and_drift_equal_numpy():

@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 
 from flax import nnx
 
-from kldino.models.head import DINOHead, HEAD_NORMS, PROTOTYPE_MODES
+from kldino.models.head import DINOHead, HEAD_INITS, HEAD_NORMS, PROTOTYPE_MODES
 
 
 class BackboneEntry(NamedTuple):
@@ -47,6 +47,14 @@ def _compute_dtype(model_config) -> str:
   return model_config.get('compute_dtype', 'float32')
 
 
+def _head_options(model_config) -> dict:
+  # Model configs written before these keys existed used LeCun-normal MLP kernels, normal
+  # prototypes of std prototype_init_std, and unit prototypes (no gain): build what they built.
+  return dict(init=model_config.get('head_init', 'lecun'),
+              prototype_init_std=float(model_config.get('prototype_init_std', 1.0)),
+              norm_last_layer=bool(model_config.get('norm_last_layer', True)))
+
+
 def validate_model_config(model_config, *, image_sizes=()):
   """The cheap checks of `config.model`, without building anything; one line per problem."""
   entry = _backbone_entry(model_config.name)
@@ -60,6 +68,16 @@ def validate_model_config(model_config, *, image_sizes=()):
            f"{', '.join(PROTOTYPE_MODES)}")
   _require(model_config.head_num_layers >= 1,
            f'model.head_num_layers={model_config.head_num_layers} must be >= 1')
+  head = _head_options(model_config)
+  _require(head['init'] in HEAD_INITS,
+           f"unknown model.head_init '{head['init']}': choose one of {', '.join(HEAD_INITS)}")
+  _require(head['prototype_init_std'] >= 0,
+           f"model.prototype_init_std={head['prototype_init_std']} must be 0 (DINO's uniform "
+           '+-1/sqrt(bottleneck)) or the std (> 0) of a normal init')
+  _require(head['norm_last_layer'] or model_config.prototypes == 'learned',
+           "model.norm_last_layer=False (a learned gain per prototype) needs "
+           f"model.prototypes='learned', not '{model_config.prototypes}': 'fixed' prototypes "
+           "must not change and 'centered' ones must stay unit vectors")
   compute_dtype = _compute_dtype(model_config)
   _require(compute_dtype in COMPUTE_DTYPES,
            f"unknown model.compute_dtype '{compute_dtype}': choose one of "
@@ -108,5 +126,5 @@ def build_model(model_config, *, in_channels: int, image_size: int,
       bottleneck_dim=model_config.head_bottleneck_dim,
       num_layers=model_config.head_num_layers, num_prototypes=model_config.num_prototypes,
       norm=model_config.head_norm, prototypes=model_config.prototypes,
-      prototype_init_std=model_config.prototype_init_std, rngs=rngs)
+      **_head_options(model_config), rngs=rngs)
   return DINOModel(backbone, head, _compute_dtype(model_config))
