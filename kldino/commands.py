@@ -10,6 +10,8 @@ the first one) and writes its result to a file:
                  split, or of a float32 NHWC .npy of already-preprocessed images -> .npy
     export       its parameters -> .npz (format in kldino/export.py)
     import       an official DINO PyTorch ViT checkpoint -> a step-0 checkpoint of this workdir
+    preview      the evaluation views and training crops of a split's first images -> PNGs
+                 (kldino/preview.py); reads the dataset, not the workdir
 
 import, export and features of --inputs read no dataset: the config and the weights suffice.
 """
@@ -29,6 +31,7 @@ from kldino import export as export_lib
 from kldino import forward
 from kldino import linear_eval_loop
 from kldino import optim
+from kldino import preview as preview_lib
 from kldino import schedules as schedules_lib
 from kldino import sharding
 from kldino import step as step_lib
@@ -189,3 +192,17 @@ def import_dino(config, workdir: str, *, import_from: str) -> dict:
                run.checkpointer.directory)
   return {'import': import_from, 'checkpoint': run.checkpointer.directory, 'step': 0,
           'tensors': len(state_dict)}
+
+
+@MODES.register('preview')
+def preview(config, workdir: str, *, output: str, split: str | None, num_images: int) -> dict:
+  del workdir  # the preview reads the config's data only
+  run = Run(config, output)
+  split = split or config.data.eval_split
+  try:
+    run.source.num_examples(split)
+  except ValueError as error:
+    raise ConfigError(f'--split={split}: {error}') from None
+  if jax.process_index() != 0:
+    return {}
+  return preview_lib.write_preview(run.source, config, split, num_images, output)

@@ -11,6 +11,7 @@ go to stderr. The other modes (kldino/commands.py) read a checkpoint of DIR:
     --mode=features [--step=N] [--split=test | --inputs=X.npy] [--output=F.npy]
     --mode=export   [--step=N] [--output=FILE.npz]
     --mode=import   --import_from=FILE.pth --config=CONFIG   (writes DIR's step-0 checkpoint)
+    --mode=preview  --output=OUT [--split=S] [--num_images=N]  (the input as the model sees it)
 
 and print one JSON line saying what they wrote. Without --config they use DIR/config.json.
 """
@@ -30,14 +31,17 @@ from kldino import host_memory
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
 _MODE = flags.DEFINE_enum('mode', 'train',
-                          ['train', 'eval', 'linear_eval', 'features', 'export', 'import'],
+                          ['train', 'eval', 'linear_eval', 'features', 'export', 'import',
+                           'preview'],
                           'What to do.')
 _STEP = flags.DEFINE_integer('step', None, 'eval/features/export: the checkpoint step '
                              '(default: the latest readable one).')
 _OUTPUT = flags.DEFINE_string('output', None, 'eval: JSON path (default DIR/eval.json); '
                               'linear_eval: JSON path (default DIR/linear_eval.json); '
                               'features: .npy path; export: .npz path.')
-_SPLIT = flags.DEFINE_string('split', None, 'features: the split (default data.eval_split).')
+_SPLIT = flags.DEFINE_string('split', None, 'features, preview: the split (default '
+                             'data.eval_split).')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'preview: how many images of the split.')
 _INPUTS = flags.DEFINE_string('inputs', None, 'features: a .npy of float32 NHWC images, already '
                               'preprocessed (no augmentation, no resizing).')
 _IMPORT_FROM = flags.DEFINE_string('import_from', None, 'import: an official DINO .pth file.')
@@ -75,6 +79,12 @@ def _mode_kwargs(mode):
     if not _IMPORT_FROM.value:
       sys.exit('kldino: --mode=import needs --import_from=FILE.pth')
     return {'import_from': _IMPORT_FROM.value}
+  if mode == 'preview':
+    if not _OUTPUT.value:
+      sys.exit('kldino: --mode=preview needs --output=DIR (where the PNGs and index.json go)')
+    if _NUM_IMAGES.value < 1:
+      sys.exit(f'kldino: --num_images={_NUM_IMAGES.value} must be >= 1')
+    return {'output': _OUTPUT.value, 'split': _SPLIT.value, 'num_images': _NUM_IMAGES.value}
   kwargs = {'step': _STEP.value, 'output': _OUTPUT.value}
   if mode == 'features':
     kwargs.update(split=_SPLIT.value, inputs=_INPUTS.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, Iterable, Mapping
 
 import tensorflow as tf
@@ -45,6 +46,17 @@ class Source:
   info: DatasetInfo
   # (split, start, stop) -> examples [start, stop) of the split as {'image', 'label'}; stop > start
   read_range: Callable[[str, int, int], tf.data.Dataset]
+  # (split, count) -> the absolute paths of the split's first `count` images, for sources that
+  # read files; None: images are named by their dataset key (`name:split[index]`).
+  read_paths: Callable[[str, int], list[str]] | None = None
+  name: str = ''
+
+  def file_names(self, split: str, count: int) -> list[str]:
+    """Names of the first `count` images of a split: file paths, or dataset keys."""
+    count = min(count, self.num_examples(split))
+    if self.read_paths is not None:
+      return self.read_paths(split, count)
+    return [f'{self.name}:{split}[{index}]' for index in range(count)]
 
   def num_examples(self, split: str) -> int:
     if split not in self.info.num_examples:
@@ -112,7 +124,8 @@ def _tfds_source(builder) -> Source:
       num_classes=builder.info.features['label'].num_classes,
       num_channels=builder.info.features['image'].shape[-1],
       num_examples={name: split.num_examples for name, split in builder.info.splits.items()})
-  return Source(info=info, read_range=functools.partial(_read_tfds_range, builder))
+  return Source(info=info, read_range=functools.partial(_read_tfds_range, builder),
+                name=builder.info.name)
 
 
 def _prepare_digits(data_dir: str | None):
@@ -195,4 +208,13 @@ def _folder_source(data_config) -> Source:
   num_channels = _folder_channels(builder, data_config.train_split)
   info = DatasetInfo(num_classes=builder.info.features['label'].num_classes,
                      num_channels=num_channels, num_examples=num_examples)
-  return Source(info=info, read_range=functools.partial(_read_folder_range, builder, num_channels))
+  return Source(info=info, read_range=functools.partial(_read_folder_range, builder, num_channels),
+                read_paths=functools.partial(_folder_paths, builder, root), name='folder')
+
+
+def _folder_paths(builder, root: str, split: str, count: int) -> list[str]:
+  """Absolute paths of a split's first images: ROOT/<split>/<class>/<file name>."""
+  label_names = builder.info.features['label'].names
+  return [os.path.abspath(os.path.join(root, split, label_names[int(example['label'])],
+                                       example['image/filename'].decode()))
+          for example in tfds.as_numpy(_raw_folder_split(builder, split).take(count))]

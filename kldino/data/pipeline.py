@@ -249,3 +249,17 @@ def eval_batches(source: Source, split: str, config, *, batch_size: int, process
                                         shard_batch=shard_batch, num_batches=num_batches),
       shards, process_index, process_count)
   return batches.prefetch(config.data.prefetch).as_numpy_iterator()
+
+
+def preview_views(source: Source, split: str, config, num_images: int) -> Iterator[dict]:
+  """The first `num_images` examples of a split, in evaluation order, as the model sees them:
+  {'eval': [S, S, C], 'global_crops', 'local_crops' (epoch 0's augmentation), normalised;
+  'label', 'file' (the source's name of the image)}."""
+  examples = _examples(source, split, config, 0, 1).take(num_images)
+
+  def views(example):
+    return {'eval': _center(example, data_config=config.data)['image'],
+            **_crops(example, config=config, epoch=0), 'label': example['label']}
+  names = source.file_names(split, num_images)
+  for name, example in zip(names, examples.map(views).as_numpy_iterator()):
+    yield {**example, 'file': name}
