@@ -2,6 +2,7 @@
 to the machine's peak.
 
     python -m kldino.bench --preset=tiny32 [--steps=10] [--json]
+    python -m kldino.bench --preset=input --config=CONFIG [--config.KEY=VALUE ...] [--json]
 
 Measured after warm-up (compilation and two runs), over `--steps` runs with no host
 synchronisation inside the timed loop: the train step (time, images/s where an image counts with
@@ -14,6 +15,13 @@ The peak is, on CPU, the best float32 matmul rate measured in the same run (so M
 like with like on this machine); on GPU/TPU, the device kind's dense bf16 peak from a table.
 Presets use random inputs for the step and the sweep, float32, and exactly the shapes below, so
 that they can be compared with the official DINO implementation.
+
+`--preset=input` measures the host input pipeline alone on a config's own data: the training
+batches the trainer reads (pipeline.train_batches: read, decode, multi-crop augmentation,
+batching, normalisation), over as many epochs as the timed batches need, after warm-up (the
+first batches, which also compile the augmentation and fill a small dataset's cache).
+`input_images_per_sec` counts an image with all its crops; `input_cpu_ms_per_image` is the
+process's CPU time (all threads) per image, which does not depend on what else the machine runs.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from kldino import host_memory
 from kldino import objective
@@ -41,8 +50,13 @@ from kldino import step as step_lib
 from kldino import sweep as sweep_lib
 from kldino.defaults import base_config
 
-_PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits')
-_STEPS = flags.DEFINE_integer('steps', 10, 'timed runs of the step (and of the sweep batch)')
+_PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits | input')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, '--preset=input: the experiment config (get_config()) whose training input '
+    'to measure, e.g. configs/imagenet_vit_s16.py with --config.data.name=folder '
+    '--config.data.path=ROOT')
+_STEPS = flags.DEFINE_integer('steps', 10, 'timed runs of the step (and of the sweep batch); '
+                             '--preset=input: timed batches')
 _JSON = flags.DEFINE_bool('json', False, 'end with one JSON line of the results')
 _PROFILE = flags.DEFINE_string(
     'profile', '', 'trace the step and the sweep into this folder and report where the time '
@@ -235,19 +249,49 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
           **profile}
 
 
+def input_rates(source, config, steps: int, warmup: int = 2) -> tuple[float, float]:
+  """(images/s, process CPU seconds per image) of pipeline.train_batches over `steps` batches
+  after `warmup` batches, epoch after epoch as training reads them."""
+  from kldino.data import pipeline  # pylint: disable=g-import-not-at-top
+  def batches():
+    for epoch in range(2**31):
+      yield from pipeline.train_batches(source, config, epoch=epoch)
+  stream = batches()
+  for _ in range(warmup):  # builds and warms the pipeline (and fills its cache)
+    next(stream)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    next(stream)
+  images = steps * config.batch_size
+  return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
+
+
 def bench_input(config, steps: int) -> float:
-  """Images/s of the multi-crop pipeline on the digits, resized to the preset's size."""
-  from kldino.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  """Images/s of the multi-crop pipeline on the digits, upscaled to the preset's image size."""
+  from kldino.data import datasets  # pylint: disable=g-import-not-at-top
   data_config = config.copy_and_resolve_references()
   data_config.data.update(name='digits', mean=(0.5,), std=(0.5,))
   source = datasets.get_source(data_config.data)
-  batches = pipeline.train_batches(source, data_config, epoch=0)
-  next(batches)  # builds and warms the pipeline (and its cache)
-  count, start = 0, time.perf_counter()
-  for count, _ in enumerate(batches, start=1):
-    if count == steps:
-      break
-  return count * data_config.batch_size / (time.perf_counter() - start)
+  return input_rates(source, data_config, steps, warmup=1)[0]
+
+
+def run_input_benchmark(config, steps: int) -> dict:
+  """--preset=input: the training input of `config` on its own data, on the host alone."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from kldino.data import datasets  # pylint: disable=g-import-not-at-top
+  source = datasets.get_source(config.data)
+  images_per_sec, cpu_seconds_per_image = input_rates(source, config, steps)
+  aug = config.aug
+  return {
+      'preset': 'input', 'dataset': config.data.name, 'path': config.data.path,
+      'train_examples': source.num_examples(config.data.train_split),
+      'batch_size': config.batch_size,
+      'crops': f'2x{aug.global_size} + {aug.num_local}x{aug.local_size}',
+      'cpu_count': os.cpu_count(), 'tensorflow': tf.__version__,
+      'input_cpu_ms_per_image': 1e3 * cpu_seconds_per_image,
+      'input_images_per_sec': images_per_sec,
+      'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+  }
 
 
 def sweep_epoch_fraction(config, num_images: int, train: dict, sweep: dict) -> float:
@@ -299,8 +343,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _STEPS.value < 1:
     sys.exit(f'kldino.bench: --steps={_STEPS.value} must be >= 1')
-  host_memory.reexec_with_huge_pages()  # XLA:CPU's per-call buffers (kldino/host_memory.py)
-  results = run_benchmark(_PRESET.value, _STEPS.value, _PROFILE.value)
+  if (_PRESET.value == 'input') != (_CONFIG.value is not None):
+    raise app.UsageError('--config is what --preset=input measures, and only it: pass '
+                         '--preset=input --config=CONFIG, or a model preset without --config')
+  if _PRESET.value == 'input':
+    results = run_input_benchmark(_CONFIG.value, _STEPS.value)
+  else:
+    host_memory.reexec_with_huge_pages()  # XLA:CPU's per-call buffers (kldino/host_memory.py)
+    results = run_benchmark(_PRESET.value, _STEPS.value, _PROFILE.value)
   for key, value in results.items():
     if isinstance(value, dict):
       _log_profile(key, value)

@@ -1,5 +1,9 @@
 """The benchmark's arithmetic (its timings are measured by the command, never by tests)."""
+import json
 import mmap
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +12,7 @@ import numpy as np
 import pytest
 
 from kldino import bench
-from tests.helpers import config_module
+from tests.helpers import REPO, config_module
 
 
 def test_flops_come_from_xla_cost_analysis_over_all_devices():
@@ -75,3 +79,26 @@ def test_the_digits_preset_is_the_embedded_default_config():
   assert config.to_dict() == config_module('digits').get_config().to_dict()
   with pytest.raises(Exception, match="unknown preset 'tiny'"):
     bench.preset_config('tiny')
+
+
+def _bench(*flags):
+  return subprocess.run([sys.executable, '-m', 'kldino.bench', *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def test_input_preset_reads_the_configs_data(tmp_path):
+  """--preset=input --config=CONFIG [--config.KEY=VALUE]: the training input of that config, its
+  results in the last line as JSON; --config goes with --preset=input only."""
+  result = _bench('--preset=input', '--config=configs/digits.py',
+                  f'--config.data.data_dir={tmp_path}', '--config.batch_size=16', '--steps=2',
+                  '--json')
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(result.stdout.strip().splitlines()[-1])
+  assert (results['preset'], results['dataset'], results['batch_size']) == ('input', 'digits', 16)
+  assert results['crops'] == '2x16 + 6x8' and results['train_examples'] == 1347
+  assert results['input_images_per_sec'] > 0 and results['input_cpu_ms_per_image'] > 0
+  for flags in (['--preset=input'], ['--preset=tiny32', '--config=configs/digits.py']):
+    usage = _bench(*flags)
+    assert usage.returncode != 0
+    assert '--config is what --preset=input measures' in usage.stderr

@@ -98,8 +98,10 @@ def decoded_positions(images: np.ndarray) -> np.ndarray:
 
 
 def plain_config(**data_overrides) -> ml_collections.ConfigDict:
+  """8x8 views, not normalised; the evaluation view of an 8x8 image is the image itself (resized
+  to 8, centre 8x8)."""
   config = digits_config('')
-  config.data.update(dict(image_size=8, mean=(0.0,), std=(1.0,)))
+  config.data.update(dict(image_size=8, eval_resize=8, mean=(0.0,), std=(1.0,)))
   config.data.update(data_overrides)
   return config
 
@@ -527,14 +529,19 @@ def test_blur_kernel_scales_with_the_view():
 
 
 def test_crop_boxes_follow_the_scale_and_aspect_ranges():
-  scale = (0.1, 0.4)
-  boxes = augment.sample_boxes(tf.constant([3, 4], tf.int64), 500, scale, 30, 40).numpy()
-  heights, widths = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-  assert boxes.min() >= 0.0 and boxes.max() <= 1.0 + 1e-6
-  areas = heights * widths
-  assert np.all((areas >= scale[0] - 1e-5) & (areas <= scale[1] + 1e-5))
-  aspect = (widths * 40) / (heights * 30)
-  assert np.all((aspect >= 3 / 4 - 1e-4) & (aspect <= 4 / 3 + 1e-4))
+  """Windows in whole pixels (torchvision rounds each side): area and aspect ratio in range up
+  to half a pixel on each side."""
+  scale, height, width = (0.1, 0.4), 30, 40
+  seed = tf.constant([3, 4], tf.int64)
+  windows = augment.crop_windows(seed, 500, scale, height, width).numpy()
+  top, left, crop_height, crop_width = windows.T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + crop_height <= height).all() and (left + crop_width <= width).all()
+  low = (crop_height - 0.5) * (crop_width - 0.5) / (height * width)
+  high = (crop_height + 0.5) * (crop_width + 0.5) / (height * width)
+  assert np.all((high >= scale[0]) & (low <= scale[1]))
+  assert np.all(((crop_width + 0.5) / (crop_height - 0.5) >= 3 / 4)
+                & ((crop_width - 0.5) / (crop_height + 0.5) <= 4 / 3))
 
 
 def test_colour_jitter_stays_in_range():
@@ -549,5 +556,8 @@ def test_center_view_resizes_and_normalises():
   image = random_image(size=8)
   view = augment.center_view(tf.constant(image), 16, (0.5,) * 3, (0.25,) * 3).numpy()
   assert view.shape == (16, 16, 3)
-  same_size = augment.center_view(tf.constant(image), 8, (0.5,) * 3, (0.25,) * 3).numpy()
+  same_size = augment.center_view(tf.constant(image), 8, (0.5,) * 3, (0.25,) * 3,
+                                  resize=8).numpy()
   np.testing.assert_allclose(same_size, (image - 0.5) / 0.25, atol=1e-5)
+  with pytest.raises(ValueError, match='eval_resize=7 is smaller than data.image_size=8'):
+    augment.center_view(tf.constant(image), 8, (0.5,) * 3, (0.25,) * 3, resize=7)

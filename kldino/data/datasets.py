@@ -2,7 +2,10 @@
 
 A source knows its `DatasetInfo` and reads one process's shard of a split in a fixed order, as
 {'image': uint8 [H, W, C], 'label': int32, 'index': int64}, `index` being the example's position
-in the split. Shards are contiguous: process p of P reads [p * ceil(N/P), (p + 1) * ceil(N/P)).
+in the split; with decode=False the image comes as the source stores it: the encoded bytes (a
+scalar tf.string: JPEG, PNG...) for TFDS datasets and folders, so that the pipeline can cut its
+crops from the full-resolution image and decode only what it needs (kldino/data/augment.py).
+Shards are contiguous: process p of P reads [p * ceil(N/P), (p + 1) * ceil(N/P)).
 Nothing here downloads: `digits` is built from scikit-learn's copy, other TFDS datasets must be
 prepared beforehand. Every check runs before anything expensive.
 """
@@ -13,9 +16,11 @@ import functools
 import os
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from kldino.data import augment
 from kldino.data import digits
 
 FOLDER_LAYOUT = 'ROOT/<split>/<class>/<image>.(png|jpg|jpeg)'
@@ -29,6 +34,10 @@ class DatasetInfo:
   num_classes: int
   num_channels: int
   num_examples: Mapping[str, int]  # per split
+  # Per split, about how many bytes its images take as read (encoded); absent when unknown.
+  num_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  # (height, width) of every image when the dataset fixes it (the digits: (8, 8)), else None.
+  image_shape: tuple[int, int] | None = None
 
 
 def shard_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -44,7 +53,8 @@ def shard_range(num_examples: int, process_index: int, process_count: int) -> tu
 @dataclasses.dataclass(frozen=True, eq=False)  # compared by identity: pipelines cache per source
 class Source:
   info: DatasetInfo
-  # (split, start, stop) -> examples [start, stop) of the split as {'image', 'label'}; stop > start
+  # (split, start, stop) -> examples [start, stop) of the split as {'image', 'label'}; stop > start.
+  # 'image' is uint8 [H, W, C] or its encoded bytes (a scalar tf.string).
   read_range: Callable[[str, int, int], tf.data.Dataset]
   # (split, count) -> the absolute paths of the split's first `count` images, for sources that
   # read files; None: images are named by their dataset key (`name:split[index]`).
@@ -64,20 +74,25 @@ class Source:
                        f'{sorted(self.info.num_examples)}; use one of those')
     return self.info.num_examples[split]
 
-  def read(self, split: str, *, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  def read(self, split: str, *, process_index: int = 0, process_count: int = 1,
+           decode: bool = True) -> tf.data.Dataset:
+    """This process's shard of a split, images decoded, or as stored when decode=False."""
     start, stop = shard_range(self.num_examples(split), process_index, process_count)
     if start == stop:  # a process past the end; TFDS cannot read an empty range
       examples = self.read_range(split, 0, 1).take(0)
     else:
       examples = self.read_range(split, start, stop)
     return examples.enumerate(start).map(
-        functools.partial(_as_example, num_channels=self.info.num_channels))
+        functools.partial(_as_example, num_channels=self.info.num_channels, decode=decode))
 
 
-def _as_example(index, example, *, num_channels: int) -> dict:
-  return {'image': tf.ensure_shape(example['image'], [None, None, num_channels]),
-          'label': tf.cast(example['label'], tf.int32),
-          'index': index}
+def _as_example(index, example, *, num_channels: int, decode: bool) -> dict:
+  image = example['image']
+  if image.dtype == tf.string and decode:
+    image = augment.decode(image, num_channels)
+  if image.dtype != tf.string:
+    image = tf.ensure_shape(image, [None, None, num_channels])
+  return {'image': image, 'label': tf.cast(example['label'], tf.int32), 'index': index}
 
 
 # --------------------------------------------------------------------------- the registry
@@ -114,16 +129,27 @@ def _check_splits(available: Iterable[str], data_config, where: str):
 
 # --------------------------------------------------------------------------- TFDS builders
 
+def _stores_encoded_images(builder) -> bool:
+  """Whether the builder's images are stored encoded and can be read so (uint8 tfds Image)."""
+  image = builder.info.features['image']
+  return isinstance(image, tfds.features.Image) and image.np_dtype == np.uint8
+
+
 def _read_tfds_range(builder, split: str, start: int, stop: int) -> tf.data.Dataset:
+  decoders = {'image': tfds.decode.SkipDecoding()} if _stores_encoded_images(builder) else None
   return builder.as_dataset(split=f'{split}[{start}:{stop}]', shuffle_files=False,
-                            read_config=_IN_ORDER)
+                            read_config=_IN_ORDER, decoders=decoders)
 
 
 def _tfds_source(builder) -> Source:
+  splits = builder.info.splits
+  shape = builder.info.features['image'].shape
   info = DatasetInfo(
       num_classes=builder.info.features['label'].num_classes,
-      num_channels=builder.info.features['image'].shape[-1],
-      num_examples={name: split.num_examples for name, split in builder.info.splits.items()})
+      num_channels=shape[-1],
+      num_examples={name: split.num_examples for name, split in splits.items()},
+      num_bytes={name: split.num_bytes for name, split in splits.items() if split.num_bytes},
+      image_shape=tuple(shape[:2]) if None not in shape[:2] else None)
   return Source(info=info, read_range=functools.partial(_read_tfds_range, builder),
                 name=builder.info.name)
 
@@ -170,29 +196,42 @@ def _prepared_tfds_source(data_config) -> Source:
 
 # --------------------------------------------------------------------------- image folders
 
-def _folder_channels(builder, split: str) -> int:
-  """1 when the first image is grayscale (with or without alpha), else 3: every image gets it."""
-  first = next(iter(_raw_folder_split(builder, split).take(1)))
-  return 1 if tf.io.decode_image(first['image']).shape[-1] <= 2 else 3
+def _folder_files(builder, split: str) -> tuple[list[str], list[int]]:
+  """(paths, labels) of a split in ImageFolder's order (what its as_dataset reads). ImageFolder
+  has no public list of them; its `_split_examples` (tfds 4.9.10, pinned) is read directly so
+  that a shard opens its own files only, instead of reading and skipping those before it."""
+  examples = builder._split_examples[split]  # pylint: disable=protected-access
+  labels = builder.info.features['label']
+  return ([example.image_path for example in examples],
+          [labels.str2int(example.label) for example in examples])
 
 
-def _raw_folder_split(builder, split: str) -> tf.data.Dataset:
-  return builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={'image': tfds.decode.SkipDecoding()})
+def _folder_channels(path: str) -> int:
+  """1 when the image is grayscale (with or without alpha), else 3: every image gets it."""
+  return 1 if tf.io.decode_jpeg(tf.io.read_file(path)).shape[-1] <= 2 else 3
 
 
-def _decode_folder_image(example, *, num_channels: int) -> dict:
-  image = tf.io.decode_image(example['image'], channels=num_channels, dtype=tf.uint8,
-                             expand_animations=False)
-  return {'image': image, 'label': example['label']}
+def _folder_bytes(paths: list[str], sample: int = 64) -> int:
+  """About the bytes of a split's files: the mean size of the first `sample` times their count."""
+  sizes = [tf.io.gfile.stat(path).length for path in paths[:sample]]
+  return round(sum(sizes) / max(1, len(sizes)) * len(paths))
 
 
-def _read_folder_range(builder, num_channels: int, split: str, start: int,
-                       stop: int) -> tf.data.Dataset:
-  # ImageFolder cannot slice a split: skip to the shard reading file bytes only, then decode.
-  return _raw_folder_split(builder, split).skip(start).take(stop - start).map(
-      functools.partial(_decode_folder_image, num_channels=num_channels),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+def _read_file(path, label) -> dict:
+  return {'image': tf.io.read_file(path), 'label': label}
+
+
+def _read_folder_range(files: dict, split: str, start: int, stop: int) -> tf.data.Dataset:
+  """The encoded bytes of files [start, stop) of a split, in order."""
+  paths, labels = files[split]
+  return tf.data.Dataset.from_tensor_slices(
+      (paths[start:stop], np.asarray(labels[start:stop], np.int64))).map(
+          _read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _folder_paths(files: dict, split: str, count: int) -> list[str]:
+  """Absolute paths of a split's first images: ROOT/<split>/<class>/<file name>."""
+  return [os.path.abspath(path) for path in files[split][0][:count]]
 
 
 @register_source('folder')
@@ -205,16 +244,10 @@ def _folder_source(data_config) -> Source:
   num_examples = {name: split.num_examples for name, split in builder.info.splits.items()
                   if split.num_examples > 0}
   _check_splits(num_examples, data_config, f'the folder {root} (layout {FOLDER_LAYOUT})')
-  num_channels = _folder_channels(builder, data_config.train_split)
+  files = {split: _folder_files(builder, split) for split in num_examples}
   info = DatasetInfo(num_classes=builder.info.features['label'].num_classes,
-                     num_channels=num_channels, num_examples=num_examples)
-  return Source(info=info, read_range=functools.partial(_read_folder_range, builder, num_channels),
-                read_paths=functools.partial(_folder_paths, builder, root), name='folder')
-
-
-def _folder_paths(builder, root: str, split: str, count: int) -> list[str]:
-  """Absolute paths of a split's first images: ROOT/<split>/<class>/<file name>."""
-  label_names = builder.info.features['label'].names
-  return [os.path.abspath(os.path.join(root, split, label_names[int(example['label'])],
-                                       example['image/filename'].decode()))
-          for example in tfds.as_numpy(_raw_folder_split(builder, split).take(count))]
+                     num_channels=_folder_channels(files[data_config.train_split][0][0]),
+                     num_examples=num_examples,
+                     num_bytes={split: _folder_bytes(paths) for split, (paths, _) in files.items()})
+  return Source(info=info, read_range=functools.partial(_read_folder_range, files),
+                read_paths=functools.partial(_folder_paths, files), name='folder')

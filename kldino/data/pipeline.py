@@ -12,14 +12,24 @@ one crop-and-flip view and the label of each example in place of the multi-crop 
 Evaluation reads every example of a split exactly once over all processes; every process yields
 the same number of batches (padding masked out) so that collectives never wait on a process.
 
-Examples are resized to `data.image_size` (kept as uint8) as soon as they are read, so that the
-shuffle buffer (at most `data.shuffle_buffer` examples) and the cache hold small images. A shard
-that fits in `_CACHE_BYTES` is cached in memory: a small dataset is read and decoded once per run
-instead of once per epoch and per sweep.
+Examples are read as the source stores them, encoded (JPEG, PNG bytes) when it can hand them
+over so, and decoded only when a view is made (kldino/data/augment.py): crops are cut from the
+image at its own resolution, and the shuffle buffer (at most `data.shuffle_buffer` examples)
+and the cache hold small encoded bytes. A shard whose stored bytes fit in `_CACHE_BYTES` is
+cached in memory: a small dataset is read once per run instead of once per epoch and per sweep.
+Multi-crop batches are made in two stages (augment's docstring): each example's crops in
+tf.data, then their augmentation, for crops of at least `aug.xla_min_size` pixels on whole
+batches by an XLA program in a pool of threads, for smaller ones (the digits) in tf.data too.
+
+The evaluation view is DINO's Resize(data.eval_resize) + CenterCrop(data.image_size)
+(augment.center_view; eval_resize 0: round(image_size * 256 / 224)).
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
+import os
 from typing import Iterator
 
 import numpy as np
@@ -28,7 +38,8 @@ import tensorflow as tf
 from kldino.data import augment
 from kldino.data.datasets import Source, shard_range
 
-_CACHE_BYTES = 2 * 2**30  # per process: the resized shard of a small dataset, kept across epochs
+_CROP_KEYS = ('global_crops', 'local_crops')
+_CACHE_BYTES = 2 * 2**30  # per process: the stored shard of a small dataset, kept across epochs
 
 
 def _local_batch(global_batch: int, parts: int) -> int:
@@ -59,22 +70,13 @@ def num_eval_batches(num_examples: int, batch_size: int, shards: int) -> int:
   return -(-largest_shard // _local_batch(batch_size, shards))
 
 
-def _float01(image_uint8) -> tf.Tensor:
-  return tf.image.convert_image_dtype(image_uint8, tf.float32)
-
-
-def _resized(example, *, size: int) -> dict:
-  image = augment.resize(_float01(example['image']), size)
-  return {**example, 'image': tf.cast(tf.round(image * 255), tf.uint8)}
-
-
 @functools.lru_cache(maxsize=16)
-def _shard(source: Source, split: str, process_index: int, process_count: int, image_size: int,
+def _shard(source: Source, split: str, process_index: int, process_count: int,
            in_memory: bool) -> tf.data.Dataset:
-  """One process's examples of a split, resized; the same object each time, so its cache lasts."""
-  examples = source.read(split, process_index=process_index, process_count=process_count)
-  examples = examples.map(functools.partial(_resized, size=image_size),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  """One process's examples of a split as stored (encoded when the source can); the same object
+  each time, so that its cache lasts."""
+  examples = source.read(split, process_index=process_index, process_count=process_count,
+                         decode=False)
   return examples.cache() if in_memory else examples
 
 
@@ -85,11 +87,20 @@ def _shard_size(source: Source, split: str, process_index: int, process_count: i
 
 def _examples(source: Source, split: str, config, process_index: int,
               process_count: int) -> tf.data.Dataset:
-  image_size = config.data.image_size
-  shard_bytes = (_shard_size(source, split, process_index, process_count)
-                 * image_size ** 2 * source.info.num_channels)
-  return _shard(source, split, process_index, process_count, image_size,
-                shard_bytes <= _CACHE_BYTES)
+  shard_size = _shard_size(source, split, process_index, process_count)
+  stored = source.info.num_bytes.get(split, 0)
+  if stored:
+    shard_bytes = stored * shard_size / source.num_examples(split)
+  else:  # decoded arrays of unknown size: about image_size^2 pixels each
+    shard_bytes = shard_size * config.data.image_size ** 2 * source.info.num_channels
+  return _shard(source, split, process_index, process_count, shard_bytes <= _CACHE_BYTES)
+
+
+def _small_shape(source: Source) -> tuple[int, int] | None:
+  """The images' (height, width) when they all have it and are small (the digits), else None:
+  augment.augment_views then crops them too, in its XLA program."""
+  shape = source.info.image_shape
+  return shape if shape and shape[0] * shape[1] <= augment.SMALL_IMAGE_PIXELS else None
 
 
 def _shuffle_seed(seed: int, epoch: int) -> int:
@@ -100,22 +111,49 @@ def _shuffle_seed(seed: int, epoch: int) -> int:
 def _example_seed(config, epoch: int, index) -> tf.Tensor:
   """The augmentation seed of an example in an epoch: a pure function of (seed, epoch, index)."""
   return tf.random.experimental.stateless_fold_in(
-      tf.constant([config.seed, epoch], tf.int64), index)
+      tf.constant([config.seed, epoch], tf.int64), index, alg='philox')
 
 
-def _crops(example, *, config, epoch: int) -> dict:
-  return augment.multi_crop(_float01(example['image']),
-                            _example_seed(config, epoch, example['index']), config.aug,
-                            config.data.mean, config.data.std)
+def _batch_augmented(config) -> bool:
+  """Whether the crops are augmented on whole batches by XLA (augment.augment_views), which pays
+  its compilation back on large crops only; else example by example in tf.data."""
+  return config.aug.global_size >= config.aug.xla_min_size
 
 
-def _linear_view(example, *, config, epoch: int, scale) -> dict:
+def _crops(example, *, config, epoch: int, num_channels: int, small_shape) -> dict:
+  """An example's multi-crop views: augment.multi_crop_views, then augment.augment_example unless
+  _batch_augmented (then with the seed that augment_views takes). Small images of one size
+  (`small_shape`, the digits) are upscaled to data.image_size and cropped by matmuls."""
+  seed = _example_seed(config, epoch, example['index'])
+  image = example['image']
+  if small_shape:
+    if image.dtype == tf.string:
+      image = augment.decode(image, num_channels)
+    image = tf.ensure_shape(image, [*small_shape, num_channels])
+  crops = augment.multi_crop_views(image, seed, config.aug, min_size=config.data.image_size,
+                                   num_channels=num_channels, small_image=bool(small_shape))
+  if _batch_augmented(config):
+    return {**crops, 'seed': seed}
+  return augment.augment_example(crops, seed, config.aug, config.data.mean, config.data.std)
+
+
+def _linear_view(example, *, config, epoch: int, scale, num_channels: int, small_shape) -> dict:
+  image = example['image']
+  if small_shape and image.dtype == tf.string:
+    image = tf.ensure_shape(augment.decode(image, num_channels), [*small_shape, num_channels])
   image = augment.linear_train_view(
-      _float01(example['image']), _example_seed(config, epoch, example['index']),
-      size=config.data.image_size, scale=scale, flip=config.aug.flip, mean=config.data.mean,
-      std=config.data.std)
+      image, _example_seed(config, epoch, example['index']), size=config.data.image_size,
+      scale=scale, flip=config.aug.flip, mean=config.data.mean, std=config.data.std,
+      min_size=config.data.image_size, num_channels=num_channels,
+      small_image=bool(small_shape))
   return {'image': image, 'label': tf.cast(example['label'], tf.int32),
           'mask': tf.constant(True)}
+
+
+def _traced(fn):
+  """fn for tf.data's map, traced as it is: its Python branches are on static values, and
+  AutoGraph's conversion of the augmentation's many small functions costs seconds per pipeline."""
+  return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int, shard: int,
@@ -136,9 +174,17 @@ def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int,
   # to the start of their own order rather than run fewer steps than the others.
   examples = examples.repeat().skip(start_step * shard_batch).take(
       (num_steps - start_step) * shard_batch)
-  views = examples.map(functools.partial(view, epoch=epoch),
+  views = examples.map(_traced(functools.partial(view, epoch=epoch)),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return views.batch(shard_batch, drop_remainder=True)
+
+
+def _with_threading(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """tf.data's ops run on its own threads, one op at a time (max_intra_op_parallelism 1): not on
+  TF's shared intra-op pool, where they would queue behind the XLA programs of _augmented."""
+  options = tf.data.Options()
+  options.threading.max_intra_op_parallelism = 1
+  return dataset.with_options(options)
 
 
 def _concat_shards(*parts):
@@ -158,7 +204,7 @@ def _process_batches(make_shard_batches, shards: int, process_index: int,
 
 def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int,
                    batch_size: int, process_index: int,
-                   process_count: int) -> Iterator[dict[str, np.ndarray]]:
+                   process_count: int) -> tf.data.Dataset:
   """Steps [start_step, steps_per_epoch) of an epoch of the training split in global batches of
   `batch_size`, each example mapped by `view`; this process's rows of each batch."""
   data = config.data
@@ -173,7 +219,54 @@ def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int,
                                    shard=shard, shards=shards, num_steps=num_steps,
                                    batch_size=batch_size),
       shards, process_index, process_count)
-  return batches.prefetch(data.prefetch).as_numpy_iterator()
+  return _with_threading(batches.prefetch(data.prefetch))
+
+
+def _chunks(batch: dict, parts: int) -> list[tuple[int, dict]]:
+  """(first row, rows) of `parts` chunks of a batch."""
+  rows = batch['seed'].shape[0]
+  size = -(-rows // parts)
+  return [(start, {key: value[start:start + size] for key, value in batch.items()})
+          for start in range(0, rows, size)]
+
+
+def _augmented(batches: tf.data.Dataset, config) -> Iterator[dict[str, np.ndarray]]:
+  """The multi-crop batches of `batches` augmented (augment.augment_views, compiled by XLA) in a
+  pool of threads, a chunk of each batch per core, data.prefetch batches ahead of the consumer
+  as tf.data's prefetch was: the XLA programs run outside tf.data (augment's docstring), and TF
+  lets go of the GIL while they run. Each example's views depend on its seed only, not on the
+  chunk it lands in."""
+  workers = os.cpu_count() or 1
+  aug = config.aug
+  channels = len(config.data.mean)
+
+  def augment_chunk(out, start, chunk):  # each thread copies its rows into the batch
+    views = augment.augment_views(chunk, chunk['seed'], aug, config.data.mean, config.data.std)
+    for key, value in views.items():
+      out[key][start:start + value.shape[0]] = value.numpy()
+
+  def submit(pool, batch):
+    rows = batch['seed'].shape[0]
+    out = {'global_crops': np.empty((rows, 2, aug.global_size, aug.global_size, channels),
+                                    np.float32),
+           'local_crops': np.empty((rows, aug.num_local, aug.local_size, aug.local_size,
+                                    channels), np.float32)}
+    return out, [pool.submit(augment_chunk, out, start, chunk)
+                 for start, chunk in _chunks(batch, workers)]
+
+  def result(out, futures):
+    for future in futures:
+      future.result()
+    return out
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for batch in batches:
+      pending.append(submit(pool, batch))
+      if len(pending) > config.data.prefetch:
+        yield result(*pending.popleft())
+    while pending:
+      yield result(*pending.popleft())
 
 
 def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
@@ -181,10 +274,19 @@ def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, steps_per_epoch) of an epoch: {'global_crops': float32 [b, 2, G, G, C],
   'local_crops': float32 [b, L, l, l, C]}, b = batch_size / process_count, the rows of this
-  process's shards side by side (shard order)."""
-  return _epoch_batches(source, config, functools.partial(_crops, config=config), epoch=epoch,
-                        start_step=start_step, batch_size=config.batch_size,
-                        process_index=process_index, process_count=process_count)
+  process's shards side by side (shard order).
+
+  Each example's crops are cut in tf.data (augment.multi_crop_views: decode, crop windows of the
+  full-resolution image, resize) and augmented on whole batches (augment.augment_views), both
+  with the seed of (seed, epoch, example index).
+  """
+  augment.normalize(tf.zeros([source.info.num_channels]), config.data.mean, config.data.std)
+  view = functools.partial(_crops, config=config, num_channels=source.info.num_channels,
+                           small_shape=_small_shape(source))
+  batches = _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
+                           batch_size=config.batch_size, process_index=process_index,
+                           process_count=process_count)
+  return _augmented(batches, config) if _batch_augmented(config) else batches.as_numpy_iterator()
 
 
 def linear_steps_per_epoch(source: Source, config, *, batch_size: int,
@@ -202,18 +304,22 @@ def linear_train_batches(source: Source, config, *, epoch: int, start_step: int 
   S = data.image_size, b = batch_size / process_count.
 
   Each data shard's examples come in the shuffled order of train_batches' epoch (a function of
-  seed and epoch); each view is augment.linear_train_view (a random resized crop of `scale`,
-  then a flip when aug.flip) with the seed of (seed, epoch, example index).
+  seed and epoch); each view is augment.linear_train_view (a random resized crop of `scale` cut
+  from the image at its own resolution, a JPEG decoding only the crop's window, then a flip when
+  aug.flip) with the seed of (seed, epoch, example index).
   """
-  view = functools.partial(_linear_view, config=config, scale=tuple(scale))
+  view = functools.partial(_linear_view, config=config, scale=tuple(scale),
+                           num_channels=source.info.num_channels,
+                           small_shape=_small_shape(source))
   return _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
                         batch_size=batch_size, process_index=process_index,
-                        process_count=process_count)
+                        process_count=process_count).as_numpy_iterator()
 
 
-def _center(example, *, data_config) -> dict:
-  image = augment.center_view(_float01(example['image']), data_config.image_size,
-                              data_config.mean, data_config.std)
+def _center(example, *, data_config, num_channels: int, image_shape=None) -> dict:
+  image = augment.center_view(example['image'], data_config.image_size, data_config.mean,
+                              data_config.std, resize=data_config.eval_resize,
+                              num_channels=num_channels, image_shape=image_shape)
   return {'image': image, 'label': example['label'], 'mask': tf.constant(True)}
 
 
@@ -226,8 +332,10 @@ def _shard_eval_batches(source: Source, split: str, config, *, shard: int, shard
                         shard_batch: int, num_batches: int) -> tf.data.Dataset:
   data = config.data
   views = _examples(source, split, config, shard, shards).map(
-      functools.partial(_center, data_config=data), num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True)
+      _traced(functools.partial(_center, data_config=data,
+                                num_channels=source.info.num_channels,
+                                image_shape=source.info.image_shape)),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors(
       _padding(data.image_size, source.info.num_channels)).repeat()
   return views.concatenate(padding).take(num_batches * shard_batch).batch(shard_batch)
@@ -235,12 +343,15 @@ def _shard_eval_batches(source: Source, split: str, config, *, shard: int, shard
 
 def eval_batches(source: Source, split: str, config, *, batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Un-augmented batches {'image': float32 [b, H, W, C], 'label': int32 [b], 'mask': bool [b]},
-  b = batch_size / process_count, each example of the split once over all processes.
+  """Un-augmented batches {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b]},
+  b = batch_size / process_count, each example of the split once over all processes; each image
+  is augment.center_view: the shorter side resized to data.eval_resize (0: round(S * 256 / 224)),
+  then the centre S x S, S = data.image_size.
 
   Batches are made of the data shards' parts like training batches, so that their composition
   (which matters to a head with batch statistics) does not depend on the number of processes.
   """
+  augment.eval_resize(config.data.image_size, config.data.eval_resize)  # checked before reading
   shards = num_shards(config.data, process_count)
   shard_batch = _local_batch(batch_size, shards)
   num_batches = num_eval_batches(source.num_examples(split), batch_size, shards)
@@ -256,10 +367,19 @@ def preview_views(source: Source, split: str, config, num_images: int) -> Iterat
   {'eval': [S, S, C], 'global_crops', 'local_crops' (epoch 0's augmentation), normalised;
   'label', 'file' (the source's name of the image)}."""
   examples = _examples(source, split, config, 0, 1).take(num_images)
+  channels, small_shape = source.info.num_channels, _small_shape(source)
 
   def views(example):
-    return {'eval': _center(example, data_config=config.data)['image'],
-            **_crops(example, config=config, epoch=0), 'label': example['label']}
+    return {'eval': _center(example, data_config=config.data, num_channels=channels,
+                            image_shape=source.info.image_shape)['image'],
+            **_crops(example, config=config, epoch=0, num_channels=channels,
+                     small_shape=small_shape),
+            'label': example['label']}
   names = source.file_names(split, num_images)
-  for name, example in zip(names, examples.map(views).as_numpy_iterator()):
-    yield {**example, 'file': name}
+  for name, example in zip(names, examples.map(_traced(views)).as_numpy_iterator()):
+    if _batch_augmented(config):
+      crops = augment.augment_views({key: example[key][None] for key in _CROP_KEYS},
+                                    example['seed'][None], config.aug, config.data.mean,
+                                    config.data.std)
+      example.update({key: value.numpy()[0] for key, value in crops.items()})
+    yield {**{key: example[key] for key in ('eval', 'label', *_CROP_KEYS)}, 'file': name}

@@ -1,0 +1,429 @@
+"""Crops cut from the full-resolution image, DINO's evaluation view, partial JPEG decoding.
+
+Expected values are computed independently: torchvision's RandomResizedCrop / Resize /
+CenterCrop arithmetic written out in Python, and PIL (DINO's loader and resize) for pixels.
+Tolerances are measured (the numbers in each test) and explained where they are set.
+"""
+import io
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from kldino.data import augment, datasets, pipeline
+from tests.helpers import config_module
+
+RNG = np.random.default_rng(0)
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+  """uint8 [H, W, 3] photograph-like content: smooth structure at a few scales, fine noise."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((height, width, 3), np.float32)
+  for cells, amplitude in ((4, 90), (16, 50), (64, 25)):
+    grid = rng.uniform(0, 255, (max(2, cells * height // max(height, width)),
+                                max(2, cells * width // max(height, width)), 3))
+    layer = Image.fromarray(grid.astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    out += (np.asarray(layer, np.float32) / 127.5 - 1) * amplitude
+  out += 128 + rng.normal(0, 9, out.shape)
+  return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def checkerboard(height: int, width: int, cell: int) -> np.ndarray:
+  y, x = np.mgrid[:height, :width]
+  board = (((y // cell + x // cell) % 2) * 255).astype(np.uint8)
+  return np.repeat(board[..., None], 3, axis=-1)
+
+
+def encode(image: np.ndarray, fmt: str = 'JPEG', **options) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format=fmt, **options)
+  return buffer.getvalue()
+
+
+def jpeg(image: np.ndarray, subsampling: int = 2) -> bytes:
+  """Quality 90; subsampling 2 is 4:2:0 (PIL's default), 0 is 4:4:4."""
+  return encode(image, 'JPEG', quality=90, subsampling=subsampling)
+
+
+def pil_eval_view(image: Image.Image, resize: int = 256, size: int = 224) -> np.ndarray:
+  """torchvision's Resize(resize, BICUBIC) + CenterCrop(size) of a PIL image, written out."""
+  width, height = image.size
+  if width <= height:
+    new_width, new_height = resize, int(resize * height / width)
+  else:
+    new_width, new_height = int(resize * width / height), resize
+  resized = image.resize((new_width, new_height), Image.BICUBIC)
+  top = int(round((new_height - size) / 2.0))
+  left = int(round((new_width - size) / 2.0))
+  return np.asarray(resized.crop((left, top, left + size, top + size)), np.float32)
+
+
+def torchvision_fits(height: int, width: int, scale, rng, tries: int = 10) -> bool:
+  """Whether torchvision's RandomResizedCrop.get_params finds a window in `tries` tries."""
+  area = height * width
+  for _ in range(tries):
+    target = area * rng.uniform(*scale)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      return True
+  return False
+
+
+def levels(views) -> np.ndarray:
+  """Views in [0, 1] as float pixel levels 0..255."""
+  return np.asarray(views, np.float32) * 255
+
+
+# --------------------------------------------------------------------------- crop windows
+
+@pytest.mark.parametrize('scale', [(0.05, 0.4), (0.2, 0.4)])
+def test_windows_are_sampled_on_the_images_own_size(scale):
+  """A 500 x 100 (w x h) image: tried windows have the scale's area and an aspect in [3/4, 4/3]
+  in pixels; when no try fits, torchvision's fallback, the centre 133 x 100 (aspect clamped to
+  4/3), never the whole (squashed) image; the share of fallbacks is torchvision's (0.2% for
+  DINO's local scale, 20% for (0.2, 0.4), whose windows fit in 100 rows only when small)."""
+  height, width = 100, 500
+  windows = augment.crop_windows(tf.constant([5, 6], tf.int64), 4000, scale, height,
+                                 width).numpy()
+  top, left, crop_height, crop_width = windows.T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + crop_height <= height).all() and (left + crop_width <= width).all()
+  fallback = (windows == [0, 183, 100, 133]).all(axis=1)
+  tried = ~fallback
+  # Sides are rounded to whole pixels: area and aspect hold up to half a pixel per side.
+  low = (crop_height[tried] - 0.5) * (crop_width[tried] - 0.5) / (height * width)
+  high = (crop_height[tried] + 0.5) * (crop_width[tried] + 0.5) / (height * width)
+  assert (high >= scale[0]).all() and (low <= scale[1]).all()
+  assert ((crop_width[tried] + 0.5) / (crop_height[tried] - 0.5) >= 3 / 4).all()
+  assert ((crop_width[tried] - 0.5) / (crop_height[tried] + 0.5) <= 4 / 3).all()
+  # The tried windows cover the part of the scale range that fits in 100 rows (<= 0.267).
+  areas = crop_height[tried] * crop_width[tried] / (height * width)
+  assert areas.min() < scale[0] + 0.02 and areas.max() > 0.24
+  rng = np.random.default_rng(1)
+  expected = 1 - np.mean([torchvision_fits(height, width, scale, rng) for _ in range(4000)])
+  assert abs(fallback.mean() - expected) < 0.03, (fallback.mean(), expected)
+  # DINO's global scale: no window of 40% of the image fits in 100 rows at aspect <= 4/3.
+  global_windows = augment.crop_windows(tf.constant([5, 7], tf.int64), 50, (0.4, 1.0), height,
+                                        width).numpy()
+  np.testing.assert_array_equal(global_windows, [[0, 183, 100, 133]] * 50)
+
+
+@pytest.mark.parametrize('height,width,expected', [
+    (100, 500, [0, 183, 100, 133]),   # too wide: the centre 4:3 window, full height
+    (500, 100, [183, 0, 133, 100]),   # too tall: the centre 3:4 window, full width
+    (90, 100, [0, 0, 90, 100]),       # aspect in [3/4, 4/3]: the whole image
+])
+def test_fallback_is_torchvisions_centre_crop(height, width, expected):
+  # scale (1, 1) of a 100 x 90 image: every tried window is 95 x 95 or so, taller than 90.
+  scale = (1.0, 1.0) if height == 90 else (0.5, 1.0)
+  windows = augment.crop_windows(tf.constant([1, 1], tf.int64), 20, scale, height,
+                                 width).numpy()
+  np.testing.assert_array_equal(windows, [expected] * 20)
+
+
+def transitions(view: np.ndarray, axis: int) -> float:
+  """Black/white changes along `axis` of a grey view in [0, 1], the median over the lines (the
+  few lines along a cell edge, grey, are left out)."""
+  bits = view.mean(axis=-1) > 0.5
+  return float(np.median(np.abs(np.diff(bits.astype(int), axis=axis)).sum(axis=axis)))
+
+
+def test_crops_keep_the_aspect_of_a_checkerboard():
+  """Square 10 px cells of a 500 x 100 image stay square up to the window's aspect (within
+  [3/4, 4/3]) in every view; the old pipeline squashed the whole image to a square first, which
+  makes the cells 5 times taller than wide."""
+  image = checkerboard(100, 500, 10)
+  seed = tf.constant([3, 9], tf.int64)
+  views = augment.random_resized_crops(tf.constant(image), seed, 64, 48, (0.05, 0.4)).numpy()
+  windows = augment.crop_windows(seed, 64, (0.05, 0.4), 100, 500).numpy()
+  for view, (_, _, crop_height, crop_width) in zip(views, windows):
+    across, down = transitions(view, axis=1), transitions(view, axis=0)
+    # Cells crossed: crop_width / 10 across and crop_height / 10 down, +-1 at the borders.
+    assert abs(across - crop_width / 10) <= 1.5 and abs(down - crop_height / 10) <= 1.5
+    assert 0.6 < (across / down) < 1.7
+  squashed = tf.image.resize(image / 255, [48, 48], 'bicubic', antialias=True).numpy()
+  assert transitions(squashed, axis=1) / transitions(squashed, axis=0) > 4
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+def write_split(root, split: str, images: dict):
+  for name, image in images.items():
+    folder = root / split / name.split('_')[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if name.endswith('.png'):
+      path.write_bytes(encode(image, 'PNG'))
+    else:
+      path.write_bytes(jpeg(image))
+
+
+def plain_aug(config, *, global_size: int, local_size: int, num_local: int):
+  config.aug.update(dict(global_size=global_size, local_size=local_size, num_local=num_local,
+                         global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), flip=False,
+                         color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
+                         solarize_prob=0.0))
+
+
+def test_pipeline_crops_are_pil_crops_of_the_full_image(tmp_path):
+  """train_batches of a 500 x 100 PNG with the augmentation off: both global crops are the
+  fallback window (the centre 133 x 100) resized, the local ones the windows of their seeds,
+  each equal to PIL's crop + bicubic resize of the full image."""
+  image = smooth_image(100, 500)
+  write_split(tmp_path, 'train', {'a_0.png': image})
+  write_split(tmp_path, 'test', {'a_0.png': image})
+  config = config_module('digits').get_config()
+  config.data.update(dict(name='folder', path=str(tmp_path), image_size=32, mean=(0.0,) * 3,
+                          std=(1.0,) * 3))
+  plain_aug(config, global_size=32, local_size=16, num_local=4)
+  config.batch_size = 1
+  source = datasets.get_source(config.data)
+  batch = next(pipeline.train_batches(source, config, epoch=0))
+  pil = Image.fromarray(image)
+  expected = np.asarray(pil.crop((183, 0, 316, 100)).resize((32, 32), Image.BICUBIC), np.float32)
+  for view in batch['global_crops'][0]:
+    # TF's antialiased bicubic vs PIL's (which rounds to uint8 between its two passes): at most
+    # 2 levels on smooth content, 0.3 on average (measured 1.5 and 0.30).
+    assert np.abs(levels(view) - expected).max() <= 2.0
+  seed = pipeline._example_seed(config, 0, tf.constant(0, tf.int64))
+  local_seed = augment._group_seeds(seed, 1)[0]
+  windows = augment.crop_windows(local_seed, 4, (0.05, 0.4), 100, 500).numpy()
+  for view, (top, left, crop_height, crop_width) in zip(batch['local_crops'][0], windows):
+    expected = pil.crop((left, top, left + crop_width, top + crop_height)).resize(
+        (16, 16), Image.BICUBIC)
+    difference = np.abs(levels(view) - np.asarray(expected, np.float32))
+    assert difference.max() <= 2.0 and difference.mean() < 0.6
+
+
+def test_the_cache_and_shuffle_buffer_hold_encoded_bytes(tmp_path):
+  images = {f'a_{k}.jpg': smooth_image(45 + k, 60, seed=k) for k in range(3)}
+  write_split(tmp_path, 'train', images)
+  write_split(tmp_path, 'test', images)
+  config = config_module('digits').get_config()
+  config.data.update(dict(name='folder', path=str(tmp_path)))
+  source = datasets.get_source(config.data)
+  stored = list(source.read('train', decode=False).as_numpy_iterator())
+  assert all(isinstance(example['image'], bytes) for example in stored)
+  sizes = sorted(len(jpeg(image)) for image in images.values())
+  assert sorted(len(example['image']) for example in stored) == sizes
+  assert source.info.num_bytes['train'] == pytest.approx(sum(sizes), rel=0.01)
+  decoded = list(source.read('train').as_numpy_iterator())
+  assert sorted(example['image'].shape for example in decoded) == [(45 + k, 60, 3)
+                                                                    for k in range(3)]
+
+
+def jpeg_folder(root, count: int = 12):
+  """A folder of `count` JPEGs of a few sizes in 2 classes, for train and test."""
+  images = {f'{"ab"[k % 2]}_{k}.jpg': smooth_image(40 + 3 * k, 64 - 2 * k, seed=k)
+            for k in range(count)}
+  write_split(root, 'train', images)
+  write_split(root, 'test', images)
+
+
+def jpeg_config(root) -> ml_collections.ConfigDict:
+  config = config_module('digits').get_config()
+  config.data.update(dict(name='folder', path=str(root), image_size=16, mean=(0.5,) * 3,
+                          std=(0.25,) * 3))
+  config.aug.update(dict(global_size=16, local_size=8, num_local=3, flip=True,
+                         color_jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2))
+  config.batch_size = 4
+  return config
+
+
+def test_jpeg_epochs_are_deterministic_and_resume_exactly(tmp_path):
+  jpeg_folder(tmp_path)
+  config = jpeg_config(tmp_path)
+  source = datasets.get_source(config.data)
+  epoch = list(pipeline.train_batches(source, config, epoch=1))
+  assert len(epoch) == 3
+  again = list(pipeline.train_batches(source, config, epoch=1))
+  resumed = list(pipeline.train_batches(source, config, epoch=1, start_step=1))
+  assert len(resumed) == 2
+  for expected, got in zip(epoch, again):
+    for key in expected:
+      np.testing.assert_array_equal(expected[key], got[key])
+  for expected, got in zip(epoch[1:], resumed):
+    for key in expected:
+      np.testing.assert_array_equal(expected[key], got[key])
+  other = list(pipeline.train_batches(source, config, epoch=2))
+  assert not np.array_equal(epoch[0]['global_crops'], other[0]['global_crops'])
+
+
+def test_augmentation_does_not_depend_on_the_batch(tmp_path):
+  """augment_views of examples in one batch and one by one (XLA programs of other batch sizes,
+  as chunks of another number of processes would be): the same views, bitwise."""
+  config = jpeg_config(tmp_path)
+  images = [tf.constant(jpeg(smooth_image(40 + 9 * k, 70, seed=k))) for k in range(3)]
+  seeds = [tf.constant([7, k], tf.int64) for k in range(3)]
+  crops = [augment.multi_crop_views(image, seed, config.aug, min_size=16, num_channels=3)
+           for image, seed in zip(images, seeds)]
+  batch = {key: tf.stack([crop[key] for crop in crops]) for key in crops[0]}
+  together = augment.augment_views(batch, tf.stack(seeds), config.aug, config.data.mean,
+                                   config.data.std)
+  for k in range(3):
+    alone = augment.augment_views({key: value[None] for key, value in crops[k].items()},
+                                  seeds[k][None], config.aug, config.data.mean, config.data.std)
+    for key in together:
+      np.testing.assert_array_equal(together[key][k], alone[key][0])
+  single = augment.multi_crop(images[0], seeds[0], config.aug, config.data.mean, config.data.std,
+                              min_size=16, num_channels=3)
+  other = augment.multi_crop(images[0], tf.constant([7, 5], tf.int64), config.aug,
+                             config.data.mean, config.data.std, min_size=16, num_channels=3)
+  assert not np.array_equal(other['global_crops'], single['global_crops'])
+
+
+@pytest.mark.parametrize('small', [False, True])
+def test_batch_xla_and_per_example_augmentation_give_the_same_batches(tmp_path, small):
+  """aug.xla_min_size chooses where the augmentation runs (XLA on whole batches, or tf.data
+  example by example): with every random choice made certain (probabilities 0 or 1, one blur
+  sigma) the batches agree to float rounding, on JPEGs and on the digits. (Their random draws
+  differ: XLA's Philox streams are not TF's CPU kernels', so the same seed draws other factors
+  on each path, each path deterministic.)"""
+  if small:
+    config = config_module('digits').get_config()
+    config.data.data_dir = str(tmp_path)
+    config.batch_size = 16
+  else:
+    jpeg_folder(tmp_path)
+    config = jpeg_config(tmp_path)
+  config.aug.update(dict(flip=False, color_jitter_prob=1.0, grayscale_prob=0.0,
+                         blur_prob=(1.0, 0.0, 1.0), blur_sigma=(0.7, 0.7), solarize_prob=1.0,
+                         color_jitter=(0.0, 0.0, 0.0, 0.0)))
+  source = datasets.get_source(config.data)
+  by_mode = {}
+  for xla_min_size in (0, 10_000):
+    config.aug.xla_min_size = xla_min_size
+    by_mode[xla_min_size] = next(pipeline.train_batches(source, config, epoch=3))
+  for key in ('global_crops', 'local_crops'):
+    assert by_mode[0][key].shape == by_mode[10_000][key].shape
+    np.testing.assert_allclose(by_mode[0][key], by_mode[10_000][key], atol=2e-5)
+
+
+def test_small_images_are_upscaled_before_cropping():
+  """An 8x8 image of a small fixed-size dataset with min_size 16 is cropped from its 16x16
+  bicubic upscale: the matmul path (which composes the upscale with each window's resize)
+  equals upscaling, rounding to uint8 and cropping window by window up to that rounding
+  (measured 0.5 levels). Any other image is cropped at its own pixels, as torchvision does."""
+  image = smooth_image(8, 8)[..., :1]
+  seed = tf.constant([4, 2], tf.int64)
+  small = augment.random_resized_crops(tf.constant(image), seed, 6, 8, (0.1, 0.4), min_size=16,
+                                       small_image=True).numpy()
+  upscaled = tf.cast(tf.round(tf.clip_by_value(tf.image.resize(
+      image, [16, 16], method='bicubic', antialias=True), 0, 255)), tf.uint8)
+  generic = augment.window_crops(upscaled, augment.crop_windows(seed, 6, (0.1, 0.4), 16, 16), 8)
+  assert np.abs(levels(small) - levels(generic)).max() <= 1.0
+  own = augment.random_resized_crops(tf.constant(image), seed, 6, 8, (0.1, 0.4), min_size=16,
+                                     small_image=False).numpy()
+  windows = augment.crop_windows(seed, 6, (0.1, 0.4), 8, 8)
+  np.testing.assert_allclose(own, augment.window_crops(tf.constant(image), windows, 8),
+                             atol=1e-6)
+
+
+# --------------------------------------------------------------------------- evaluation view
+
+@pytest.mark.parametrize('height,width', [(375, 500), (500, 333), (257, 301), (300, 200)])
+def test_eval_view_of_a_jpeg_is_pils_resize_and_centre_crop(height, width):
+  """DINO's Resize(256, bicubic) + CenterCrop(224) by PIL. JPEGs are decoded with the accurate
+  IDCT, as PIL decodes them (identical pixels); the views then differ only by the resize: TF's
+  float bicubic vs PIL's, which rounds to uint8 between its horizontal and vertical passes.
+  Measured on these images: at most 1.4 levels (of 255), 0.31 on average."""
+  image = smooth_image(height, width)
+  data = jpeg(image)
+  decoded = augment.decode(tf.constant(data), 3).numpy()
+  np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data)).convert('RGB')))
+  view = augment.center_view(tf.constant(data), 224, (0.0,) * 3, (1.0,) * 3, resize=256,
+                             num_channels=3).numpy()
+  expected = pil_eval_view(Image.open(io.BytesIO(data)).convert('RGB'))
+  difference = np.abs(levels(view) - expected)
+  assert view.shape == (224, 224, 3)
+  assert difference.max() <= 2.0 and difference.mean() <= 0.4, (difference.max(),
+                                                                 difference.mean())
+
+
+def test_eval_view_geometry_is_torchvisions():
+  """Which pixels: without resizing (shorter side already 256) the view is exactly the centre
+  crop at torchvision's offsets, round((W - 224) / 2) rounding half to even (301: 38); with a
+  resize, a one-pixel shift of PIL's view is 100x further from ours than PIL's view itself."""
+  for height, width, top, left in ((256, 301, 16, 38), (350, 256, 63, 16), (256, 256, 16, 16)):
+    image = RNG.integers(0, 256, (height, width, 3)).astype(np.uint8)
+    view = augment.center_view(tf.constant(encode(image, 'PNG')), 224, (0.0,) * 3, (1.0,) * 3,
+                               resize=256, num_channels=3).numpy()
+    np.testing.assert_allclose(levels(view), image[top:top + 224, left:left + 224], atol=1e-3)
+  board = checkerboard(333, 500, 7)
+  view = levels(augment.center_view(tf.constant(board), 224, (0.0,) * 3, (1.0,) * 3,
+                                    resize=256).numpy())
+  expected = pil_eval_view(Image.fromarray(board))
+  # Hard edges: PIL clips its intermediate pass where bicubic overshoots (up to 13 levels there,
+  # measured), 0.42 on average.
+  assert np.abs(view - expected).mean() < 0.6
+  for shifted, reference in ((view[1:], expected[:-1]), (view[:, 1:], expected[:, :-1])):
+    assert np.abs(shifted - reference).mean() > 30
+
+
+@pytest.mark.parametrize('height,width', [(375, 500), (500, 333), (7, 9), (1000, 11)])
+def test_resized_shape_is_torchvisions(height, width):
+  new_height, new_width = augment.resized_shape(height, width, 256)
+  short, long = min(height, width), max(height, width)
+  expected = (256, int(256 * long / short)) if height <= width else (int(256 * long / short), 256)
+  assert (int(new_height), int(new_width)) == expected
+
+
+def test_eval_resize_default():
+  assert augment.eval_resize(224) == 256 and augment.eval_resize(16) == 18
+  assert augment.eval_resize(224, 300) == 300
+  with pytest.raises(ValueError, match='eval_resize=200 is smaller than data.image_size=224'):
+    augment.eval_resize(224, 200)
+
+
+def test_digits_eval_view_is_the_upscaled_centre(tmp_path):
+  """The 8x8 digits with image_size 16: upscaled to 18x18 (eval_resize 0: round(16 * 256 /
+  224)), centre 16x16 kept, by constant matmuls equal to tf.image.resize. PIL's upscale clips
+  bicubic's overshoot (to -17 beside a stroke) between its passes, which moves the high-contrast
+  digits' views by up to 15 levels (measured on these 8), 0.5 on average; one pixel off costs 20
+  times that on average."""
+  config = config_module('digits').get_config()
+  config.data.data_dir = str(tmp_path)
+  source = datasets.get_source(config.data)
+  assert source.info.image_shape == (8, 8)
+  batch = next(pipeline.eval_batches(source, 'test', config, batch_size=8))
+  digits = next(source.read('test').batch(8).as_numpy_iterator())['image']
+  views = levels(batch['image'][..., 0] * 0.5 + 0.5)  # the digits config's mean and std
+  upscaled = np.stack([np.asarray(Image.fromarray(digit[..., 0]).resize((18, 18), Image.BICUBIC),
+                                  np.float32) for digit in digits])
+  difference = np.abs(views - upscaled[:, 1:17, 1:17])
+  assert difference.max() <= 20 and difference.mean() <= 1.0, (difference.max(),
+                                                                difference.mean())
+  assert np.abs(views - upscaled[:, :16, 1:17]).mean() > 20 * difference.mean()
+  generic = augment.center_view(tf.constant(digits[0]), 16, (0.5,), (0.5,))  # tf.image.resize
+  np.testing.assert_allclose(batch['image'][0], generic, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- partial decoding
+
+def test_partial_decode_crops_equal_full_decode_crops():
+  """decode_and_crop_jpeg of each window vs the window of the whole decoded image. 4:4:4 JPEGs:
+  identical. 4:2:0 (the usual): chroma upsampling at a window's edges uses other neighbours,
+  up to 11 levels on a few edge pixels of half the windows (measured), which the resize to the
+  view spreads to at most 12 levels on a pixel and 0.008 on average."""
+  image = smooth_image(257, 301)
+  windows = augment.crop_windows(tf.constant([8, 1], tf.int64), 40, (0.05, 1.0), 257, 301)
+  for subsampling, max_levels, mean_levels in ((0, 0.0, 0.0), (2, 16.0, 0.05)):
+    data = tf.constant(jpeg(image, subsampling))
+    partial = levels(augment.jpeg_window_crops(data, windows, 96, 3))
+    full = levels(augment.window_crops(augment.decode(data, 3), windows, 96))
+    difference = np.abs(partial - full)
+    assert difference.max() <= max_levels and difference.mean() <= mean_levels
+  # The linear evaluation's view of a JPEG decodes only its window, the same view otherwise.
+  data = tf.constant(jpeg(image, 0))
+  for seed in range(5):
+    kwargs = dict(size=64, flip=True, mean=(0.0,) * 3, std=(1.0,) * 3, min_size=16,
+                  num_channels=3)
+    encoded = augment.linear_train_view(data, tf.constant([seed, 3], tf.int64), **kwargs)
+    decoded = augment.linear_train_view(augment.decode(data, 3), tf.constant([seed, 3], tf.int64),
+                                        **kwargs)
+    np.testing.assert_allclose(encoded, decoded, atol=1e-5)
