@@ -55,6 +55,7 @@ import functools
 import math
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 _MIN_RATIO, _MAX_RATIO = 3 / 4, 4 / 3  # RandomResizedCrop's aspect ratios (width / height)
@@ -234,24 +235,40 @@ def jpeg_window_crops(encoded, windows, size: int, num_channels: int,
                tf.uint8)
 
 
+@functools.lru_cache(maxsize=32)
+def _window_weights(side: int, new_side: int, size: int, method: str) -> np.ndarray:
+  """float32 [new_side, new_side + 1, size, side]: for every window [start, start + length) of a
+  line of `side` pixels upscaled (bicubic) to `new_side`, the weights of its resize to `size`
+  composed with the upscale's (_filter_weights), so that a small image's crops are two gathers
+  and two matmuls; entries of windows that do not fit are never read."""
+  with tf.init_scope():  # a constant, computed once when first traced
+    starts, lengths = [x.ravel() for x in np.meshgrid(np.arange(new_side),
+                                                      np.arange(new_side + 1), indexing='ij')]
+    upscale = _filter_weights([0], [side], side, new_side, 'bicubic')[0]  # identity if equal
+    window = _filter_weights(starts, np.maximum(lengths, 1), new_side, size, method)
+    table = tf.einsum('nsu,ui->nsi', window, upscale).numpy()
+  return table.reshape(new_side, new_side + 1, size, side)
+
+
 def _small_image_crops(image, seed, num: int, size: int, scale, min_size: int,
                        method: str) -> tf.Tensor:
-  """float32 [num, size, size, C] (the image's range) of a small decoded image, as matmuls with
-  the resize weights (_filter_weights): the upscale to min_size and each window's resize
-  composed into [n, S, H] and [n, S, W] (the upscaled pixels are not rounded in between)."""
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  small = tf.minimum(height, width) < min_size
-  new_height, new_width = resized_shape(height, width, max(min_size, 1))
-  new_height = tf.where(small, new_height, height)
-  new_width = tf.where(small, new_width, width)
+  """float32 [num, size, size, C] (the image's range) of a small decoded image of a static
+  shape, as matmuls with the resize weights (_window_weights): the upscale to min_size and each
+  window's resize composed into [n, S, H] and [n, S, W] (the upscaled pixels are not rounded in
+  between)."""
+  height, width = image.shape[0], image.shape[1]
+  if height is None or width is None:
+    raise ValueError('a small image is cropped by matmuls of its static size: give the image a '
+                     'static shape (tf.ensure_shape) or small_image=False')
+  new_height, new_width = height, width
+  if min(height, width) < min_size:
+    long = min_size * max(height, width) // min(height, width)  # resized_shape's, in Python
+    new_height, new_width = (min_size, long) if height <= width else (long, min_size)
   windows = crop_windows(seed, num, scale, new_height, new_width)
-  def weights(starts, lengths, side, new_side):
-    upscale = _filter_weights([0], [side], side, new_side, 'bicubic')[0]  # identity if equal
-    return tf.einsum('nsu,ui->nsi', _filter_weights(starts, lengths, new_side, size, method),
-                     upscale)
-  rows = weights(windows[:, 0], windows[:, 2], height, new_height)  # [n, S, H]
-  columns = weights(windows[:, 1], windows[:, 3], width, new_width)  # [n, S, W]
+  rows = tf.gather_nd(_window_weights(height, new_height, size, method),
+                      tf.stack([windows[:, 0], windows[:, 2]], 1))  # [n, S, H]
+  columns = tf.gather_nd(_window_weights(width, new_width, size, method),
+                         tf.stack([windows[:, 1], windows[:, 3]], 1))  # [n, S, W]
   resized = tf.einsum('nsh,hwc->nswc', rows, tf.cast(image, tf.float32))
   return tf.einsum('ntw,nswc->nstc', columns, resized)
 
