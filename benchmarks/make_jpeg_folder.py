@@ -6,7 +6,7 @@ ROOT/train/<class>/<i>.jpg and ROOT/validation/<class>/<i>.jpg (kldino's `folder
 torchvision's ImageFolder both read it): half 500 x 375 landscapes, half 333 x 500 portraits,
 ImageNet's two most common sizes, quality 90 with 4:2:0 chroma (PIL's default). The content has
 a photograph's spread of frequencies (smooth structure at three scales plus fine noise), so that
-the files and their decoding cost about what ImageNet's do (~110 kB; these are ~80 kB).
+their decoding costs about what a photograph's does (~65 kB each; ImageNet's average ~110 kB).
 """
 from __future__ import annotations
 

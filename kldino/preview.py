@@ -19,6 +19,7 @@ from PIL import Image
 from kldino.data import pipeline
 
 _GAP = 4  # pixels between the grid's cells
+_MIN_CELL = 96  # small views (the 16-pixel digits) are enlarged, nearest, to cells of at least this
 
 
 def _uint8(normalised: np.ndarray, mean, std) -> np.ndarray:
@@ -32,8 +33,13 @@ def _image(pixels: np.ndarray) -> Image.Image:
 
 
 def _grid(rows: list[list[np.ndarray]]) -> Image.Image:
-  """Rows of uint8 views of any sizes, each cell as large as the largest view, top-left aligned."""
-  cell = max(max(view.shape[0], view.shape[1]) for row in rows for view in row)
+  """Rows of uint8 views of any sizes, each cell as large as the largest view, top-left aligned;
+  every view enlarged by the same integer factor when the largest is under _MIN_CELL pixels."""
+  largest = max(max(view.shape[0], view.shape[1]) for row in rows for view in row)
+  zoom = -(-_MIN_CELL // largest)
+  rows = [[np.repeat(np.repeat(view, zoom, axis=0), zoom, axis=1) for view in row]
+          for row in rows]
+  cell = largest * zoom
   width = max(len(row) for row in rows) * (cell + _GAP) + _GAP
   canvas = Image.new('RGB', (width, len(rows) * (cell + _GAP) + _GAP), 'white')
   for row_index, row in enumerate(rows):
