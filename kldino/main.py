@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from kldino import cli
 from kldino import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
@@ -49,7 +50,11 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: 
                                    'process 0 (default: auto-detect TPU VMs and SLURM).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, 0-based.')
+flags.DEFINE_bool('verbose', False, 'On failure, print the stack trace before the one-line '
+                  'message.')
 
+# Modes that write into the workdir hold its lock (kldino/cli.py) while they run.
+_WRITING_MODES = ('train', 'linear_eval', 'import')
 # Modes that read a checkpoint take the run's own config when no --config is given.
 _WORKDIR_CONFIG_MODES = ('eval', 'linear_eval', 'features', 'export')
 _WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir_config.py')
@@ -77,13 +82,13 @@ def _with_workdir_config(argv):
 def _mode_kwargs(mode):
   if mode == 'import':
     if not _IMPORT_FROM.value:
-      sys.exit('kldino: --mode=import needs --import_from=FILE.pth')
+      cli.fail('--mode=import needs --import_from=FILE.pth')
     return {'import_from': _IMPORT_FROM.value}
   if mode == 'preview':
     if not _OUTPUT.value:
-      sys.exit('kldino: --mode=preview needs --output=DIR (where the PNGs and index.json go)')
+      cli.fail('--mode=preview needs --output=DIR (where the PNGs and index.json go)')
     if _NUM_IMAGES.value < 1:
-      sys.exit(f'kldino: --num_images={_NUM_IMAGES.value} must be >= 1')
+      cli.fail(f'--num_images={_NUM_IMAGES.value} must be >= 1')
     return {'output': _OUTPUT.value, 'split': _SPLIT.value, 'num_images': _NUM_IMAGES.value}
   kwargs = {'step': _STEP.value, 'output': _OUTPUT.value}
   if mode == 'features':
@@ -93,9 +98,13 @@ def _mode_kwargs(mode):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}: flags are --name=value')
   if _CONFIG.value is None or not _WORKDIR.value:
-    sys.exit('kldino: --config=FILE and --workdir=DIR are required')
+    cli.fail('--config=FILE and --workdir=DIR are required')
+  try:
+    cli.check_workdir(_WORKDIR.value)
+  except cli.UsageError as error:
+    cli.fail(str(error))
   host_memory.reexec_with_huge_pages()  # before JAX allocates anything (kldino/host_memory.py)
   logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', ''))
   # Imported here so that --help and flag errors answer before TensorFlow and JAX load.
@@ -103,7 +112,7 @@ def main(argv):
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as error:
-    sys.exit(f'kldino: {error}')
+    cli.fail(str(error))
   import jax  # pylint: disable=g-import-not-at-top
   from kldino import train  # pylint: disable=g-import-not-at-top
   from kldino.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
@@ -111,16 +120,26 @@ def main(argv):
   logging.info('config:\n%s', _CONFIG.value)
   mode = _MODE.value
   try:
+    lock = (cli.lock_workdir(_WORKDIR.value)
+            if mode in _WRITING_MODES and jax.process_index() == 0 else None)
+  except cli.UsageError as error:
+    cli.fail(str(error))
+  try:
     if mode == 'train':
       results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       from kldino import commands  # pylint: disable=g-import-not-at-top
       results = commands.MODES.get(mode)(_CONFIG.value, _WORKDIR.value, **_mode_kwargs(mode))
-  except (ConfigError, train.Collapsed) as error:
-    sys.exit(f'kldino: {error}')
+  except ConfigError as error:
+    cli.fail(str(error))
+  except train.Collapsed as error:
+    cli.fail(str(error), cli.EXIT_NUMERICS)
   except Preempted as error:
     print(f'kldino: {error}', file=sys.stderr, flush=True)
     return
+  finally:
+    if lock is not None:
+      lock.close()
   if jax.process_index() == 0:  # one JSON line per run, not one per process
     print(json.dumps(results, sort_keys=True), flush=True)
 
@@ -128,7 +147,11 @@ def main(argv):
 def run():
   """The `kldino` console script."""
   sys.argv = _with_workdir_config(sys.argv)
-  app.run(main)
+  try:
+    cli.check_command_line(sys.argv)
+  except cli.UsageError as error:
+    cli.fail(str(error))
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

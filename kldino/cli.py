@@ -1,0 +1,156 @@
+"""The command line's own checks, before absl parses the flags and before TensorFlow or JAX load:
+a config file that is missing or does not parse, `--config.KEY=VALUE` overrides of keys that do
+not exist (with the closest existing keys), flag values of the wrong type, a workdir that cannot
+be one, and a workdir in use by another run. Each ends the command with one line and the exit
+code of its kind (EXIT_*), never a stack trace.
+"""
+from __future__ import annotations
+
+import difflib
+import errno
+import fcntl
+import importlib.util
+import os
+import sys
+import traceback
+
+# Exit codes, by kind of failure (README, "Exit codes").
+EXIT_USAGE = 2       # command line or config: a flag, a key, a value, a config file, the workdir
+EXIT_DATA = 3        # the dataset: missing, unprepared, empty, too many unreadable images
+EXIT_NUMERICS = 4    # a non-finite loss or a collapse: the last good checkpoint is kept
+# Preemption (SIGTERM) saves and exits 0: the same command resumes.
+
+_LOCK_FILE = '.kldino.lock'
+
+
+class UsageError(Exception):
+  """A problem with what the user asked for; the message names it and the fix."""
+
+
+def fail(message: str, code: int = EXIT_USAGE):
+  """Ends the command with `kldino: message` on stderr; the traceback too with --verbose."""
+  if '--verbose' in sys.argv:
+    traceback.print_exc()
+  print(f'kldino: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _flag_values(argv: list[str], name: str) -> list[str]:
+  values = []
+  for index, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      values.append(arg.split('=', 1)[1])
+    elif arg == f'--{name}' and index + 1 < len(argv):
+      values.append(argv[index + 1])
+  return values
+
+
+def load_config_file(spec: str):
+  """The config of `--config=PATH[:ARG]`: PATH's get_config(ARG); UsageError naming the file
+  (and the line) when it is missing, does not parse or has no get_config."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UsageError(f'--config={path}: no such file; pass the path of a config file with '
+                     'get_config(), e.g. --config=configs/digits.py')
+  module_spec = importlib.util.spec_from_file_location('_kldino_checked_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as error:
+    raise UsageError(f'--config={path} does not parse: line {error.lineno}: {error.msg}') from None
+  except Exception as error:  # pylint: disable=broad-except
+    raise UsageError(f'--config={path} failed to load: {type(error).__name__}: {error}') from None
+  if not hasattr(module, 'get_config'):
+    raise UsageError(f'--config={path} has no get_config(): a config file defines '
+                     'get_config(arg=None) returning a ConfigDict')
+  try:
+    return module.get_config(arg or None)
+  except ValueError as error:  # a config's own check of its argument
+    raise UsageError(str(error)) from None
+  except Exception as error:  # pylint: disable=broad-except
+    raise UsageError(f'--config={spec}: get_config failed: {type(error).__name__}: {error}') from None
+
+
+def config_keys(config, prefix: str = '') -> list[str]:
+  """Every key of a (nested) ConfigDict, dotted."""
+  keys = []
+  for name, value in config.items():
+    key = f'{prefix}{name}'
+    keys.append(key)
+    if hasattr(value, 'items'):
+      keys.extend(config_keys(value, f'{key}.'))
+  return keys
+
+
+def check_overrides(config, argv: list[str]):
+  """UsageError for the first `--config.KEY=VALUE` whose KEY the config does not have, naming
+  the closest existing keys."""
+  keys = set(config_keys(config))
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0]
+    if key not in keys:
+      close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
+      hint = (f'did you mean {" or ".join(close)}?' if close
+              else 'the keys and their defaults are in kldino/defaults.py')
+      raise UsageError(f'unknown config key {key} (--config.{key}): {hint}')
+
+
+def check_command_line(argv: list[str], default_config: str | None = None):
+  """The checks above for argv (default_config: the --config used when argv has none)."""
+  specs = _flag_values(argv, 'config') or ([default_config] if default_config else [])
+  if specs:
+    check_overrides(load_config_file(specs[-1]), argv)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, ending a bad flag value in one line (absl's own handler prints two and
+  a config override of the wrong type a stack trace)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    fail(str(error).replace('\n', ' '))
+  except Exception as error:  # pylint: disable=broad-except
+    fail(f'bad command line: {type(error).__name__}: {error}')
+
+
+def check_workdir(workdir: str):
+  """A local workdir must be a directory we can create and write; remote ones (gs://...) are
+  checked by the checkpointer."""
+  if '://' in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f'--workdir={workdir} is a file, not a directory: pass a directory '
+                     '(it is created if missing)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise UsageError(f'--workdir={workdir} cannot be created ({error.strerror}): pass a '
+                     'directory you can write') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UsageError(f'--workdir={workdir} is not writable: pass a directory you can write')
+
+
+def lock_workdir(workdir: str):
+  """Holds an exclusive lock on the workdir for the life of this process (released by the
+  kernel when the process ends, however it ends: a killed run leaves no stale lock), so that a
+  second run on the same workdir refuses instead of interleaving checkpoints; the open file is
+  returned to keep the lock. Remote workdirs are not locked."""
+  if '://' in workdir:
+    return None
+  lock = open(os.path.join(workdir, _LOCK_FILE), 'a+')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as error:
+    lock.close()
+    if error.errno in (errno.EAGAIN, errno.EACCES):
+      raise UsageError(f'--workdir={workdir} is in use by another kldino run: wait for it to '
+                       'end, stop it (SIGTERM saves a checkpoint), or use another workdir') from None
+    raise
+  lock.seek(0)
+  lock.truncate()
+  lock.write(f'{os.getpid()}\n')
+  lock.flush()
+  return lock

@@ -1,0 +1,92 @@
+"""The command line's failures: one `kldino:` line, the exit code of its kind, no stack trace; and
+the workdir lock."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from kldino import cli
+from tests.helpers import REPO
+
+
+def _main(*args, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'kldino.main', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, check=False,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def _one_line(result) -> str:
+  lines = result.stderr.strip().splitlines()
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert lines and lines[-1].startswith('kldino: '), result.stderr[-2000:]
+  return lines[-1]
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--config.foo=1'], 'unknown config key foo'),
+    (['--config.optim.lrr=1'], 'did you mean optim.lr'),
+    (['--config.optim.lr=abc'], "--config.optim.lr=abc: could not convert string to float"),
+    (['--mode=evl'], 'flag --mode=evl: value should be one of'),
+    (['stray'], 'unexpected arguments: stray'),
+])
+def test_bad_flags_and_keys_end_in_one_line(tmp_path, args, fragment):
+  result = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', *args)
+  assert result.returncode == cli.EXIT_USAGE
+  assert fragment in _one_line(result)
+
+
+def test_bad_config_files_name_the_file_and_line(tmp_path):
+  broken = tmp_path / 'broken.py'
+  broken.write_text('from kldino.defaults import base_config\n\ndef get_config(:\n')
+  empty = tmp_path / 'empty.py'
+  empty.write_text('x = 1\n')
+  cases = [(str(tmp_path / 'missing.py'), 'missing.py: no such file'),
+           (str(broken), 'broken.py does not parse: line 3'),
+           (str(empty), 'has no get_config()')]
+  for config, fragment in cases:
+    result = _main(f'--config={config}', f'--workdir={tmp_path / "run"}')
+    assert result.returncode == cli.EXIT_USAGE
+    assert fragment in _one_line(result)
+
+
+def test_workdirs_that_cannot_be_one(tmp_path):
+  a_file = tmp_path / 'file'
+  a_file.write_text('')
+  for workdir, fragment in ((a_file, 'is a file, not a directory'),
+                            (a_file / 'below', 'cannot be created')):
+    result = _main('--config=configs/smoke.py', f'--workdir={workdir}')
+    assert result.returncode == cli.EXIT_USAGE
+    assert fragment in _one_line(result)
+  result = _main('--mode=eval', f'--workdir={tmp_path / "no_run"}')
+  assert result.returncode == cli.EXIT_USAGE
+  assert 'config.json does not exist' in _one_line(result)
+
+
+def test_unknown_keys_suggest_the_closest():
+  config = cli.load_config_file(os.path.join(REPO, 'configs', 'smoke.py'))
+  assert 'optim.lr' in cli.config_keys(config) and 'aug.xla_min_size' in cli.config_keys(config)
+  cli.check_overrides(config, ['--config.optim.lr=1', '--workdir=x'])
+  with pytest.raises(cli.UsageError, match='did you mean data.eval_resize'):
+    cli.check_overrides(config, ['--config.data.eval_resise=3'])
+
+
+def test_a_second_run_on_a_workdir_is_refused_until_the_first_ends(tmp_path):
+  """The lock is the kernel's (flock): held while the holder lives, gone when it is killed."""
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from kldino import cli; '
+       f'lock = cli.lock_workdir({str(tmp_path)!r}); print("locked", flush=True); time.sleep(600)'],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(cli.UsageError, match='is in use by another kldino run'):
+      cli.lock_workdir(str(tmp_path))
+    result = _main('--config=configs/smoke.py', f'--workdir={tmp_path}')
+    assert result.returncode == cli.EXIT_USAGE
+    assert 'is in use by another kldino run' in _one_line(result)
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  lock = cli.lock_workdir(str(tmp_path))  # the killed holder left no stale lock
+  lock.close()
