@@ -67,6 +67,8 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
            f'model.num_prototypes={config.model.num_prototypes} must be >= 2')
   _require(config.eval.knn_temperature > 0,
            f'eval.knn_temperature={config.eval.knn_temperature} must be > 0')
+  _validate_optim(config.optim)
+  _validate_aug(config)
   _validate_eval(config, num_devices)
   _require(config.data.name != 'folder' or bool(config.data.path),
            "data.name='folder' needs --config.data.path=ROOT (ROOT/<split>/<class>/<image>)")
@@ -76,6 +78,49 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
 
 def _positive_finite(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _validate_optim(optim_config):
+  _require(_positive_finite(optim_config.lr),
+           f'optim.lr={optim_config.lr} must be finite and > 0 (per 256 images)')
+  _require(_finite(optim_config.min_lr) and 0 <= optim_config.min_lr <= optim_config.lr,
+           f'optim.min_lr={optim_config.min_lr} must be in [0, optim.lr={optim_config.lr}]')
+  for key in ('weight_decay', 'weight_decay_end', 'clip_grad'):
+    _require(_finite(optim_config[key]) and optim_config[key] >= 0,
+             f'optim.{key}={optim_config[key]} must be finite and >= 0 (clip_grad 0: no '
+             'clipping)')
+  for key in ('warmup_epochs', 'freeze_prototypes_epochs'):
+    _require(optim_config[key] >= 0, f'optim.{key}={optim_config[key]} must be >= 0')
+  for key in ('teacher_momentum', 'teacher_momentum_end'):
+    _require(_finite(optim_config[key]) and 0 <= optim_config[key] <= 1,
+             f'optim.{key}={optim_config[key]} must be in [0, 1] (the EMA keeps this fraction '
+             'of the teacher)')
+
+
+def _validate_aug(config):
+  aug = config.aug
+  for key in ('global_size', 'local_size'):
+    _require(aug[key] >= 1, f'aug.{key}={aug[key]} must be >= 1 pixel')
+  _require(aug.num_local >= 0, f'aug.num_local={aug.num_local} must be >= 0')
+  for key in ('global_scale', 'local_scale'):
+    low, high = aug[key]
+    _require(0 < low <= high <= 1, f'aug.{key}={tuple(aug[key])} must satisfy 0 < low <= high '
+             '<= 1 (fractions of the image area)')
+  probabilities = [('color_jitter_prob', aug.color_jitter_prob),
+                   ('grayscale_prob', aug.grayscale_prob), ('solarize_prob', aug.solarize_prob),
+                   *((f'blur_prob[{i}]', p) for i, p in enumerate(aug.blur_prob))]
+  for key, value in probabilities:
+    _require(_finite(value) and 0 <= value <= 1, f'aug.{key}={value} must be in [0, 1]')
+  _require(len(aug.blur_prob) == 3, f'aug.blur_prob={tuple(aug.blur_prob)} must have 3 '
+           'probabilities: global view 1, global view 2, local views')
+  _require(0 < aug.blur_sigma[0] <= aug.blur_sigma[1],
+           f'aug.blur_sigma={tuple(aug.blur_sigma)} must satisfy 0 < low <= high')
+  _require(config.data.image_size >= 1,
+           f'data.image_size={config.data.image_size} must be >= 1 pixel')
+
+
+def _finite(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _validate_eval(config, num_devices: int):

@@ -110,6 +110,15 @@ def make_train_step(graphdef, config, schedules, optimizer):
         'teacher_momentum': momentum,
         'teacher_temp': teacher_temp,
     }
+    # A non-finite loss or gradient leaves the state as it was (the step still counts): no
+    # non-finite value ever reaches the state or a checkpoint, without a host sync per step;
+    # the loop stops at its next log or checkpoint step (metrics['finite'], kldino/train.py).
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    student, teacher, opt_state, norm_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (student, teacher, opt_state, norm_state),
+        (state.student, state.teacher, state.opt_state, state.norm_state))
+    metrics['finite'] = finite
     new_state = state.replace(step=step + 1, student=student, teacher=teacher,
                               opt_state=opt_state, norm_state=norm_state)
     return new_state, metrics

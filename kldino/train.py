@@ -41,7 +41,15 @@ class Collapsed(RuntimeError):
   """Training stopped: the loss is not finite."""
 
 
-
+def check_finite(metrics: list, first_step: int, latest_checkpoint: int | None):
+  """Collapsed naming the first step of `metrics` (host values of steps first_step, ...) whose
+  loss or gradient was not finite; the train step kept the state before it."""
+  for offset, step_metrics in enumerate(metrics):
+    if not step_metrics['finite']:
+      kept = (f'the last checkpoint (step {latest_checkpoint}) is intact'
+              if latest_checkpoint is not None else 'no checkpoint was written')
+      raise Collapsed(f'non-finite loss or gradient at step {first_step + offset}; {kept}: '
+                      'lower optim.lr (or check the data) and rerun')
 
 
 class Trainer:
@@ -212,9 +220,8 @@ class Trainer:
   # --------------------------------------------------------------------------- epochs
 
   def _log(self, step: int, metrics: list, images: int, seconds: float, epoch: int):
+    check_finite(metrics, step - len(metrics) + 1, self.checkpointer.latest_step())
     averaged = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-    if not np.isfinite(averaged['loss']):
-      raise Collapsed(f'non-finite loss at step {step}: lower optim.lr or check the data')
     averaged['images_per_sec'] = images / max(seconds, 1e-9)
     averaged['epoch'] = epoch
     self.writer.write_scalars(step, averaged)
@@ -252,7 +259,12 @@ class Trainer:
         raise checkpoint_lib.Preempted(f'stopped at step {step} on request; the checkpoint is '
                                        'saved: rerun the same command to resume')
       if self.checkpointer.should_save(step):
+        pending = jax.device_get(pending)  # a checkpoint only of finite states
+        check_finite(pending, step - len(pending) + 1, self.checkpointer.latest_step())
         self.save(state, step)  # asynchronous: the files are written while training goes on
+    if pending:  # the epoch's steps after its last log
+      pending = jax.device_get(pending)
+      check_finite(pending, step - len(pending) + 1, self.checkpointer.latest_step())
     return state
 
   def train(self):
@@ -283,6 +295,9 @@ class Trainer:
       if self.checkpointer.latest_step() != final_step:
         self.save(state, final_step, force=True)
       self.checkpointer.wait()
+    except Collapsed:
+      self.checkpointer.wait()  # an asynchronous save in flight ends before the process does
+      raise
     finally:
       if previous_handler is not None:
         signal.signal(signal.SIGTERM, previous_handler)

@@ -5,10 +5,12 @@ import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from kldino import cli
-from tests.helpers import REPO
+from tests.helpers import REPO, config_module
 
 
 def _main(*args, timeout=300):
@@ -90,3 +92,26 @@ def test_a_second_run_on_a_workdir_is_refused_until_the_first_ends(tmp_path):
     holder.wait()
   lock = cli.lock_workdir(str(tmp_path))  # the killed holder left no stale lock
   lock.close()
+
+
+def test_a_non_finite_loss_stops_with_exit_4_and_only_finite_checkpoints(tmp_path):
+  """lr 1e38: the parameters overflow at once. The step that goes non-finite keeps the state
+  before it, the run stops at the next log step with one line, no background thread prints, and
+  every checkpoint written holds finite values."""
+  from kldino.train import Trainer  # pylint: disable=import-outside-toplevel
+  overrides = ['--config.optim.lr=1e38', '--config.optim.warmup_epochs=0',
+               '--config.checkpoint_every_steps=1', '--config.log_every_steps=5']
+  result = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', *overrides)
+  assert result.returncode == cli.EXIT_NUMERICS
+  line = _one_line(result)
+  assert 'non-finite loss or gradient at step' in line and 'lower optim.lr' in line
+  assert 'Exception in thread' not in result.stderr
+  config = config_module('smoke').get_config()
+  config.update_from_flattened_dict({'optim.lr': 1e38, 'optim.warmup_epochs': 0})
+  trainer = Trainer(config, str(tmp_path))
+  steps = trainer.checkpointer.manager.all_steps()
+  assert steps and max(steps) < int(line.split('at step ')[1].split(';')[0])
+  for step in steps:
+    state = jax.device_get(trainer.restore_or_init(step=step))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state)
+               if np.issubdtype(np.asarray(leaf).dtype, np.floating))

@@ -31,6 +31,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('eval.linear_batch_size', 100, 'eval.linear_batch_size=100 must be a positive multiple'),
     ('eval.linear_epochs', 0, 'eval.linear_epochs=0 must be >= 1'),
     ('eval.linear_crop_scale', (0.5, 0.1), 'must satisfy 0 < low <= high <= 1'),
+    ('optim.lr', float('nan'), 'optim.lr=nan must be finite and > 0'),
+    ('optim.lr', -1e-3, 'optim.lr=-0.001 must be finite and > 0'),
+    ('optim.min_lr', 1.0, 'optim.min_lr=1.0 must be in [0, optim.lr'),
+    ('optim.weight_decay', -0.1, 'optim.weight_decay=-0.1 must be finite and >= 0'),
+    ('optim.teacher_momentum', 1.5, 'optim.teacher_momentum=1.5 must be in [0, 1]'),
+    ('optim.warmup_epochs', -1, 'optim.warmup_epochs=-1 must be >= 0'),
+    ('aug.global_size', 0, 'aug.global_size=0 must be >= 1 pixel'),
+    ('aug.num_local', -2, 'aug.num_local=-2 must be >= 0'),
+    ('aug.local_scale', (0.0, 0.4), 'aug.local_scale=(0.0, 0.4) must satisfy 0 < low'),
+    ('aug.solarize_prob', 1.5, 'aug.solarize_prob=1.5 must be in [0, 1]'),
+    ('aug.blur_prob', (1.0, 0.1), 'must have 3 probabilities'),
+    ('aug.blur_sigma', (2.0, 0.1), 'aug.blur_sigma=(2.0, 0.1) must satisfy 0 < low <= high'),
 ])
 def test_bad_values_are_refused_with_one_line(key, value, fragment):
   config = base_config()
