@@ -11,6 +11,10 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the key and the fix."""
 
 
+class DataError(ConfigError):
+  """The dataset the config names cannot be read: missing, unprepared, empty splits."""
+
+
 def _require(condition: bool, message: str):
   if not condition:
     raise ConfigError(message)

@@ -115,7 +115,7 @@ def main(argv):
     cli.fail(str(error))
   import jax  # pylint: disable=g-import-not-at-top
   from kldino import train  # pylint: disable=g-import-not-at-top
-  from kldino.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  from kldino.config_checks import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   from kldino.checkpoint import Preempted  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', _CONFIG.value)
   mode = _MODE.value
@@ -130,6 +130,8 @@ def main(argv):
     else:
       from kldino import commands  # pylint: disable=g-import-not-at-top
       results = commands.MODES.get(mode)(_CONFIG.value, _WORKDIR.value, **_mode_kwargs(mode))
+  except DataError as error:
+    cli.fail(str(error), cli.EXIT_DATA)
   except ConfigError as error:
     cli.fail(str(error))
   except train.Collapsed as error:

@@ -20,7 +20,7 @@ from kldino import objective
 from kldino import schedules as schedules_lib
 from kldino import sharding
 from kldino import step as step_lib
-from kldino.config_checks import ConfigError, validate_config
+from kldino.config_checks import ConfigError, DataError, validate_config
 from kldino.data import datasets, pipeline
 
 
@@ -61,7 +61,7 @@ class Run:
     try:
       source = datasets.get_source(self.config.data)
     except ValueError as error:  # the data registry's one-line messages
-      raise ConfigError(str(error)) from None
+      raise DataError(str(error)) from None
     if source.info.num_channels != self.in_channels:
       raise ConfigError(
           f'data.mean and data.std have {self.in_channels} values but {self.config.data.name} '

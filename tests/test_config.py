@@ -65,14 +65,16 @@ def run_main(tmp_path, *overrides):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize('overrides, fragment', [
-    (('--config.data.name=no_such_dataset',), "unknown dataset 'no_such_dataset'"),
-    (('--config.data.name=folder', '--config.data.path=/no/such/folder'), '/no/such/folder'),
-    (('--config.batch_size=12',), 'batch_size=12 must be a positive multiple of the 8 devices'),
+@pytest.mark.parametrize('overrides, fragment, code', [
+    (('--config.data.name=no_such_dataset',), "unknown dataset 'no_such_dataset'", 3),
+    (('--config.data.name=folder', '--config.data.path=/no/such/folder'), '/no/such/folder', 3),
+    (('--config.batch_size=12',), 'batch_size=12 must be a positive multiple of the 8 devices',
+     2),
 ])
-def test_command_line_fails_fast_with_one_line(tmp_path, overrides, fragment):
+def test_command_line_fails_fast_with_one_line(tmp_path, overrides, fragment, code):
+  """Exit code 3 for the dataset, 2 for a config value (README, exit codes)."""
   result = run_main(tmp_path, *overrides)
-  assert result.returncode != 0
+  assert result.returncode == code
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith('kldino: ') and fragment in last_line, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
