@@ -106,6 +106,9 @@ def _validate_aug(config):
   for key in ('global_size', 'local_size'):
     _require(aug[key] >= 1, f'aug.{key}={aug[key]} must be >= 1 pixel')
   _require(aug.num_local >= 0, f'aug.num_local={aug.num_local} must be >= 0')
+  _require(aug.crop_interpolation in ('bicubic', 'bilinear'),
+           f"aug.crop_interpolation='{aug.crop_interpolation}': use 'bicubic' (DINO's) or "
+           "'bilinear'")
   for key in ('global_scale', 'local_scale'):
     low, high = aug[key]
     _require(0 < low <= high <= 1, f'aug.{key}={tuple(aug[key])} must satisfy 0 < low <= high '

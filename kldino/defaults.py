@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.aug.blur_prob = (1.0, 0.1, 0.5)  # global 1, global 2, locals
   config.aug.blur_sigma = (0.1, 1.0)
   config.aug.solarize_prob = 0.2   # on global 2 only
+  config.aug.crop_interpolation = 'bicubic'  # the crops' resize: DINO's bicubic, or bilinear
   config.aug.xla_min_size = 64     # global crops of at least this size are augmented on whole
                                    # batches by XLA (~7 ms per image for DINO's 224/96 crops
                                    # instead of ~60, after ~20 s of compilation); smaller ones

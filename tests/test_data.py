@@ -435,7 +435,7 @@ def aug_config(**overrides) -> ml_collections.ConfigDict:
       global_size=8, local_size=8, num_local=3, global_scale=(1.0, 1.0),
       local_scale=(1.0, 1.0), flip=False, color_jitter=(0.4, 0.4, 0.2, 0.1),
       color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
-      blur_sigma=(0.1, 2.0), solarize_prob=0.0))
+      blur_sigma=(0.1, 2.0), solarize_prob=0.0, crop_interpolation='bicubic'))
   config.update(overrides)
   return config
 

@@ -427,3 +427,20 @@ def test_partial_decode_crops_equal_full_decode_crops():
     decoded = augment.linear_train_view(augment.decode(data, 3), tf.constant([seed, 3], tf.int64),
                                         **kwargs)
     np.testing.assert_allclose(encoded, decoded, atol=1e-5)
+
+
+def test_crop_interpolation_is_the_crops_resize():
+  """aug.crop_interpolation chooses the resize of every training crop's window: bicubic
+  (DINO's) or bilinear, each equal to window_crops with that method up to uint8 rounding."""
+  image = tf.constant(smooth_image(40, 60))
+  seed = tf.constant([3, 1], tf.int64)
+  windows = augment.crop_windows(augment._group_seeds(seed, 0)[0], 2, (0.4, 1.0), 40, 60)  # pylint: disable=protected-access
+  config = config_module('digits').get_config()
+  config.aug.update(dict(global_size=16, local_size=8, num_local=2))
+  views = {}
+  for method in ('bicubic', 'bilinear'):
+    config.aug.crop_interpolation = method
+    views[method] = augment.multi_crop_views(image, seed, config.aug)['global_crops'].numpy()
+    expected = augment.window_crops(image, windows, 16, method).numpy() * 255
+    assert np.abs(views[method].astype(np.float32) - expected).max() <= 0.5 + 1e-3
+  assert not np.array_equal(views['bicubic'], views['bilinear'])

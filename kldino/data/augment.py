@@ -535,7 +535,8 @@ def multi_crop_views(image, seed, aug_config, *, min_size: int = 0,
   as in random_resized_crops. augment_views finishes them."""
   image = _decoded(image, num_channels)
   crops = functools.partial(random_resized_crops, image, min_size=min_size,
-                            small_image=small_image, round_uint8=True)
+                            method=aug_config.crop_interpolation, small_image=small_image,
+                            round_uint8=True)
   global_crops = crops(_group_seeds(seed, 0)[0], 2, aug_config.global_size,
                        aug_config.global_scale)
   num_local, local_size = aug_config.num_local, aug_config.local_size
