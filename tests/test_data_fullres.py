@@ -167,7 +167,7 @@ def plain_aug(config, *, global_size: int, local_size: int, num_local: int):
   config.aug.update(dict(global_size=global_size, local_size=local_size, num_local=num_local,
                          global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), flip=False,
                          color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
-                         solarize_prob=0.0))
+                         solarize_prob=0.0, crop_interpolation='bicubic'))  # DINO's, PIL's
 
 
 def test_pipeline_crops_are_pil_crops_of_the_full_image(tmp_path):
