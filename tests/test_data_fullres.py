@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from benchmarks.make_jpeg_folder import photo_like
 from kldino.data import augment, datasets, pipeline
 from tests.helpers import config_module
 
@@ -21,15 +22,7 @@ RNG = np.random.default_rng(0)
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
   """uint8 [H, W, 3] photograph-like content: smooth structure at a few scales, fine noise."""
-  rng = np.random.default_rng(seed)
-  out = np.zeros((height, width, 3), np.float32)
-  for cells, amplitude in ((4, 90), (16, 50), (64, 25)):
-    grid = rng.uniform(0, 255, (max(2, cells * height // max(height, width)),
-                                max(2, cells * width // max(height, width)), 3))
-    layer = Image.fromarray(grid.astype(np.uint8)).resize((width, height), Image.BICUBIC)
-    out += (np.asarray(layer, np.float32) / 127.5 - 1) * amplitude
-  out += 128 + rng.normal(0, 9, out.shape)
-  return np.clip(out, 0, 255).astype(np.uint8)
+  return np.asarray(photo_like(width, height, np.random.default_rng(seed)))
 
 
 def checkerboard(height: int, width: int, cell: int) -> np.ndarray:
