@@ -18,6 +18,7 @@ which would move it, is caught instead of resuming at the wrong place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -104,6 +105,11 @@ class Preempted(RuntimeError):
   """A loop stopped on request (SIGTERM or a preemption notice) after saving a checkpoint."""
 
 
+class WriteFailed(RuntimeError):
+  """A checkpoint could not be written (a full disk, a lost mount); the committed ones are
+  intact."""
+
+
 class Checkpointer:
   """An orbax CheckpointManager with kldino's layout, fallback and compatibility checks."""
 
@@ -132,10 +138,11 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
     """Asynchronous: returns once the arrays are copied off the devices (the state may then be
-    donated); `wait()` waits for the files."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave({**meta, 'format': FORMAT})),
-        force=force)
+    donated); `wait()` waits for the files. WriteFailed when this or the previous save failed."""
+    with self._writing():
+      return self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave({**meta, 'format': FORMAT})),
+          force=force)
 
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
@@ -145,7 +152,24 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Until the asynchronous save in flight is committed; WriteFailed if it failed."""
+    with self._writing():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Orbax reports a failed write (from its threads) at the next save or wait, as any of
+    several exception types: one WriteFailed names it and what is left."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except
+      cause = _short_cause(error)
+      with contextlib.suppress(Exception):  # the steps on disk, without the failed one
+        self.manager.reload()
+      raise WriteFailed(
+          f'writing a checkpoint in {self.directory} failed ({cause}); the newest committed '
+          f'checkpoint, step {self.latest_step()}, is intact: free space (or fix the mount) '
+          'and rerun the same command to resume from it') from error
 
   def _check_shapes(self, step: int, abstract_state):
     """Every array this run builds must be in the checkpoint with the same shape."""
@@ -224,6 +248,16 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'kldino_set_aside_{step}')
     self.manager.reload()
+
+
+def _short_cause(error: Exception) -> str:
+  """The OS error that orbax's (long, nested) message ends in, else its first line, cut short."""
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  for os_error in ('No space left on device', 'Disk quota exceeded', 'Read-only file system',
+                   'Permission denied'):
+    if os_error in message:
+      return os_error
+  return message[:200]
 
 
 def position_meta(config, step: int, steps_per_epoch: int | None, data_shards: int) -> dict:

@@ -18,6 +18,7 @@ import traceback
 EXIT_USAGE = 2       # command line or config: a flag, a key, a value, a config file, the workdir
 EXIT_DATA = 3        # the dataset: missing, unprepared, empty, too many unreadable images
 EXIT_NUMERICS = 4    # a non-finite loss or a collapse: the last good checkpoint is kept
+EXIT_WRITE = 5       # the workdir could not be written (a full disk): committed checkpoints kept
 # Preemption (SIGTERM) saves and exits 0: the same command resumes.
 
 _LOCK_FILE = '.kldino.lock'
@@ -33,6 +34,48 @@ def fail(message: str, code: int = EXIT_USAGE):
     traceback.print_exc()
   print(f'kldino: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+def disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, is a full disk or quota (ENOSPC, EDQUOT),
+  whichever library raised it: orbax and TensorFlow carry the OS error in their message."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if 'No space left on device' in str(error) or 'Disk quota exceeded' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _WithoutTraceback:
+  """A logging filter: records keep their message and lose their stack trace."""
+
+  def filter(self, record) -> bool:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _log_thread_exception(args):
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.error('%s in thread %s: %s', args.exc_type.__name__,
+                getattr(args.thread, 'name', '?'), args.exc_value)
+
+
+def quiet_tracebacks():
+  """Unless --verbose, what other threads report of their failures prints as one line each:
+  log records lose their stack trace (orbax's and clu's writers log their threads' exceptions
+  with one), an exception that ends a thread is logged as a line, and asyncio's complaints
+  about the futures a failed checkpoint write abandons are not printed. The failure itself
+  reaches the main thread and ends the command with `fail`."""
+  if '--verbose' in sys.argv:
+    return
+  import logging  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_WithoutTraceback())
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+  threading.excepthook = _log_thread_exception
 
 
 def _flag_values(argv: list[str], name: str) -> list[str]:

@@ -124,6 +124,10 @@ def _validate_aug(config):
            f'aug.blur_sigma={tuple(aug.blur_sigma)} must satisfy 0 < low <= high')
   _require(config.data.image_size >= 1,
            f'data.image_size={config.data.image_size} must be >= 1 pixel')
+  fraction = config.data.max_corrupt_fraction
+  _require(_finite(fraction) and 0 <= fraction <= 1,
+           f'data.max_corrupt_fraction={fraction} must be in [0, 1] (0: stop at the first image '
+           'that cannot be decoded)')
 
 
 def _finite(value) -> bool:

@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.shards = 0           # training data shards (0: one per process); fixing it makes
                                    # the batches independent of the number of processes
   config.data.prefetch = 2
+  config.data.max_corrupt_fraction = 0.001  # images that cannot be decoded are skipped (and named
+                                   # in a warning); more than this fraction of a split stops the run
 
   config.aug = ml_collections.ConfigDict()
   config.aug.global_size = 16

@@ -97,6 +97,7 @@ def _mode_kwargs(mode):
 
 
 def main(argv):
+  cli.quiet_tracebacks()
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}: flags are --name=value')
   if _CONFIG.value is None or not _WORKDIR.value:
@@ -116,7 +117,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from kldino import train  # pylint: disable=g-import-not-at-top
   from kldino.config_checks import ConfigError, DataError  # pylint: disable=g-import-not-at-top
-  from kldino.checkpoint import Preempted  # pylint: disable=g-import-not-at-top
+  from kldino.checkpoint import Preempted, WriteFailed  # pylint: disable=g-import-not-at-top
+  from kldino.data.unreadable import TooManyUnreadable  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', _CONFIG.value)
   mode = _MODE.value
   try:
@@ -130,7 +132,7 @@ def main(argv):
     else:
       from kldino import commands  # pylint: disable=g-import-not-at-top
       results = commands.MODES.get(mode)(_CONFIG.value, _WORKDIR.value, **_mode_kwargs(mode))
-  except DataError as error:
+  except (DataError, TooManyUnreadable) as error:
     cli.fail(str(error), cli.EXIT_DATA)
   except ConfigError as error:
     cli.fail(str(error))
@@ -139,6 +141,14 @@ def main(argv):
   except Preempted as error:
     print(f'kldino: {error}', file=sys.stderr, flush=True)
     return
+  except WriteFailed as error:
+    cli.fail(str(error), cli.EXIT_WRITE)
+  except Exception as error:  # pylint: disable=broad-except
+    if not cli.disk_full(error):
+      raise
+    cli.fail(f'no space left on the device of --workdir={_WORKDIR.value} ({type(error).__name__})'
+             ': free space and rerun the same command; committed checkpoints are intact',
+             cli.EXIT_WRITE)
   finally:
     if lock is not None:
       lock.close()

@@ -88,8 +88,9 @@ class Trainer:
   @functools.cached_property
   def writer(self):
     """TensorBoard + console on process 0, console only elsewhere; created when first used, so
-    that reading a checkpoint leaves no event file behind."""
-    return metric_writers.create_default_writer(self.workdir,
+    that reading a checkpoint leaves no event file behind. Synchronous: a failed write (a full
+    disk) is raised here, in the loop, not logged from a writer thread."""
+    return metric_writers.create_default_writer(self.workdir, asynchronous=False,
                                                 just_logging=jax.process_index() > 0)
 
   # --------------------------------------------------------------------------- checkpoints
@@ -118,6 +119,14 @@ class Trainer:
     meta = checkpoint_lib.position_meta(self.config, step, self.schedules.steps_per_epoch,
                                         self.data_shards)
     self.checkpointer.save(step, state, meta, force=force)
+
+  def _settle_checkpoints(self):
+    """On the way out of a failed run: the asynchronous save in flight ends (committed, or
+    failed and reported by the error already raised) before the process does."""
+    try:
+      self.checkpointer.wait()
+    except checkpoint_lib.WriteFailed:
+      pass
 
   def _stop_requested(self, step: int) -> bool:
     # Several processes must stop at the same step: JAX's preemption sync point agrees on one.
@@ -295,8 +304,8 @@ class Trainer:
       if self.checkpointer.latest_step() != final_step:
         self.save(state, final_step, force=True)
       self.checkpointer.wait()
-    except Collapsed:
-      self.checkpointer.wait()  # an asynchronous save in flight ends before the process does
+    except BaseException:
+      self._settle_checkpoints()
       raise
     finally:
       if previous_handler is not None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs.smoke import get_config as smoke_config
+from kldino import cli
 from kldino import commands
 from kldino import export as export_lib
 from kldino.config_checks import ConfigError
@@ -88,10 +89,14 @@ def test_kill_9_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
   assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
 
 
-def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
+def test_sigterm_saves_exits_0_and_resumes_identically_a_second_run_meanwhile_refused(uninterrupted, tmp_path):
   reference, _ = uninterrupted
   workdir = str(tmp_path / 'preempted')
   process = _start_and_wait_for_step(workdir, 10)
+  second = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # the same command again, while the first runs: refused
+  assert second.returncode == cli.EXIT_USAGE, second.stderr[-3000:]
+  assert 'is in use by another kldino run' in second.stderr.strip().splitlines()[-1]
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-3000:]
@@ -100,6 +105,36 @@ def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
   assert stopped_at in _steps(workdir) and stopped_at < TOTAL_STEPS
   _run(workdir)
   _assert_states_equal(_final_state(workdir), _final_state(reference))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2 MB file system (tmpfs): room for about two checkpoints of configs/smoke.py."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)],
+                    capture_output=True, check=False).returncode:
+    pytest.skip('mounting a small tmpfs needs root (CAP_SYS_ADMIN)')
+  yield disk
+  subprocess.run(['umount', str(disk)], check=False)
+
+
+def test_full_disk_stops_with_one_line_and_resumes_identically(uninterrupted, small_disk):
+  reference, reference_results = uninterrupted
+  workdir = str(small_disk / 'run')
+  result = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == cli.EXIT_WRITE, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr and 'Exception in thread' not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith('kldino: ') and ('No space left on device' in line or 'no space' in line)
+  committed = _steps(workdir)
+  assert committed and max(committed) < TOTAL_STEPS
+  subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)], check=True)
+  result = _run(workdir)
+  assert f'resuming from the checkpoint at step {max(committed)}' in result.stderr
+  _assert_states_equal(_final_state(workdir), _final_state(reference))
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from kldino.data import augment
 from kldino.data import digits
+from kldino.data import unreadable
 
 FOLDER_LAYOUT = 'ROOT/<split>/<class>/<image>.(png|jpg|jpeg)'
 
@@ -60,6 +61,8 @@ class Source:
   # read files; None: images are named by their dataset key (`name:split[index]`).
   read_paths: Callable[[str, int], list[str]] | None = None
   name: str = ''
+  # The images the pipelines could not decode, and skipped (kldino/data/unreadable.py).
+  unreadable: unreadable.Tally = dataclasses.field(default_factory=unreadable.Tally)
 
   def file_names(self, split: str, count: int) -> list[str]:
     """Names of the first `count` images of a split: file paths, or dataset keys."""
@@ -67,6 +70,12 @@ class Source:
     if self.read_paths is not None:
       return self.read_paths(split, count)
     return [f'{self.name}:{split}[{index}]' for index in range(count)]
+
+  def names(self, split: str, indices) -> list[str]:
+    """Names of the images at `indices` of a split."""
+    indices = list(indices)
+    names = self.file_names(split, max(indices, default=-1) + 1)
+    return [names[index] for index in indices]
 
   def num_examples(self, split: str) -> int:
     if split not in self.info.num_examples:
@@ -206,9 +215,17 @@ def _folder_files(builder, split: str) -> tuple[list[str], list[int]]:
           [labels.str2int(example.label) for example in examples])
 
 
-def _folder_channels(path: str) -> int:
-  """1 when the image is grayscale (with or without alpha), else 3: every image gets it."""
-  return 1 if tf.io.decode_jpeg(tf.io.read_file(path)).shape[-1] <= 2 else 3
+def _folder_channels(paths: list[str], tries: int = 32) -> int:
+  """1 when the first image that decodes is grayscale (with or without alpha), else 3: every
+  image gets it."""
+  for path in paths[:tries]:
+    try:
+      return 1 if tf.io.decode_jpeg(tf.io.read_file(path)).shape[-1] <= 2 else 3
+    except tf.errors.InvalidArgumentError:  # corrupt: the pipeline skips it (unreadable.py)
+      continue
+  split_folder = os.path.dirname(os.path.dirname(paths[0]))
+  raise ValueError(f'none of the first {min(tries, len(paths))} images in {split_folder} can be '
+                   'decoded: check that the folder holds PNG or JPEG images')
 
 
 def _folder_bytes(paths: list[str], sample: int = 64) -> int:
@@ -246,7 +263,7 @@ def _folder_source(data_config) -> Source:
   _check_splits(num_examples, data_config, f'the folder {root} (layout {FOLDER_LAYOUT})')
   files = {split: _folder_files(builder, split) for split in num_examples}
   info = DatasetInfo(num_classes=builder.info.features['label'].num_classes,
-                     num_channels=_folder_channels(files[data_config.train_split][0][0]),
+                     num_channels=_folder_channels(files[data_config.train_split][0]),
                      num_examples=num_examples,
                      num_bytes={split: _folder_bytes(paths) for split, (paths, _) in files.items()})
   return Source(info=info, read_range=functools.partial(_read_folder_range, files),

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from kldino.data import augment
+from kldino.data import unreadable
 from kldino.data.datasets import Source, shard_range
 
 _CROP_KEYS = ('global_crops', 'local_crops')
@@ -159,7 +160,9 @@ def _traced(fn):
 def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int, shard: int,
                    shards: int, num_steps: int, batch_size: int) -> tf.data.Dataset:
   """Steps [start_step, num_steps) of one shard's part of the global batches of `batch_size`:
-  the shard's examples in the epoch's shuffled order, each mapped by view(example, epoch=...)."""
+  the shard's examples in the epoch's shuffled order, each mapped by view(example, epoch=...);
+  images that cannot be decoded are skipped (unreadable.tolerant_map), and the examples after
+  them move up. At most _max_unreadable of them per epoch: past that the batches run short."""
   data = config.data
   shard_batch = _local_batch(batch_size, shards)
   shard_size = _shard_size(source, data.train_split, shard, shards)
@@ -172,11 +175,42 @@ def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int,
                               reshuffle_each_iteration=False)
   # Contiguous shards can leave the last ones a few examples short of N // S: they wrap around
   # to the start of their own order rather than run fewer steps than the others.
+  num_examples = (num_steps - start_step) * shard_batch
   examples = examples.repeat().skip(start_step * shard_batch).take(
-      (num_steps - start_step) * shard_batch)
-  views = examples.map(_traced(functools.partial(view, epoch=epoch)),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return views.batch(shard_batch, drop_remainder=True)
+      num_examples + _max_unreadable(data, shard_size))
+  views = unreadable.tolerant_map(examples, _traced(functools.partial(view, epoch=epoch)),
+                                  tally=source.unreadable, split=data.train_split)
+  return views.take(num_examples).batch(shard_batch, drop_remainder=True)
+
+
+def _max_unreadable(data_config, num_examples: int) -> int:
+  return int(data_config.max_corrupt_fraction * num_examples)
+
+
+def _checked(batches: Iterator, source: Source, split: str, config,
+             num_batches: int) -> Iterator:
+  """`batches`, stopping with unreadable.TooManyUnreadable as soon as more of the split's images
+  than data.max_corrupt_fraction could not be decoded, or when fewer than `num_batches` came
+  (every image of the rest failed)."""
+  fraction = config.data.max_corrupt_fraction
+  num_examples = source.num_examples(split)
+
+  names = functools.partial(source.names, split)
+
+  def check():
+    source.unreadable.warn(split, names)
+    source.unreadable.check(split, num_examples, fraction, names)
+  count = 0
+  for batch in batches:
+    check()
+    count += 1
+    yield batch
+  check()
+  if count < num_batches:
+    raise unreadable.TooManyUnreadable(
+        f"split '{split}' ran out of images that can be decoded after {count} of {num_batches} "
+        f'batches ({source.unreadable.count(split)} skipped so far): replace or remove the '
+        'unreadable images')
 
 
 def _with_threading(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -202,6 +236,12 @@ def _process_batches(make_shard_batches, shards: int, process_index: int,
   return tf.data.Dataset.zip(tuple(parts)).map(_concat_shards)
 
 
+def _epoch_steps(source: Source, config, batch_size: int, process_count: int) -> int:
+  shards = num_shards(config.data, process_count)
+  _local_batch(batch_size, shards)
+  return steps_per_epoch(source.num_examples(config.data.train_split), batch_size, shards)
+
+
 def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int,
                    batch_size: int, process_index: int,
                    process_count: int) -> tf.data.Dataset:
@@ -209,8 +249,7 @@ def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int,
   `batch_size`, each example mapped by `view`; this process's rows of each batch."""
   data = config.data
   shards = num_shards(data, process_count)
-  _local_batch(batch_size, shards)
-  num_steps = steps_per_epoch(source.num_examples(data.train_split), batch_size, shards)
+  num_steps = _epoch_steps(source, config, batch_size, process_count)
   if not 0 <= start_step <= num_steps:
     raise ValueError(f'start_step={start_step} is outside the {num_steps} steps of an epoch: '
                      f'resume from a step in [0, {num_steps}]')
@@ -286,14 +325,16 @@ def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
   batches = _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
                            batch_size=config.batch_size, process_index=process_index,
                            process_count=process_count)
-  return _augmented(batches, config) if _batch_augmented(config) else batches.as_numpy_iterator()
+  batches = (_augmented(batches, config) if _batch_augmented(config)
+             else batches.as_numpy_iterator())
+  return _checked(batches, source, config.data.train_split, config,
+                  _epoch_steps(source, config, config.batch_size, process_count) - start_step)
 
 
 def linear_steps_per_epoch(source: Source, config, *, batch_size: int,
                            process_count: int = 1) -> int:
   """Steps of an epoch of linear_train_batches with global batch `batch_size`."""
-  return steps_per_epoch(source.num_examples(config.data.train_split), batch_size,
-                         num_shards(config.data, process_count))
+  return _epoch_steps(source, config, batch_size, process_count)
 
 
 def linear_train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
@@ -311,9 +352,11 @@ def linear_train_batches(source: Source, config, *, epoch: int, start_step: int 
   view = functools.partial(_linear_view, config=config, scale=tuple(scale),
                            num_channels=source.info.num_channels,
                            small_shape=_small_shape(source))
-  return _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
-                        batch_size=batch_size, process_index=process_index,
-                        process_count=process_count).as_numpy_iterator()
+  batches = _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
+                           batch_size=batch_size, process_index=process_index,
+                           process_count=process_count)
+  return _checked(batches.as_numpy_iterator(), source, config.data.train_split, config,
+                  _epoch_steps(source, config, batch_size, process_count) - start_step)
 
 
 def _center(example, *, data_config, num_channels: int, image_shape=None) -> dict:
@@ -328,14 +371,23 @@ def _padding(size: int, num_channels: int) -> dict:
           'mask': tf.constant(False)}
 
 
+def _end_marker(source: Source, examples: tf.data.Dataset) -> dict:
+  """An example that decodes, index -1: what unreadable.tolerant_map maps after the last."""
+  pixels = tf.zeros([*(source.info.image_shape or (1, 1)), source.info.num_channels], tf.uint8)
+  encoded = examples.element_spec['image'].dtype == tf.string
+  return {'image': tf.io.encode_png(pixels) if encoded else pixels,
+          'label': tf.constant(0, tf.int32), 'index': tf.constant(-1, tf.int64)}
+
+
 def _shard_eval_batches(source: Source, split: str, config, *, shard: int, shards: int,
                         shard_batch: int, num_batches: int) -> tf.data.Dataset:
   data = config.data
-  views = _examples(source, split, config, shard, shards).map(
-      _traced(functools.partial(_center, data_config=data,
-                                num_channels=source.info.num_channels,
-                                image_shape=source.info.image_shape)),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  examples = _examples(source, split, config, shard, shards)
+  views = unreadable.tolerant_map(
+      examples, _traced(functools.partial(_center, data_config=data,
+                                          num_channels=source.info.num_channels,
+                                          image_shape=source.info.image_shape)),
+      tally=source.unreadable, split=split, end_marker=_end_marker(source, examples))
   padding = tf.data.Dataset.from_tensors(
       _padding(data.image_size, source.info.num_channels)).repeat()
   return views.concatenate(padding).take(num_batches * shard_batch).batch(shard_batch)
@@ -359,13 +411,15 @@ def eval_batches(source: Source, split: str, config, *, batch_size: int, process
       lambda shard: _shard_eval_batches(source, split, config, shard=shard, shards=shards,
                                         shard_batch=shard_batch, num_batches=num_batches),
       shards, process_index, process_count)
-  return batches.prefetch(config.data.prefetch).as_numpy_iterator()
+  return _checked(batches.prefetch(config.data.prefetch).as_numpy_iterator(), source, split,
+                  config, num_batches)
 
 
 def preview_views(source: Source, split: str, config, num_images: int) -> Iterator[dict]:
   """The first `num_images` examples of a split, in evaluation order, as the model sees them:
   {'eval': [S, S, C], 'global_crops', 'local_crops' (epoch 0's augmentation), normalised;
-  'label', 'file' (the source's name of the image)}."""
+  'label', 'file' (the source's name of the image)}; images that cannot be decoded are left out
+  (and named in a warning)."""
   examples = _examples(source, split, config, 0, 1).take(num_images)
   channels, small_shape = source.info.num_channels, _small_shape(source)
 
@@ -374,12 +428,15 @@ def preview_views(source: Source, split: str, config, num_images: int) -> Iterat
                             image_shape=source.info.image_shape)['image'],
             **_crops(example, config=config, epoch=0, num_channels=channels,
                      small_shape=small_shape),
-            'label': example['label']}
+            'label': example['label'], 'index': example['index']}
   names = source.file_names(split, num_images)
-  for name, example in zip(names, examples.map(_traced(views)).as_numpy_iterator()):
+  views = unreadable.tolerant_map(examples, _traced(views), tally=source.unreadable, split=split,
+                                  end_marker=_end_marker(source, examples))
+  for example in views.as_numpy_iterator():
     if _batch_augmented(config):
       crops = augment.augment_views({key: example[key][None] for key in _CROP_KEYS},
                                     example['seed'][None], config.aug, config.data.mean,
                                     config.data.std)
       example.update({key: value.numpy()[0] for key, value in crops.items()})
-    yield {**{key: example[key] for key in ('eval', 'label', *_CROP_KEYS)}, 'file': name}
+    yield {**{key: example[key] for key in ('eval', 'label', *_CROP_KEYS)},
+           'file': names[example['index']]}
