@@ -19,7 +19,6 @@ which would move it, is caught instead of resuming at the wrong place.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from typing import Any
@@ -30,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from kldino import files
 from kldino.config_checks import ConfigError
 from kldino.defaults import base_config
 
@@ -41,7 +41,7 @@ DATA_POSITION_KEYS = ('seed', 'batch_size', 'data.name', 'data.path', 'data.trai
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.join(files.absolute(workdir), 'checkpoints')
 
 
 def _flatten(config_dict: dict, prefix: str = '') -> dict:
@@ -271,6 +271,4 @@ def position_meta(config, step: int, steps_per_epoch: int | None, data_shards: i
 def write_config_json(config, workdir: str):
   """WORKDIR/config.json: the run's config, for people (checkpoints hold their own copy)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=list)
+    files.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), default=list)

@@ -12,6 +12,7 @@ import fcntl
 import importlib.util
 import os
 import sys
+import tempfile
 import traceback
 
 # Exit codes, by kind of failure (README, "Exit codes").
@@ -62,20 +63,52 @@ def _log_thread_exception(args):
                 getattr(args.thread, 'name', '?'), args.exc_value)
 
 
+def _log_unraisable(args):
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.error('%s ignored%s: %s', args.exc_type.__name__,
+                f' in {args.object!r}' if args.object is not None else '', args.exc_value)
+
+
 def quiet_tracebacks():
   """Unless --verbose, what other threads report of their failures prints as one line each:
   log records lose their stack trace (orbax's and clu's writers log their threads' exceptions
-  with one), an exception that ends a thread is logged as a line, and asyncio's complaints
+  with one), an exception that ends a thread, or that Python can only ignore (tensorstore
+  under orbax reports its callbacks' so), is logged as a line, and asyncio's complaints
   about the futures a failed checkpoint write abandons are not printed. The failure itself
   reaches the main thread and ends the command with `fail`."""
   if '--verbose' in sys.argv:
     return
   import logging  # pylint: disable=import-outside-toplevel
   import threading  # pylint: disable=import-outside-toplevel
-  for handler in logging.getLogger().handlers:
+  # logging.lastResort prints what arrives when no handler is left (at interpreter exit).
+  for handler in [*logging.getLogger().handlers, logging.lastResort]:
     handler.addFilter(_WithoutTraceback())
   logging.getLogger('asyncio').setLevel(logging.CRITICAL)
   threading.excepthook = _log_thread_exception
+  sys.unraisablehook = _log_unraisable
+
+
+def check_output(path: str, *, directory: bool = False):
+  """--output: its folder (or, with `directory`, itself) is made when missing and must be
+  writable, before anything is computed; UsageError otherwise."""
+  if '://' in path:  # a bucket: written through etils.epath (kldino/files.py)
+    return
+  folder = os.path.abspath(path) if directory else os.path.dirname(os.path.abspath(path))
+  if directory and os.path.isfile(folder):
+    raise UsageError(f'--output={path} is a file: pass a folder for the preview')
+  if not directory and os.path.isdir(path):
+    raise UsageError(f'--output={path} is a folder: pass a file path')
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as error:
+    raise UsageError(f'--output={path}: its folder cannot be created ({error.strerror}): choose '
+                     'another path') from None
+  try:  # a file made and removed there: os.access trusts permission bits that may not apply
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as error:
+    raise UsageError(f'--output={path}: no file can be written in {folder} ({error.strerror}): '
+                     'choose another path') from None
 
 
 def _flag_values(argv: list[str], name: str) -> list[str]:

@@ -38,6 +38,7 @@ from kldino import step as step_lib
 from kldino.config_checks import ConfigError
 from kldino.evaluate import bank as bank_lib
 from kldino.evaluate.evaluators import Evaluators, SplitBanks
+from kldino.models import validate_model_config
 from kldino.registry import Registry
 from kldino.run import Run
 from kldino.train import evaluate, write_eval_json
@@ -80,11 +81,32 @@ def _array_features(run: Run, teacher, images: np.ndarray) -> np.ndarray:
 def _load_inputs(path: str, in_channels: int) -> np.ndarray:
   if not os.path.isfile(path):
     raise ConfigError(f'--inputs={path} does not exist: pass a .npy of float32 NHWC images')
-  images = np.load(path, allow_pickle=False)
-  if images.dtype != np.float32 or images.ndim != 4 or images.shape[-1] != in_channels:
-    raise ConfigError(f'--inputs={path} holds {images.dtype} {images.shape}: it must be float32 '
+  try:
+    images = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as error:
+    raise ConfigError(f'--inputs={path} is not a .npy file of numbers ({str(error)[:80]}): '
+                      'save the images with numpy.save') from None
+  if (not isinstance(images, np.ndarray) or images.dtype != np.float32 or images.ndim != 4
+      or images.shape[-1] != in_channels or not images.shape[0]):
+    raise ConfigError(f'--inputs={path} holds {getattr(images, "dtype", "")} '
+                      f'{getattr(images, "shape", type(images).__name__)}: it must be float32 '
                       f'[N, H, W, {in_channels}], already normalised (no resizing is done)')
   return images
+
+
+def _check_input_size(config, images: np.ndarray, path: str):
+  """Images the backbone can take: square, and a whole number of patches."""
+  height, width = images.shape[1:3]
+  try:
+    validate_model_config(config.model, image_sizes=(height, width))
+    takes = height == width
+  except ValueError:
+    takes = False
+  if not takes:
+    size = config.aug.global_size
+    raise ConfigError(f'--inputs={path} holds {height}x{width} images: the backbone takes square '
+                      'images of a whole number of patches (model.patch_size); resize or crop '
+                      f'them, e.g. to the {size}x{size} it trained on')
 
 
 def _split_features(run: Run, teacher, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +125,8 @@ def dump_features(config, workdir: str, *, step: int | None, output: str | None,
                       'jax.distributed (one host)')
   run = Run(config, workdir)
   images = _load_inputs(inputs, run.in_channels) if inputs else None
+  if inputs:
+    _check_input_size(config, images, inputs)
   if not inputs:
     run.source  # pylint: disable=pointless-statement  # a bad dataset fails before any reading
   teacher, step = run.restore_teacher(step)
@@ -150,11 +174,21 @@ def _read_torch_checkpoint(path: str) -> dict:
   except ImportError:
     raise ConfigError('importing a .pth needs PyTorch: pip install torch==2.13.0 '
                       "(or pip install -e '.[torch]')") from None
-  checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as error:  # pylint: disable=broad-except  # torch raises many kinds
+    raise ConfigError(f'--import_from={path} is not a PyTorch checkpoint that loads without '
+                      f'running code ({type(error).__name__}): pass an official DINO .pth file'
+                      ) from None
   if not isinstance(checkpoint, dict):
     raise ConfigError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
-  return {key: value.float().numpy() if hasattr(value, 'numpy') else value
-          for key, value in convert_dino.backbone_state_dict(checkpoint).items()}
+  state_dict = convert_dino.backbone_state_dict(checkpoint)
+  not_tensors = sorted(key for key, value in state_dict.items() if not hasattr(value, 'numpy'))
+  if not_tensors:
+    raise ConfigError(f'--import_from={path} is not a DINO backbone: {not_tensors[0]!r} is not '
+                      'a tensor; pass an official DINO .pth file (a backbone or a training '
+                      'checkpoint)')
+  return {key: value.float().numpy() for key, value in state_dict.items()}
 
 
 def _fresh_state(run: Run):

@@ -14,7 +14,6 @@ of (seed, epoch, step), so a rerun after a crash resumes and ends with the same 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from kldino import checkpoint as checkpoint_lib
+from kldino import files
 from kldino import forward
 from kldino import sharding
 from kldino.config_checks import ConfigError
@@ -206,7 +206,5 @@ def linear_eval(run, *, step: int | None, output: str | None) -> dict:
                time.time() - started)
   path = output or os.path.join(run.workdir, 'linear_eval.json')
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(results, f, indent=1, sort_keys=True)
+    files.write_json(path, results)
   return results

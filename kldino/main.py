@@ -104,6 +104,8 @@ def main(argv):
     cli.fail('--config=FILE and --workdir=DIR are required')
   try:
     cli.check_workdir(_WORKDIR.value)
+    if _OUTPUT.value:
+      cli.check_output(_OUTPUT.value, directory=_MODE.value == 'preview')
   except cli.UsageError as error:
     cli.fail(str(error))
   host_memory.reexec_with_huge_pages()  # before JAX allocates anything (kldino/host_memory.py)

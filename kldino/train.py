@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import signal
 import time
@@ -25,6 +24,7 @@ from absl import logging
 from clu import metric_writers
 
 from kldino import checkpoint as checkpoint_lib
+from kldino import files
 from kldino import forward
 from kldino import objective
 from kldino import optim
@@ -340,9 +340,7 @@ def evaluate(evaluators: Evaluators, params, step: int, teacher_temp: float, *,
 
 def write_eval_json(results: dict, path: str):
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(results, f, indent=1, sort_keys=True)
+    files.write_json(path, results)
 
 
 def _baselines(trainer: Trainer) -> dict:

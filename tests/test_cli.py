@@ -115,3 +115,39 @@ def test_a_non_finite_loss_stops_with_exit_4_and_only_finite_checkpoints(tmp_pat
     state = jax.device_get(trainer.restore_or_init(step=step))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state)
                if np.issubdtype(np.asarray(leaf).dtype, np.floating))
+
+
+def test_checkpoint_modes_refuse_bad_inputs_in_one_line(tmp_path):
+  """Each fails before a checkpoint is read: the files given are checked first."""
+  np.save(tmp_path / 'odd_size.npy', np.zeros((2, 5, 5, 1), np.float32))
+  (tmp_path / 'text.npy').write_text('not numpy')
+  (tmp_path / 'garbage.pth').write_bytes(b'\x00 not a pickle' * 10)
+  (tmp_path / 'bad_run').mkdir()
+  (tmp_path / 'bad_run' / 'config.json').write_text('{"model": ')
+  smoke = ['--config=configs/smoke.py', f'--workdir={tmp_path / "run"}']
+  cases = [
+      (['--mode=features', f'--inputs={tmp_path / "odd_size.npy"}', *smoke],
+       'holds 5x5 images: the backbone takes square images of a whole number of patches'),
+      (['--mode=features', f'--inputs={tmp_path / "text.npy"}', *smoke],
+       'is not a .npy file of numbers'),
+      (['--mode=import', f'--import_from={tmp_path / "garbage.pth"}', *smoke],
+       'is not a PyTorch checkpoint'),
+      (['--mode=eval', f'--workdir={tmp_path / "bad_run"}'],
+       'config.json does not parse (line 1'),
+      (['--mode=export', f'--output={tmp_path / "text.npy" / "x.npz"}', *smoke],
+       'its folder cannot be created'),
+      (['--mode=eval', f'--output={tmp_path}', *smoke], 'is a folder: pass a file path'),
+  ]
+  for args, fragment in cases:
+    result = _main(*args)
+    assert result.returncode == cli.EXIT_USAGE, (args, result.stderr[-2000:])
+    assert fragment in _one_line(result), args
+
+
+def test_remote_workdirs_keep_their_scheme():
+  from kldino import checkpoint, files  # pylint: disable=import-outside-toplevel
+  assert checkpoint.directory('gs://bucket/runs/a/') == 'gs://bucket/runs/a/checkpoints'
+  assert files.absolute('relative/run') == os.path.join(os.getcwd(), 'relative/run')
+  cli.check_workdir('gs://bucket/runs/a')  # checked by the checkpointer, not on the local disk
+  cli.check_output('gs://bucket/runs/a/eval.json')
+  assert not os.path.exists('gs:')
