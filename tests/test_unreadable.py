@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
 from kldino import cli
-from kldino.data import datasets, pipeline, unreadable
+from kldino.data import augment, datasets, pipeline, unreadable
 from tests.helpers import REPO
 from tests.test_data_fullres import jpeg, jpeg_config, smooth_image
 
@@ -78,7 +79,7 @@ def test_more_than_the_allowed_fraction_stops_with_the_names(tmp_path):
 def test_a_split_with_nothing_readable_stops_instead_of_spinning(tmp_path):
   folder(tmp_path, train_bad=range(16))
   config = jpeg_config(tmp_path)
-  with pytest.raises(ValueError, match=f'images in {tmp_path / "train"} can be decoded'):
+  with pytest.raises(ValueError, match=f'none of the first 16 images in {tmp_path / "train"} can'):
     datasets.get_source(config.data)
   folder(tmp_path, train_bad=range(1, 16))  # one good image: not enough for a batch
   config.data.max_corrupt_fraction = 1.0
@@ -120,3 +121,24 @@ def test_the_command_line_stops_with_exit_3_and_one_line(tmp_path):
   assert 'Traceback' not in result.stderr and 'Exception in thread' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
   assert line.startswith('kldino: 1 of the 16 images of split') and bad['train'].pop() in line
+
+
+def test_images_of_other_modes_decode_as_pils_rgb(tmp_path):
+  """Grayscale, with alpha, palette and CMYK files of an RGB folder: decoded to PIL's
+  convert('RGB') pixels, and none skipped."""
+  rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8))
+  files = {'L.png': rgb.convert('L'), 'LA.png': rgb.convert('LA'),
+           'RGBA.png': rgb.convert('RGBA'), 'P.png': rgb.convert('P'),
+           'CMYK.jpg': rgb.convert('CMYK'), 'RGB.jpg': rgb}
+  for split in ('train', 'test'):
+    for name, image in files.items():
+      path = tmp_path / split / name.split('.')[0] / name
+      path.parent.mkdir(parents=True)
+      image.save(path)
+      decoded = augment.decode(tf.io.read_file(str(path)), 3).numpy()
+      np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert('RGB')))
+  config = jpeg_config(tmp_path)
+  source = datasets.get_source(config.data)
+  batches = list(pipeline.eval_batches(source, 'test', config, batch_size=2))
+  assert sum(batch['mask'].sum() for batch in batches) == len(files)
+  assert source.unreadable.count('test') == 0

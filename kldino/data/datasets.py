@@ -215,14 +215,23 @@ def _folder_files(builder, split: str) -> tuple[list[str], list[int]]:
           [labels.str2int(example.label) for example in examples])
 
 
-def _folder_channels(paths: list[str], tries: int = 32) -> int:
-  """1 when the first image that decodes is grayscale (with or without alpha), else 3: every
-  image gets it."""
+def _folder_channels(paths: list[str], sample: int = 32, tries: int = 1024) -> int:
+  """1 when the first `sample` images that decode (of the first `tries`) are all grayscale (with
+  or without alpha), else 3: every image is decoded to that many channels (a few grayscale files
+  in a colour dataset, as ImageNet has, become RGB)."""
+  decoded = 0
   for path in paths[:tries]:
+    if decoded == sample:
+      break
     try:
-      return 1 if tf.io.decode_jpeg(tf.io.read_file(path)).shape[-1] <= 2 else 3
+      channels = tf.io.decode_jpeg(tf.io.read_file(path)).shape[-1]
     except tf.errors.InvalidArgumentError:  # corrupt: the pipeline skips it (unreadable.py)
       continue
+    if channels >= 3:
+      return 3
+    decoded += 1
+  if decoded:
+    return 1
   split_folder = os.path.dirname(os.path.dirname(paths[0]))
   raise ValueError(f'none of the first {min(tries, len(paths))} images in {split_folder} can be '
                    'decoded: check that the folder holds PNG or JPEG images')
