@@ -24,6 +24,24 @@ LIBTPU_URL = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html'
 JAX_VERSION = '0.10.2'
 
 
+# Cloud TPU's software versions (the VM image) per TPU generation, from the accelerator type's
+# prefix: v4 and older boot the Ubuntu base image, v5e, v5p and v6e their own runtime images.
+SOFTWARE_VERSIONS = {'v2': 'tpu-ubuntu2204-base', 'v3': 'tpu-ubuntu2204-base',
+                     'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite',
+                     'v5e': 'v2-alpha-tpuv5-lite', 'v5p': 'v2-alpha-tpuv5',
+                     'v6e': 'v2-alpha-tpuv6e'}
+
+
+def software_version(accelerator: str) -> str:
+  """The TPU VM software version for an accelerator type such as v5p-128; ValueError naming
+  --version when the generation is not one kldino knows."""
+  generation = accelerator.rsplit('-', 1)[0]
+  if generation not in SOFTWARE_VERSIONS:
+    raise ValueError(f'no known TPU software version for --accelerator={accelerator} (known: '
+                     f'{", ".join(SOFTWARE_VERSIONS)}): pass --version=...')
+  return SOFTWARE_VERSIONS[generation]
+
+
 def _gcloud(verb: list[str], args) -> list[str]:
   command = ['gcloud', 'compute', 'tpus', 'tpu-vm', *verb, f'--zone={args.zone}']
   return command + ([f'--project={args.project}'] if args.project else [])
@@ -38,7 +56,8 @@ def commands(args) -> list[list[str]]:
   steps = []
   if not args.reuse:
     steps.append(_gcloud(['create', args.name], args) + [
-        f'--accelerator-type={args.accelerator}', f'--version={args.version}',
+        f'--accelerator-type={args.accelerator}',
+        f'--version={args.version or software_version(args.accelerator)}',
         *(['--spot'] if args.spot else [])])
   steps.append(['git', 'archive', '--format=tar.gz', f'--output={LOCAL_TARBALL}', 'HEAD'])
   steps.append(_gcloud(['scp', LOCAL_TARBALL, f'{args.name}:{REMOTE_TARBALL}'], args)
@@ -60,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
   flags.add_argument('--name', required=True, help='TPU VM name')
   flags.add_argument('--zone', required=True)
   flags.add_argument('--accelerator', required=True, help='e.g. v4-32, v5litepod-64, v5p-128')
-  flags.add_argument('--version', default='tpu-ubuntu2204-base', help='TPU VM software version')
+  flags.add_argument('--version', default=None, help='TPU VM software version (default: the '
+                     "one for the accelerator's generation, SOFTWARE_VERSIONS)")
   flags.add_argument('--project', default=None)
   flags.add_argument('--config', required=True)
   flags.add_argument('--workdir', required=True, help='a gs:// path shared by all workers')
@@ -78,7 +98,12 @@ def main(argv=None) -> int:
     print(f'launch.tpu_vm: --workdir={args.workdir} must be a gs:// path that every worker '
           'can write (checkpoints are written collectively)', file=sys.stderr)
     return 2
-  return execute(commands(args), dry_run=args.dry_run)
+  try:
+    steps = commands(args)
+  except ValueError as error:
+    print(f'launch.tpu_vm: {error}', file=sys.stderr)
+    return 2
+  return execute(steps, dry_run=args.dry_run)
 
 
 if __name__ == '__main__':

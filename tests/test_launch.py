@@ -30,7 +30,7 @@ def test_tpu_vm_dry_run_prints_every_command():
   zone = '--zone=us-east5-a'
   assert lines == [
       f'gcloud compute tpus tpu-vm create pod {zone} --accelerator-type=v5p-128 '
-      '--version=tpu-ubuntu2204-base --spot',
+      '--version=v2-alpha-tpuv5 --spot',
       'git archive --format=tar.gz --output=/tmp/kldino_code.tar.gz HEAD',
       f"gcloud compute tpus tpu-vm scp /tmp/kldino_code.tar.gz 'pod:~/kldino.tar.gz' {zone} "
       '--worker=all',
@@ -53,6 +53,24 @@ def test_tpu_vm_reuse_skips_create_and_a_local_workdir_is_refused():
                            '--accelerator=v4-32', '--config=c.py', '--workdir=/local/dir',
                            '--dry_run'], cwd=REPO, capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and 'must be a gs:// path' in result.stderr
+
+
+@pytest.mark.parametrize('accelerator, version', [
+    ('v4-32', 'tpu-ubuntu2204-base'), ('v5litepod-64', 'v2-alpha-tpuv5-lite'),
+    ('v5p-128', 'v2-alpha-tpuv5'), ('v6e-256', 'v2-alpha-tpuv6e')])
+def test_tpu_vm_software_version_follows_the_accelerator(accelerator, version):
+  args = tpu_vm.parser().parse_args(['--name=v', '--zone=z', f'--accelerator={accelerator}',
+                                     '--config=c.py', '--workdir=gs://b/w'])
+  assert f'--version={version}' in tpu_vm.commands(args)[0]
+  args.version = 'my-image'
+  assert '--version=my-image' in tpu_vm.commands(args)[0]
+
+
+def test_tpu_vm_unknown_generation_asks_for_a_version():
+  result = subprocess.run([sys.executable, '-m', 'launch.tpu_vm', '--name=v', '--zone=z',
+                           '--accelerator=v9x-8', '--config=c.py', '--workdir=gs://b/w',
+                           '--dry_run'], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'pass --version=' in result.stderr
 
 
 @pytest.mark.parametrize('per, tasks, srun', [
