@@ -23,8 +23,11 @@ install: $(VENV)/.installed
 pretrain: install
 	$(PY) -m kldino.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Two test processes (pytest-xdist), each file's tests in one of them: the end-to-end tests wait
+# on compiles and subprocesses, so two share a 2-core machine well; every process reuses the
+# others' compilations (tests/conftest.py).
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -7,7 +7,6 @@ file is the measured process (a fresh one, so that its peak RSS is the evaluatio
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,17 @@ def _register_random_source():
     return datasets.Source(info=info, read_range=read_range)
 
 
+def peak_rss() -> int:
+  """This process's peak resident memory in bytes: /proc's VmHWM, which belongs to the process
+  image (getrusage's ru_maxrss keeps the peak of the process that forked it, here a test runner
+  holding gigabytes)."""
+  with open('/proc/self/status') as status:
+    for line in status:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) * 1024
+  raise OSError('no VmHWM in /proc/self/status')
+
+
 def measure():
   """Evaluate a fresh teacher; print the results and the resident memory before and after."""
   _register_random_source()
@@ -62,9 +72,9 @@ def measure():
   init, _ = step.jit_init(step.make_init_fn(config, 1, optimizer), run.mesh, 1)
   teacher = init(0).teacher
   evaluators = Evaluators(run)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  before = peak_rss()
   results = evaluators.final(teacher, 0.04)
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak = peak_rss()
   print(json.dumps({'results': results, 'rss_before': before, 'rss_peak': peak,
                     'devices': jax.device_count()}))
 
