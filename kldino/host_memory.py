@@ -5,7 +5,7 @@ XLA:CPU takes each call's temporary buffer (the activations of a train step: 3.0
 unmaps them on free, so every step faulted its whole buffer in again, 4 KiB at a time: 750k
 page faults and ~1.4 s of kernel time per `tiny32` step on 2 cores. glibc's tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes malloc advise transparent huge pages on its
-mappings: 2.4k faults per step, and the step ran 5.5 -> 4.9 s (README, "Performance").
+mappings: 2.4k faults per step, and the step ran 5.5 -> 4.9 s (docs/performance.md).
 
 glibc reads tunables once, at process start, so the command-line entry points (kldino.main,
 kldino.bench) re-execute themselves once with it set, before they load JAX. Nothing changes where
