@@ -17,8 +17,8 @@ def gelu(x: jax.Array) -> jax.Array:
   jax.nn.gelu(approximate=False) computes Phi through erfc (precise in the far negative tail),
   which XLA:CPU expands into a branchy rational approximation several times the cost of erf's;
   with erf (and drop path as a multiply) the tiny32 train step ran 5.89 -> 5.50 s
-  (docs/performance.md). The two differ only for x < -5, where 1 + erf(x / sqrt 2) cancels, by < 1e-6
-  absolute (tests/test_models.py).
+  (docs/performance.md). The two differ only for x < -5, where 1 + erf(x / sqrt 2) cancels, by
+  < 1e-6 absolute (tests/test_models.py).
   """
   return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
 
