@@ -69,6 +69,28 @@ def _log_unraisable(args):
                 f' in {args.object!r}' if args.object is not None else '', args.exc_value)
 
 
+class _OwnInfoOnly:
+  """A logging filter: below WARNING, only kldino's own records (its progress lines)."""
+
+  def __init__(self, own_dir: str):
+    self.own_dir = own_dir
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or record.pathname.startswith(self.own_dir)
+
+
+def quiet_libraries(verbosity: int):
+  """Below absl's --verbosity=1, the libraries' informational lines (orbax logs about forty per
+  checkpoint, TFDS and JAX more at start-up) stay off the console; their warnings and errors,
+  and all of kldino's lines, stay on it."""
+  if verbosity >= 1:
+    return
+  import logging  # pylint: disable=import-outside-toplevel
+  own_dir = os.path.dirname(os.path.abspath(__file__))
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_OwnInfoOnly(own_dir))
+
+
 def quiet_tracebacks():
   """Unless --verbose, what other threads report of their failures prints as one line each:
   log records lose their stack trace (orbax's and clu's writers log their threads' exceptions

@@ -98,6 +98,7 @@ def _mode_kwargs(mode):
 
 def main(argv):
   cli.quiet_tracebacks()
+  cli.quiet_libraries(logging.get_verbosity())
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}: flags are --name=value')
   if _CONFIG.value is None or not _WORKDIR.value:
@@ -121,7 +122,7 @@ def main(argv):
   from kldino.config_checks import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   from kldino.checkpoint import Preempted, WriteFailed  # pylint: disable=g-import-not-at-top
   from kldino.data.unreadable import TooManyUnreadable  # pylint: disable=g-import-not-at-top
-  logging.info('config:\n%s', _CONFIG.value)
+  logging.vlog(1, 'config:\n%s', _CONFIG.value)  # all of it is in WORKDIR/config.json too
   mode = _MODE.value
   try:
     lock = (cli.lock_workdir(_WORKDIR.value)

@@ -87,11 +87,14 @@ class Trainer:
 
   @functools.cached_property
   def writer(self):
-    """TensorBoard + console on process 0, console only elsewhere; created when first used, so
-    that reading a checkpoint leaves no event file behind. Synchronous: a failed write (a full
-    disk) is raised here, in the loop, not logged from a writer thread."""
-    return metric_writers.create_default_writer(self.workdir, asynchronous=False,
-                                                just_logging=jax.process_index() > 0)
+    """TensorBoard on process 0; the full dictionaries on the console too with --verbosity=1
+    (the console's own line per log step is _log's). Created when first used, so that reading a
+    checkpoint leaves no event file behind. Synchronous: a failed write (a full disk) is raised
+    here, in the loop, not logged from a writer thread."""
+    writers = [metric_writers.SummaryWriter(self.workdir)] if jax.process_index() == 0 else []
+    if logging.get_verbosity() >= 1:
+      writers.append(metric_writers.LoggingWriter())
+    return metric_writers.MultiWriter(writers)
 
   # --------------------------------------------------------------------------- checkpoints
 

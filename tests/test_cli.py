@@ -106,6 +106,9 @@ def test_a_non_finite_loss_stops_with_exit_4_and_only_finite_checkpoints(tmp_pat
   line = _one_line(result)
   assert 'non-finite loss or gradient at step' in line and 'lower optim.lr' in line
   assert 'Exception in thread' not in result.stderr
+  # A compact console: kldino's own lines, not orbax's forty per checkpoint nor the config dump.
+  assert 'checkpoint_manager.py' not in result.stderr and 'config:' not in result.stderr
+  assert len(result.stderr.splitlines()) < 30, result.stderr
   config = config_module('smoke').get_config()
   config.update_from_flattened_dict({'optim.lr': 1e38, 'optim.warmup_epochs': 0})
   trainer = Trainer(config, str(tmp_path))
