@@ -213,6 +213,13 @@ def _checked(batches: Iterator, source: Source, split: str, config,
         'unreadable images')
 
 
+def _checked_epoch(batches: Iterator, source: Source, config, *, batch_size: int,
+                   start_step: int, process_count: int) -> Iterator:
+  """_checked for steps [start_step, steps_per_epoch) of a training epoch."""
+  num_steps = _epoch_steps(source, config, batch_size, process_count)
+  return _checked(batches, source, config.data.train_split, config, num_steps - start_step)
+
+
 def _with_threading(dataset: tf.data.Dataset) -> tf.data.Dataset:
   """tf.data's ops run on its own threads, one op at a time (max_intra_op_parallelism 1): not on
   TF's shared intra-op pool, where they would queue behind the XLA programs of _augmented."""
@@ -327,8 +334,8 @@ def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
                            process_count=process_count)
   batches = (_augmented(batches, config) if _batch_augmented(config)
              else batches.as_numpy_iterator())
-  return _checked(batches, source, config.data.train_split, config,
-                  _epoch_steps(source, config, config.batch_size, process_count) - start_step)
+  return _checked_epoch(batches, source, config, batch_size=config.batch_size,
+                        start_step=start_step, process_count=process_count)
 
 
 def linear_steps_per_epoch(source: Source, config, *, batch_size: int,
@@ -355,8 +362,8 @@ def linear_train_batches(source: Source, config, *, epoch: int, start_step: int 
   batches = _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
                            batch_size=batch_size, process_index=process_index,
                            process_count=process_count)
-  return _checked(batches.as_numpy_iterator(), source, config.data.train_split, config,
-                  _epoch_steps(source, config, batch_size, process_count) - start_step)
+  return _checked_epoch(batches.as_numpy_iterator(), source, config, batch_size=batch_size,
+                        start_step=start_step, process_count=process_count)
 
 
 def _center(example, *, data_config, num_channels: int, image_shape=None) -> dict:
