@@ -18,8 +18,9 @@ import traceback
 # Exit codes, by kind of failure (README, "Exit codes").
 EXIT_USAGE = 2       # command line or config: a flag, a key, a value, a config file, the workdir
 EXIT_DATA = 3        # the dataset: missing, unprepared, empty, too many unreadable images
-EXIT_NUMERICS = 4    # a non-finite loss or a collapse: the last good checkpoint is kept
+EXIT_NUMERICS = 4    # a non-finite loss or gradient: the last good checkpoint is kept
 EXIT_WRITE = 5       # the workdir could not be written (a full disk): committed checkpoints kept
+EXIT_COLLAPSE = 6    # guard.collapse=stop saw a collapse: its step's checkpoint is saved
 # Preemption (SIGTERM) saves and exits 0: the same command resumes.
 
 _LOCK_FILE = '.kldino.lock'

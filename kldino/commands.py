@@ -12,6 +12,8 @@ the first one) and writes its result to a file:
     import       an official DINO PyTorch ViT checkpoint -> a step-0 checkpoint of this workdir
     preview      the evaluation views and training crops of a split's first images -> PNGs
                  (kldino/preview.py); reads the dataset, not the workdir
+    attention    the teacher's last-block attention from CLS to the patches, per head, of a
+                 split's first images or of --inputs -> .npy and PNGs (kldino/attention_maps.py)
 
 import, export and features of --inputs read no dataset: the config and the weights suffice.
 """
@@ -25,6 +27,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from kldino import attention_maps
 from kldino import checkpoint as checkpoint_lib
 from kldino import convert_dino
 from kldino import export as export_lib
@@ -36,9 +39,11 @@ from kldino import schedules as schedules_lib
 from kldino import sharding
 from kldino import step as step_lib
 from kldino.config_checks import ConfigError
+from kldino.data import pipeline
 from kldino.evaluate import bank as bank_lib
 from kldino.evaluate.evaluators import Evaluators, SplitBanks
 from kldino.models import validate_model_config
+from kldino.models.vit import VIT_SIZES
 from kldino.registry import Registry
 from kldino.run import Run
 from kldino.train import evaluate, write_eval_json
@@ -62,13 +67,19 @@ def linear_eval(config, workdir: str, *, step: int | None, output: str | None) -
 
 
 def _array_features(run: Run, teacher, images: np.ndarray) -> np.ndarray:
-  """Backbone features of host images [N, H, W, C], in padded batches sharded over the mesh."""
-  batch_size = run.config.eval.batch_size
+  """Backbone features of host images [N, H, W, C]."""
   options = run.feature_options
-  features_fn = jax.jit(
-      lambda params, batch: forward.backbone_features(run.graphdef, params, batch, **options),
-      in_shardings=(run.param_shardings, sharding.batch_sharding(run.mesh)),
-      out_shardings=sharding.replicated(run.mesh))
+  return _batched(run, teacher, images, lambda params, batch: forward.backbone_features(
+      run.graphdef, params, batch, **options))
+
+
+def _batched(run: Run, teacher, images: np.ndarray, forward_fn) -> np.ndarray:
+  """forward_fn(params, batch) of host images [N, H, W, C], in padded batches sharded over the
+  mesh."""
+  batch_size = run.config.eval.batch_size
+  features_fn = jax.jit(forward_fn,
+                        in_shardings=(run.param_shardings, sharding.batch_sharding(run.mesh)),
+                        out_shardings=sharding.replicated(run.mesh))
   outputs = []
   for start in range(0, images.shape[0], batch_size):
     chunk = images[start:start + batch_size]
@@ -240,3 +251,45 @@ def preview(config, workdir: str, *, output: str, split: str | None, num_images:
   if jax.process_index() != 0:
     return {}
   return preview_lib.write_preview(run.source, config, split, num_images, output)
+
+
+def _attention_images(run: Run, split: str | None, num_images: int, inputs: str | None):
+  """The images to look at, normalised, as the backbone takes them, and their index entries."""
+  config = run.config
+  if inputs:
+    images = _load_inputs(inputs, run.in_channels)
+    _check_input_size(config, images, inputs)
+    return images, [{'file': f'{os.path.abspath(inputs)}[{i}]', 'label': None}
+                    for i in range(len(images))]
+  split = split or config.data.eval_split
+  try:
+    run.source.num_examples(split)
+  except ValueError as error:
+    raise ConfigError(f'--split={split}: {error}') from None
+  views = list(pipeline.preview_views(run.source, split, config, num_images, crops=False))
+  if not views:
+    raise ConfigError(f"--split={split} has no image that decodes: choose another split")
+  return (np.stack([view['eval'] for view in views]),
+          [{'file': view['file'], 'label': int(view['label'])} for view in views])
+
+
+@MODES.register('attention')
+def attention(config, workdir: str, *, step: int | None, output: str, split: str | None,
+              num_images: int, inputs: str | None) -> dict:
+  """The teacher's CLS attention maps (kldino/attention_maps.py) of --inputs or of the first
+  --num_images images of --split."""
+  if config.model.name not in VIT_SIZES:
+    raise ConfigError(f'--mode=attention shows a ViT\'s self-attention: model.name='
+                      f'{config.model.name} has none; use it on a run of a vit_* model')
+  if jax.process_count() > 1:
+    raise ConfigError('--mode=attention runs on one process: run it without jax.distributed')
+  run = Run(config, workdir)
+  images, index = _attention_images(run, split, num_images, inputs)
+  teacher, step = run.restore_teacher(step)
+  maps = _batched(run, teacher, images,
+                  lambda params, batch: forward.cls_attention(run.graphdef, params, batch))
+  side = images.shape[1] // config.model.patch_size
+  pixels = np.stack([preview_lib.to_uint8(image, config.data.mean, config.data.std)
+                     for image in images])
+  written = attention_maps.write_attention(pixels, maps, (side, side), index, output)
+  return {**written, 'step': step}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from kldino import guard
 from kldino import objective
 from kldino.models import validate_model_config
 
@@ -74,6 +75,7 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
   _validate_optim(config.optim)
   _validate_aug(config)
   _validate_eval(config, num_devices)
+  _validate_guard(config.guard)
   _require(config.data.name != 'folder' or bool(config.data.path),
            "data.name='folder' needs --config.data.path=ROOT (ROOT/<split>/<class>/<image>)")
   _require(len(config.data.mean) == len(config.data.std),
@@ -132,6 +134,20 @@ def _validate_aug(config):
 
 def _finite(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _validate_guard(guard_config):
+  _require(guard_config.collapse in guard.MODES,
+           f"guard.collapse='{guard_config.collapse}': choose one of {', '.join(guard.MODES)}")
+  _require(guard_config.patience_epochs >= 1,
+           f'guard.patience_epochs={guard_config.patience_epochs} must be >= 1')
+  _require(guard_config.min_clusters > 1,
+           f'guard.min_clusters={guard_config.min_clusters} must be > 1 (a run of one cluster '
+           'has exactly 1)')
+  _require(0 < guard_config.uniform_entropy < 1,
+           f'guard.uniform_entropy={guard_config.uniform_entropy} must be in (0, 1): a fraction '
+           'of log K')
+  _require(guard_config.uniform_mi > 0, f'guard.uniform_mi={guard_config.uniform_mi} must be > 0')
 
 
 def _validate_eval(config, num_devices: int):

@@ -142,4 +142,14 @@ def base_config() -> ml_collections.ConfigDict:
       'linear_probe': {'type': 'feature_probe', 'every_epochs': 0, 'final': True},
   })
   config.sweep_batch_size = 256
+
+  # The collapse guard (kldino/guard.py): 'warn' logs one line and records the collapse in
+  # eval.json; 'stop' also saves a checkpoint and exits with code 6 (docs/failures.md). A kind
+  # counts when it holds at every logged step for patience_epochs epochs.
+  config.guard = ml_collections.ConfigDict()
+  config.guard.collapse = 'warn'   # 'off', 'warn' or 'stop'
+  config.guard.patience_epochs = 3
+  config.guard.min_clusters = 1.5  # one cluster: the teacher's batch marginal has fewer
+  config.guard.uniform_entropy = 0.95  # uniform: per-image entropy above this fraction of log K
+  config.guard.uniform_mi = 0.05   # ... and image-cluster mutual information below (nats)
   return config

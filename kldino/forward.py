@@ -43,6 +43,13 @@ def backbone_features(graphdef, params, images, *, n_last_blocks=1, avgpool_patc
   return features.astype(jnp.float32)
 
 
+def cls_attention(graphdef, params, images):
+  """The backbone's (a ViT's) last-block attention from CLS to the patches, [N, heads, patches]
+  float32 (ViT.cls_attention)."""
+  model = _merge(graphdef, params)
+  return model.backbone.cls_attention(images.astype(model.compute_dtype)).astype(jnp.float32)
+
+
 def unit_prototypes(graphdef, params):
   """The prototypes as the head uses them ([bottleneck, K], unit columns, centered if asked)."""
   return nnx.merge(graphdef, params).head.unit_prototypes()

@@ -33,17 +33,19 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'eval', 'linear_eval', 'features', 'export', 'import',
-                           'preview'],
+                           'preview', 'attention'],
                           'What to do.')
 _STEP = flags.DEFINE_integer('step', None, 'eval/features/export: the checkpoint step '
                              '(default: the latest readable one).')
 _OUTPUT = flags.DEFINE_string('output', None, 'eval: JSON path (default DIR/eval.json); '
                               'linear_eval: JSON path (default DIR/linear_eval.json); '
                               'features: .npy path; export: .npz path.')
-_SPLIT = flags.DEFINE_string('split', None, 'features, preview: the split (default '
+_SPLIT = flags.DEFINE_string('split', None, 'features, preview, attention: the split (default '
                              'data.eval_split).')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'preview: how many images of the split.')
-_INPUTS = flags.DEFINE_string('inputs', None, 'features: a .npy of float32 NHWC images, already '
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'preview, attention: how many images of the '
+                                   'split.')
+_INPUTS = flags.DEFINE_string('inputs', None, 'features, attention: a .npy of float32 NHWC '
+                              'images, already '
                               'preprocessed (no augmentation, no resizing).')
 _IMPORT_FROM = flags.DEFINE_string('import_from', None, 'import: an official DINO .pth file.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: HOST:PORT of '
@@ -56,7 +58,7 @@ flags.DEFINE_bool('verbose', False, 'On failure, print the stack trace before th
 # Modes that write into the workdir hold its lock (kldino/cli.py) while they run.
 _WRITING_MODES = ('train', 'linear_eval', 'import')
 # Modes that read a checkpoint take the run's own config when no --config is given.
-_WORKDIR_CONFIG_MODES = ('eval', 'linear_eval', 'features', 'export')
+_WORKDIR_CONFIG_MODES = ('eval', 'linear_eval', 'features', 'export', 'attention')
 _WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir_config.py')
 
 
@@ -90,6 +92,15 @@ def _mode_kwargs(mode):
     if _NUM_IMAGES.value < 1:
       cli.fail(f'--num_images={_NUM_IMAGES.value} must be >= 1')
     return {'output': _OUTPUT.value, 'split': _SPLIT.value, 'num_images': _NUM_IMAGES.value}
+  if mode == 'attention':
+    if not _OUTPUT.value:
+      cli.fail('--mode=attention needs --output=DIR (where attention.npy and the PNGs go)')
+    if _NUM_IMAGES.value < 1:
+      cli.fail(f'--num_images={_NUM_IMAGES.value} must be >= 1')
+    if _INPUTS.value and _SPLIT.value:
+      cli.fail('--mode=attention takes --inputs=X.npy or --split=S, not both')
+    return {'step': _STEP.value, 'output': _OUTPUT.value, 'split': _SPLIT.value,
+            'num_images': _NUM_IMAGES.value, 'inputs': _INPUTS.value}
   kwargs = {'step': _STEP.value, 'output': _OUTPUT.value}
   if mode == 'features':
     kwargs.update(split=_SPLIT.value, inputs=_INPUTS.value)
@@ -106,7 +117,7 @@ def main(argv):
   try:
     cli.check_workdir(_WORKDIR.value)
     if _OUTPUT.value:
-      cli.check_output(_OUTPUT.value, directory=_MODE.value == 'preview')
+      cli.check_output(_OUTPUT.value, directory=_MODE.value in ('preview', 'attention'))
   except cli.UsageError as error:
     cli.fail(str(error))
   host_memory.reexec_with_huge_pages()  # before JAX allocates anything (kldino/host_memory.py)
@@ -121,6 +132,7 @@ def main(argv):
   from kldino import train  # pylint: disable=g-import-not-at-top
   from kldino.config_checks import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   from kldino.checkpoint import Preempted, WriteFailed  # pylint: disable=g-import-not-at-top
+  from kldino.guard import CollapseStopped  # pylint: disable=g-import-not-at-top
   from kldino.data.unreadable import TooManyUnreadable  # pylint: disable=g-import-not-at-top
   logging.vlog(1, 'config:\n%s', _CONFIG.value)  # all of it is in WORKDIR/config.json too
   mode = _MODE.value
@@ -141,6 +153,8 @@ def main(argv):
     cli.fail(str(error))
   except train.Collapsed as error:
     cli.fail(str(error), cli.EXIT_NUMERICS)
+  except CollapseStopped as error:
+    cli.fail(str(error), cli.EXIT_COLLAPSE)
   except Preempted as error:
     print(f'kldino: {error}', file=sys.stderr, flush=True)
     return

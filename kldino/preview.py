@@ -22,17 +22,17 @@ _GAP = 4  # pixels between the grid's cells
 _MIN_CELL = 96  # small views (the 16-pixel digits) are enlarged, nearest, to cells of at least this
 
 
-def _uint8(normalised: np.ndarray, mean, std) -> np.ndarray:
+def to_uint8(normalised: np.ndarray, mean, std) -> np.ndarray:
   """A normalised float view [H, W, C] back to uint8 pixels (what the augmentation produced)."""
   pixels = normalised * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
   return np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _image(pixels: np.ndarray) -> Image.Image:
+def to_image(pixels: np.ndarray) -> Image.Image:
   return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
 
-def _grid(rows: list[list[np.ndarray]]) -> Image.Image:
+def grid(rows: list[list[np.ndarray]]) -> Image.Image:
   """Rows of uint8 views of any sizes, each cell as large as the largest view, top-left aligned;
   every view enlarged by the same integer factor when the largest is under _MIN_CELL pixels."""
   largest = max(max(view.shape[0], view.shape[1]) for row in rows for view in row)
@@ -44,7 +44,7 @@ def _grid(rows: list[list[np.ndarray]]) -> Image.Image:
   canvas = Image.new('RGB', (width, len(rows) * (cell + _GAP) + _GAP), 'white')
   for row_index, row in enumerate(rows):
     for column, view in enumerate(row):
-      canvas.paste(_image(view).convert('RGB'),
+      canvas.paste(to_image(view).convert('RGB'),
                    (_GAP + column * (cell + _GAP), _GAP + row_index * (cell + _GAP)))
   return canvas
 
@@ -54,12 +54,12 @@ def write_preview(source, config, split: str, num_images: int, output: str) -> d
   mean, std = config.data.mean, config.data.std
   index, rows = [], []
   for i, views in enumerate(pipeline.preview_views(source, split, config, num_images)):
-    row = [_uint8(views['eval'], mean, std)]
-    _image(row[0]).save(os.path.join(output, f'{i}_eval.png'))
+    row = [to_uint8(views['eval'], mean, std)]
+    to_image(row[0]).save(os.path.join(output, f'{i}_eval.png'))
     for kind in ('global', 'local'):
       for j, crop in enumerate(views[f'{kind}_crops']):
-        pixels = _uint8(crop, mean, std)
-        _image(pixels).save(os.path.join(output, f'{i}_{kind}_{j}.png'))
+        pixels = to_uint8(crop, mean, std)
+        to_image(pixels).save(os.path.join(output, f'{i}_{kind}_{j}.png'))
         row.append(pixels)
     rows.append(row)
     index.append({'file': views['file'], 'label': int(views['label'])})
@@ -67,7 +67,7 @@ def write_preview(source, config, split: str, num_images: int, output: str) -> d
     raise ValueError(f"split '{split}' has no images to preview")
   with open(os.path.join(output, 'index.json'), 'w') as f:
     json.dump(index, f, indent=1)
-  _grid(rows).save(os.path.join(output, 'preview.png'))
+  grid(rows).save(os.path.join(output, 'preview.png'))
   return {'preview': os.path.join(output, 'preview.png'), 'index': os.path.join(output,
                                                                                 'index.json'),
           'num_images': len(rows), 'split': split}

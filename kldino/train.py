@@ -23,11 +23,14 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from kldino import attention_maps
 from kldino import checkpoint as checkpoint_lib
 from kldino import files
 from kldino import forward
+from kldino import guard as guard_lib
 from kldino import objective
 from kldino import optim
+from kldino import preview
 from kldino import run as run_lib
 from kldino import sharding
 from kldino import step as step_lib
@@ -35,6 +38,9 @@ from kldino import sweep as sweep_lib
 from kldino.config_checks import ConfigError
 from kldino.data import pipeline
 from kldino.evaluate.evaluators import Evaluators
+from kldino.models.vit import VIT_SIZES
+
+_PICTURES = 4  # examples whose crops (first batch) and attention maps (evaluations) TensorBoard shows
 
 
 class Collapsed(RuntimeError):
@@ -73,6 +79,8 @@ class Trainer:
     self.sweep_accumulate, self.gap_accumulate, self.drift_accumulate = sweep_lib.jit_sweep_fns(
         self.graphdef, standardise, self.state_shardings.teacher, self.mesh)
     self.evaluators = Evaluators(self.run)
+    self.guard = guard_lib.CollapseGuard(config.guard, config.model.num_prototypes,
+                                         self.schedules.steps_per_epoch)
     self.abstract_state = jax.tree.map(
         lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                          sharding=leaf_sharding),
@@ -201,6 +209,9 @@ class Trainer:
     sweep_metrics = {k: float(v) for k, v in jax.device_get(sweep_metrics).items()}
     sweep_metrics['sweep/seconds'] = time.time() - start  # after device_get: the real duration
     self.writer.write_scalars(step, sweep_metrics)
+    self.writer.write_histograms(step, {
+        'sweep/prior': np.exp(np.asarray(jax.device_get(summary['log_prior']))),
+        'sweep/prototype_usage': np.asarray(jax.device_get(sums['assignments']))})
     logging.info('prior sweep before epoch %d: %d examples, effective clusters %.1f, '
                  'empty %.1f%%, Jensen gap %.4f, tau_t %.4f (drift %.2e), %.1fs', epoch,
                  sweep_metrics['sweep/examples'], sweep_metrics['sweep/effective_clusters'],
@@ -231,7 +242,10 @@ class Trainer:
 
   # --------------------------------------------------------------------------- epochs
 
-  def _log(self, step: int, metrics: list, images: int, seconds: float, epoch: int):
+  def _log(self, step: int, metrics: list, images: int, seconds: float,
+           epoch: int) -> guard_lib.Collapse | None:
+    """The console's line and TensorBoard's scalars of the steps since the last log; the collapse
+    the guard establishes with them, if any."""
     check_finite(metrics, step - len(metrics) + 1, self.checkpointer.latest_step())
     averaged = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
     averaged['images_per_sec'] = images / max(seconds, 1e-9)
@@ -246,6 +260,38 @@ class Trainer:
                  averaged['target_entropy'], averaged['batch_effective_clusters'],
                  averaged['prior_effective_clusters'], averaged['lr'],
                  averaged['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+    collapse = self.guard.observe(step, averaged)
+    if collapse is not None:
+      logging.warning('%s', collapse.message())
+    return collapse
+
+  def _stop_collapsed(self, state, collapse: guard_lib.Collapse):
+    """guard.collapse=stop: the collapsed step's checkpoint, then CollapseStopped."""
+    self.save(state, collapse.step, force=True)
+    self.checkpointer.wait()
+    raise guard_lib.CollapseStopped(
+        f'{collapse.message()}; stopped (guard.collapse=stop) with the checkpoint of step '
+        f'{collapse.step} saved: rerun with --config.guard.collapse=warn to train on')
+
+  def _restore_collapse(self, step: int):
+    """A collapse recorded in the workdir's eval.json before `step` is this run's too; a run that
+    stopped at it does not train on while guard.collapse=stop."""
+    try:
+      recorded = files.read_json(os.path.join(self.workdir, 'eval.json')).get('collapse')
+    except (OSError, ValueError, AttributeError):
+      return
+    try:
+      collapse = guard_lib.Collapse(**recorded) if recorded else None
+    except TypeError:  # not a record of this version's guard
+      return
+    if collapse is None or collapse.step > step:
+      return
+    self.guard.collapse = collapse
+    if self.guard.mode == 'stop' and recorded['step'] == step:
+      raise guard_lib.CollapseStopped(
+          f'the run stopped collapsed at step {step} (eval.json): '
+          f'{self.guard.collapse.kind.replace("_", "-")} collapse; rerun with '
+          '--config.guard.collapse=warn to train on, or start a new --workdir')
 
   def train_epoch(self, state, epoch: int, start_step: int = 0):
     """Steps [start_step, steps_per_epoch) of an epoch, saving checkpoints on the way."""
@@ -255,6 +301,8 @@ class Trainer:
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
     first_step = epoch * self.schedules.steps_per_epoch + start_step
+    if first_step == self._first_step:  # this process's first batch: show its crops
+      batches = self._showing_crops(batches, first_step + 1)
     # The step is counted on the host: reading state.step would wait for the device every step.
     for step, batch in enumerate(sharding.prefetch_global_batches(batches, self.mesh),
                                  start=first_step + 1):
@@ -263,8 +311,10 @@ class Trainer:
       images += config.batch_size
       if step % config.log_every_steps == 0 or step == self.schedules.total_steps:
         pending = jax.device_get(pending)  # waits for the dispatched steps before timing them
-        self._log(step, pending, images, time.time() - window_start, epoch)
+        collapse = self._log(step, pending, images, time.time() - window_start, epoch)
         pending, images, window_start = [], 0, time.time()
+        if collapse is not None and self.guard.mode == 'stop':
+          self._stop_collapsed(state, collapse)
       if self._stop_requested(step):
         self.save(state, step, force=True)
         self.checkpointer.wait()
@@ -284,6 +334,7 @@ class Trainer:
     spe = self.schedules.steps_per_epoch
     state = self.restore_or_init()
     start = int(state.step)
+    self._restore_collapse(start)
     self._train_start, self._first_step = time.time(), start
     logging.info('%d parameters in the student; %d steps per epoch, %d epochs, %d devices',
                  sum(x.size for x in jax.tree.leaves(state.student)), spe, config.num_epochs,
@@ -315,16 +366,59 @@ class Trainer:
         signal.signal(signal.SIGTERM, previous_handler)
     return state
 
+  # --------------------------------------------------------------------------- pictures
+
+  def _showing_crops(self, batches, step: int):
+    """`batches`, the first one's augmented crops of _PICTURES examples sent to TensorBoard."""
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+      return batches
+    mean, std = self.config.data.mean, self.config.data.std
+    self.writer.write_images(step, {
+        f'input/{key}': np.stack([preview.to_uint8(view, mean, std)
+                                  for view in first[key][:_PICTURES].reshape(
+                                      -1, *first[key].shape[2:])])
+        for key in ('global_crops', 'local_crops') if first[key].shape[1]})
+    return itertools.chain([first], batches)
+
+  @functools.cached_property
+  def _attention_inputs(self):
+    """The evaluation views of the eval split's first _PICTURES images and the jitted attention
+    of a teacher on them (every process passes the same images: replicated)."""
+    views = pipeline.preview_views(self.source, self.config.data.eval_split, self.config,
+                                   _PICTURES, crops=False)
+    images = np.stack([view['eval'] for view in views])
+    replicated = sharding.replicated(self.mesh)
+    attention = jax.jit(
+        lambda teacher, batch: forward.cls_attention(self.graphdef, teacher, batch),
+        in_shardings=(self.state_shardings.teacher, replicated), out_shardings=replicated)
+    return images, attention
+
+  def _write_attention(self, teacher, step: int):
+    """The teacher's attention maps of a fixed eval batch (kldino/attention_maps.py), ViTs only."""
+    if self.config.model.name not in VIT_SIZES:
+      return
+    images, attention = self._attention_inputs
+    maps = np.asarray(jax.device_get(attention(teacher, images)))
+    side = images.shape[1] // self.config.model.patch_size
+    mean, std = self.config.data.mean, self.config.data.std
+    pictures = [np.asarray(attention_maps.picture(preview.to_uint8(image, mean, std), image_maps,
+                                                  (side, side)))
+                for image, image_maps in zip(images, maps)]
+    self.writer.write_images(step, {'attention/teacher': np.stack(pictures)})
+
   # --------------------------------------------------------------------------- evaluation
 
   def evaluate(self, teacher, step: int, *, epochs_done: int | None = None) -> dict:
     """The final evaluators (config.evals) on `teacher`, or with `epochs_done` the periodic ones
-    due then ({} if none); scalars also go to TensorBoard."""
+    due then ({} if none); scalars and the attention maps also go to TensorBoard."""
     results = evaluate(self.evaluators, teacher, step, self.run.teacher_temp(step),
                        epochs_done=epochs_done)
     if results:
       self.writer.write_scalars(step, {
           f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
+      self._write_attention(teacher, step)
       self.writer.flush()
     return results
 
@@ -362,7 +456,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
   checkpoint_lib.write_config_json(config, workdir)
   baselines = _baselines(trainer) if config.eval.baselines else {}
-  state = trainer.train()
-  results = {**trainer.evaluate(state.teacher, int(state.step)), **baselines}
-  write_eval_json(results, os.path.join(workdir, 'eval.json'))
+  eval_path = os.path.join(workdir, 'eval.json')
+  try:
+    state = trainer.train()
+  except guard_lib.CollapseStopped:
+    collapse = trainer.guard.collapse
+    write_eval_json({'collapse': collapse.record(), 'step': collapse.step, **baselines},
+                    eval_path)
+    raise
+  collapse = trainer.guard.collapse
+  results = {**trainer.evaluate(state.teacher, int(state.step)), **baselines,
+             'collapse': collapse.record() if collapse else None}
+  write_eval_json(results, eval_path)
   return results

@@ -28,6 +28,7 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+from kldino import cli
 from launch.common import execute, kldino_command
 
 RUNNERS = ('local', 'tpu_vm', 'slurm')
@@ -130,19 +131,24 @@ def run_local(sweep_jobs: list[Job], job_commands: list[list[str]], workdir_root
     print(f'== {job.name}', flush=True)
     returncode = execute([command], dry_run=False)
     eval_path = os.path.join(job.workdir, 'eval.json')
-    if returncode == 0 and os.path.isfile(eval_path):
+    # A job stopped by the collapse guard has an eval.json too: its "collapse" and step.
+    if returncode in (0, cli.EXIT_COLLAPSE) and os.path.isfile(eval_path):
       with open(eval_path) as f:
         summary[job.name] = {'overrides': list(job.overrides), **json.load(f)}
     else:
+      summary[job.name] = {'overrides': list(job.overrides)}
+    if returncode:
       failures += 1
-      summary[job.name] = {'overrides': list(job.overrides), 'returncode': returncode}
+      summary[job.name]['returncode'] = returncode
   os.makedirs(workdir_root, exist_ok=True)
   with open(os.path.join(workdir_root, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1, sort_keys=True)
   for name, result in summary.items():
+    collapse = result.get('collapse')
     print(f"{name:50s} knn {result.get('knn_top1', float('nan')):.4f} "
           f"linear {result.get('linear_top1', float('nan')):.4f} "
-          f"cluster_mi {result.get('cluster_mi', float('nan')):.3f}")
+          f"cluster_mi {result.get('cluster_mi', float('nan')):.3f}"
+          + (f" {collapse['kind']} collapse at step {collapse['step']}" if collapse else ''))
   return 1 if failures else 0
 
 

@@ -1,4 +1,5 @@
 """Importing official DINO PyTorch ViT weights: every tensor in the right place and layout."""
+import json
 import os
 
 import jax
@@ -182,3 +183,50 @@ def test_features_mode_gives_dinos_linear_eval_features(imported_workdir, tmp_pa
                                     n_last_blocks, avgpool).numpy()
   assert result['feature_dim'] == 2 * DIM
   np.testing.assert_allclose(np.load(result['features']), expected, atol=1e-5, rtol=1e-5)
+
+
+def _dino_threshold(attention: torch.Tensor, keep: float) -> torch.Tensor:
+  """visualize_attention.py's mask, written out: ascending sort, normalised cumulative mass above
+  1 - keep, scattered back to the patches' order."""
+  values, order = torch.sort(attention, dim=-1)
+  values = values / values.sum(dim=-1, keepdim=True)
+  kept_sorted = torch.cumsum(values, dim=-1) > 1 - keep
+  return torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
+
+
+def test_attention_mode_gives_the_official_last_block_attention(imported_workdir, tmp_path):
+  """--mode=attention of imported DINO weights: the softmax weights from CLS to each patch of the
+  last block equal the PyTorch model's get_last_selfattention()[:, :, 0, 1:] to 1e-5; the 60 %
+  mass masks equal DINO's; one PNG per image and the index."""
+  from kldino import attention_maps  # pylint: disable=import-outside-toplevel
+  model, workdir, _, _ = imported_workdir
+  images = _images(seed=5, count=3)
+  inputs = str(tmp_path / 'inputs.npy')
+  np.save(inputs, images)
+  output = str(tmp_path / 'attention')
+  written = commands.attention(smoke_config(), workdir, step=None, output=output, split=None,
+                               num_images=8, inputs=inputs)
+  with torch.no_grad():
+    expected = model.get_last_selfattention(
+        torch.from_numpy(images).permute(0, 3, 1, 2))[:, :, 0, 1:]
+  attention = np.load(written['attention'])
+  assert attention.dtype == np.float32 and attention.shape == (3, HEADS, (IMAGE // PATCH) ** 2)
+  np.testing.assert_allclose(attention, expected.numpy(), atol=1e-5)
+  np.testing.assert_array_equal(attention_maps.mass_threshold(attention, 0.6),
+                                _dino_threshold(expected, 0.6).numpy())
+  assert sorted(os.listdir(output)) == ['0.png', '1.png', '2.png', 'attention.npy', 'index.json']
+  # A split: its first images in evaluation order, with their files and labels.
+  split_output = str(tmp_path / 'split')
+  written = commands.attention(smoke_config(), workdir, step=None, output=split_output,
+                               split='test', num_images=4, inputs=None)
+  assert written['num_images'] == 4 and np.load(written['attention']).shape == (4, HEADS, 16)
+  with open(written['index']) as f:
+    assert [entry['label'] for entry in json.load(f)] != [None] * 4
+
+
+def test_attention_mode_refuses_a_convnet(tmp_path):
+  config = smoke_config()
+  config.model.name = 'convnet_small'
+  with pytest.raises(ConfigError, match='model.name=convnet_small has none'):
+    commands.attention(config, str(tmp_path), step=None, output=str(tmp_path / 'a'), split=None,
+                       num_images=2, inputs=None)

@@ -69,6 +69,8 @@ def test_training_logs_sweeps_and_metrics(folder_run):
   for event_file in event_files:
     for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, event_file)):
       for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name in ('images', 'histograms'):
+          continue  # test_tensorboard_shows_crops_attention_and_the_prior
         scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
   tags = set(scalars)
   for tag in ('loss', 'kl', 'teacher_entropy', 'prior_effective_clusters', 'lr',
@@ -77,3 +79,29 @@ def test_training_logs_sweeps_and_metrics(folder_run):
     assert tag in tags, sorted(tags)
   # One sweep before each epoch (T = 1), each over all 120 training images exactly once.
   assert scalars['sweep/examples'] == [120.0, 120.0]
+
+
+def test_tensorboard_shows_crops_attention_and_the_prior(folder_run):
+  """The first batch's crops, the teacher's attention maps at each evaluation and, at each sweep,
+  histograms of the prior and of the prototypes' usage, read back from the event files."""
+  config, workdir, _ = folder_run
+  pictures = {}
+  for event_file in (f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, event_file)):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name in ('images', 'histograms'):
+          pictures.setdefault(value.tag, []).append(
+              (value.metadata.plugin_data.plugin_name, event.step, tf.make_ndarray(value.tensor)))
+  assert {'input/global_crops', 'input/local_crops', 'attention/teacher', 'sweep/prior',
+          'sweep/prototype_usage'} <= set(pictures), sorted(pictures)
+  # Images are stored as [width, height, PNG, PNG, ...]: 4 examples x 2 global crops.
+  kind, step, crops = pictures['input/global_crops'][0]
+  assert (kind, step, crops[:2].tolist()) == ('images', 1, [b'16', b'16']) and len(crops) == 10
+  assert {step for _, step, _ in pictures['attention/teacher']} >= {
+      config.num_epochs * (120 // config.batch_size)}
+  # A histogram is [buckets, 3] (left edge, right edge, count): the prior's K values, and the
+  # usage counts of all 120 images.
+  _, _, prior = pictures['sweep/prior'][-1]
+  _, _, usage = pictures['sweep/prototype_usage'][-1]
+  assert prior[:, 2].sum() == config.model.num_prototypes
+  assert np.isclose((usage[:, 2] * (usage[:, 0] + usage[:, 1]) / 2).sum(), 120, rtol=0.2)

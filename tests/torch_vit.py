@@ -23,11 +23,13 @@ class Attention(nn.Module):
     self.qkv = nn.Linear(dim, dim * 3, bias=True)
     self.proj = nn.Linear(dim, dim)
 
-  def forward(self, x):
+  def forward(self, x, return_attention=False):
     batch, length, dim = x.shape
     qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
     weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+    if return_attention:
+      return weights
     return self.proj((weights @ v).transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -76,6 +78,13 @@ class VisionTransformer(nn.Module):
     for block in self.blocks:
       tokens = block(tokens)
     return self.norm(tokens)[:, 0]
+
+  def get_last_selfattention(self, images):
+    """The last block's attention weights [B, heads, N + 1, N + 1] (DINO's visualisation)."""
+    tokens = self._embed(images)
+    for block in self.blocks[:-1]:
+      tokens = block(tokens)
+    return self.blocks[-1].attn(self.blocks[-1].norm1(tokens), return_attention=True)
 
   def get_intermediate_layers(self, images, n=1):
     """The whole token sequences after each of the last n blocks, each through `norm`."""

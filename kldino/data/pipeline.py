@@ -422,28 +422,30 @@ def eval_batches(source: Source, split: str, config, *, batch_size: int, process
                   config, num_batches)
 
 
-def preview_views(source: Source, split: str, config, num_images: int) -> Iterator[dict]:
+def preview_views(source: Source, split: str, config, num_images: int, *,
+                  crops: bool = True) -> Iterator[dict]:
   """The first `num_images` examples of a split, in evaluation order, as the model sees them:
-  {'eval': [S, S, C], 'global_crops', 'local_crops' (epoch 0's augmentation), normalised;
-  'label', 'file' (the source's name of the image)}; images that cannot be decoded are left out
-  (and named in a warning)."""
+  {'eval': [S, S, C], 'global_crops', 'local_crops' (epoch 0's augmentation; without `crops`
+  none), normalised; 'label', 'file' (the source's name of the image)}; images that cannot be
+  decoded are left out (and named in a warning)."""
   examples = _examples(source, split, config, 0, 1).take(num_images)
   channels, small_shape = source.info.num_channels, _small_shape(source)
+  crop_keys = _CROP_KEYS if crops else ()
 
   def views(example):
-    return {'eval': _center(example, data_config=config.data, num_channels=channels,
-                            image_shape=source.info.image_shape)['image'],
-            **_crops(example, config=config, epoch=0, num_channels=channels,
-                     small_shape=small_shape),
-            'label': example['label'], 'index': example['index']}
+    eval_view = _center(example, data_config=config.data, num_channels=channels,
+                        image_shape=source.info.image_shape)['image']
+    training = (_crops(example, config=config, epoch=0, num_channels=channels,
+                       small_shape=small_shape) if crops else {})
+    return {'eval': eval_view, **training, 'label': example['label'], 'index': example['index']}
   names = source.file_names(split, num_images)
   views = unreadable.tolerant_map(examples, _traced(views), tally=source.unreadable, split=split,
                                   end_marker=_end_marker(source, examples))
   for example in views.as_numpy_iterator():
-    if _batch_augmented(config):
-      crops = augment.augment_views({key: example[key][None] for key in _CROP_KEYS},
-                                    example['seed'][None], config.aug, config.data.mean,
-                                    config.data.std)
-      example.update({key: value.numpy()[0] for key, value in crops.items()})
-    yield {**{key: example[key] for key in ('eval', 'label', *_CROP_KEYS)},
+    if crops and _batch_augmented(config):
+      augmented = augment.augment_views({key: example[key][None] for key in _CROP_KEYS},
+                                        example['seed'][None], config.aug, config.data.mean,
+                                        config.data.std)
+      example.update({key: value.numpy()[0] for key, value in augmented.items()})
+    yield {**{key: example[key] for key in ('eval', 'label', *crop_keys)},
            'file': names[example['index']]}

@@ -31,12 +31,22 @@ class Attention(nnx.Module):
     self.qkv = _linear(dim, 3 * dim, rngs)
     self.proj = _linear(dim, dim, rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def _qkv(self, tokens: jax.Array) -> jax.Array:
     batch, length, dim = tokens.shape
     # qkv features are laid out [3, heads, head_dim], as in DINO's checkpoints.
-    qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+    return self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    qkv = self._qkv(tokens)
     mixed = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    return self.proj(mixed.reshape(batch, length, dim))
+    return self.proj(mixed.reshape(tokens.shape))
+
+  def weights(self, tokens: jax.Array) -> jax.Array:
+    """The softmax attention weights [B, heads, queries, keys] that __call__ mixes with."""
+    qkv = self._qkv(tokens)
+    queries, keys = qkv[:, :, 0], qkv[:, :, 1]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', queries, keys) * queries.shape[-1] ** -0.5
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 class MLP(nnx.Module):
@@ -164,6 +174,15 @@ class ViT(nnx.Module):
       tokens = block(tokens)
       outputs.append(tokens)
     return outputs
+
+  def cls_attention(self, images: jax.Array) -> jax.Array:
+    """The last block's self-attention from the CLS token to every patch, per head:
+    [B, heads, h * w] float32, as DINO's get_last_selfattention()[:, :, 0, 1:]."""
+    tokens = self._embed(images)
+    for block in self.blocks[:-1]:
+      tokens = block(tokens)
+    last = self.blocks[-1]
+    return last.attn.weights(last.norm1(tokens))[:, :, 0, 1:]
 
   def __call__(self, images: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
     tokens = run_blocks(self.blocks, self._embed(images), drop_key, remat=self.remat)

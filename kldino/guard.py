@@ -1,0 +1,102 @@
+"""The collapse guard: tells a collapsed run from the teacher's per-step statistics.
+
+The two ways a DINO-family run collapses (docs/method.md, "Collapse"), read from the teacher's
+posteriors p(k | x) over a batch, which the train step measures every step
+(kldino/objective.py:diagnostics):
+
+* one cluster: every image goes to the same prototype. The batch's marginal mean_x p(k | x) has
+  exp(H) -> 1 effective clusters (H = teacher_entropy + teacher_mi, the marginal's entropy).
+* uniform: every image's posterior is flat. The per-image entropy teacher_entropy -> log K and
+  the mutual information teacher_mi between image and cluster -> 0.
+
+A kind counts once its condition has held at every logged step for `guard.patience_epochs`
+epochs: early steps, when the teacher is still near its initialisation, pass through it without
+tripping it. Thresholds and their justification: kldino/defaults.py (guard) and docs/failures.md.
+Host-side and pure: the loop (kldino/train.py) feeds it and acts on what it returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+MODES = ('off', 'warn', 'stop')
+_FIXES = {
+    'one_cluster': 'use an anti-collapse normalisation (--config.objective.normalization=prior '
+                   'or center) or lower optim.lr',
+    'uniform': 'sharpen the targets (lower objective.teacher_temp / teacher_temp_end) or give '
+               'the head batch statistics (a head without them can settle on flat posteriors)',
+}
+
+
+class CollapseStopped(RuntimeError):
+  """guard.collapse=stop saw a collapse: the checkpoint of that step is saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Collapse:
+  """A detected collapse: its kind, the step it was detected at, the first step of the run of
+  collapsed steps, and the numbers at detection."""
+  kind: str
+  step: int
+  since_step: int
+  teacher_clusters: float
+  teacher_entropy: float
+  teacher_mi: float
+  num_prototypes: int
+
+  def record(self) -> dict:
+    """eval.json's "collapse" (and the sweep runner's summary.json)."""
+    return dataclasses.asdict(self)
+
+  def message(self) -> str:
+    evidence = (f'the teacher has {self.teacher_clusters:.2f} effective clusters of '
+                f'{self.num_prototypes} per batch, per-image entropy {self.teacher_entropy:.3f} '
+                f'(log K = {math.log(self.num_prototypes):.3f}) and cluster MI '
+                f'{self.teacher_mi:.3f} nats')
+    return (f'{self.kind.replace("_", "-")} collapse at step {self.step}, every logged step '
+            f'since step {self.since_step}: {evidence}; {_FIXES[self.kind]}')
+
+
+def _teacher_clusters(metrics: dict) -> float:
+  """exp of the entropy of the batch's mean teacher posterior: H(mean p) = MI + mean H(p)."""
+  return math.exp(metrics['teacher_entropy'] + metrics['teacher_mi'])
+
+
+class CollapseGuard:
+  """Feed it each logged step's averaged metrics (`observe`); it returns a Collapse the first
+  time one is established, None otherwise, and remembers the first (`collapse`)."""
+
+  def __init__(self, guard_config, num_prototypes: int, steps_per_epoch: int):
+    self.mode = guard_config.collapse
+    self.num_prototypes = num_prototypes
+    self.patience_steps = guard_config.patience_epochs * steps_per_epoch
+    self.min_clusters = guard_config.min_clusters
+    self.uniform_entropy = guard_config.uniform_entropy * math.log(num_prototypes)
+    self.uniform_mi = guard_config.uniform_mi
+    self.since = {'one_cluster': None, 'uniform': None}
+    self.collapse: Collapse | None = None
+
+  def _holds(self, metrics: dict) -> dict[str, bool]:
+    return {
+        'one_cluster': _teacher_clusters(metrics) < self.min_clusters,
+        'uniform': (metrics['teacher_entropy'] > self.uniform_entropy
+                    and metrics['teacher_mi'] < self.uniform_mi),
+    }
+
+  def observe(self, step: int, metrics: dict) -> Collapse | None:
+    if self.mode == 'off' or self.collapse is not None:
+      return None
+    for kind, holds in self._holds(metrics).items():
+      if not holds:
+        self.since[kind] = None
+        continue
+      if self.since[kind] is None:
+        self.since[kind] = step
+      if step - self.since[kind] >= self.patience_steps:
+        self.collapse = Collapse(
+            kind=kind, step=step, since_step=self.since[kind],
+            teacher_clusters=_teacher_clusters(metrics),
+            teacher_entropy=float(metrics['teacher_entropy']),
+            teacher_mi=float(metrics['teacher_mi']), num_prototypes=self.num_prototypes)
+        return self.collapse
+    return None
