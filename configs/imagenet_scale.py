@@ -25,13 +25,14 @@ def _sibling_config(name: str):
   spec.loader.exec_module(module)
   return module.get_config
 
-# Devices, processes (hosts) and the accelerator's memory per device (GiB).
+# Devices, processes (hosts), the accelerator's memory per device (GiB) and its peak dense bf16
+# TFLOP/s per device (the vendors' data sheets: TPU v4 275, v5e 197, v5p 459; H100 SXM 989).
 HARDWARE = {
-    'v4-32': dict(kind='tpu', devices=16, hosts=4, memory=32),
-    'v5e-64': dict(kind='tpu', devices=64, hosts=16, memory=16),
-    'v5p-128': dict(kind='tpu', devices=64, hosts=16, memory=95),
-    'h100x8': dict(kind='gpu', devices=8, hosts=1, memory=80),
-    'h100x32': dict(kind='gpu', devices=32, hosts=4, memory=80),
+    'v4-32': dict(kind='tpu', devices=16, hosts=4, memory=32, tflops=275),
+    'v5e-64': dict(kind='tpu', devices=64, hosts=16, memory=16, tflops=197),
+    'v5p-128': dict(kind='tpu', devices=64, hosts=16, memory=95, tflops=459),
+    'h100x8': dict(kind='gpu', devices=8, hosts=1, memory=80, tflops=989),
+    'h100x32': dict(kind='gpu', devices=32, hosts=4, memory=80, tflops=989),
 }
 
 MODELS = {
@@ -58,6 +59,7 @@ def _parse(arg):
 
 def get_config(arg=None):
   model, hardware = _parse(arg)
+  hardware_name = arg.split(',')[1]
   config = _sibling_config('imagenet_vit_s16')()
   config.model.name = model['name']
   config.model.drop_path = model['drop_path']
@@ -70,4 +72,7 @@ def get_config(arg=None):
   config.eval.batch_size = config.sweep_batch_size = 16 * hardware['devices']
   config.eval.n_last_blocks = model['n_last_blocks']
   config.eval.avgpool_patchtokens = model['avgpool']
+  config.hardware.update(name=hardware_name, kind=hardware['kind'], devices=hardware['devices'],
+                         hosts=hardware['hosts'], memory_gib=float(hardware['memory']),
+                         peak_tflops=float(hardware['tflops']))
   return config

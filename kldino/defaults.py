@@ -143,6 +143,16 @@ def base_config() -> ml_collections.ConfigDict:
   })
   config.sweep_batch_size = 256
 
+  # The hardware --mode=plan plans for (kldino/plan.py); devices 0: this machine.
+  config.hardware = ml_collections.ConfigDict()
+  config.hardware.name = ''        # the accelerator type, e.g. 'v5p-128' (TPU: picks the VM image)
+  config.hardware.kind = ''        # 'tpu' | 'gpu'
+  config.hardware.devices = 0
+  config.hardware.hosts = 1
+  config.hardware.memory_gib = 0.0  # per device
+  config.hardware.peak_tflops = 0.0  # bf16 per device
+  config.hardware.mfu = 0.35       # assumed for the plan's time
+
   # The collapse guard (kldino/guard.py): 'warn' logs one line and records the collapse in
   # eval.json; 'stop' also saves a checkpoint and exits with code 6 (docs/failures.md). A kind
   # counts when it holds at every logged step for patience_epochs epochs.

@@ -33,7 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'eval', 'linear_eval', 'features', 'export', 'import',
-                           'preview', 'attention'],
+                           'preview', 'attention', 'plan'],
                           'What to do.')
 _STEP = flags.DEFINE_integer('step', None, 'eval/features/export: the checkpoint step '
                              '(default: the latest readable one).')
@@ -107,11 +107,40 @@ def _mode_kwargs(mode):
   return kwargs
 
 
+def _plan(config):
+  """--mode=plan (kldino/plan.py): the table and the JSON line on stdout; a plan that does not
+  fit ends with the line naming the fix, exit 2."""
+  devices = config.hardware.devices
+  if devices:  # the config's devices, simulated on this CPU: JAX must not be loaded yet
+    assert 'jax' not in sys.modules, 'jax was imported before --mode=plan could simulate devices'
+    os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f'--xla_force_host_platform_device_count={devices}')
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top
+  from kldino import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from kldino.config_checks import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
+  try:
+    validate_config(config, num_devices=devices or jax.device_count(),
+                    num_processes=config.hardware.hosts if devices else jax.process_count())
+    plan = plan_lib.make_plan(config)
+  except (ConfigError, ValueError) as error:
+    cli.fail(str(error))
+  print(plan_lib.table(plan))
+  print(json.dumps(plan, sort_keys=True), flush=True)
+  fix = plan_lib.fix(plan, config)
+  if fix:
+    cli.fail(f'does not fit: {fix}')
+
+
 def main(argv):
   cli.quiet_tracebacks()
   cli.quiet_libraries(logging.get_verbosity())
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}: flags are --name=value')
+  if _MODE.value == 'plan':
+    if _CONFIG.value is None:
+      cli.fail('--mode=plan needs --config=FILE (and no --workdir)')
+    return _plan(_CONFIG.value)
   if _CONFIG.value is None or not _WORKDIR.value:
     cli.fail('--config=FILE and --workdir=DIR are required')
   try:

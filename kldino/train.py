@@ -261,7 +261,7 @@ class Trainer:
                  averaged['prior_effective_clusters'], averaged['lr'],
                  averaged['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
     collapse = self.guard.observe(step, averaged)
-    if collapse is not None:
+    if collapse is not None and self.guard.mode == 'warn':  # stop ends with the line itself
       logging.warning('%s', collapse.message())
     return collapse
 
