@@ -13,17 +13,8 @@ H100 hosts), the mesh (FSDP groups where the replicated state would crowd a devi
 compute (float32 master weights), the lr per 256 images (DINO's ViT-B/16: 7.5e-4 at batch 1024),
 stochastic depth, and the TFDS data_dir on a bucket (override it on the command line).
 """
-import importlib.util
-import os
-
-
-def _sibling_config(name: str):
-  """get_config of another file in this directory, importable however this file was loaded."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'kldino_configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
+from configs import imagenet_vit_s16
+from configs.common import parse_arg
 
 # Devices, processes (hosts), the accelerator's memory per device (GiB) and its peak dense bf16
 # TFLOP/s per device (the vendors' data sheets: TPU v4 275, v5e 197, v5p 459; H100 SXM 989).
@@ -50,17 +41,16 @@ DATA_DIR = 'gs://YOUR_BUCKET/tensorflow_datasets'
 
 
 def _parse(arg):
-  parts = (arg or '').split(',')
-  if len(parts) != 2 or parts[0] not in MODELS or parts[1] not in HARDWARE:
+  args = parse_arg(arg, model='', hardware='')
+  if args.model not in MODELS or args.hardware not in HARDWARE:
     raise ValueError(f"configs/imagenet_scale.py needs ':MODEL,HARDWARE' with MODEL in "
                      f"{', '.join(MODELS)} and HARDWARE in {', '.join(HARDWARE)}; got {arg!r}")
-  return MODELS[parts[0]], HARDWARE[parts[1]]
+  return args.hardware, MODELS[args.model], HARDWARE[args.hardware]
 
 
 def get_config(arg=None):
-  model, hardware = _parse(arg)
-  hardware_name = arg.split(',')[1]
-  config = _sibling_config('imagenet_vit_s16')()
+  hardware_name, model, hardware = _parse(arg)
+  config = imagenet_vit_s16.get_config()
   config.model.name = model['name']
   config.model.drop_path = model['drop_path']
   config.model.remat = model['remat']

@@ -19,21 +19,11 @@ is not reproduced here.
     python -m kldino.main --config=configs/imagenet_vit_s16_boost.py --workdir=gs://BUCKET/run \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
-import importlib.util
-import os
-
-
-def _sibling_config(name: str):
-  """get_config of another file in this directory, importable however this file was loaded."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'kldino_configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
+from configs import imagenet_vit_s16
 
 
 def get_config(arg=None):
-  config = _sibling_config('imagenet_vit_s16')(arg)
+  config = imagenet_vit_s16.get_config(arg)
   config.num_epochs = 300
   config.batch_size = 1024  # run_with_submitit.py: --nodes 2 --ngpus 8, 64 per GPU
   config.objective.warmup_teacher_temp = 0.04

@@ -1,4 +1,4 @@
-"""The normalisation study on the embedded digits (issue 6): the digits recipe, shortened so that
+"""The normalisation study on the embedded digits: the digits recipe, shortened so that
 all of sweeps/study.py (16 runs) finishes within 45 minutes on 2 CPU cores, with a diagnostic
 sweep every epoch in every run (effective clusters, empty clusters, Jensen gap, ||w_bar||).
 

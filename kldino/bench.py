@@ -25,7 +25,6 @@ process's CPU time (all threads) per image, which does not depend on what else t
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
@@ -48,6 +47,7 @@ from kldino import schedules as schedules_lib
 from kldino import sharding
 from kldino import step as step_lib
 from kldino import sweep as sweep_lib
+from kldino import xla_env
 from kldino.defaults import base_config
 
 _PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits | input')
@@ -89,15 +89,12 @@ def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, bat
 
 def _digits_config():
   """configs/digits.py, the embedded default, as `make pretrain` runs it."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'digits.py')
-  if not os.path.exists(path):
-    raise app.UsageError(f'preset digits reads {path}, which is missing: run the benchmark from '
-                         'a checkout of kldino (pip install -e)')
-  spec = importlib.util.spec_from_file_location('digits_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    from configs import digits  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise app.UsageError('preset digits reads configs/digits.py: run the benchmark from a '
+                         'checkout of kldino (pip install -e .)') from None
+  return digits.get_config()
 
 
 # name -> (build the config, input channels)
@@ -339,6 +336,7 @@ def _log_profile(name: str, profile: dict):
 
 
 def main(argv):
+  xla_env.set_xla_flags()  # before JAX's backend starts: the figures are measured with them
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _STEPS.value < 1:

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from kldino import cli
 from kldino import host_memory
+from kldino import xla_env
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
@@ -135,6 +136,7 @@ def _plan(config):
 def main(argv):
   cli.quiet_tracebacks()
   cli.quiet_libraries(logging.get_verbosity())
+  xla_env.set_xla_flags()  # before JAX's backend starts
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}: flags are --name=value')
   if _MODE.value == 'plan':

@@ -1,5 +1,5 @@
 """Small configs, the repo's config files and random batches shared by the tests."""
-import importlib.util
+import importlib
 import os
 
 import numpy as np
@@ -11,10 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def config_module(name):
   """The module of configs/NAME.py (its get_config, and any helpers it defines)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f'configs.{name}')
 
 
 def tiny_config(**model_overrides):

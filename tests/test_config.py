@@ -116,3 +116,16 @@ def test_imagenet_vit_s16_recipe_builds_abstractly():
   # The schedules of the recipe: peak lr scaled by batch / 256, tau_t 0.04 throughout.
   assert abs(float(scheds.learning_rate(10 * steps_per_epoch)) - 1e-3) < 1e-6
   assert abs(float(scheds.teacher_temp(30 * steps_per_epoch)) - 0.04) < 1e-7
+
+
+def test_config_arguments_fill_keys_by_position_or_name_with_their_types():
+  from configs.common import parse_arg  # pylint: disable=import-outside-toplevel
+  args = parse_arg('vit_b16,v5p-128,epochs=300,bf16=true', model='', hardware='', epochs=100,
+                   bf16=False, lr=1e-3)
+  assert (args.model, args.hardware, args.epochs, args.bf16, args.lr) == (
+      'vit_b16', 'v5p-128', 300, True, 1e-3)
+  assert parse_arg(None, model='s').model == 's'
+  for arg, fragment in (('a,2,c', 'more than the 2 values'), ('size=3', "unknown key 'size'"),
+                        ('epochs=many', 'epochs=many: not a int')):
+    with pytest.raises(ValueError, match=fragment):
+      parse_arg(arg, model='', epochs=1)

@@ -16,6 +16,7 @@ import functools
 import os
 from typing import Callable, Iterable, Mapping
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -117,8 +118,17 @@ def register_source(name: str):
   return register
 
 
+def host_only_tensorflow():
+  """Hide GPUs from TensorFlow, which only feeds the host, before it initialises them."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # initialised by someone else first; nothing left to do but say so
+    logging.warning('TensorFlow was initialised before kldino read data: it may hold GPU memory')
+
+
 def get_source(data_config) -> Source:
   """The source for `data_config.name`; any name not registered is a prepared TFDS dataset."""
+  host_only_tensorflow()
   make_source = _SOURCES.get(data_config.name, _prepared_tfds_source)
   return make_source(data_config)
 

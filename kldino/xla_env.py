@@ -1,0 +1,20 @@
+"""The XLA flags kldino's entry points set before JAX creates its backend (kldino.main,
+kldino.bench, tests/conftest.py), as big_vision sets its flags in its binaries: importing kldino
+sets none.
+
+XLA:CPU fuses reductions into its YNNPACK matmul fusions by default; a reduction in a matmul's
+prologue is then recomputed for every tile of the matmul. The prototype weight norm
+(kldino/models/head.py) fused that way took 3.8 s of a 5.3 s ViT-S/16 sweep batch. Without
+reduction fusions (measured with `python -m kldino.bench --profile`, docs/performance.md): the
+small224 step 7.9 -> 3.7 s, its sweep 6.0 -> 24 images/s; the tiny32 step 3.70 -> 3.47 s.
+"""
+import os
+
+_YNN_FUSION_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
+
+
+def set_xla_flags():
+  """Add kldino's XLA flags to XLA_FLAGS, before JAX's first use; an explicit setting wins."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if _YNN_FUSION_FLAG not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} --{_YNN_FUSION_FLAG}=-reduce'.strip()
