@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/digits
 CONFIG ?= configs/digits.py
 
-.PHONY: install pretrain test clean
+.PHONY: install pretrain test lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,21 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -c requirements.lock -e '.[test,plot,torch]'
 	touch $@
 
+# The formatter and the linter, pinned (setup.cfg's lint extra; settings in pyproject.toml).
+$(VENV)/.installed-lint: $(VENV)/.installed
+	$(PY) -m pip install -q -c requirements.lock -e '.[lint]'
+	touch $@
+
 install: $(VENV)/.installed
 
 pretrain: install
 	$(PY) -m kldino.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# The formatter's check (it prints what it would change) and the linter, on every Python file.
+LINTED := kldino configs tests launch benchmarks sweeps
+lint: $(VENV)/.installed-lint
+	$(VENV)/bin/yapf --diff --recursive --parallel $(LINTED)
+	$(VENV)/bin/ruff check $(LINTED)
 
 # Two test processes (pytest-xdist), each file's tests in one of them: the end-to-end tests wait
 # on compiles and subprocesses, so two share a 2-core machine well; every process reuses the

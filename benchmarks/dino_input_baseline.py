@@ -35,13 +35,17 @@ def main():
 
   transform = main_dino.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 8)
   dataset = torchvision.datasets.ImageFolder(os.path.join(args.root, 'train'), transform)
-  loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                       num_workers=args.workers, drop_last=True,
+  loader = torch.utils.data.DataLoader(dataset,
+                                       batch_size=args.batch_size,
+                                       shuffle=True,
+                                       num_workers=args.workers,
+                                       drop_last=True,
                                        persistent_workers=True)
 
   def batches():
     while True:
       yield from loader
+
   stream = batches()
   for _ in range(args.warmup):
     next(stream)
@@ -50,11 +54,16 @@ def main():
     crops, _ = next(stream)
   seconds = time.perf_counter() - start
   assert len(crops) == 10 and tuple(crops[0].shape[-2:]) == (224, 224)
-  print(json.dumps({
-      'pipeline': 'dino DataAugmentationDINO + ImageFolder + DataLoader',
-      'workers': args.workers, 'batch_size': args.batch_size, 'cpu_count': os.cpu_count(),
-      'torch': torch.__version__, 'torchvision': torchvision.__version__,
-      'input_images_per_sec': args.batches * args.batch_size / seconds}))
+  print(
+      json.dumps({
+          'pipeline': 'dino DataAugmentationDINO + ImageFolder + DataLoader',
+          'workers': args.workers,
+          'batch_size': args.batch_size,
+          'cpu_count': os.cpu_count(),
+          'torch': torch.__version__,
+          'torchvision': torchvision.__version__,
+          'input_images_per_sec': args.batches * args.batch_size / seconds
+      }))
 
 
 if __name__ == '__main__':

@@ -22,8 +22,8 @@ SIZES = ((500, 375), (333, 500))  # (width, height)
 def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
   image = np.zeros((height, width, 3), np.float32)
   for cells, amplitude in ((4, 90), (16, 50), (64, 25)):
-    grid = rng.uniform(0, 255, (max(2, cells * height // max(height, width)),
-                                max(2, cells * width // max(height, width)), 3))
+    grid = rng.uniform(0, 255, (max(
+        2, cells * height // max(height, width)), max(2, cells * width // max(height, width)), 3))
     layer = Image.fromarray(grid.astype(np.uint8)).resize((width, height), Image.BICUBIC)
     image += (np.asarray(layer, np.float32) / 127.5 - 1) * amplitude
   image += 128 + rng.normal(0, 9, image.shape)

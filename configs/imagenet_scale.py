@@ -29,12 +29,45 @@ HARDWARE = {
 MODELS = {
     # name, drop path, lr per 256 images, block rematerialisation, FSDP group size by the
     # memory of one device, and DINO's linear-evaluation features (last blocks, avgpool)
-    'vit_s16': dict(name='vit_small', drop_path=0.1, lr=5e-4, remat=False,
-                    fsdp={16: 1, 32: 1, 80: 1, 95: 1}, n_last_blocks=4, avgpool=False),
-    'vit_b16': dict(name='vit_base', drop_path=0.1, lr=1.875e-4, remat=False,
-                    fsdp={16: 8, 32: 4, 80: 1, 95: 1}, n_last_blocks=1, avgpool=True),
-    'vit_l16': dict(name='vit_large', drop_path=0.4, lr=1.25e-4, remat=True,
-                    fsdp={16: 16, 32: 16, 80: 8, 95: 8}, n_last_blocks=1, avgpool=True),
+    'vit_s16':
+        dict(name='vit_small',
+             drop_path=0.1,
+             lr=5e-4,
+             remat=False,
+             fsdp={
+                 16: 1,
+                 32: 1,
+                 80: 1,
+                 95: 1
+             },
+             n_last_blocks=4,
+             avgpool=False),
+    'vit_b16':
+        dict(name='vit_base',
+             drop_path=0.1,
+             lr=1.875e-4,
+             remat=False,
+             fsdp={
+                 16: 8,
+                 32: 4,
+                 80: 1,
+                 95: 1
+             },
+             n_last_blocks=1,
+             avgpool=True),
+    'vit_l16':
+        dict(name='vit_large',
+             drop_path=0.4,
+             lr=1.25e-4,
+             remat=True,
+             fsdp={
+                 16: 16,
+                 32: 16,
+                 80: 8,
+                 95: 8
+             },
+             n_last_blocks=1,
+             avgpool=True),
 }
 
 DATA_DIR = 'gs://YOUR_BUCKET/tensorflow_datasets'
@@ -62,7 +95,10 @@ def get_config(arg=None):
   config.eval.batch_size = config.sweep_batch_size = 16 * hardware['devices']
   config.eval.n_last_blocks = model['n_last_blocks']
   config.eval.avgpool_patchtokens = model['avgpool']
-  config.hardware.update(name=hardware_name, kind=hardware['kind'], devices=hardware['devices'],
-                         hosts=hardware['hosts'], memory_gib=float(hardware['memory']),
+  config.hardware.update(name=hardware_name,
+                         kind=hardware['kind'],
+                         devices=hardware['devices'],
+                         hosts=hardware['hosts'],
+                         memory_gib=float(hardware['memory']),
                          peak_tflops=float(hardware['tflops']))
   return config

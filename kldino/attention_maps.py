@@ -82,6 +82,10 @@ def write_attention(images: np.ndarray, attention: np.ndarray, patch_grid: tuple
     json.dump(index, f, indent=1)
   for i, (image, image_attention) in enumerate(zip(images, attention)):
     picture(image, image_attention, patch_grid).save(os.path.join(output, f'{i}.png'))
-  return {'attention': os.path.join(output, 'attention.npy'),
-          'index': os.path.join(output, 'index.json'), 'num_images': int(len(images)),
-          'heads': int(attention.shape[1]), 'patches': int(attention.shape[2])}
+  return {
+      'attention': os.path.join(output, 'attention.npy'),
+      'index': os.path.join(output, 'index.json'),
+      'num_images': int(len(images)),
+      'heads': int(attention.shape[1]),
+      'patches': int(attention.shape[2])
+  }

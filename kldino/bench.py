@@ -55,8 +55,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, '--preset=input: the experiment config (get_config()) whose training input '
     'to measure, e.g. configs/imagenet_vit_s16.py with --config.data.name=folder '
     '--config.data.path=ROOT')
-_STEPS = flags.DEFINE_integer('steps', 10, 'timed runs of the step (and of the sweep batch); '
-                             '--preset=input: timed batches')
+_STEPS = flags.DEFINE_integer(
+    'steps', 10, 'timed runs of the step (and of the sweep batch); '
+    '--preset=input: timed batches')
 _JSON = flags.DEFINE_bool('json', False, 'end with one JSON line of the results')
 _PROFILE = flags.DEFINE_string(
     'profile', '', 'trace the step and the sweep into this folder and report where the time '
@@ -64,22 +65,32 @@ _PROFILE = flags.DEFINE_string(
 
 # Dense bf16 peak FLOP/s per device, by jax's device_kind (vendor data sheets).
 PEAK_FLOPS = {
-    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12,
-    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12,
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA A100-SXM4-40GB': 312e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
     'TPU v6 lite': 918e12,
 }
-
 
 # Training images per epoch for the sweep's share: CIFAR-sized data at 32x32, ImageNet at 224.
 EPOCH_IMAGES = {'tiny32': 50_000, 'small224': 1_281_167, 'digits': 1347}
 
 
-def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, batch,
-                sweep_batch):
-  config.model.update(name=name, patch_size=patch, drop_path=0.1, num_prototypes=prototypes,
-                      head_hidden_dim=2048, head_bottleneck_dim=256, head_num_layers=3,
-                      head_norm='none', prototype_init_std=0.02)
+def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, batch, sweep_batch):
+  config.model.update(name=name,
+                      patch_size=patch,
+                      drop_path=0.1,
+                      num_prototypes=prototypes,
+                      head_hidden_dim=2048,
+                      head_bottleneck_dim=256,
+                      head_num_layers=3,
+                      head_norm='none',
+                      prototype_init_std=0.02)
   config.aug.update(global_size=global_size, local_size=local_size, num_local=6)
   config.data.image_size = global_size
   config.data.mean, config.data.std = (0.5,) * 3, (0.5,) * 3
@@ -99,12 +110,28 @@ def _digits_config():
 
 # name -> (build the config, input channels)
 PRESETS = {
-    'tiny32': (lambda: _vit_preset(  # ViT-Ti/4, 2 x 32 + 6 x 16 crops
-        base_config(), name='vit_tiny', patch=4, global_size=32, local_size=16,
-        prototypes=4096, batch=64, sweep_batch=256), 3),
-    'small224': (lambda: _vit_preset(  # ViT-S/16, 2 x 224 + 6 x 96 crops
-        base_config(), name='vit_small', patch=16, global_size=224, local_size=96,
-        prototypes=65536, batch=8, sweep_batch=32), 3),
+    'tiny32': (
+        lambda: _vit_preset(  # ViT-Ti/4, 2 x 32 + 6 x 16 crops
+            base_config(),
+            name='vit_tiny',
+            patch=4,
+            global_size=32,
+            local_size=16,
+            prototypes=4096,
+            batch=64,
+            sweep_batch=256),
+        3),
+    'small224': (
+        lambda: _vit_preset(  # ViT-S/16, 2 x 224 + 6 x 96 crops
+            base_config(),
+            name='vit_small',
+            patch=16,
+            global_size=224,
+            local_size=96,
+            prototypes=65536,
+            batch=8,
+            sweep_batch=32),
+        3),
     'digits': (_digits_config, 1),
 }
 
@@ -127,7 +154,7 @@ def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     matmul(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return 2 * size**3 / best
 
 
 def device_peak() -> tuple[float, str]:
@@ -167,10 +194,13 @@ def _time(run, steps: int) -> tuple[float, float]:
 
 def _random_batch(config, channels: int, mesh):
   rng = np.random.default_rng(0)
-  g, l, b = config.aug.global_size, config.aug.local_size, config.batch_size
-  batch = {'global_crops': rng.standard_normal((b, 2, g, g, channels), np.float32),
-           'local_crops': rng.standard_normal((b, config.aug.num_local, l, l, channels),
-                                              np.float32)}
+  g, local, b = config.aug.global_size, config.aug.local_size, config.batch_size
+  batch = {
+      'global_crops':
+          rng.standard_normal((b, 2, g, g, channels), np.float32),
+      'local_crops':
+          rng.standard_normal((b, config.aug.num_local, local, local, channels), np.float32)
+  }
   return jax.device_put(batch, sharding.batch_sharding(mesh))  # on device before timing
 
 
@@ -178,8 +208,10 @@ def _profile(run, compiled, profile_dir: str, name: str) -> dict:
   """{'NAME_profile': where the time of two traced calls went}, or {} without --profile."""
   if not profile_dir:
     return {}
-  return {f'{name}_profile': profiling.profile_calls(
-      run, 2, os.path.join(profile_dir, name), compiled.as_text())}
+  return {
+      f'{name}_profile':
+          profiling.profile_calls(run, 2, os.path.join(profile_dir, name), compiled.as_text())
+  }
 
 
 def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str = '') -> dict:
@@ -198,29 +230,49 @@ def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str =
   def run():  # the state is donated: carry it from step to step as training does
     holder['state'], metrics = compiled(holder['state'], batch)
     return metrics['loss']
+
   seconds, page_faults = _time(run, steps)
   profile = _profile(run, compiled, profile_dir, 'step')
   memory = compiled.memory_analysis()
   return {
-      'step_ms': 1e3 * seconds, 'images_per_sec': config.batch_size / seconds,
-      'step_page_faults': page_faults,
-      'step_flops': _flops(compiled, mesh.devices.size),
-      'step_memory_bytes': int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                               + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
-      'teacher': holder['state'].teacher, 'graphdef': graphdef, 'shardings': shardings,
+      'step_ms':
+          1e3 * seconds,
+      'images_per_sec':
+          config.batch_size / seconds,
+      'step_page_faults':
+          page_faults,
+      'step_flops':
+          _flops(compiled, mesh.devices.size),
+      'step_memory_bytes':
+          int(memory.argument_size_in_bytes + memory.output_size_in_bytes +
+              memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+      'teacher':
+          holder['state'].teacher,
+      'graphdef':
+          graphdef,
+      'shardings':
+          shardings,
       **profile,
   }
 
 
-def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_shardings,
-                steps: int, profile_dir: str = '') -> dict:
+def bench_sweep(config,
+                channels: int,
+                mesh,
+                graphdef,
+                teacher,
+                teacher_shardings,
+                steps: int,
+                profile_dir: str = '') -> dict:
   standardise = objective.get_normalization(config.objective).standardise_teacher_embedding
-  accumulate, gap_accumulate, _ = sweep_lib.jit_sweep_fns(graphdef, standardise,
-                                                       teacher_shardings, mesh)
+  accumulate, gap_accumulate, _ = sweep_lib.jit_sweep_fns(graphdef, standardise, teacher_shardings,
+                                                          mesh)
   size, b = config.data.image_size, config.sweep_batch_size
   batch = jax.device_put(
-      {'image': np.random.default_rng(1).standard_normal((b, size, size, channels), np.float32),
-       'mask': np.ones((b,), bool)}, sharding.batch_sharding(mesh))
+      {
+          'image': np.random.default_rng(1).standard_normal((b, size, size, channels), np.float32),
+          'mask': np.ones((b,), bool)
+      }, sharding.batch_sharding(mesh))
   replicated = sharding.replicated(mesh)
   sums = jax.device_put(sweep_lib.init_sums(config.model.num_prototypes), replicated)
   temp = jnp.float32(config.objective.teacher_temp)
@@ -230,6 +282,7 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
   def run():
     holder['sums'] = compiled(holder['sums'], teacher, batch, temp)
     return holder['sums']['count']
+
   seconds, _ = _time(run, steps)
   profile = _profile(run, compiled, profile_dir, 'sweep')
   summary = sweep_lib.summarise(holder['sums'], config.objective.prior_eps)
@@ -240,19 +293,26 @@ def bench_sweep(config, channels: int, mesh, graphdef, teacher, teacher_sharding
   def run_gap():
     gap_holder['sums'] = gap_compiled(gap_holder['sums'], *gap_args)
     return gap_holder['sums']['count']
+
   gap_seconds, _ = _time(run_gap, steps)
-  return {'sweep_images_per_sec': b / seconds, 'sweep_flops': _flops(compiled, mesh.devices.size),
-          'prior_seconds_per_image': seconds / b, 'gap_seconds_per_image': gap_seconds / b,
-          **profile}
+  return {
+      'sweep_images_per_sec': b / seconds,
+      'sweep_flops': _flops(compiled, mesh.devices.size),
+      'prior_seconds_per_image': seconds / b,
+      'gap_seconds_per_image': gap_seconds / b,
+      **profile
+  }
 
 
 def input_rates(source, config, steps: int, warmup: int = 2) -> tuple[float, float]:
   """(images/s, process CPU seconds per image) of pipeline.train_batches over `steps` batches
   after `warmup` batches, epoch after epoch as training reads them."""
   from kldino.data import pipeline  # pylint: disable=g-import-not-at-top
+
   def batches():
     for epoch in range(2**31):
       yield from pipeline.train_batches(source, config, epoch=epoch)
+
   stream = batches()
   for _ in range(warmup):  # builds and warms the pipeline (and fills its cache)
     next(stream)
@@ -280,11 +340,14 @@ def run_input_benchmark(config, steps: int) -> dict:
   images_per_sec, cpu_seconds_per_image = input_rates(source, config, steps)
   aug = config.aug
   return {
-      'preset': 'input', 'dataset': config.data.name, 'path': config.data.path,
+      'preset': 'input',
+      'dataset': config.data.name,
+      'path': config.data.path,
       'train_examples': source.num_examples(config.data.train_split),
       'batch_size': config.batch_size,
       'crops': f'2x{aug.global_size} + {aug.num_local}x{aug.local_size}',
-      'cpu_count': os.cpu_count(), 'tensorflow': tf.__version__,
+      'cpu_count': os.cpu_count(),
+      'tensorflow': tf.__version__,
       'input_cpu_ms_per_image': 1e3 * cpu_seconds_per_image,
       'input_images_per_sec': images_per_sec,
       'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -295,8 +358,8 @@ def sweep_epoch_fraction(config, num_images: int, train: dict, sweep: dict) -> f
   """A sweep (the prior pass over every image, the gap pass over `objective.gap_examples`)
   over the time of one training epoch of `num_images`."""
   gap_images = min(num_images, config.objective.gap_examples or num_images)
-  sweep_seconds = (num_images * sweep['prior_seconds_per_image']
-                   + gap_images * sweep['gap_seconds_per_image'])
+  sweep_seconds = (num_images * sweep['prior_seconds_per_image'] +
+                   gap_images * sweep['gap_seconds_per_image'])
   return sweep_seconds / (num_images / train['images_per_sec'])
 
 
@@ -310,11 +373,15 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
                       train['shardings'].teacher, steps, profile_dir)
   sweep_seconds = config.sweep_batch_size / sweep['sweep_images_per_sec']
   return {
-      'preset': preset, 'devices': jax.device_count(), 'device': jax.devices()[0].device_kind,
-      'step_ms': train['step_ms'], 'images_per_sec': train['images_per_sec'],
+      'preset': preset,
+      'devices': jax.device_count(),
+      'device': jax.devices()[0].device_kind,
+      'step_ms': train['step_ms'],
+      'images_per_sec': train['images_per_sec'],
       'step_tflops': train['step_flops'] / step_seconds / 1e12,
       'mfu': train['step_flops'] / step_seconds / peak,
-      'peak_tflops': peak / 1e12, 'peak_source': peak_source,
+      'peak_tflops': peak / 1e12,
+      'peak_source': peak_source,
       'sweep_images_per_sec': sweep['sweep_images_per_sec'],
       'sweep_mfu': sweep['sweep_flops'] / sweep_seconds / peak,
       'sweep_epoch_fraction': sweep_epoch_fraction(config, EPOCH_IMAGES[preset], train, sweep),
@@ -323,13 +390,17 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
       'step_page_faults': train['step_page_faults'],
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-      **{key: value for key, value in {**train, **sweep}.items() if key.endswith('_profile')},
+      **{
+          key: value for key, value in {
+              **train,
+              **sweep
+          }.items() if key.endswith('_profile')
+      },
   }
 
 
 def _log_profile(name: str, profile: dict):
-  logging.info('%s: %.1f ms of op time per call (summed over threads)', name,
-               profile['busy_ms'])
+  logging.info('%s: %.1f ms of op time per call (summed over threads)', name, profile['busy_ms'])
   for section in ('by_category_ms', 'by_source_ms', 'top_ops_ms'):
     for key, ms in profile[section].items():
       logging.info('  %-14s %8.1f ms  %s', section[:-3], ms, key)

@@ -55,8 +55,7 @@ def _flatten(config_dict: dict, prefix: str = '') -> dict:
 
 
 def _selected(flat: dict, prefixes) -> dict:
-  return {k: v for k, v in flat.items()
-          if any(k == p or k.startswith(p + '.') for p in prefixes)}
+  return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + '.') for p in prefixes)}
 
 
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
@@ -75,11 +74,17 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
 
 def _leaf_shapes(tree) -> dict:
   # Orbax's metadata of a scalar may carry no shape: read it as ().
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape or ())
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape or ())
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
-def check_compatible(saved_config: dict, config, step: int, where: str, *,
+def check_compatible(saved_config: dict,
+                     config,
+                     step: int,
+                     where: str,
+                     *,
                      for_training: bool = True):
   """Refuse a checkpoint whose parameters (or, to train on, data position) differ from what
   `config` builds. Evaluation may use any dataset; training must continue on the same batches."""
@@ -97,8 +102,9 @@ def check_compatible(saved_config: dict, config, step: int, where: str, *,
           f'{problem}: use the same values or a new --workdir')
   changed = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
   if changed and for_training:
-    logging.warning('resuming step %d with changed config keys (the run will differ from an '
-                    'uninterrupted one): %s', step, ', '.join(changed))
+    logging.warning(
+        'resuming step %d with changed config keys (the run will differ from an '
+        'uninterrupted one): %s', step, ', '.join(changed))
 
 
 class Preempted(RuntimeError):
@@ -118,14 +124,19 @@ class Checkpointer:
     if read_only and not os.path.isdir(self.directory):
       raise ConfigError(f'no checkpoints in {workdir} ({self.directory} does not exist): '
                         'train first or pass the --workdir of a training run')
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, every_steps), max_to_keep=keep, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, every_steps),
+                                           max_to_keep=keep,
+                                           create=not read_only,
+                                           read_only=read_only,
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
     # Handlers named up front: a fresh process can then read metadata before any restore.
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler()})
+    self.manager = ocp.CheckpointManager(self.directory,
+                                         options=options,
+                                         item_handlers={
+                                             'state': ocp.PyTreeCheckpointHandler(),
+                                             'meta': ocp.JsonCheckpointHandler()
+                                         })
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -140,9 +151,12 @@ class Checkpointer:
     """Asynchronous: returns once the arrays are copied off the devices (the state may then be
     donated); `wait()` waits for the files. WriteFailed when this or the previous save failed."""
     with self._writing():
-      return self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave({**meta, 'format': FORMAT})),
-          force=force)
+      return self.manager.save(step,
+                               args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                       meta=ocp.args.JsonSave({
+                                                           **meta, 'format': FORMAT
+                                                       })),
+                               force=force)
 
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
@@ -195,9 +209,12 @@ class Checkpointer:
 
   def _read_state(self, step: int, abstract_tree, *, partial: bool):
     """Arrays placed directly into the shardings of `abstract_tree` (this run's mesh)."""
-    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_tree, partial_restore=partial,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))))['state']
+    return self.manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract_tree,
+            partial_restore=partial,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))))['state']
 
   def _restore_newest(self, abstract_tree, config, step, for_training: bool):
     """(tree, meta, step) of `step`, or of the newest readable step; (None, None, None)."""
@@ -214,9 +231,11 @@ class Checkpointer:
         raise
       except Exception as error:  # pylint: disable=broad-except
         # Any read failure of one step (orbax, tensorstore, JSON) means that step is unusable.
-        logging.warning('checkpoint at step %d is unreadable (%s: %s); falling back to the '
-                        'previous one', candidate, type(error).__name__,
-                        str(error).splitlines()[0][:200] if str(error) else '')
+        logging.warning(
+            'checkpoint at step %d is unreadable (%s: %s); falling back to the '
+            'previous one', candidate,
+            type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else '')
         self._set_aside(candidate)
     return None, None, None
 
@@ -264,8 +283,13 @@ def position_meta(config, step: int, steps_per_epoch: int | None, data_shards: i
   """A checkpoint's `meta`: the config and where the data stood. `steps_per_epoch` is None for
   a step-0 checkpoint written without reading the dataset (an import)."""
   epoch, step_in_epoch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, step)
-  return {'config': config.to_dict(), 'epoch': epoch, 'step_in_epoch': step_in_epoch,
-          'steps_per_epoch': steps_per_epoch, 'data_shards': data_shards}
+  return {
+      'config': config.to_dict(),
+      'epoch': epoch,
+      'step_in_epoch': step_in_epoch,
+      'steps_per_epoch': steps_per_epoch,
+      'data_shards': data_shards
+  }
 
 
 def write_config_json(config, workdir: str):

@@ -16,11 +16,11 @@ import tempfile
 import traceback
 
 # Exit codes, by kind of failure (README, "Exit codes").
-EXIT_USAGE = 2       # command line or config: a flag, a key, a value, a config file, the workdir
-EXIT_DATA = 3        # the dataset: missing, unprepared, empty, too many unreadable images
-EXIT_NUMERICS = 4    # a non-finite loss or gradient: the last good checkpoint is kept
-EXIT_WRITE = 5       # the workdir could not be written (a full disk): committed checkpoints kept
-EXIT_COLLAPSE = 6    # guard.collapse=stop saw a collapse: its step's checkpoint is saved
+EXIT_USAGE = 2  # command line or config: a flag, a key, a value, a config file, the workdir
+EXIT_DATA = 3  # the dataset: missing, unprepared, empty, too many unreadable images
+EXIT_NUMERICS = 4  # a non-finite loss or gradient: the last good checkpoint is kept
+EXIT_WRITE = 5  # the workdir could not be written (a full disk): committed checkpoints kept
+EXIT_COLLAPSE = 6  # guard.collapse=stop saw a collapse: its step's checkpoint is saved
 # Preemption (SIGTERM) saves and exits 0: the same command resumes.
 
 _LOCK_FILE = '.kldino.lock'
@@ -60,8 +60,8 @@ class _WithoutTraceback:
 
 def _log_thread_exception(args):
   import logging  # pylint: disable=import-outside-toplevel
-  logging.error('%s in thread %s: %s', args.exc_type.__name__,
-                getattr(args.thread, 'name', '?'), args.exc_value)
+  logging.error('%s in thread %s: %s', args.exc_type.__name__, getattr(args.thread, 'name', '?'),
+                args.exc_value)
 
 
 def _log_unraisable(args):
@@ -167,7 +167,8 @@ def load_config_file(spec: str):
   except ValueError as error:  # a config's own check of its argument
     raise UsageError(str(error)) from None
   except Exception as error:  # pylint: disable=broad-except
-    raise UsageError(f'--config={spec}: get_config failed: {type(error).__name__}: {error}') from None
+    raise UsageError(
+        f'--config={spec}: get_config failed: {type(error).__name__}: {error}') from None
 
 
 def config_keys(config, prefix: str = '') -> list[str]:
@@ -191,8 +192,8 @@ def check_overrides(config, argv: list[str]):
     key = arg[len('--config.'):].split('=', 1)[0]
     if key not in keys:
       close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
-      hint = (f'did you mean {" or ".join(close)}?' if close
-              else 'the keys and their defaults are in kldino/defaults.py')
+      hint = (f'did you mean {" or ".join(close)}?'
+              if close else 'the keys and their defaults are in kldino/defaults.py')
       raise UsageError(f'unknown config key {key} (--config.{key}): {hint}')
 
 
@@ -245,8 +246,9 @@ def lock_workdir(workdir: str):
   except OSError as error:
     lock.close()
     if error.errno in (errno.EAGAIN, errno.EACCES):
-      raise UsageError(f'--workdir={workdir} is in use by another kldino run: wait for it to '
-                       'end, stop it (SIGTERM saves a checkpoint), or use another workdir') from None
+      raise UsageError(
+          f'--workdir={workdir} is in use by another kldino run: wait for it to '
+          'end, stop it (SIGTERM saves a checkpoint), or use another workdir') from None
     raise
   lock.seek(0)
   lock.truncate()

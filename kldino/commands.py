@@ -69,8 +69,9 @@ def linear_eval(config, workdir: str, *, step: int | None, output: str | None) -
 def _array_features(run: Run, teacher, images: np.ndarray) -> np.ndarray:
   """Backbone features of host images [N, H, W, C]."""
   options = run.feature_options
-  return _batched(run, teacher, images, lambda params, batch: forward.backbone_features(
-      run.graphdef, params, batch, **options))
+  return _batched(
+      run, teacher, images,
+      lambda params, batch: forward.backbone_features(run.graphdef, params, batch, **options))
 
 
 def _batched(run: Run, teacher, images: np.ndarray, forward_fn) -> np.ndarray:
@@ -97,8 +98,8 @@ def _load_inputs(path: str, in_channels: int) -> np.ndarray:
   except (ValueError, OSError, EOFError) as error:
     raise ConfigError(f'--inputs={path} is not a .npy file of numbers ({str(error)[:80]}): '
                       'save the images with numpy.save') from None
-  if (not isinstance(images, np.ndarray) or images.dtype != np.float32 or images.ndim != 4
-      or images.shape[-1] != in_channels or not images.shape[0]):
+  if (not isinstance(images, np.ndarray) or images.dtype != np.float32 or images.ndim != 4 or
+      images.shape[-1] != in_channels or not images.shape[0]):
     raise ConfigError(f'--inputs={path} holds {getattr(images, "dtype", "")} '
                       f'{getattr(images, "shape", type(images).__name__)}: it must be float32 '
                       f'[N, H, W, {in_channels}], already normalised (no resizing is done)')
@@ -128,8 +129,8 @@ def _split_features(run: Run, teacher, split: str) -> tuple[np.ndarray, np.ndarr
 
 
 @MODES.register('features')
-def dump_features(config, workdir: str, *, step: int | None, output: str | None,
-                  split: str | None, inputs: str | None) -> dict:
+def dump_features(config, workdir: str, *, step: int | None, output: str | None, split: str | None,
+                  inputs: str | None) -> dict:
   """Features (and, for a split, labels) to .npy files; returns what was written."""
   if jax.process_count() > 1 and inputs:
     raise ConfigError('--inputs runs on one process: run --mode=features without '
@@ -151,8 +152,12 @@ def dump_features(config, workdir: str, *, step: int | None, output: str | None,
     except ValueError as error:
       raise ConfigError(f'--split={split}: {error}') from None
     output = output or os.path.join(workdir, f'features_{split}_step{step}.npy')
-  written = {'features': output, 'step': step, 'num_examples': int(features.shape[0]),
-             'feature_dim': int(features.shape[1])}
+  written = {
+      'features': output,
+      'step': step,
+      'num_examples': int(features.shape[0]),
+      'feature_dim': int(features.shape[1])
+  }
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     np.save(output, features)
@@ -170,10 +175,15 @@ def export_teacher(config, workdir: str, *, step: int | None, output: str | None
   output = output or os.path.join(workdir, f'backbone_step{step}.npz')
   feature_dim = nnx.merge(run.graphdef, teacher).backbone.num_features
   if jax.process_index() == 0:
-    export_lib.export_backbone(
-        output, teacher['backbone'], model_config=config.model, in_channels=run.in_channels,
-        image_size=config.aug.global_size, feature_dim=feature_dim, step=step,
-        mean=config.data.mean, std=config.data.std)
+    export_lib.export_backbone(output,
+                               teacher['backbone'],
+                               model_config=config.model,
+                               in_channels=run.in_channels,
+                               image_size=config.aug.global_size,
+                               feature_dim=feature_dim,
+                               step=step,
+                               mean=config.data.mean,
+                               std=config.data.std)
   return {'export': output, 'step': step}
 
 
@@ -188,9 +198,9 @@ def _read_torch_checkpoint(path: str) -> dict:
   try:
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as error:  # pylint: disable=broad-except  # torch raises many kinds
-    raise ConfigError(f'--import_from={path} is not a PyTorch checkpoint that loads without '
-                      f'running code ({type(error).__name__}): pass an official DINO .pth file'
-                      ) from None
+    raise ConfigError(
+        f'--import_from={path} is not a PyTorch checkpoint that loads without '
+        f'running code ({type(error).__name__}): pass an official DINO .pth file') from None
   if not isinstance(checkpoint, dict):
     raise ConfigError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
   state_dict = convert_dino.backbone_state_dict(checkpoint)
@@ -207,9 +217,8 @@ def _fresh_state(run: Run):
   structure does not depend on the schedules' values, so one-step epochs serve to build it."""
   config = run.config
   optimizer = optim.make_optimizer(config.optim, schedules_lib.make_schedules(config, 1))
-  init, shardings = step_lib.jit_init(
-      step_lib.make_init_fn(config, run.in_channels, optimizer), run.mesh,
-      config.mesh.fsdp_min_size)
+  init, shardings = step_lib.jit_init(step_lib.make_init_fn(config, run.in_channels, optimizer),
+                                      run.mesh, config.mesh.fsdp_min_size)
   return init(config.seed), shardings
 
 
@@ -227,16 +236,26 @@ def import_dino(config, workdir: str, *, import_from: str) -> dict:
   except ValueError as error:
     raise ConfigError(str(error)) from None
   backbone = jax.device_put(backbone, shardings.student['backbone'])
-  state = state.replace(student={**state.student, 'backbone': backbone},
-                        teacher={**state.teacher, 'backbone': backbone})
+  state = state.replace(student={
+      **state.student, 'backbone': backbone
+  },
+                        teacher={
+                            **state.teacher, 'backbone': backbone
+                        })
   checkpoint_lib.write_config_json(config, workdir)
-  run.checkpointer.save(0, state, checkpoint_lib.position_meta(config, 0, None, run.data_shards),
+  run.checkpointer.save(0,
+                        state,
+                        checkpoint_lib.position_meta(config, 0, None, run.data_shards),
                         force=True)
   run.checkpointer.wait()
   logging.info('imported %d tensors from %s into %s', len(state_dict), import_from,
                run.checkpointer.directory)
-  return {'import': import_from, 'checkpoint': run.checkpointer.directory, 'step': 0,
-          'tensors': len(state_dict)}
+  return {
+      'import': import_from,
+      'checkpoint': run.checkpointer.directory,
+      'step': 0,
+      'tensors': len(state_dict)
+  }
 
 
 @MODES.register('preview')
@@ -259,8 +278,10 @@ def _attention_images(run: Run, split: str | None, num_images: int, inputs: str 
   if inputs:
     images = _load_inputs(inputs, run.in_channels)
     _check_input_size(config, images, inputs)
-    return images, [{'file': f'{os.path.abspath(inputs)}[{i}]', 'label': None}
-                    for i in range(len(images))]
+    return images, [{
+        'file': f'{os.path.abspath(inputs)}[{i}]',
+        'label': None
+    } for i in range(len(images))]
   split = split or config.data.eval_split
   try:
     run.source.num_examples(split)
@@ -269,8 +290,10 @@ def _attention_images(run: Run, split: str | None, num_images: int, inputs: str 
   views = list(pipeline.preview_views(run.source, split, config, num_images, crops=False))
   if not views:
     raise ConfigError(f"--split={split} has no image that decodes: choose another split")
-  return (np.stack([view['eval'] for view in views]),
-          [{'file': view['file'], 'label': int(view['label'])} for view in views])
+  return (np.stack([view['eval'] for view in views]), [{
+      'file': view['file'],
+      'label': int(view['label'])
+  } for view in views])
 
 
 @MODES.register('attention')
@@ -289,7 +312,7 @@ def attention(config, workdir: str, *, step: int | None, output: str, split: str
   maps = _batched(run, teacher, images,
                   lambda params, batch: forward.cls_attention(run.graphdef, params, batch))
   side = images.shape[1] // config.model.patch_size
-  pixels = np.stack([preview_lib.to_uint8(image, config.data.mean, config.data.std)
-                     for image in images])
+  pixels = np.stack(
+      [preview_lib.to_uint8(image, config.data.mean, config.data.std) for image in images])
   written = attention_maps.write_attention(pixels, maps, (side, side), index, output)
   return {**written, 'step': step}

@@ -49,8 +49,11 @@ def backbone_state_dict(checkpoint: dict, *, which: str = 'teacher') -> dict:
   (a dict with 'teacher' and 'student' entries; `which` picks one), prefixes stripped."""
   if which in checkpoint and isinstance(checkpoint[which], dict):
     checkpoint = checkpoint[which]
-  return {_strip(key): value for key, value in checkpoint.items()
-          if not _strip(key).startswith(_SKIPPED_PREFIXES)}
+  return {
+      _strip(key): value
+      for key, value in checkpoint.items()
+      if not _strip(key).startswith(_SKIPPED_PREFIXES)
+  }
 
 
 def _linear(weight: np.ndarray) -> np.ndarray:
@@ -75,8 +78,8 @@ def _target(key: str, value: np.ndarray) -> tuple[tuple, np.ndarray]:
   path = ('blocks', int(index), *module.split('.'))
   if module.startswith('norm'):
     return (*path, 'scale' if kind == 'weight' else 'bias'), value
-  return (*path, 'kernel' if kind == 'weight' else 'bias'), (
-      _linear(value) if kind == 'weight' else value)
+  return (*path,
+          'kernel' if kind == 'weight' else 'bias'), (_linear(value) if kind == 'weight' else value)
 
 
 def convert(state_dict: dict, backbone_params: dict) -> dict:

@@ -15,25 +15,25 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'digits'      # 'digits', 'folder', or any TFDS name
-  config.data.path = ''            # root of an ImageFolder tree, for name='folder'
-  config.data.data_dir = ''        # TFDS data_dir ('' = TFDS default)
+  config.data.name = 'digits'  # 'digits', 'folder', or any TFDS name
+  config.data.path = ''  # root of an ImageFolder tree, for name='folder'
+  config.data.data_dir = ''  # TFDS data_dir ('' = TFDS default)
   config.data.train_split = 'train'
   config.data.eval_split = 'test'
-  config.data.image_size = 16      # the evaluation view's size (a centre crop); training crops
-                                   # are cut from the full-resolution image (small fixed-size
-                                   # images, the 8x8 digits, are upscaled to this first)
-  config.data.eval_resize = 0      # evaluation: shorter side resized to this, then the centre
-                                   # image_size crop (DINO: 256 for 224); 0: image_size * 256 / 224
-                                   # rounded (18 for the 16x16 view of the 8x8 digits)
-  config.data.mean = (0.5,)        # per channel, after scaling to [0, 1]
+  config.data.image_size = 16  # the evaluation view's size (a centre crop); training crops
+  # are cut from the full-resolution image (small fixed-size
+  # images, the 8x8 digits, are upscaled to this first)
+  config.data.eval_resize = 0  # evaluation: shorter side resized to this, then the centre
+  # image_size crop (DINO: 256 for 224); 0: image_size * 256 / 224
+  # rounded (18 for the 16x16 view of the 8x8 digits)
+  config.data.mean = (0.5,)  # per channel, after scaling to [0, 1]
   config.data.std = (0.5,)
   config.data.shuffle_buffer = 4096
-  config.data.shards = 0           # training data shards (0: one per process); fixing it makes
-                                   # the batches independent of the number of processes
+  config.data.shards = 0  # training data shards (0: one per process); fixing it makes
+  # the batches independent of the number of processes
   config.data.prefetch = 2
   config.data.max_corrupt_fraction = 0.001  # images that cannot be decoded are skipped (and named
-                                   # in a warning); more than this fraction of a split stops the run
+  # in a warning); more than this fraction of a split stops the run
 
   config.aug = ml_collections.ConfigDict()
   config.aug.global_size = 16
@@ -41,26 +41,26 @@ def base_config() -> ml_collections.ConfigDict:
   config.aug.num_local = 6
   config.aug.global_scale = (0.4, 1.0)
   config.aug.local_scale = (0.1, 0.4)
-  config.aug.flip = False          # mirrored digits are other digits
+  config.aug.flip = False  # mirrored digits are other digits
   config.aug.color_jitter = (0.4, 0.4, 0.0, 0.0)  # brightness, contrast, saturation, hue
   config.aug.color_jitter_prob = 0.8
   config.aug.grayscale_prob = 0.0
   config.aug.blur_prob = (1.0, 0.1, 0.5)  # global 1, global 2, locals
   config.aug.blur_sigma = (0.1, 1.0)
-  config.aug.solarize_prob = 0.2   # on global 2 only
+  config.aug.solarize_prob = 0.2  # on global 2 only
   config.aug.crop_interpolation = 'bicubic'  # the crops' resize: DINO's bicubic, or bilinear
-  config.aug.xla_min_size = 64     # global crops of at least this size are augmented on whole
-                                   # batches by XLA (~7 ms per image for DINO's 224/96 crops
-                                   # instead of ~60, after ~20 s of compilation); smaller ones
-                                   # example by example in tf.data (kldino/data/augment.py)
+  config.aug.xla_min_size = 64  # global crops of at least this size are augmented on whole
+  # batches by XLA (~7 ms per image for DINO's 224/96 crops
+  # instead of ~60, after ~20 s of compilation); smaller ones
+  # example by example in tf.data (kldino/data/augment.py)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'convnet_small'
-  config.model.patch_size = 4      # ViT only
-  config.model.stem = 'patch'      # ViT only: 'patch' (linear, as DINO) or 'conv' (3x3 convs)
+  config.model.patch_size = 4  # ViT only
+  config.model.stem = 'patch'  # ViT only: 'patch' (linear, as DINO) or 'conv' (3x3 convs)
   config.model.drop_path = 0.1
   config.model.compute_dtype = 'float32'  # the backbone's arithmetic: 'float32' or 'bfloat16'
-  config.model.remat = False       # recompute each block's activations in the backward pass
+  config.model.remat = False  # recompute each block's activations in the backward pass
   config.model.num_prototypes = 256
   config.model.head_hidden_dim = 512
   config.model.head_bottleneck_dim = 32
@@ -84,12 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.objective = ml_collections.ConfigDict()
   config.objective.normalization = 'prior'  # prior | center | sinkhorn | teacher_bn | none
-  config.objective.prior_source = 'sweep'   # sweep | batch | ema
-  config.objective.prior_every_epochs = 1   # T
-  config.objective.prior_init = 'sweep'     # sweep | uniform
-  config.objective.prior_eps = 1e-6         # floor of Q(k) before renormalising
-  config.objective.prior_momentum = 0.9     # source=ema
-  config.objective.gap_examples = 10_000    # Jensen-gap pass of a sweep: first N examples (0: all)
+  config.objective.prior_source = 'sweep'  # sweep | batch | ema
+  config.objective.prior_every_epochs = 1  # T
+  config.objective.prior_init = 'sweep'  # sweep | uniform
+  config.objective.prior_eps = 1e-6  # floor of Q(k) before renormalising
+  config.objective.prior_momentum = 0.9  # source=ema
+  config.objective.gap_examples = 10_000  # Jensen-gap pass of a sweep: first N examples (0: all)
   config.objective.center_momentum = 0.9
   config.objective.sinkhorn_iters = 3
   config.objective.student_temp = 0.1
@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.objective.warmup_teacher_temp_epochs = 0
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 2e-3           # per 256 images; scaled by batch_size / 256
+  config.optim.lr = 2e-3  # per 256 images; scaled by batch_size / 256
   config.optim.min_lr = 1e-6
   config.optim.warmup_epochs = 5
   config.optim.weight_decay = 0.04
@@ -110,15 +110,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.teacher_momentum_end = 1.0
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.fsdp = 1             # devices per FSDP group; the rest is data parallel
-  config.mesh.fsdp_min_size = 2 ** 16  # parameters smaller than this stay replicated
+  config.mesh.fsdp = 1  # devices per FSDP group; the rest is data parallel
+  config.mesh.fsdp_min_size = 2**16  # parameters smaller than this stay replicated
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.knn_k = (20,)        # one k or several, e.g. (10, 20, 100, 200): knn_top1_k{K} each
+  config.eval.knn_k = (20,)  # one k or several, e.g. (10, 20, 100, 200): knn_top1_k{K} each
   config.eval.knn_temperature = 0.07
   config.eval.batch_size = 256
-  config.eval.probe_epochs = 100   # the quick feature probe (evals type feature_probe)
-  config.eval.baselines = False   # also probe raw pixels and the backbone at initialisation
+  config.eval.probe_epochs = 100  # the quick feature probe (evals type feature_probe)
+  config.eval.baselines = False  # also probe raw pixels and the backbone at initialisation
   config.eval.sweep_diagnostics = False  # sweep every T epochs to measure any normalisation
   # Features of --mode=linear_eval and --mode=features (DINO's linear evaluation): the CLS token
   # of each of the last n blocks through the final norm, concatenated; with avgpool (n = 1) also
@@ -137,29 +137,41 @@ def base_config() -> ml_collections.ConfigDict:
   # Named evaluators (kldino/evaluate/evaluators.py): type, every_epochs during training (0: not
   # during training), final (at the end of training and in --mode=eval).
   config.evals = ml_collections.ConfigDict({
-      'knn': {'type': 'knn', 'every_epochs': 0, 'final': True},
-      'clusters': {'type': 'clusters', 'every_epochs': 0, 'final': True},
-      'linear_probe': {'type': 'feature_probe', 'every_epochs': 0, 'final': True},
+      'knn': {
+          'type': 'knn',
+          'every_epochs': 0,
+          'final': True
+      },
+      'clusters': {
+          'type': 'clusters',
+          'every_epochs': 0,
+          'final': True
+      },
+      'linear_probe': {
+          'type': 'feature_probe',
+          'every_epochs': 0,
+          'final': True
+      },
   })
   config.sweep_batch_size = 256
 
   # The hardware --mode=plan plans for (kldino/plan.py); devices 0: this machine.
   config.hardware = ml_collections.ConfigDict()
-  config.hardware.name = ''        # the accelerator type, e.g. 'v5p-128' (TPU: picks the VM image)
-  config.hardware.kind = ''        # 'tpu' | 'gpu'
+  config.hardware.name = ''  # the accelerator type, e.g. 'v5p-128' (TPU: picks the VM image)
+  config.hardware.kind = ''  # 'tpu' | 'gpu'
   config.hardware.devices = 0
   config.hardware.hosts = 1
   config.hardware.memory_gib = 0.0  # per device
   config.hardware.peak_tflops = 0.0  # bf16 per device
-  config.hardware.mfu = 0.35       # assumed for the plan's time
+  config.hardware.mfu = 0.35  # assumed for the plan's time
 
   # The collapse guard (kldino/guard.py): 'warn' logs one line and records the collapse in
   # eval.json; 'stop' also saves a checkpoint and exits with code 6 (docs/failures.md). A kind
   # counts when it holds at every logged step for patience_epochs epochs.
   config.guard = ml_collections.ConfigDict()
-  config.guard.collapse = 'warn'   # 'off', 'warn' or 'stop'
+  config.guard.collapse = 'warn'  # 'off', 'warn' or 'stop'
   config.guard.patience_epochs = 3
   config.guard.min_clusters = 1.5  # one cluster: the teacher's batch marginal has fewer
   config.guard.uniform_entropy = 0.95  # uniform: per-image entropy above this fraction of log K
-  config.guard.uniform_mi = 0.05   # ... and image-cluster mutual information below (nats)
+  config.guard.uniform_mi = 0.05  # ... and image-cluster mutual information below (nats)
   return config

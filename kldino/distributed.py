@@ -22,8 +22,10 @@ def cluster_detected(environ=os.environ) -> str | None:
   return None
 
 
-def initialize(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None, environ=os.environ) -> str:
+def initialize(coordinator_address: str | None,
+               num_processes: int | None,
+               process_id: int | None,
+               environ=os.environ) -> str:
   """Start JAX's distributed runtime if needed (before any JAX computation); says how."""
   explicit = (coordinator_address, num_processes, process_id)
   if any(value is not None for value in explicit):
@@ -32,7 +34,8 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
                        'pass all three (or none, to auto-detect TPU VMs and SLURM)')
     if not 0 <= process_id < num_processes:
       raise ValueError(f'--process_id={process_id} must be in [0, {num_processes})')
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+    jax.distributed.initialize(coordinator_address,
+                               num_processes=num_processes,
                                process_id=process_id)
     how = 'explicit'
   else:
@@ -40,7 +43,7 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
     if how is None:
       return 'single process'
     jax.distributed.initialize()  # JAX reads the TPU / SLURM environment itself
-  logging.info('distributed (%s): process %d of %d, %d local of %d devices', how,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
+  logging.info('distributed (%s): process %d of %d, %d local of %d devices',
+               how, jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return how

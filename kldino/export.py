@@ -59,9 +59,18 @@ def export_backbone(path: str, backbone_params: dict, *, model_config, in_channe
   params = _flatten(jax.device_get(backbone_params))
   if META_KEY in params:
     raise ValueError(f'a parameter is named {META_KEY}, which the format reserves')
-  meta = {'format': FORMAT, 'model': model_config.to_dict(), 'in_channels': in_channels,
-          'image_size': image_size, 'feature_dim': feature_dim, 'step': step,
-          'data': {'mean': list(mean), 'std': list(std)}}
+  meta = {
+      'format': FORMAT,
+      'model': model_config.to_dict(),
+      'in_channels': in_channels,
+      'image_size': image_size,
+      'feature_dim': feature_dim,
+      'step': step,
+      'data': {
+          'mean': list(mean),
+          'std': list(std)
+      }
+  }
   with open(path, 'wb') as f:
     np.savez(f, **params, **{META_KEY: np.array(json.dumps(meta))})
 
@@ -77,8 +86,10 @@ def load_backbone(path: str):
     raise ValueError(f"{path} has export format {meta.get('format')}; this kldino reads "
                      f'format {FORMAT}')
   model_config = ml_collections.ConfigDict(meta['model'])
-  backbone = build_backbone(model_config, in_channels=meta['in_channels'],
-                            image_size=meta['image_size'], rngs=nnx.Rngs(0))
+  backbone = build_backbone(model_config,
+                            in_channels=meta['in_channels'],
+                            image_size=meta['image_size'],
+                            rngs=nnx.Rngs(0))
   state = nnx.state(backbone, nnx.Param)
   nnx.replace_by_pure_dict(state, _unflatten(flat, nnx.to_pure_dict(state)))
   nnx.update(backbone, state)

@@ -78,9 +78,10 @@ class CollapseGuard:
 
   def _holds(self, metrics: dict) -> dict[str, bool]:
     return {
-        'one_cluster': _teacher_clusters(metrics) < self.min_clusters,
-        'uniform': (metrics['teacher_entropy'] > self.uniform_entropy
-                    and metrics['teacher_mi'] < self.uniform_mi),
+        'one_cluster':
+            _teacher_clusters(metrics) < self.min_clusters,
+        'uniform': (metrics['teacher_entropy'] > self.uniform_entropy and
+                    metrics['teacher_mi'] < self.uniform_mi),
     }
 
   def observe(self, step: int, metrics: dict) -> Collapse | None:
@@ -93,10 +94,12 @@ class CollapseGuard:
       if self.since[kind] is None:
         self.since[kind] = step
       if step - self.since[kind] >= self.patience_steps:
-        self.collapse = Collapse(
-            kind=kind, step=step, since_step=self.since[kind],
-            teacher_clusters=_teacher_clusters(metrics),
-            teacher_entropy=float(metrics['teacher_entropy']),
-            teacher_mi=float(metrics['teacher_mi']), num_prototypes=self.num_prototypes)
+        self.collapse = Collapse(kind=kind,
+                                 step=step,
+                                 since_step=self.since[kind],
+                                 teacher_clusters=_teacher_clusters(metrics),
+                                 teacher_entropy=float(metrics['teacher_entropy']),
+                                 teacher_mi=float(metrics['teacher_mi']),
+                                 num_prototypes=self.num_prototypes)
         return self.collapse
     return None

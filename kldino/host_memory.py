@@ -45,8 +45,8 @@ def _glibc_version(libc: tuple[str, str]) -> tuple[int, ...]:
     return ()
 
 
-def huge_page_environ(environ: dict[str, str], libc: tuple[str, str], mode: str
-                      ) -> dict[str, str] | None:
+def huge_page_environ(environ: dict[str, str], libc: tuple[str, str],
+                      mode: str) -> dict[str, str] | None:
   """The environment to re-execute with, or None where re-executing would change nothing."""
   tunables = environ.get('GLIBC_TUNABLES', '')
   if _glibc_version(libc) < _MIN_GLIBC or mode != 'madvise' or TUNABLE in tunables:

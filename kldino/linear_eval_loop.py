@@ -41,8 +41,10 @@ def learning_rates(eval_config) -> tuple[float, ...]:
 
 
 def _protocol_meta(config) -> dict:
-  return {key: (list(value) if isinstance(value, tuple) else value)
-          for key, value in ((k, config.eval[k]) for k in _PROTOCOL_KEYS)}
+  return {
+      key: (list(value) if isinstance(value, tuple) else value)
+      for key, value in ((k, config.eval[k]) for k in _PROTOCOL_KEYS)
+  }
 
 
 class _Loop:
@@ -68,20 +70,22 @@ class _Loop:
 
     mesh = run.mesh
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    optimizer = protocol.make_optimizer(self.lrs, batch_size=self.batch_size,
+    optimizer = protocol.make_optimizer(self.lrs,
+                                        batch_size=self.batch_size,
                                         steps_per_epoch=self.steps_per_epoch,
                                         epochs=config.eval.linear_epochs)
     self.init = jax.jit(lambda key: self._init_state(key, optimizer), out_shardings=replicated)
-    self.train_step = jax.jit(
-        protocol.make_train_step(feature_fn, optimizer),
-        in_shardings=(replicated, replicated, run.param_shardings, batch),
-        out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+    self.train_step = jax.jit(protocol.make_train_step(feature_fn, optimizer),
+                              in_shardings=(replicated, replicated, run.param_shardings, batch),
+                              out_shardings=(replicated, replicated, replicated),
+                              donate_argnums=(0, 1))
     self.eval_step = jax.jit(protocol.make_eval_step(feature_fn),
                              in_shardings=(replicated, run.param_shardings, batch),
                              out_shardings=replicated)
     self.directory = os.path.join(run.workdir, 'linear_eval', f'step_{backbone_step}')
-    self.checkpointer = checkpoint_lib.Checkpointer(
-        self.directory, every_steps=config.checkpoint_every_steps, keep=2)
+    self.checkpointer = checkpoint_lib.Checkpointer(self.directory,
+                                                    every_steps=config.checkpoint_every_steps,
+                                                    keep=2)
     self.abstract_state = jax.eval_shape(lambda: self._init_state(jax.random.key(0), optimizer))
     self.abstract_state = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
@@ -123,10 +127,14 @@ class _Loop:
   # ------------------------------------------------------------------------- training
 
   def _epoch_batches(self, epoch: int, start_step: int):
-    local = pipeline.linear_train_batches(
-        self.run.source, self.config, epoch=epoch, start_step=start_step,
-        batch_size=self.batch_size, scale=tuple(self.config.eval.linear_crop_scale),
-        process_index=jax.process_index(), process_count=jax.process_count())
+    local = pipeline.linear_train_batches(self.run.source,
+                                          self.config,
+                                          epoch=epoch,
+                                          start_step=start_step,
+                                          batch_size=self.batch_size,
+                                          scale=tuple(self.config.eval.linear_crop_scale),
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
     return sharding.prefetch_global_batches(local, self.run.mesh)
 
   def _log(self, step: int, losses, started: float, first_step: int):
@@ -149,8 +157,8 @@ class _Loop:
         first = epoch * self.steps_per_epoch
         batches = self._epoch_batches(epoch, max(start - first, 0))
         for step, batch in enumerate(batches, start=max(start, first) + 1):
-          heads, opt_state, losses = self.train_step(state['heads'], state['opt_state'],
-                                                     teacher, batch)
+          heads, opt_state, losses = self.train_step(state['heads'], state['opt_state'], teacher,
+                                                     batch)
           state = {'heads': heads, 'opt_state': opt_state}
           if step % self.config.log_every_steps == 0 or step == self.total_steps:
             self._log(step, losses, started, start)
@@ -174,20 +182,31 @@ class _Loop:
 
   def score(self, heads, teacher) -> dict:
     config = self.config
-    local = pipeline.eval_batches(
-        self.run.source, config.data.eval_split, config, batch_size=config.eval.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    local = pipeline.eval_batches(self.run.source,
+                                  config.data.eval_split,
+                                  config,
+                                  batch_size=config.eval.batch_size,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
     totals = None
     for batch in sharding.prefetch_global_batches(local, self.run.mesh):
       counts = self.eval_step(heads, teacher, batch)
       totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.device_get(totals)
     count = float(totals['count'])
-    rows = [{'lr': lr, 'top1': float(top1) / count, 'top5': float(top5) / count}
-            for lr, top1, top5 in zip(self.lrs, totals['top1'], totals['top5'])]
+    rows = [{
+        'lr': lr,
+        'top1': float(top1) / count,
+        'top5': float(top5) / count
+    } for lr, top1, top5 in zip(self.lrs, totals['top1'], totals['top5'])]
     best = max(rows, key=lambda row: row['top1'])  # the first best on a tie
-    return {'linear_top1': best['top1'], 'linear_top5': best['top5'], 'linear_lr': best['lr'],
-            'heads': rows, 'num_eval': int(count)}
+    return {
+        'linear_top1': best['top1'],
+        'linear_top5': best['top5'],
+        'linear_lr': best['lr'],
+        'heads': rows,
+        'num_eval': int(count)
+    }
 
 
 def linear_eval(run, *, step: int | None, output: str | None) -> dict:
@@ -198,8 +217,10 @@ def linear_eval(run, *, step: int | None, output: str | None) -> dict:
   started = time.time()
   state = loop.train(teacher)
   results = loop.score(state['heads'], teacher)
-  results.update(step=backbone_step, linear_steps=loop.total_steps,
-                 linear_epochs=run.config.eval.linear_epochs, feature_dim=loop.feature_dim,
+  results.update(step=backbone_step,
+                 linear_steps=loop.total_steps,
+                 linear_epochs=run.config.eval.linear_epochs,
+                 feature_dim=loop.feature_dim,
                  **run.feature_options)
   logging.info('linear_eval: best head lr %g: top-1 %.4f, top-5 %.4f (%.0f s)',
                results['linear_lr'], results['linear_top1'], results['linear_top5'],

@@ -32,25 +32,29 @@ from kldino import xla_env
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
-_MODE = flags.DEFINE_enum('mode', 'train',
-                          ['train', 'eval', 'linear_eval', 'features', 'export', 'import',
-                           'preview', 'attention', 'plan'],
-                          'What to do.')
-_STEP = flags.DEFINE_integer('step', None, 'eval/features/export: the checkpoint step '
-                             '(default: the latest readable one).')
-_OUTPUT = flags.DEFINE_string('output', None, 'eval: JSON path (default DIR/eval.json); '
-                              'linear_eval: JSON path (default DIR/linear_eval.json); '
-                              'features: .npy path; export: .npz path.')
-_SPLIT = flags.DEFINE_string('split', None, 'features, preview, attention: the split (default '
-                             'data.eval_split).')
+_MODE = flags.DEFINE_enum('mode', 'train', [
+    'train', 'eval', 'linear_eval', 'features', 'export', 'import', 'preview', 'attention', 'plan'
+], 'What to do.')
+_STEP = flags.DEFINE_integer(
+    'step', None, 'eval/features/export: the checkpoint step '
+    '(default: the latest readable one).')
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'eval: JSON path (default DIR/eval.json); '
+    'linear_eval: JSON path (default DIR/linear_eval.json); '
+    'features: .npy path; export: .npz path.')
+_SPLIT = flags.DEFINE_string(
+    'split', None, 'features, preview, attention: the split (default '
+    'data.eval_split).')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'preview, attention: how many images of the '
                                    'split.')
-_INPUTS = flags.DEFINE_string('inputs', None, 'features, attention: a .npy of float32 NHWC '
-                              'images, already '
-                              'preprocessed (no augmentation, no resizing).')
+_INPUTS = flags.DEFINE_string(
+    'inputs', None, 'features, attention: a .npy of float32 NHWC '
+    'images, already '
+    'preprocessed (no augmentation, no resizing).')
 _IMPORT_FROM = flags.DEFINE_string('import_from', None, 'import: an official DINO .pth file.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process: HOST:PORT of '
-                                   'process 0 (default: auto-detect TPU VMs and SLURM).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process: HOST:PORT of '
+    'process 0 (default: auto-detect TPU VMs and SLURM).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, 0-based.')
 flags.DEFINE_bool('verbose', False, 'On failure, print the stack trace before the one-line '
@@ -100,8 +104,13 @@ def _mode_kwargs(mode):
       cli.fail(f'--num_images={_NUM_IMAGES.value} must be >= 1')
     if _INPUTS.value and _SPLIT.value:
       cli.fail('--mode=attention takes --inputs=X.npy or --split=S, not both')
-    return {'step': _STEP.value, 'output': _OUTPUT.value, 'split': _SPLIT.value,
-            'num_images': _NUM_IMAGES.value, 'inputs': _INPUTS.value}
+    return {
+        'step': _STEP.value,
+        'output': _OUTPUT.value,
+        'split': _SPLIT.value,
+        'num_images': _NUM_IMAGES.value,
+        'inputs': _INPUTS.value
+    }
   kwargs = {'step': _STEP.value, 'output': _OUTPUT.value}
   if mode == 'features':
     kwargs.update(split=_SPLIT.value, inputs=_INPUTS.value)
@@ -121,7 +130,8 @@ def _plan(config):
   from kldino import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from kldino.config_checks import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
   try:
-    validate_config(config, num_devices=devices or jax.device_count(),
+    validate_config(config,
+                    num_devices=devices or jax.device_count(),
                     num_processes=config.hardware.hosts if devices else jax.process_count())
     plan = plan_lib.make_plan(config)
   except (ConfigError, ValueError) as error:
@@ -194,9 +204,9 @@ def main(argv):
   except Exception as error:  # pylint: disable=broad-except
     if not cli.disk_full(error):
       raise
-    cli.fail(f'no space left on the device of --workdir={_WORKDIR.value} ({type(error).__name__})'
-             ': free space and rerun the same command; committed checkpoints are intact',
-             cli.EXIT_WRITE)
+    cli.fail(
+        f'no space left on the device of --workdir={_WORKDIR.value} ({type(error).__name__})'
+        ': free space and rerun the same command; committed checkpoints are intact', cli.EXIT_WRITE)
   finally:
     if lock is not None:
       lock.close()

@@ -21,7 +21,6 @@ from kldino.models.layers import masked_standardise
 NORMALIZATIONS = ('prior', 'center', 'sinkhorn', 'teacher_bn', 'none')
 PRIOR_SOURCES = ('sweep', 'batch', 'ema')
 
-
 # ----------------------------------------------------------------------------- cluster prior
 
 
@@ -127,21 +126,26 @@ def _plain_softmax(logits, state, temp, cfg):
 
 
 _REGISTRY = {
-    ('prior', 'sweep'): Normalization(
-        targets=lambda t, s, temp, cfg: prior_normalised_targets(t, s['log_prior'], temp)),
-    ('prior', 'batch'): Normalization(
-        targets=lambda t, s, temp, cfg: prior_normalised_targets(
+    ('prior', 'sweep'):
+        Normalization(
+            targets=lambda t, s, temp, cfg: prior_normalised_targets(t, s['log_prior'], temp)),
+    ('prior', 'batch'):
+        Normalization(targets=lambda t, s, temp, cfg: prior_normalised_targets(
             t, batch_log_prior(t, temp, cfg.prior_eps), temp)),
-    ('prior', 'ema'): Normalization(
-        targets=lambda t, s, temp, cfg: prior_normalised_targets(t, s['log_prior'], temp),
-        update=_ema_prior_update),
-    ('center', None): Normalization(
-        targets=lambda t, s, temp, cfg: centered_targets(t, s['center'], temp),
-        update=_center_update),
-    ('sinkhorn', None): Normalization(
-        targets=lambda t, s, temp, cfg: sinkhorn_targets(t, temp, cfg.sinkhorn_iters)),
-    ('teacher_bn', None): Normalization(targets=_plain_softmax, standardise_teacher_embedding=True),
-    ('none', None): Normalization(targets=_plain_softmax),
+    ('prior', 'ema'):
+        Normalization(
+            targets=lambda t, s, temp, cfg: prior_normalised_targets(t, s['log_prior'], temp),
+            update=_ema_prior_update),
+    ('center', None):
+        Normalization(targets=lambda t, s, temp, cfg: centered_targets(t, s['center'], temp),
+                      update=_center_update),
+    ('sinkhorn', None):
+        Normalization(targets=lambda t, s, temp, cfg: sinkhorn_targets(t, temp, cfg.sinkhorn_iters)
+                     ),
+    ('teacher_bn', None):
+        Normalization(targets=_plain_softmax, standardise_teacher_embedding=True),
+    ('none', None):
+        Normalization(targets=_plain_softmax),
 }
 
 
@@ -159,8 +163,8 @@ def get_normalization(objective_config) -> Normalization:
 
 def uses_sweep(objective_config) -> bool:
   """The full-dataset sweep sets the prior for `prior/sweep`, and the initial prior for `ema`."""
-  return objective_config.normalization == 'prior' and objective_config.prior_source in (
-      'sweep', 'ema')
+  return objective_config.normalization == 'prior' and objective_config.prior_source in ('sweep',
+                                                                                         'ema')
 
 
 # ----------------------------------------------------------------------------- loss

@@ -26,12 +26,16 @@ def clip_by_param_norm(max_norm: float) -> optax.GradientTransformation:
 
   optax only offers the global-norm and block-RMS variants, hence this one.
   """
+
   def clip(updates, state, params=None):
     del params
+
     def clip_leaf(grad):
       norm = jnp.sqrt(jnp.sum(jnp.square(grad)))
       return grad * jnp.minimum(1.0, max_norm / (norm + 1e-6))
+
     return jax.tree.map(clip_leaf, updates), state
+
   return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
 
 
@@ -48,8 +52,8 @@ def is_prototype_path(path) -> bool:
   """Whether a parameter (a key path of the parameter tree) is one DINO freezes with the last
   layer: `head/prototypes`, `head/prototype_gain`, any `head/prototype*` (or below it)."""
   names = [_key_name(entry) for entry in path]
-  return (len(names) >= 2 and names[0] == 'head' and isinstance(names[1], str)
-          and names[1].startswith('prototype'))
+  return (len(names) >= 2 and names[0] == 'head' and isinstance(names[1], str) and
+          names[1].startswith('prototype'))
 
 
 def freeze_labels(params):
@@ -60,24 +64,29 @@ def freeze_labels(params):
 
 def zero_prototypes(tree, prototypes_frozen):
   """`tree` (gradients or updates) with its prototype leaves zeroed while `prototypes_frozen`."""
+
   def leaf(path, value):
     if not is_prototype_path(path):
       return value
     return jnp.where(prototypes_frozen, jnp.zeros_like(value), value)
+
   return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def cancel_frozen_prototypes() -> optax.GradientTransformationExtraArgs:
   """Zero the prototypes' gradients / updates while the `prototypes_frozen` extra arg is true."""
+
   def update(updates, state, params=None, *, prototypes_frozen=False, **extra_args):
     del params, extra_args
     return zero_prototypes(updates, prototypes_frozen), state
+
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def hold_while_frozen(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """`inner`, except that while `prototypes_frozen` its state does not advance and its update is
   zero: PyTorch's treatment of a parameter whose `.grad` is None."""
+
   def update(updates, state, params=None, *, prototypes_frozen=False, **extra_args):
     del extra_args
     new_updates, new_state = inner.update(updates, state, params)
@@ -85,6 +94,7 @@ def hold_while_frozen(inner: optax.GradientTransformation) -> optax.GradientTran
     new_updates = jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates)
     new_state = jax.tree.map(lambda new, old: jnp.where(frozen, old, new), new_state, state)
     return new_updates, new_state
+
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
@@ -101,14 +111,18 @@ def make_optimizer(optim_config, schedules) -> optax.GradientTransformationExtra
                      f"{', '.join(CLIP_MODES)}")
   transforms = [cancel_frozen_prototypes()]
   if optim_config.clip_grad > 0:
-    clip = (clip_by_param_norm if optim_config.clip_mode == 'per_param'
-            else optax.clip_by_global_norm)
+    clip = (clip_by_param_norm
+            if optim_config.clip_mode == 'per_param' else optax.clip_by_global_norm)
     transforms.append(clip(optim_config.clip_grad))
   # optax.adamw's own chain, with the Adam statistics split by group.
   def adam():
     return optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
+
   transforms += [
-      optax.partition({PROTOTYPES: hold_while_frozen(adam()), REST: adam()}, freeze_labels),
+      optax.partition({
+          PROTOTYPES: hold_while_frozen(adam()),
+          REST: adam()
+      }, freeze_labels),
       optax.add_decayed_weights(schedules.weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(schedules.learning_rate),
       cancel_frozen_prototypes(),  # no weight decay on a frozen parameter either
@@ -118,7 +132,9 @@ def make_optimizer(optim_config, schedules) -> optax.GradientTransformationExtra
 
 def apply_gradients(optimizer, params, opt_state, grads, prototypes_frozen):
   """One optimizer step, as the train step takes it: (new params, new optimizer state)."""
-  updates, opt_state = optimizer.update(grads, opt_state, params,
+  updates, opt_state = optimizer.update(grads,
+                                        opt_state,
+                                        params,
                                         prototypes_frozen=prototypes_frozen)
   return optax.apply_updates(params, updates), opt_state
 

@@ -37,9 +37,12 @@ from kldino import sweep as sweep_lib
 
 FIT_FRACTION = 0.9  # of a device's memory: the runtime, the input's buffers and fragmentation
 # Training images of TFDS datasets a plan may name without them on this machine (TFDS's counts).
-TRAIN_EXAMPLES = {'imagenet2012': 1_281_167, 'imagenet2012_subset/1pct': 12_811,
-                  'imagenet2012_subset/10pct': 128_116}
-_GIB = 2 ** 30
+TRAIN_EXAMPLES = {
+    'imagenet2012': 1_281_167,
+    'imagenet2012_subset/1pct': 12_811,
+    'imagenet2012_subset/10pct': 128_116
+}
+_GIB = 2**30
 
 
 def simulated_devices(config) -> int:
@@ -51,26 +54,36 @@ def _machine(config) -> dict:
   """hardware.* of the config, or this machine's devices, memory and peak."""
   hardware = config.hardware
   if hardware.devices:
-    return {'name': hardware.name or f'{hardware.devices} devices', 'kind': hardware.kind,
-            'devices': hardware.devices,
-            'hosts': hardware.hosts, 'memory_bytes': hardware.memory_gib * _GIB,
-            'peak_flops': hardware.peak_tflops * 1e12}
+    return {
+        'name': hardware.name or f'{hardware.devices} devices',
+        'kind': hardware.kind,
+        'devices': hardware.devices,
+        'hosts': hardware.hosts,
+        'memory_bytes': hardware.memory_gib * _GIB,
+        'peak_flops': hardware.peak_tflops * 1e12
+    }
   from kldino import bench  # pylint: disable=g-import-not-at-top  # a tool, as this module
   peak, _ = bench.device_peak()
   devices = jax.devices()
   memory = devices[0].memory_stats() or {}
-  memory_bytes = memory.get('bytes_limit') or (
-      os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices))
-  return {'name': f'this machine ({devices[0].device_kind})', 'kind': devices[0].platform,
-          'devices': len(devices),
-          'hosts': jax.process_count(), 'memory_bytes': memory_bytes,
-          'peak_flops': peak / len(devices)}
+  memory_bytes = memory.get('bytes_limit') or (os.sysconf('SC_PAGE_SIZE') *
+                                               os.sysconf('SC_PHYS_PAGES') / len(devices))
+  return {
+      'name': f'this machine ({devices[0].device_kind})',
+      'kind': devices[0].platform,
+      'devices': len(devices),
+      'hosts': jax.process_count(),
+      'memory_bytes': memory_bytes,
+      'peak_flops': peak / len(devices)
+  }
 
 
 def _bytes_per_device(tree) -> int:
   """Bytes of one device's shards of a tree of sharded abstract arrays."""
-  return int(sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-                 for leaf in jax.tree.leaves(tree)))
+  return int(
+      sum(
+          math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+          for leaf in jax.tree.leaves(tree)))
 
 
 def _train_examples(config) -> int:
@@ -93,15 +106,21 @@ def _compiled_step(config, channels: int, mesh, steps_per_epoch: int):
   graphdef, _ = step_lib.build_graphdef(config, channels)
   init_fn = step_lib.make_init_fn(config, channels, optimizer)
   _, shardings = step_lib.jit_init(init_fn, mesh, config.mesh.fsdp_min_size)
-  state = jax.tree.map(lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(
-      leaf.shape, leaf.dtype, sharding=leaf_sharding), jax.eval_shape(init_fn, 0), shardings)
+  state = jax.tree.map(
+      lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(
+          leaf.shape, leaf.dtype, sharding=leaf_sharding), jax.eval_shape(init_fn, 0), shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   aug, batch = config.aug, config.batch_size
   batch = {
-      'global_crops': jax.ShapeDtypeStruct((batch, 2, aug.global_size, aug.global_size, channels),
-                                           jnp.float32, sharding=batch_sharding),
-      'local_crops': jax.ShapeDtypeStruct((batch, aug.num_local, aug.local_size, aug.local_size,
-                                           channels), jnp.float32, sharding=batch_sharding)}
+      'global_crops':
+          jax.ShapeDtypeStruct((batch, 2, aug.global_size, aug.global_size, channels),
+                               jnp.float32,
+                               sharding=batch_sharding),
+      'local_crops':
+          jax.ShapeDtypeStruct((batch, aug.num_local, aug.local_size, aug.local_size, channels),
+                               jnp.float32,
+                               sharding=batch_sharding)
+  }
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(graphdef, config, schedules, optimizer), shardings, mesh)
   return train_step.lower(state, batch).compile(), state, graphdef
@@ -113,14 +132,18 @@ def _compiled_sweep(config, channels: int, mesh, graphdef, teacher):
   teacher_shardings = jax.tree.map(lambda leaf: leaf.sharding, teacher)
   accumulate, _, _ = sweep_lib.jit_sweep_fns(graphdef, standardise, teacher_shardings, mesh)
   size, batch_sharding = config.data.image_size, sharding.batch_sharding(mesh)
-  batch = {'image': jax.ShapeDtypeStruct((config.sweep_batch_size, size, size, channels),
-                                         jnp.float32, sharding=batch_sharding),
-           'mask': jax.ShapeDtypeStruct((config.sweep_batch_size,), jnp.bool_,
-                                        sharding=batch_sharding)}
+  batch = {
+      'image':
+          jax.ShapeDtypeStruct((config.sweep_batch_size, size, size, channels),
+                               jnp.float32,
+                               sharding=batch_sharding),
+      'mask':
+          jax.ShapeDtypeStruct((config.sweep_batch_size,), jnp.bool_, sharding=batch_sharding)
+  }
   replicated = sharding.replicated(mesh)
-  sums = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                        sharding=replicated),
-                      jax.eval_shape(lambda: sweep_lib.init_sums(config.model.num_prototypes)))
+  sums = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+      jax.eval_shape(lambda: sweep_lib.init_sums(config.model.num_prototypes)))
   temp = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
   return accumulate.lower(sums, teacher, batch, temp).compile()
 
@@ -139,20 +162,24 @@ def make_plan(config) -> dict:
   compiled, state, graphdef = _compiled_step(config, channels, mesh, steps_per_epoch)
   sweep = _compiled_sweep(config, channels, mesh, graphdef, state.teacher)
   memory = compiled.memory_analysis()
-  step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+                memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   step_flops = _flops(compiled, len(devices))
   sweep_flops_per_image = _flops(sweep, len(devices)) / config.sweep_batch_size
   cluster_flops = machine['peak_flops'] * len(devices) * config.hardware.mfu
   step_seconds = step_flops / cluster_flops
   sweeps_per_epoch = 1 / config.objective.prior_every_epochs if objective.uses_sweep(
       config.objective) else 0.0
-  epoch_seconds = (steps_per_epoch * step_seconds
-                   + sweeps_per_epoch * train_examples * sweep_flops_per_image / cluster_flops)
+  epoch_seconds = (steps_per_epoch * step_seconds +
+                   sweeps_per_epoch * train_examples * sweep_flops_per_image / cluster_flops)
   fits = step_bytes <= FIT_FRACTION * machine['memory_bytes']
   return {
-      'hardware': machine['name'], 'devices': len(devices), 'hosts': machine['hosts'],
-      'model': config.model.name, 'batch_size': config.batch_size, 'mesh_fsdp': config.mesh.fsdp,
+      'hardware': machine['name'],
+      'devices': len(devices),
+      'hosts': machine['hosts'],
+      'model': config.model.name,
+      'batch_size': config.batch_size,
+      'mesh_fsdp': config.mesh.fsdp,
       'remat': bool(config.model.get('remat', False)),
       'compute_dtype': config.model.get('compute_dtype', 'float32'),
       'parameters': int(sum(leaf.size for leaf in jax.tree.leaves(state.student))),
@@ -162,12 +189,17 @@ def make_plan(config) -> dict:
       'step_temp_bytes_per_device': int(memory.temp_size_in_bytes),
       'device_memory_bytes': int(machine['memory_bytes']),
       'fits': bool(fits),
-      'step_flops': step_flops, 'flops_per_image': step_flops / config.batch_size,
+      'step_flops': step_flops,
+      'flops_per_image': step_flops / config.batch_size,
       'sweep_flops_per_image': sweep_flops_per_image,
-      'assumed_mfu': config.hardware.mfu, 'peak_tflops_per_device': machine['peak_flops'] / 1e12,
-      'step_seconds': step_seconds, 'train_examples': train_examples,
-      'steps_per_epoch': steps_per_epoch, 'epoch_hours': epoch_seconds / 3600,
-      'run_hours': config.num_epochs * epoch_seconds / 3600, 'num_epochs': config.num_epochs,
+      'assumed_mfu': config.hardware.mfu,
+      'peak_tflops_per_device': machine['peak_flops'] / 1e12,
+      'step_seconds': step_seconds,
+      'train_examples': train_examples,
+      'steps_per_epoch': steps_per_epoch,
+      'epoch_hours': epoch_seconds / 3600,
+      'run_hours': config.num_epochs * epoch_seconds / 3600,
+      'num_epochs': config.num_epochs,
       'launch': _launch(machine),
   }
 
@@ -209,23 +241,23 @@ def table(plan: dict) -> str:
   gib = lambda key: f'{plan[key] / _GIB:.2f} GiB'
   rows = [
       ('hardware', f"{plan['hardware']}: {plan['devices']} devices, {plan['hosts']} hosts, "
-                   f"{plan['device_memory_bytes'] / _GIB:.0f} GiB and "
-                   f"{plan['peak_tflops_per_device']:.0f} TFLOP/s each"),
+       f"{plan['device_memory_bytes'] / _GIB:.0f} GiB and "
+       f"{plan['peak_tflops_per_device']:.0f} TFLOP/s each"),
       ('model', f"{plan['model']}, {plan['parameters'] / 1e6:.1f} M parameters, "
-                f"{plan['compute_dtype']}, remat {plan['remat']}"),
+       f"{plan['compute_dtype']}, remat {plan['remat']}"),
       ('batch, mesh', f"{plan['batch_size']} global, fsdp {plan['mesh_fsdp']}"),
       ('params per device', gib('params_bytes_per_device') + ' (student + teacher)'),
       ('optimizer per device', gib('optimizer_bytes_per_device')),
       ('step memory per device', f"{gib('step_memory_bytes_per_device')} "
-                                 f"(temporaries {gib('step_temp_bytes_per_device')})"),
+       f"(temporaries {gib('step_temp_bytes_per_device')})"),
       ('fits', f"{'yes' if plan['fits'] else 'NO'} "
-               f'(<= {FIT_FRACTION:.0%} of {gib("device_memory_bytes")})'),
+       f'(<= {FIT_FRACTION:.0%} of {gib("device_memory_bytes")})'),
       ('FLOPs', f"{plan['step_flops'] / 1e12:.1f} TFLOP per step, "
-                f"{plan['flops_per_image'] / 1e9:.1f} GFLOP per image, sweep "
-                f"{plan['sweep_flops_per_image'] / 1e9:.1f} GFLOP per image"),
+       f"{plan['flops_per_image'] / 1e9:.1f} GFLOP per image, sweep "
+       f"{plan['sweep_flops_per_image'] / 1e9:.1f} GFLOP per image"),
       ('time', f"{plan['step_seconds']:.3f} s per step at {plan['assumed_mfu']:.0%} MFU, "
-               f"{plan['epoch_hours']:.2f} h per epoch of {plan['steps_per_epoch']} steps, "
-               f"{plan['run_hours']:.1f} h for {plan['num_epochs']} epochs"),
+       f"{plan['epoch_hours']:.2f} h per epoch of {plan['steps_per_epoch']} steps, "
+       f"{plan['run_hours']:.1f} h for {plan['num_epochs']} epochs"),
   ]
   if plan['launch']:
     rows.append(('launch', plan['launch']))

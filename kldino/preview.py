@@ -37,15 +37,15 @@ def grid(rows: list[list[np.ndarray]]) -> Image.Image:
   every view enlarged by the same integer factor when the largest is under _MIN_CELL pixels."""
   largest = max(max(view.shape[0], view.shape[1]) for row in rows for view in row)
   zoom = -(-_MIN_CELL // largest)
-  rows = [[np.repeat(np.repeat(view, zoom, axis=0), zoom, axis=1) for view in row]
-          for row in rows]
+  rows = [[np.repeat(np.repeat(view, zoom, axis=0), zoom, axis=1) for view in row] for row in rows]
   cell = largest * zoom
   width = max(len(row) for row in rows) * (cell + _GAP) + _GAP
   canvas = Image.new('RGB', (width, len(rows) * (cell + _GAP) + _GAP), 'white')
   for row_index, row in enumerate(rows):
     for column, view in enumerate(row):
-      canvas.paste(to_image(view).convert('RGB'),
-                   (_GAP + column * (cell + _GAP), _GAP + row_index * (cell + _GAP)))
+      canvas.paste(
+          to_image(view).convert('RGB'),
+          (_GAP + column * (cell + _GAP), _GAP + row_index * (cell + _GAP)))
   return canvas
 
 
@@ -68,6 +68,9 @@ def write_preview(source, config, split: str, num_images: int, output: str) -> d
   with open(os.path.join(output, 'index.json'), 'w') as f:
     json.dump(index, f, indent=1)
   grid(rows).save(os.path.join(output, 'preview.png'))
-  return {'preview': os.path.join(output, 'preview.png'), 'index': os.path.join(output,
-                                                                                'index.json'),
-          'num_images': len(rows), 'split': split}
+  return {
+      'preview': os.path.join(output, 'preview.png'),
+      'index': os.path.join(output, 'index.json'),
+      'num_images': len(rows),
+      'split': split
+  }

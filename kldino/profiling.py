@@ -27,9 +27,9 @@ _FRAME = re.compile(r'stack_frame_id=(\d+)')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$')
 _TABLE_ROW = re.compile(r'^(\d+) (.*)$')
 _MATMUL_OPCODES = ('dot', 'convolution')
-_LAYOUT_OPCODES = ('copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'slice',
-                   'dynamic-slice', 'dynamic-update-slice', 'concatenate', 'pad', 'gather',
-                   'scatter', 'iota', 'parameter', 'constant', 'tuple', 'get-tuple-element')
+_LAYOUT_OPCODES = ('copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'slice', 'dynamic-slice',
+                   'dynamic-update-slice', 'concatenate', 'pad', 'gather', 'scatter', 'iota',
+                   'parameter', 'constant', 'tuple', 'get-tuple-element')
 _COLLECTIVE_OPCODES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                        'collective-permute')
 
@@ -38,8 +38,8 @@ _COLLECTIVE_OPCODES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all
 class HloOp:
   opcode: str
   category: str  # matmul | reduction | elementwise | layout | collective | other
-  source: str    # 'file.py:line function' of the innermost kldino frame (else of the innermost
-                 # frame, its path shortened), or '' where the op has no frame
+  source: str  # 'file.py:line function' of the innermost kldino frame (else of the innermost
+  # frame, its path shortened), or '' where the op has no frame
 
 
 def _parse_tables(hlo_text: str) -> dict[str, dict[int, str]]:
@@ -76,7 +76,8 @@ def _frame_sources(tables: dict) -> dict[int, str]:
       file_name, line, function = location(int(fields.get('file_location_id', -1)))
       innermost = innermost or (file_name, line, function)
       if f'{os.sep}kldino{os.sep}' in file_name:
-        sources[frame_id] = f'{file_name.rsplit(os.sep + "kldino" + os.sep, 1)[1]}:{line} {function}'
+        sources[
+            frame_id] = f'{file_name.rsplit(os.sep + "kldino" + os.sep, 1)[1]}:{line} {function}'
         break
       current = int(fields.get('parent_frame_id', -1))
     else:
@@ -133,8 +134,8 @@ def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
 
 
 def _perfetto_events(trace_dir: str) -> list[dict]:
-  paths = sorted(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
-                           recursive=True), key=os.path.getmtime)
+  paths = sorted(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True),
+                 key=os.path.getmtime)
   if not paths:
     raise FileNotFoundError(f'no perfetto_trace.json.gz under {trace_dir}: the profiler wrote '
                             'no trace (is another profile running?)')
@@ -153,8 +154,7 @@ def op_times_us(trace_dir: str) -> dict[str, float]:
   return dict(times)
 
 
-def breakdown(times_us: dict[str, float], ops: dict[str, HloOp], calls: int,
-              top: int = 12) -> dict:
+def breakdown(times_us: dict[str, float], ops: dict[str, HloOp], calls: int, top: int = 12) -> dict:
   """Milliseconds per call by category, by kldino source line (top N) and by op (top N)."""
   per_call = {name: us / 1e3 / calls for name, us in times_us.items()}
   by_category, by_source = collections.Counter(), collections.Counter()
@@ -167,8 +167,10 @@ def breakdown(times_us: dict[str, float], ops: dict[str, HloOp], calls: int,
       'busy_ms': sum(per_call.values()),
       'by_category_ms': dict(by_category.most_common()),
       'by_source_ms': dict(by_source.most_common(top)),
-      'top_ops_ms': {f'{name} ({ops[name].category}, {ops[name].source or "-"})'
-                     if name in ops else name: ms for name, ms in top_ops},
+      'top_ops_ms': {
+          f'{name} ({ops[name].category}, {ops[name].source or "-"})' if name in ops else name: ms
+          for name, ms in top_ops
+      },
   }
 
 

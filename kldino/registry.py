@@ -23,11 +23,13 @@ class Registry:
     self._entries: dict[str, Any] = {}
 
   def register(self, name: str) -> Callable[[Any], Any]:
+
     def add(entry):
       if name in self._entries:
         raise ValueError(f"{self.what} '{name}' is registered twice: pick another name")
       self._entries[name] = entry
       return entry
+
     return add
 
   def get(self, name: str):

@@ -18,9 +18,9 @@ import sys
 
 import numpy as np
 
-COLLAPSE_MI = 0.35   # below: collapsed (NOTES.md: MI is a collapse alarm, not a quality score)
-HEALTHY_MI = 0.7     # above: healthy
-CLOSE_GAP = 0.1      # nats: a Jensen gap this small means centering approximates the prior well
+COLLAPSE_MI = 0.35  # below: collapsed (NOTES.md: MI is a collapse alarm, not a quality score)
+HEALTHY_MI = 0.7  # above: healthy
+CLOSE_GAP = 0.1  # nats: a Jensen gap this small means centering approximates the prior well
 CURVES = (('sweep/effective_clusters', 'effective clusters (dataset)'),
           ('sweep/empty_cluster_fraction', 'fraction of empty clusters'),
           ('sweep/jensen_gap', 'Jensen gap KL(prior || centered), nats'),
@@ -76,13 +76,13 @@ def _read_scalars(workdir: str) -> dict:
 def load_runs(study_dir: str) -> list[Run]:
   runs = []
   for workdir in sorted(glob.glob(os.path.join(study_dir, '*', ''))):
-    config_path, eval_path = (os.path.join(workdir, name) for name in ('config.json',
-                                                                          'eval.json'))
+    config_path, eval_path = (os.path.join(workdir, name) for name in ('config.json', 'eval.json'))
     if not (os.path.isfile(config_path) and os.path.isfile(eval_path)):
       continue  # not a finished run
     with open(config_path) as f, open(eval_path) as g:
-      runs.append(Run(os.path.basename(os.path.normpath(workdir)), json.load(f), json.load(g),
-                      _read_scalars(workdir)))
+      runs.append(
+          Run(os.path.basename(os.path.normpath(workdir)), json.load(f), json.load(g),
+              _read_scalars(workdir)))
   if not runs:
     raise ValueError(f'no finished runs (config.json + eval.json) under {study_dir}: run the '
                      'study first')
@@ -91,14 +91,20 @@ def load_runs(study_dir: str) -> list[Run]:
 
 def _find(runs, **criteria) -> list[Run]:
   """Runs whose config has these values ('objective__normalization': 'center', ...)."""
-  return [run for run in runs
-          if all(run.value(key.replace('__', '.')) == value for key, value in criteria.items())]
+  return [
+      run for run in runs if all(
+          run.value(key.replace('__', '.')) == value for key, value in criteria.items())
+  ]
 
 
 def _default_prior(runs) -> list[Run]:
-  return _find(runs, objective__normalization='prior', objective__prior_source='sweep',
-               objective__prior_every_epochs=1, model__prototypes='learned',
-               model__head_norm='batch', objective__teacher_temp=0.04)
+  return _find(runs,
+               objective__normalization='prior',
+               objective__prior_source='sweep',
+               objective__prior_every_epochs=1,
+               model__prototypes='learned',
+               model__head_norm='batch',
+               objective__teacher_temp=0.04)
 
 
 def _mean_gap(run) -> float:
@@ -115,11 +121,13 @@ def _sweep_cost(run) -> float:
 
 # --------------------------------------------------------------------------- plots
 
+
 def _plot_accuracy(runs, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   labels = [run.label for run in runs]
-  data = {key: [run.results[key] for run in runs]
-          for key in ('knn_top1', 'linear_top1', 'cluster_mi')}
+  data = {
+      key: [run.results[key] for run in runs] for key in ('knn_top1', 'linear_top1', 'cluster_mi')
+  }
   figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
   positions = np.arange(len(runs))
   top.bar(positions - 0.2, data['knn_top1'], 0.4, label='k-NN top-1')
@@ -148,8 +156,13 @@ def _plot_curves(runs, path):
     for index, run in enumerate(runs):
       steps, values = run.series(tag)
       if steps.size:
-        axis.plot(steps, values, marker='o', markersize=3, label=run.label,
-                  color=colours[index % 20], linestyle=('-', '--', ':', '-.')[index // 20 % 4])
+        axis.plot(steps,
+                  values,
+                  marker='o',
+                  markersize=3,
+                  label=run.label,
+                  color=colours[index % 20],
+                  linestyle=('-', '--', ':', '-.')[index // 20 % 4])
         plotted.setdefault(tag, {})[run.name] = values.tolist()
     axis.set_title(title)
     axis.set_xlabel('step')
@@ -162,8 +175,11 @@ def _plot_curves(runs, path):
 
 
 def _temperature_runs(runs):
-  return sorted(_find(runs, objective__normalization='prior', objective__prior_source='sweep',
-                      model__prototypes='learned', model__head_norm='batch',
+  return sorted(_find(runs,
+                      objective__normalization='prior',
+                      objective__prior_source='sweep',
+                      model__prototypes='learned',
+                      model__head_norm='batch',
                       objective__prior_every_epochs=1),
                 key=lambda run: run.value('objective.teacher_temp'))
 
@@ -185,6 +201,7 @@ def _plot_gap_vs_temperature(runs, path):
 
 
 # --------------------------------------------------------------------------- claims
+
 
 def _fmt(value) -> str:
   return f'{value:.4g}' if isinstance(value, float) else str(value)
@@ -214,8 +231,11 @@ def claims(runs) -> list[tuple[str, str, str]]:
                   'nats)', 'supported' if gap < CLOSE_GAP else 'not supported',
                   f'mean Jensen gap over sweeps {_fmt(gap)} nats; norm of w_bar at the last sweep '
                   f"{_fmt(float(default[0].series('sweep/prototype_mean_norm')[1][-1]))}"))
-  centered = _find(runs, objective__normalization='prior', objective__prior_source='sweep',
-                   model__prototypes='centered', model__head_norm='batch',
+  centered = _find(runs,
+                   objective__normalization='prior',
+                   objective__prior_source='sweep',
+                   model__prototypes='centered',
+                   model__head_norm='batch',
                    objective__teacher_temp=0.04)
   if centered and default:
     gaps = _mean_gap(centered[0]), _mean_gap(default[0])
@@ -229,20 +249,23 @@ def claims(runs) -> list[tuple[str, str, str]]:
     temps = np.array([run.value('objective.teacher_temp') for run in temperature_runs])
     gaps = np.array([_mean_gap(run) for run in temperature_runs])
     grows = bool(np.all(np.diff(gaps) < 0))  # temperatures ascending: gaps must fall
-    found.append(('the gap grows as the temperature falls (larger logits / tau)',
-                  'supported' if grows else 'not supported',
-                  ', '.join(f'tau_t={_fmt(float(t))}: {_fmt(float(g))}'
-                            for t, g in zip(temps, gaps))))
+    found.append(
+        ('the gap grows as the temperature falls (larger logits / tau)',
+         'supported' if grows else 'not supported',
+         ', '.join(f'tau_t={_fmt(float(t))}: {_fmt(float(g))}' for t, g in zip(temps, gaps))))
   center = _find(runs, objective__normalization='center', model__head_norm='batch')
   if center and default:
-    below = all(center[0].results[key] < default[0].results[key]
-                for key in ('knn_top1', 'linear_top1'))
-    found.append(("centering's accuracy is below the prior's", 'supported' if below else
-                  'not supported', '; '.join(
-                      f"{key}: center {_fmt(center[0].results[key])}, prior "
-                      f"{_fmt(default[0].results[key])}" for key in ('knn_top1', 'linear_top1'))))
-  periods = sorted(_find(runs, objective__normalization='prior', objective__prior_source='sweep',
-                         model__prototypes='learned', model__head_norm='batch',
+    below = all(
+        center[0].results[key] < default[0].results[key] for key in ('knn_top1', 'linear_top1'))
+    found.append(
+        ("centering's accuracy is below the prior's", 'supported' if below else 'not supported',
+         '; '.join(f"{key}: center {_fmt(center[0].results[key])}, prior "
+                   f"{_fmt(default[0].results[key])}" for key in ('knn_top1', 'linear_top1'))))
+  periods = sorted(_find(runs,
+                         objective__normalization='prior',
+                         objective__prior_source='sweep',
+                         model__prototypes='learned',
+                         model__head_norm='batch',
                          objective__teacher_temp=0.04),
                    key=lambda run: run.value('objective.prior_every_epochs'))
   if len(periods) >= 2:
@@ -255,35 +278,44 @@ def claims(runs) -> list[tuple[str, str, str]]:
 
 # --------------------------------------------------------------------------- the report
 
+
 def write_report(study_dir: str) -> dict:
   """Writes study_dir/report.md and its plots; returns what was plotted (for checks)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   runs = load_runs(study_dir)
   plotted = {
-      'accuracy.png': _plot_accuracy(runs, os.path.join(study_dir, 'accuracy.png')),
-      'sweep_curves.png': _plot_curves(runs, os.path.join(study_dir, 'sweep_curves.png')),
-      'gap_vs_temperature.png': _plot_gap_vs_temperature(
-          runs, os.path.join(study_dir, 'gap_vs_temperature.png')),
+      'accuracy.png':
+          _plot_accuracy(runs, os.path.join(study_dir, 'accuracy.png')),
+      'sweep_curves.png':
+          _plot_curves(runs, os.path.join(study_dir, 'sweep_curves.png')),
+      'gap_vs_temperature.png':
+          _plot_gap_vs_temperature(runs, os.path.join(study_dir, 'gap_vs_temperature.png')),
   }
-  lines = ['# Normalisation study', '',
-           f'{len(runs)} runs under `{os.path.abspath(study_dir)}`, generated by '
-           '`python -m kldino.report` from each run\'s eval.json and TensorBoard logs.', '',
-           '| run | k-NN | linear | cluster_mi | effective clusters | mean Jensen gap |',
-           '| --- | --- | --- | --- | --- | --- |']
+  lines = [
+      '# Normalisation study', '',
+      f'{len(runs)} runs under `{os.path.abspath(study_dir)}`, generated by '
+      '`python -m kldino.report` from each run\'s eval.json and TensorBoard logs.', '',
+      '| run | k-NN | linear | cluster_mi | effective clusters | mean Jensen gap |',
+      '| --- | --- | --- | --- | --- | --- |'
+  ]
   for run in runs:
     lines.append(f"| {run.label} | {run.results['knn_top1']:.4f} | "
                  f"{run.results['linear_top1']:.4f} | {run.results['cluster_mi']:.3f} | "
                  f"{run.results['effective_clusters']:.1f} | {_mean_gap(run):.4f} |")
-  lines += ['', '## What the runs say about the paper\'s claims', '',
-            '| claim | verdict | measured |', '| --- | --- | --- |']
+  lines += [
+      '', '## What the runs say about the paper\'s claims', '', '| claim | verdict | measured |',
+      '| --- | --- | --- |'
+  ]
   lines += [f'| {claim} | **{verdict}** | {numbers} |' for claim, verdict, numbers in claims(runs)]
-  lines += ['', f'Thresholds: collapsed below cluster_mi {COLLAPSE_MI}, healthy above '
-            f'{HEALTHY_MI} nats; "close" below a {CLOSE_GAP}-nat Jensen gap.', '',
-            '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '',
-            '## Sweep diagnostics over training', '', '![sweep curves](sweep_curves.png)', '',
-            '## Jensen gap against the teacher temperature', '',
-            '![gap vs temperature](gap_vs_temperature.png)', '']
+  lines += [
+      '', f'Thresholds: collapsed below cluster_mi {COLLAPSE_MI}, healthy above '
+      f'{HEALTHY_MI} nats; "close" below a {CLOSE_GAP}-nat Jensen gap.', '',
+      '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '',
+      '## Sweep diagnostics over training', '', '![sweep curves](sweep_curves.png)', '',
+      '## Jensen gap against the teacher temperature', '',
+      '![gap vs temperature](gap_vs_temperature.png)', ''
+  ]
   with open(os.path.join(study_dir, 'report.md'), 'w') as f:
     f.write('\n'.join(lines))
   return plotted

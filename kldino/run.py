@@ -40,9 +40,8 @@ class Run:
     self.param_shardings = sharding.state_shardings(abstract_params, self.mesh,
                                                     config.mesh.fsdp_min_size)
     self.abstract_params = jax.tree.map(
-        lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                         sharding=leaf_sharding),
-        abstract_params, self.param_shardings)
+        lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(
+            leaf.shape, leaf.dtype, sharding=leaf_sharding), abstract_params, self.param_shardings)
     try:
       self.data_shards = pipeline.num_shards(config.data, jax.process_count())
     except ValueError as error:
@@ -52,8 +51,9 @@ class Run:
   def checkpointer(self) -> checkpoint_lib.Checkpointer:
     """The workdir's checkpoints, opened on first use (after the cheap checks of the data)."""
     config = self.config
-    return checkpoint_lib.Checkpointer(
-        self.workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+    return checkpoint_lib.Checkpointer(self.workdir,
+                                       every_steps=config.checkpoint_every_steps,
+                                       keep=config.keep_checkpoints)
 
   @functools.cached_property
   def source(self) -> datasets.Source:
@@ -87,17 +87,18 @@ class Run:
   def feature_options(self) -> dict:
     """DINO's linear-evaluation features (eval.n_last_blocks, eval.avgpool_patchtokens), as
     kldino/forward.py:backbone_features takes them."""
-    return {'n_last_blocks': self.config.eval.n_last_blocks,
-            'avgpool_patchtokens': self.config.eval.avgpool_patchtokens}
+    return {
+        'n_last_blocks': self.config.eval.n_last_blocks,
+        'avgpool_patchtokens': self.config.eval.avgpool_patchtokens
+    }
 
   def feature_dim(self, **feature_options) -> int:
     """The width of the backbone's features (kldino/forward.py:backbone_features), from shapes."""
     size = self.config.data.image_size
     images = jax.ShapeDtypeStruct((1, size, size, self.in_channels), jnp.float32)
     features = jax.eval_shape(
-        lambda params, batch: forward.backbone_features(self.graphdef, params, batch,
-                                                        **feature_options),
-        self.abstract_params, images)
+        lambda params, batch: forward.backbone_features(
+            self.graphdef, params, batch, **feature_options), self.abstract_params, images)
     return int(features.shape[-1])
 
   def teacher_temp(self, step: int) -> float:
@@ -106,8 +107,7 @@ class Run:
 
   def restore_teacher(self, step: int | None = None):
     """(teacher parameters, step) from the latest readable or the given checkpoint."""
-    teacher, step = self.checkpointer.restore_teacher(self.abstract_params, self.config,
-                                                      step=step)
+    teacher, step = self.checkpointer.restore_teacher(self.abstract_params, self.config, step=step)
     if teacher is None:
       raise ConfigError(f'no readable checkpoint in {self.checkpointer.directory}: train first '
                         'or pass the --workdir of a training run')

@@ -14,9 +14,11 @@ import optax
 
 def cosine_interpolation(start: float, end: float, num_steps: int) -> Callable:
   """start -> end along half a cosine over num_steps, then end (DINO's cosine_scheduler)."""
+
   def schedule(step):
     progress = jnp.clip(step / max(num_steps, 1), 0.0, 1.0)
     return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
   return schedule
 
 
@@ -24,10 +26,12 @@ def epoch_warmup_then_constant(start: float, end: float, warmup_epochs: int,
                                steps_per_epoch: int) -> Callable:
   """DINO's teacher-temperature schedule: constant within an epoch, linspace(start, end,
   warmup_epochs)[epoch] during the warm-up (so `end` in its last epoch), then `end`."""
+
   def schedule(step):
     epoch = jnp.asarray(step) // steps_per_epoch
     fraction = jnp.minimum(epoch / max(warmup_epochs - 1, 1), 1.0)
     return jnp.where(epoch < warmup_epochs, start + (end - start) * fraction, end)
+
   return schedule
 
 
@@ -46,17 +50,19 @@ def make_schedules(config, steps_per_epoch: int) -> Schedules:
   total_steps = config.num_epochs * steps_per_epoch
   peak_lr = optim.lr * config.batch_size / 256.0  # DINO's linear scaling rule
   warmup_steps = min(optim.warmup_epochs * steps_per_epoch, total_steps)
-  learning_rate = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=optim.min_lr)
+  learning_rate = optax.warmup_cosine_decay_schedule(init_value=0.0,
+                                                     peak_value=peak_lr,
+                                                     warmup_steps=warmup_steps,
+                                                     decay_steps=max(total_steps, warmup_steps + 1),
+                                                     end_value=optim.min_lr)
   return Schedules(
       learning_rate=learning_rate,
       weight_decay=cosine_interpolation(optim.weight_decay, optim.weight_decay_end, total_steps),
-      teacher_momentum=cosine_interpolation(
-          optim.teacher_momentum, optim.teacher_momentum_end, total_steps),
-      teacher_temp=epoch_warmup_then_constant(
-          objective.warmup_teacher_temp, objective.teacher_temp,
-          objective.warmup_teacher_temp_epochs, steps_per_epoch),
+      teacher_momentum=cosine_interpolation(optim.teacher_momentum, optim.teacher_momentum_end,
+                                            total_steps),
+      teacher_temp=epoch_warmup_then_constant(objective.warmup_teacher_temp, objective.teacher_temp,
+                                              objective.warmup_teacher_temp_epochs,
+                                              steps_per_epoch),
       total_steps=total_steps,
       steps_per_epoch=steps_per_epoch,
   )

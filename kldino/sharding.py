@@ -23,8 +23,10 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   fsdp = mesh_config.fsdp
   if fsdp < 1 or len(devices) % fsdp:
     raise ValueError(f'mesh.fsdp={fsdp} must be >= 1 and divide the {len(devices)} devices')
-  return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES,
-                       axis_types=(AxisType.Auto,) * 2, devices=devices)
+  return jax.make_mesh((len(devices) // fsdp, fsdp),
+                       BATCH_AXES,
+                       axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
 
 
 def fsdp_spec(shape, fsdp_size: int, min_size: int) -> P:
@@ -39,9 +41,8 @@ def fsdp_spec(shape, fsdp_size: int, min_size: int) -> P:
 
 def state_shardings(abstract_state, mesh, min_size: int):
   fsdp_size = mesh.shape['fsdp']
-  return jax.tree.map(
-      lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size, min_size)),
-      abstract_state)
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size, min_size)),
+                      abstract_state)
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -55,8 +56,8 @@ def replicated(mesh) -> NamedSharding:
 def global_batch(local_batch: dict, mesh) -> dict:
   """Assemble the global batch from each process's local part (axis 0 is the batch)."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(
-      lambda local: jax.make_array_from_process_local_data(sharding, local), local_batch)
+  return jax.tree.map(lambda local: jax.make_array_from_process_local_data(sharding, local),
+                      local_batch)
 
 
 def prefetch_global_batches(local_batches: Iterable[dict], mesh, depth: int = 2) -> Iterator[dict]:

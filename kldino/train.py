@@ -40,7 +40,8 @@ from kldino.data import pipeline
 from kldino.evaluate.evaluators import Evaluators
 from kldino.models.vit import VIT_SIZES
 
-_PICTURES = 4  # examples whose crops (first batch) and attention maps (evaluations) TensorBoard shows
+# Examples whose crops (first batch) and attention maps (evaluations) TensorBoard shows.
+_PICTURES = 4
 
 
 class Collapsed(RuntimeError):
@@ -82,8 +83,8 @@ class Trainer:
     self.guard = guard_lib.CollapseGuard(config.guard, config.model.num_prototypes,
                                          self.schedules.steps_per_epoch)
     self.abstract_state = jax.tree.map(
-        lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                         sharding=leaf_sharding),
+        lambda leaf, leaf_sharding:
+        jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf_sharding),
         jax.eval_shape(init_fn, 0), self.state_shardings)
 
   # The Run's parts, under the names the loop uses.
@@ -122,8 +123,8 @@ class Trainer:
           f"the checkpoint at step {step} read the data in {meta['data_shards']} shards and this "
           f'run would read {self.data_shards}: set --config.data.shards={meta["data_shards"]} '
           'to resume on this number of processes')
-    logging.info('resuming from the checkpoint at step %d (epoch %d, step %d of the epoch)',
-                 step, meta['epoch'], meta['step_in_epoch'])
+    logging.info('resuming from the checkpoint at step %d (epoch %d, step %d of the epoch)', step,
+                 meta['epoch'], meta['step_in_epoch'])
     return state
 
   def save(self, state, step: int, *, force: bool = False):
@@ -151,10 +152,12 @@ class Trainer:
   # --------------------------------------------------------------------------- prior sweep
 
   def _sweep_batches(self):
-    return pipeline.eval_batches(
-        self.source, self.config.data.train_split, self.config,
-        batch_size=self.config.sweep_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    return pipeline.eval_batches(self.source,
+                                 self.config.data.train_split,
+                                 self.config,
+                                 batch_size=self.config.sweep_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
 
   def run_sweep(self, state, epoch: int):
     """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15), at the
@@ -165,8 +168,9 @@ class Trainer:
     jax.block_until_ready(state.teacher)
     start = time.time()
     step = int(state.step)
-    period_end = min(step + self.config.objective.prior_every_epochs
-                     * self.schedules.steps_per_epoch, self.schedules.total_steps)
+    period_end = min(
+        step + self.config.objective.prior_every_epochs * self.schedules.steps_per_epoch,
+        self.schedules.total_steps)
     temps = sweep_lib.period_temperatures(self.schedules.teacher_temp, step, period_end)
     replicated = sharding.replicated(self.mesh)  # as the jitted outputs: one compile, not two
     sums = jax.device_put(sweep_lib.init_sums(self.config.model.num_prototypes, len(temps)),
@@ -178,46 +182,57 @@ class Trainer:
     summary = sweep_lib.summarise(sums, eps)
     gap_sums = jax.device_put(sweep_lib.init_gap_sums(), replicated)
     drift_sums = jax.device_put(sweep_lib.init_drift_sums(), replicated)
-    log_priors = jnp.stack([sweep_lib.summarise(sums, eps, row)['log_prior']
-                            for row in range(len(temps))])
+    log_priors = jnp.stack(
+        [sweep_lib.summarise(sums, eps, row)['log_prior'] for row in range(len(temps))])
     gap_examples = self.config.objective.gap_examples
     gap_batches = -(-gap_examples // self.config.sweep_batch_size) if gap_examples else None
     for batch in itertools.islice(self._sweep_batches(), gap_batches):
       batch = sharding.global_batch(batch, self.mesh)
-      gap_sums = self.gap_accumulate(gap_sums, state.teacher, batch, temps[0],
-                                     summary['log_prior'], summary['mean_logits'])
+      gap_sums = self.gap_accumulate(gap_sums, state.teacher, batch, temps[0], summary['log_prior'],
+                                     summary['mean_logits'])
       if len(temps) > 1:
         drift_sums = self.drift_accumulate(drift_sums, state.teacher, batch, temps, log_priors)
     # The head's own unit prototypes, so that the 'centered' mode is measured as it is used.
     unit = forward.unit_prototypes(self.graphdef, state.teacher)
     drift_count = jnp.maximum(drift_sums['count'], 1.0)
     sweep_metrics = {
-        'sweep/effective_clusters': summary['effective_clusters'],
-        'sweep/prior_entropy': summary['prior_entropy'],
-        'sweep/empty_cluster_fraction': summary['empty_cluster_fraction'],
-        'sweep/jensen_gap': gap_sums['gap_sum'] / gap_sums['count'],
-        'sweep/prototype_mean_norm': jnp.linalg.norm(jnp.mean(unit, axis=1)),
-        'sweep/examples': summary['count'],
-        'sweep/teacher_temp': temps[0],
+        'sweep/effective_clusters':
+            summary['effective_clusters'],
+        'sweep/prior_entropy':
+            summary['prior_entropy'],
+        'sweep/empty_cluster_fraction':
+            summary['empty_cluster_fraction'],
+        'sweep/jensen_gap':
+            gap_sums['gap_sum'] / gap_sums['count'],
+        'sweep/prototype_mean_norm':
+            jnp.linalg.norm(jnp.mean(unit, axis=1)),
+        'sweep/examples':
+            summary['count'],
+        'sweep/teacher_temp':
+            temps[0],
         # KL(targets with the exact prior || targets with the one used), per image, at the
         # period's first and last steps; and at its last step for a prior measured at the first
         # step's temperature. All 0 when the temperature is constant over the period.
-        'sweep/prior_temp_drift': jnp.maximum(drift_sums['first'], drift_sums['last'])
-                                  / drift_count,
-        'sweep/prior_temp_drift_if_first_temp': drift_sums['first_temp'] / drift_count,
+        'sweep/prior_temp_drift':
+            jnp.maximum(drift_sums['first'], drift_sums['last']) / drift_count,
+        'sweep/prior_temp_drift_if_first_temp':
+            drift_sums['first_temp'] / drift_count,
     }
     sweep_metrics = {k: float(v) for k, v in jax.device_get(sweep_metrics).items()}
     sweep_metrics['sweep/seconds'] = time.time() - start  # after device_get: the real duration
     self.writer.write_scalars(step, sweep_metrics)
-    self.writer.write_histograms(step, {
-        'sweep/prior': np.exp(np.asarray(jax.device_get(summary['log_prior']))),
-        'sweep/prototype_usage': np.asarray(jax.device_get(sums['assignments']))})
-    logging.info('prior sweep before epoch %d: %d examples, effective clusters %.1f, '
-                 'empty %.1f%%, Jensen gap %.4f, tau_t %.4f (drift %.2e), %.1fs', epoch,
-                 sweep_metrics['sweep/examples'], sweep_metrics['sweep/effective_clusters'],
-                 100 * sweep_metrics['sweep/empty_cluster_fraction'],
-                 sweep_metrics['sweep/jensen_gap'], sweep_metrics['sweep/teacher_temp'],
-                 sweep_metrics['sweep/prior_temp_drift'], sweep_metrics['sweep/seconds'])
+    self.writer.write_histograms(
+        step, {
+            'sweep/prior': np.exp(np.asarray(jax.device_get(summary['log_prior']))),
+            'sweep/prototype_usage': np.asarray(jax.device_get(sums['assignments']))
+        })
+    logging.info(
+        'prior sweep before epoch %d: %d examples, effective clusters %.1f, '
+        'empty %.1f%%, Jensen gap %.4f, tau_t %.4f (drift %.2e), %.1fs', epoch,
+        sweep_metrics['sweep/examples'], sweep_metrics['sweep/effective_clusters'],
+        100 * sweep_metrics['sweep/empty_cluster_fraction'], sweep_metrics['sweep/jensen_gap'],
+        sweep_metrics['sweep/teacher_temp'], sweep_metrics['sweep/prior_temp_drift'],
+        sweep_metrics['sweep/seconds'])
     if not self._prior_update_due(epoch):  # a diagnostic sweep: measured, not used
       return state
     norm_state = {**state.norm_state, 'log_prior': summary['log_prior']}
@@ -230,14 +245,14 @@ class Trainer:
     if epoch == 0:
       return objective_config.prior_init == 'sweep'
     # The EMA source only takes its initial value from a sweep; `sweep` re-estimates every T.
-    return (objective_config.prior_source == 'sweep'
-            and epoch % objective_config.prior_every_epochs == 0)
+    return (objective_config.prior_source == 'sweep' and
+            epoch % objective_config.prior_every_epochs == 0)
 
   def _sweep_due(self, epoch: int) -> bool:
     """A sweep sets the prior, or (eval.sweep_diagnostics) only measures the teacher's cluster
     statistics every T epochs, for any normalisation: the study compares them all."""
-    diagnostic = (self.config.eval.sweep_diagnostics
-                  and epoch % self.config.objective.prior_every_epochs == 0)
+    diagnostic = (self.config.eval.sweep_diagnostics and
+                  epoch % self.config.objective.prior_every_epochs == 0)
     return self._prior_update_due(epoch) or diagnostic
 
   # --------------------------------------------------------------------------- epochs
@@ -254,12 +269,12 @@ class Trainer:
     total = self.schedules.total_steps
     elapsed = time.time() - self._train_start  # includes the sweeps, unlike the window
     eta = (total - step) * elapsed / max(step - self._first_step, 1)
-    logging.info('step %d/%d epoch %d | loss %.4f kl %.4f | teacher H %.3f target H %.3f | '
-                 'clusters %.1f (prior %.1f) | lr %.2e | %.1f img/s | ETA %s', step, total, epoch,
-                 averaged['loss'], averaged['kl'], averaged['teacher_entropy'],
-                 averaged['target_entropy'], averaged['batch_effective_clusters'],
-                 averaged['prior_effective_clusters'], averaged['lr'],
-                 averaged['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+    logging.info(
+        'step %d/%d epoch %d | loss %.4f kl %.4f | teacher H %.3f target H %.3f | '
+        'clusters %.1f (prior %.1f) | lr %.2e | %.1f img/s | ETA %s', step, total, epoch,
+        averaged['loss'], averaged['kl'], averaged['teacher_entropy'], averaged['target_entropy'],
+        averaged['batch_effective_clusters'], averaged['prior_effective_clusters'], averaged['lr'],
+        averaged['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
     collapse = self.guard.observe(step, averaged)
     if collapse is not None and self.guard.mode == 'warn':  # stop ends with the line itself
       logging.warning('%s', collapse.message())
@@ -297,7 +312,10 @@ class Trainer:
     """Steps [start_step, steps_per_epoch) of an epoch, saving checkpoints on the way."""
     config = self.config
     pending, images, window_start = [], 0, time.time()
-    batches = pipeline.train_batches(self.source, config, epoch=epoch, start_step=start_step,
+    batches = pipeline.train_batches(self.source,
+                                     config,
+                                     epoch=epoch,
+                                     start_step=start_step,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
     first_step = epoch * self.schedules.steps_per_epoch + start_step
@@ -375,24 +393,30 @@ class Trainer:
     if first is None:
       return batches
     mean, std = self.config.data.mean, self.config.data.std
-    self.writer.write_images(step, {
-        f'input/{key}': np.stack([preview.to_uint8(view, mean, std)
-                                  for view in first[key][:_PICTURES].reshape(
-                                      -1, *first[key].shape[2:])])
-        for key in ('global_crops', 'local_crops') if first[key].shape[1]})
+    self.writer.write_images(
+        step, {
+            f'input/{key}':
+                np.stack([
+                    preview.to_uint8(view, mean, std)
+                    for view in first[key][:_PICTURES].reshape(-1, *first[key].shape[2:])
+                ]) for key in ('global_crops', 'local_crops') if first[key].shape[1]
+        })
     return itertools.chain([first], batches)
 
   @functools.cached_property
   def _attention_inputs(self):
     """The evaluation views of the eval split's first _PICTURES images and the jitted attention
     of a teacher on them (every process passes the same images: replicated)."""
-    views = pipeline.preview_views(self.source, self.config.data.eval_split, self.config,
-                                   _PICTURES, crops=False)
+    views = pipeline.preview_views(self.source,
+                                   self.config.data.eval_split,
+                                   self.config,
+                                   _PICTURES,
+                                   crops=False)
     images = np.stack([view['eval'] for view in views])
     replicated = sharding.replicated(self.mesh)
-    attention = jax.jit(
-        lambda teacher, batch: forward.cls_attention(self.graphdef, teacher, batch),
-        in_shardings=(self.state_shardings.teacher, replicated), out_shardings=replicated)
+    attention = jax.jit(lambda teacher, batch: forward.cls_attention(self.graphdef, teacher, batch),
+                        in_shardings=(self.state_shardings.teacher, replicated),
+                        out_shardings=replicated)
     return images, attention
 
   def _write_attention(self, teacher, step: int):
@@ -403,9 +427,11 @@ class Trainer:
     maps = np.asarray(jax.device_get(attention(teacher, images)))
     side = images.shape[1] // self.config.model.patch_size
     mean, std = self.config.data.mean, self.config.data.std
-    pictures = [np.asarray(attention_maps.picture(preview.to_uint8(image, mean, std), image_maps,
-                                                  (side, side)))
-                for image, image_maps in zip(images, maps)]
+    pictures = [
+        np.asarray(
+            attention_maps.picture(preview.to_uint8(image, mean, std), image_maps, (side, side)))
+        for image, image_maps in zip(images, maps)
+    ]
     self.writer.write_images(step, {'attention/teacher': np.stack(pictures)})
 
   # --------------------------------------------------------------------------- evaluation
@@ -413,17 +439,25 @@ class Trainer:
   def evaluate(self, teacher, step: int, *, epochs_done: int | None = None) -> dict:
     """The final evaluators (config.evals) on `teacher`, or with `epochs_done` the periodic ones
     due then ({} if none); scalars and the attention maps also go to TensorBoard."""
-    results = evaluate(self.evaluators, teacher, step, self.run.teacher_temp(step),
+    results = evaluate(self.evaluators,
+                       teacher,
+                       step,
+                       self.run.teacher_temp(step),
                        epochs_done=epochs_done)
     if results:
       self.writer.write_scalars(step, {
-          f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
+          f'eval/{k}': v for k, v in results.items() if isinstance(v, float)
+      })
       self._write_attention(teacher, step)
       self.writer.flush()
     return results
 
 
-def evaluate(evaluators: Evaluators, params, step: int, teacher_temp: float, *,
+def evaluate(evaluators: Evaluators,
+             params,
+             step: int,
+             teacher_temp: float,
+             *,
              epochs_done: int | None = None) -> dict:
   """The evaluation JSON of `params` at `step`: the evaluators' fields, the step and tau_t."""
   if epochs_done is None:
@@ -443,11 +477,14 @@ def write_eval_json(results: dict, path: str):
 def _baselines(trainer: Trainer) -> dict:
   """The same probes on raw pixels and on the backbone at initialisation, for comparison."""
   pixels = Evaluators(trainer.run, features='pixels', types=('knn', 'feature_probe'))
-  baselines = {f'pixels_{k}': v for k, v in pixels.final(None, 1.0).items()
-               if k in ('knn_top1', 'linear_top1')}
+  baselines = {
+      f'pixels_{k}': v
+      for k, v in pixels.final(None, 1.0).items()
+      if k in ('knn_top1', 'linear_top1')
+  }
   init = trainer.evaluate(trainer.init(trainer.config.seed).teacher, 0)
-  baselines.update({f'init_{k}': init[k] for k in ('knn_top1', 'linear_top1', 'cluster_mi')
-                    if k in init})
+  baselines.update(
+      {f'init_{k}': init[k] for k in ('knn_top1', 'linear_top1', 'cluster_mi') if k in init})
   logging.info('baselines: %s', baselines)
   return baselines
 
@@ -461,11 +498,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = trainer.train()
   except guard_lib.CollapseStopped:
     collapse = trainer.guard.collapse
-    write_eval_json({'collapse': collapse.record(), 'step': collapse.step, **baselines},
-                    eval_path)
+    write_eval_json({'collapse': collapse.record(), 'step': collapse.step, **baselines}, eval_path)
     raise
   collapse = trainer.guard.collapse
-  results = {**trainer.evaluate(state.teacher, int(state.step)), **baselines,
-             'collapse': collapse.record() if collapse else None}
+  results = {
+      **trainer.evaluate(state.teacher, int(state.step)),
+      **baselines, 'collapse': collapse.record() if collapse else None
+  }
   write_eval_json(results, eval_path)
   return results

@@ -20,9 +20,9 @@ def get_config(workdir):
     raise ValueError(f'{path} does not exist: pass --config=FILE, or the --workdir of a '
                      'training run') from None
   except json.JSONDecodeError as error:
-    raise ValueError(f'{path} does not parse (line {error.lineno}: {error.msg}): restore it '
-                     'from the run, or pass --config=FILE with the config it trained with'
-                     ) from None
+    raise ValueError(
+        f'{path} does not parse (line {error.lineno}: {error.msg}): restore it '
+        'from the run, or pass --config=FILE with the config it trained with') from None
   if not isinstance(saved, dict):
     raise ValueError(f'{path} holds a JSON {type(saved).__name__}, not a config: pass '
                      '--config=FILE with the config the run trained with')

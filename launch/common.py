@@ -8,8 +8,10 @@ import sys
 
 def kldino_command(python: str, config: str, workdir: str, overrides=()) -> list[str]:
   """argv of one training run; overrides are 'KEY=VALUE' config overrides."""
-  return [python, '-m', 'kldino.main', f'--config={config}', f'--workdir={workdir}',
-          *[f'--config.{override}' for override in overrides]]
+  return [
+      python, '-m', 'kldino.main', f'--config={config}', f'--workdir={workdir}',
+      *[f'--config.{override}' for override in overrides]
+  ]
 
 
 def execute(commands: list[list[str]], *, dry_run: bool, out=sys.stdout) -> int:

@@ -37,8 +37,9 @@ def batch_script(args) -> str:
   run = shlex.join(kldino_command(args.python, args.config, args.workdir, args.overrides))
   if args.per == 'gpu':  # each task sees one GPU: its rank on the node
     run = f"bash -c {shlex.quote('CUDA_VISIBLE_DEVICES=$SLURM_LOCALID exec ' + run)}"
-  lines += ['set -euo pipefail', f'cd {shlex.quote(args.repo)}', f'mkdir -p {args.workdir}',
-            f'srun {run}']
+  lines += [
+      'set -euo pipefail', f'cd {shlex.quote(args.repo)}', f'mkdir -p {args.workdir}', f'srun {run}'
+  ]
   return '\n'.join(lines) + '\n'
 
 
@@ -55,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
   flags.add_argument('--job_name', required=True)
   flags.add_argument('--nodes', type=int, default=1)
   flags.add_argument('--gpus_per_node', type=int, default=8)
-  flags.add_argument('--per', choices=('gpu', 'host'), default='gpu',
+  flags.add_argument('--per',
+                     choices=('gpu', 'host'),
+                     default='gpu',
                      help='one process per GPU or per host')
   flags.add_argument('--cpus_per_task', type=int, default=12)
   flags.add_argument('--time', default='72:00:00')

@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
 import sys
 from typing import NamedTuple
 
@@ -61,8 +60,10 @@ def expand(sweep: dict) -> list[dict]:
                      f"'fixed'); got keys {sorted(sweep)}")
   if kinds == ['grid']:
     keys = list(sweep['grid'])
-    points = [dict(zip(keys, values))
-              for values in itertools.product(*(sweep['grid'][key] for key in keys))]
+    points = [
+        dict(zip(keys, values))
+        for values in itertools.product(*(sweep['grid'][key] for key in keys))
+    ]
   else:
     points = [dict(point) for point in sweep['list']]
   return [{**sweep.get('fixed', {}), **point} for point in points]
@@ -92,8 +93,9 @@ def jobs(sweep: dict, workdir_root: str) -> list[Job]:
       raise ValueError(f'two points of the sweep are both named {name}: make them differ in a '
                        'swept key')
     seen.add(name)
-    result.append(Job(name, os.path.join(workdir_root, name),
-                      tuple(f'{key}={_override_value(value)}' for key, value in point.items())))
+    result.append(
+        Job(name, os.path.join(workdir_root, name),
+            tuple(f'{key}={_override_value(value)}' for key, value in point.items())))
   return result
 
 
@@ -106,7 +108,11 @@ def _flag(flags: list[str], name: str) -> str | None:
   return values[-1] if values else None
 
 
-def commands(sweep_jobs: list[Job], *, runner: str, config: str, launcher_flags: list[str],
+def commands(sweep_jobs: list[Job],
+             *,
+             runner: str,
+             config: str,
+             launcher_flags: list[str],
              python: str = sys.executable) -> list[list[str]]:
   """One command per job for the runner."""
   result = []
@@ -147,8 +153,8 @@ def run_local(sweep_jobs: list[Job], job_commands: list[list[str]], workdir_root
     collapse = result.get('collapse')
     print(f"{name:50s} knn {result.get('knn_top1', float('nan')):.4f} "
           f"linear {result.get('linear_top1', float('nan')):.4f} "
-          f"cluster_mi {result.get('cluster_mi', float('nan')):.3f}"
-          + (f" {collapse['kind']} collapse at step {collapse['step']}" if collapse else ''))
+          f"cluster_mi {result.get('cluster_mi', float('nan')):.3f}" +
+          (f" {collapse['kind']} collapse at step {collapse['step']}" if collapse else ''))
   return 1 if failures else 0
 
 
@@ -159,9 +165,13 @@ def parser() -> argparse.ArgumentParser:
   flags.add_argument('--workdir_root', required=True, help='job NAME runs in ROOT/NAME')
   flags.add_argument('--runner', choices=RUNNERS, default='local')
   flags.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
-  flags.add_argument('--report', action='store_true', help='local runner: then write the '
+  flags.add_argument('--report',
+                     action='store_true',
+                     help='local runner: then write the '
                      'study report (kldino.report) under --workdir_root')
-  flags.add_argument('launcher_flags', nargs='*', help='flags for the tpu_vm / slurm launcher '
+  flags.add_argument('launcher_flags',
+                     nargs='*',
+                     help='flags for the tpu_vm / slurm launcher '
                      '(after --), e.g. --zone=... --accelerator=... --name=...')
   return flags
 
@@ -173,7 +183,9 @@ def main(argv=None) -> int:
   except ValueError as error:
     print(f'launch.sweep: {error}', file=sys.stderr)
     return 2
-  job_commands = commands(sweep_jobs, runner=args.runner, config=args.config,
+  job_commands = commands(sweep_jobs,
+                          runner=args.runner,
+                          config=args.config,
                           launcher_flags=args.launcher_flags)
   if args.dry_run or args.runner != 'local':
     return execute(job_commands, dry_run=args.dry_run)

@@ -23,13 +23,17 @@ LOCAL_TARBALL = '/tmp/kldino_code.tar.gz'
 LIBTPU_URL = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html'
 JAX_VERSION = '0.10.2'
 
-
 # Cloud TPU's software versions (the VM image) per TPU generation, from the accelerator type's
 # prefix: v4 and older boot the Ubuntu base image, v5e, v5p and v6e their own runtime images.
-SOFTWARE_VERSIONS = {'v2': 'tpu-ubuntu2204-base', 'v3': 'tpu-ubuntu2204-base',
-                     'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite',
-                     'v5e': 'v2-alpha-tpuv5-lite', 'v5p': 'v2-alpha-tpuv5',
-                     'v6e': 'v2-alpha-tpuv6e'}
+SOFTWARE_VERSIONS = {
+    'v2': 'tpu-ubuntu2204-base',
+    'v3': 'tpu-ubuntu2204-base',
+    'v4': 'tpu-ubuntu2204-base',
+    'v5litepod': 'v2-alpha-tpuv5-lite',
+    'v5e': 'v2-alpha-tpuv5-lite',
+    'v5p': 'v2-alpha-tpuv5',
+    'v6e': 'v2-alpha-tpuv6e'
+}
 
 
 def software_version(accelerator: str) -> str:
@@ -55,13 +59,15 @@ def commands(args) -> list[list[str]]:
   """Every command of one launch, in order."""
   steps = []
   if not args.reuse:
-    steps.append(_gcloud(['create', args.name], args) + [
-        f'--accelerator-type={args.accelerator}',
-        f'--version={args.version or software_version(args.accelerator)}',
-        *(['--spot'] if args.spot else [])])
+    steps.append(
+        _gcloud(['create', args.name], args) + [
+            f'--accelerator-type={args.accelerator}',
+            f'--version={args.version or software_version(args.accelerator)}', *(
+                ['--spot'] if args.spot else [])
+        ])
   steps.append(['git', 'archive', '--format=tar.gz', f'--output={LOCAL_TARBALL}', 'HEAD'])
-  steps.append(_gcloud(['scp', LOCAL_TARBALL, f'{args.name}:{REMOTE_TARBALL}'], args)
-               + ['--worker=all'])
+  steps.append(
+      _gcloud(['scp', LOCAL_TARBALL, f'{args.name}:{REMOTE_TARBALL}'], args) + ['--worker=all'])
   install = (f'mkdir -p {REMOTE_DIR} && tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR} && '
              f'cd {REMOTE_DIR} && python3 -m venv .venv && '
              f'.venv/bin/pip install -q -c requirements.lock -e . '
@@ -79,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
   flags.add_argument('--name', required=True, help='TPU VM name')
   flags.add_argument('--zone', required=True)
   flags.add_argument('--accelerator', required=True, help='e.g. v4-32, v5litepod-64, v5p-128')
-  flags.add_argument('--version', default=None, help='TPU VM software version (default: the '
+  flags.add_argument('--version',
+                     default=None,
+                     help='TPU VM software version (default: the '
                      "one for the accelerator's generation, SOFTWARE_VERSIONS)")
   flags.add_argument('--project', default=None)
   flags.add_argument('--config', required=True)
@@ -95,8 +103,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   if not args.workdir.startswith('gs://'):
-    print(f'launch.tpu_vm: --workdir={args.workdir} must be a gs:// path that every worker '
-          'can write (checkpoints are written collectively)', file=sys.stderr)
+    print(
+        f'launch.tpu_vm: --workdir={args.workdir} must be a gs:// path that every worker '
+        'can write (checkpoints are written collectively)',
+        file=sys.stderr)
     return 2
   try:
     steps = commands(args)

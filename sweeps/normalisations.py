@@ -8,12 +8,29 @@
 def get_sweep():
   return {
       'list': [
-          {'objective.normalization': 'prior', 'objective.prior_source': 'sweep'},
-          {'objective.normalization': 'prior', 'objective.prior_source': 'batch'},
-          {'objective.normalization': 'prior', 'objective.prior_source': 'ema'},
-          {'objective.normalization': 'center'},
-          {'objective.normalization': 'sinkhorn'},
-          {'objective.normalization': 'teacher_bn'},
-          {'objective.normalization': 'none'},
+          {
+              'objective.normalization': 'prior',
+              'objective.prior_source': 'sweep'
+          },
+          {
+              'objective.normalization': 'prior',
+              'objective.prior_source': 'batch'
+          },
+          {
+              'objective.normalization': 'prior',
+              'objective.prior_source': 'ema'
+          },
+          {
+              'objective.normalization': 'center'
+          },
+          {
+              'objective.normalization': 'sinkhorn'
+          },
+          {
+              'objective.normalization': 'teacher_bn'
+          },
+          {
+              'objective.normalization': 'none'
+          },
       ],
   }

@@ -7,6 +7,12 @@
 
 def get_sweep():
   return {
-      'grid': {'objective.prior_every_epochs': [1, 2, 5], 'seed': [0, 1]},
-      'fixed': {'objective.normalization': 'prior', 'objective.prior_source': 'sweep'},
+      'grid': {
+          'objective.prior_every_epochs': [1, 2, 5],
+          'seed': [0, 1]
+      },
+      'fixed': {
+          'objective.normalization': 'prior',
+          'objective.prior_source': 'sweep'
+      },
   }

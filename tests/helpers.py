@@ -37,9 +37,10 @@ def tiny_config(**model_overrides):
 
 def random_batch(config, seed=0, channels=1):
   rng = np.random.default_rng(seed)
-  b, g, l = config.batch_size, config.aug.global_size, config.aug.local_size
+  b, g, local = config.batch_size, config.aug.global_size, config.aug.local_size
   return {
-      'global_crops': rng.standard_normal((b, 2, g, g, channels)).astype(np.float32),
-      'local_crops': rng.standard_normal((b, config.aug.num_local, l, l, channels)).astype(
-          np.float32),
+      'global_crops':
+          rng.standard_normal((b, 2, g, g, channels)).astype(np.float32),
+      'local_crops':
+          rng.standard_normal((b, config.aug.num_local, local, local, channels)).astype(np.float32),
   }

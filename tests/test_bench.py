@@ -20,9 +20,10 @@ def test_flops_come_from_xla_cost_analysis_over_all_devices():
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  compiled = jax.jit(lambda a, b: a @ b, in_shardings=(rows, whole), out_shardings=rows).lower(
-      jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32)
-  ).compile()
+  compiled = jax.jit(lambda a, b: a @ b, in_shardings=(rows, whole),
+                     out_shardings=rows).lower(jax.ShapeDtypeStruct((64, 32), jnp.float32),
+                                               jax.ShapeDtypeStruct((32, 16),
+                                                                    jnp.float32)).compile()
   assert jax.device_count() == 8
   assert bench._flops(compiled, 8) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
 
@@ -38,12 +39,14 @@ def test_time_counts_the_page_faults_of_fresh_host_buffers():
     for offset in range(0, size, page):
       buffer[offset] = 1
     return buffer
+
   _, fresh = bench._time(fresh_buffer, steps=3)
   reused = np.zeros(size // 4, np.float32)
 
   def refill():
     reused.fill(1.0)
     return reused
+
   _, warm = bench._time(refill, steps=3)
   assert fresh >= 0.9 * size / page
   assert warm < 0.05 * size / page
@@ -67,8 +70,8 @@ def test_presets_have_the_issue_shapes():
           tiny.model.num_prototypes) == (2048, 256, 4096)
   assert (tiny.batch_size, tiny.sweep_batch_size, tiny.model.drop_path) == (64, 256, 0.1)
   small, _ = bench.preset_config('small224')
-  assert (small.model.name, small.model.patch_size, small.model.num_prototypes) == (
-      'vit_small', 16, 65536)
+  assert (small.model.name, small.model.patch_size, small.model.num_prototypes) == ('vit_small', 16,
+                                                                                    65536)
   assert (small.aug.global_size, small.aug.local_size, small.aug.num_local) == (224, 96, 6)
   assert (small.batch_size, small.sweep_batch_size) == (8, 32)
 
@@ -82,9 +85,15 @@ def test_the_digits_preset_is_the_embedded_default_config():
 
 
 def _bench(*flags):
-  return subprocess.run([sys.executable, '-m', 'kldino.bench', *flags], cwd=REPO,
-                        capture_output=True, text=True, timeout=600, check=False,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  return subprocess.run([sys.executable, '-m', 'kldino.bench', *flags],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                        check=False,
+                        env={
+                            **os.environ, 'JAX_PLATFORMS': 'cpu'
+                        })
 
 
 def test_input_preset_reads_the_configs_data(tmp_path):

@@ -30,22 +30,30 @@ def _command(workdir, *args, config='configs/smoke.py'):
 
 
 def _run(workdir, *args, env=None, config='configs/smoke.py'):
-  result = subprocess.run(_command(workdir, *args, config=config), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run(_command(workdir, *args, config=config),
+                          cwd=REPO,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
 
 def _steps(workdir):
   """Committed checkpoint steps (orbax renames a step's directory only once it is complete)."""
-  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints',
-                                                                         '*'))
-                if os.path.basename(p).isdigit())
+  return sorted(
+      int(os.path.basename(p))
+      for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
+      if os.path.basename(p).isdigit())
 
 
 def _start_and_wait_for_step(workdir, min_step):
-  process = subprocess.Popen(_command(workdir), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(_command(workdir),
+                             cwd=REPO,
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             text=True)
   deadline = time.time() + 400
   while not any(step >= min_step for step in _steps(workdir)):
     assert process.poll() is None, process.communicate()[1][-3000:]
@@ -89,7 +97,8 @@ def test_kill_9_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
   assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
 
 
-def test_sigterm_saves_exits_0_and_resumes_identically_a_second_run_meanwhile_refused(uninterrupted, tmp_path):
+def test_sigterm_saves_exits_0_and_resumes_identically_a_second_run_meanwhile_refused(
+    uninterrupted, tmp_path):
   reference, _ = uninterrupted
   workdir = str(tmp_path / 'preempted')
   process = _start_and_wait_for_step(workdir, 10)
@@ -112,8 +121,10 @@ def small_disk(tmp_path):
   """A 2 MB file system (tmpfs): room for about two checkpoints of configs/smoke.py."""
   disk = tmp_path / 'disk'
   disk.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)],
-                    capture_output=True, check=False).returncode:
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs',
+                     str(disk)],
+                    capture_output=True,
+                    check=False).returncode:
     pytest.skip('mounting a small tmpfs needs root (CAP_SYS_ADMIN)')
   yield disk
   subprocess.run(['umount', str(disk)], check=False)
@@ -122,8 +133,7 @@ def small_disk(tmp_path):
 def test_full_disk_stops_with_one_line_and_resumes_identically(uninterrupted, small_disk):
   reference, reference_results = uninterrupted
   workdir = str(small_disk / 'run')
-  result = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == cli.EXIT_WRITE, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr and 'Exception in thread' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
@@ -167,7 +177,8 @@ def test_incompatible_config_is_refused(uninterrupted, key, value, fragment):
   config = smoke_config()
   parent, _, leaf = key.rpartition('.')
   (config[parent] if parent else config)[leaf] = value
-  with pytest.raises(ConfigError, match='its parameters have other shapes|its data position') as error:
+  with pytest.raises(ConfigError,
+                     match='its parameters have other shapes|its data position') as error:
     Trainer(config, reference).restore_or_init()
   assert fragment in str(error.value) and '\n' not in str(error.value)
 
@@ -191,8 +202,9 @@ def test_fsdp_sharded_state_restores_replicated_and_back(tmp_path):
   sharded_config.mesh.fsdp = 8
   trainer = Trainer(sharded_config, str(tmp_path))
   state = trainer.init(0)
-  assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
-             for leaf in jax.tree.leaves(state.student))
+  assert any(
+      len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+      for leaf in jax.tree.leaves(state.student))
   trainer.save(state, 3, force=True)
   trainer.checkpointer.wait()
   replicated = Trainer(smoke_config(), str(tmp_path)).restore_or_init()
@@ -206,17 +218,29 @@ def test_features_and_export_agree(uninterrupted, tmp_path):
   images = np.random.default_rng(0).standard_normal((11, 16, 16, 1)).astype(np.float32)
   inputs = str(tmp_path / 'x.npy')
   np.save(inputs, images)
-  dumped = commands.dump_features(config, reference, step=None, output=str(tmp_path / 'f.npy'),
-                                  split=None, inputs=inputs)
-  exported = commands.export_teacher(config, reference, step=None,
+  dumped = commands.dump_features(config,
+                                  reference,
+                                  step=None,
+                                  output=str(tmp_path / 'f.npy'),
+                                  split=None,
+                                  inputs=inputs)
+  exported = commands.export_teacher(config,
+                                     reference,
+                                     step=None,
                                      output=str(tmp_path / 'backbone.npz'))
   assert dumped['step'] == exported['step'] == TOTAL_STEPS
   backbone, meta = export_lib.load_backbone(exported['export'])
   assert meta['feature_dim'] == dumped['feature_dim'] == 32
-  np.testing.assert_allclose(np.asarray(backbone(images)), np.load(dumped['features']),
-                             atol=1e-5, rtol=1e-5)
-  split = commands.dump_features(config, reference, step=None, output=str(tmp_path / 't.npy'),
-                                 split='test', inputs=None)
+  np.testing.assert_allclose(np.asarray(backbone(images)),
+                             np.load(dumped['features']),
+                             atol=1e-5,
+                             rtol=1e-5)
+  split = commands.dump_features(config,
+                                 reference,
+                                 step=None,
+                                 output=str(tmp_path / 't.npy'),
+                                 split='test',
+                                 inputs=None)
   labels = np.load(split['labels'])
   assert np.load(split['features']).shape == (450, 32) and labels.shape == (450,)
   assert set(labels.tolist()) == set(range(10))
@@ -227,7 +251,11 @@ def test_bad_inputs_are_refused_in_one_line(uninterrupted, tmp_path):
   bad = str(tmp_path / 'bad.npy')
   np.save(bad, np.zeros((2, 16, 16, 3), np.float64))
   with pytest.raises(ConfigError, match=r'float32 \[N, H, W, 1\]'):
-    commands.dump_features(smoke_config(), reference, step=None, output=None, split=None,
+    commands.dump_features(smoke_config(),
+                           reference,
+                           step=None,
+                           output=None,
+                           split=None,
                            inputs=bad)
   with pytest.raises(ConfigError, match='no checkpoint at step 5'):
     commands.evaluate_checkpoint(smoke_config(), reference, step=5, output=None)

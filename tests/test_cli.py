@@ -14,9 +14,15 @@ from tests.helpers import REPO, config_module
 
 
 def _main(*args, timeout=300):
-  return subprocess.run([sys.executable, '-m', 'kldino.main', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout, check=False,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  return subprocess.run([sys.executable, '-m', 'kldino.main', *args],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=timeout,
+                        check=False,
+                        env={
+                            **os.environ, 'JAX_PLATFORMS': 'cpu'
+                        })
 
 
 def _one_line(result) -> str:
@@ -45,8 +51,7 @@ def test_bad_config_files_name_the_file_and_line(tmp_path):
   empty = tmp_path / 'empty.py'
   empty.write_text('x = 1\n')
   cases = [(str(tmp_path / 'missing.py'), 'missing.py: no such file'),
-           (str(broken), 'broken.py does not parse: line 3'),
-           (str(empty), 'has no get_config()')]
+           (str(broken), 'broken.py does not parse: line 3'), (str(empty), 'has no get_config()')]
   for config, fragment in cases:
     result = _main(f'--config={config}', f'--workdir={tmp_path / "run"}')
     assert result.returncode == cli.EXIT_USAGE
@@ -56,8 +61,8 @@ def test_bad_config_files_name_the_file_and_line(tmp_path):
 def test_workdirs_that_cannot_be_one(tmp_path):
   a_file = tmp_path / 'file'
   a_file.write_text('')
-  for workdir, fragment in ((a_file, 'is a file, not a directory'),
-                            (a_file / 'below', 'cannot be created')):
+  for workdir, fragment in ((a_file, 'is a file, not a directory'), (a_file / 'below',
+                                                                     'cannot be created')):
     result = _main('--config=configs/smoke.py', f'--workdir={workdir}')
     assert result.returncode == cli.EXIT_USAGE
     assert fragment in _one_line(result)
@@ -76,10 +81,13 @@ def test_unknown_keys_suggest_the_closest():
 
 def test_a_second_run_on_a_workdir_is_refused_until_the_first_ends(tmp_path):
   """The lock is the kernel's (flock): held while the holder lives, gone when it is killed."""
-  holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from kldino import cli; '
-       f'lock = cli.lock_workdir({str(tmp_path)!r}); print("locked", flush=True); time.sleep(600)'],
-      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen([
+      sys.executable, '-c', 'import sys, time; from kldino import cli; '
+      f'lock = cli.lock_workdir({str(tmp_path)!r}); print("locked", flush=True); time.sleep(600)'
+  ],
+                            cwd=REPO,
+                            stdout=subprocess.PIPE,
+                            text=True)
   try:
     assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(cli.UsageError, match='is in use by another kldino run'):
@@ -99,8 +107,10 @@ def test_a_non_finite_loss_stops_with_exit_4_and_only_finite_checkpoints(tmp_pat
   before it, the run stops at the next log step with one line, no background thread prints, and
   every checkpoint written holds finite values."""
   from kldino.train import Trainer  # pylint: disable=import-outside-toplevel
-  overrides = ['--config.optim.lr=1e38', '--config.optim.warmup_epochs=0',
-               '--config.checkpoint_every_steps=1', '--config.log_every_steps=5']
+  overrides = [
+      '--config.optim.lr=1e38', '--config.optim.warmup_epochs=0',
+      '--config.checkpoint_every_steps=1', '--config.log_every_steps=5'
+  ]
   result = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', *overrides)
   assert result.returncode == cli.EXIT_NUMERICS
   line = _one_line(result)
@@ -116,8 +126,10 @@ def test_a_non_finite_loss_stops_with_exit_4_and_only_finite_checkpoints(tmp_pat
   assert steps and max(steps) < int(line.split('at step ')[1].split(';')[0])
   for step in steps:
     state = jax.device_get(trainer.restore_or_init(step=step))
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state)
-               if np.issubdtype(np.asarray(leaf).dtype, np.floating))
+    assert all(
+        np.isfinite(leaf).all()
+        for leaf in jax.tree.leaves(state)
+        if np.issubdtype(np.asarray(leaf).dtype, np.floating))
 
 
 def test_checkpoint_modes_refuse_bad_inputs_in_one_line(tmp_path):
@@ -129,16 +141,15 @@ def test_checkpoint_modes_refuse_bad_inputs_in_one_line(tmp_path):
   (tmp_path / 'bad_run' / 'config.json').write_text('{"model": ')
   smoke = ['--config=configs/smoke.py', f'--workdir={tmp_path / "run"}']
   cases = [
-      (['--mode=features', f'--inputs={tmp_path / "odd_size.npy"}', *smoke],
-       'holds 5x5 images: the backbone takes square images of a whole number of patches'),
-      (['--mode=features', f'--inputs={tmp_path / "text.npy"}', *smoke],
-       'is not a .npy file of numbers'),
-      (['--mode=import', f'--import_from={tmp_path / "garbage.pth"}', *smoke],
-       'is not a PyTorch checkpoint'),
-      (['--mode=eval', f'--workdir={tmp_path / "bad_run"}'],
-       'config.json does not parse (line 1'),
-      (['--mode=export', f'--output={tmp_path / "text.npy" / "x.npz"}', *smoke],
-       'its folder cannot be created'),
+      (['--mode=features', f'--inputs={tmp_path / "odd_size.npy"}',
+        *smoke], 'holds 5x5 images: the backbone takes square images of a whole number of patches'),
+      (['--mode=features', f'--inputs={tmp_path / "text.npy"}',
+        *smoke], 'is not a .npy file of numbers'),
+      (['--mode=import', f'--import_from={tmp_path / "garbage.pth"}',
+        *smoke], 'is not a PyTorch checkpoint'),
+      (['--mode=eval', f'--workdir={tmp_path / "bad_run"}'], 'config.json does not parse (line 1'),
+      (['--mode=export', f'--output={tmp_path / "text.npy" / "x.npz"}',
+        *smoke], 'its folder cannot be created'),
       (['--mode=eval', f'--output={tmp_path}', *smoke], 'is a folder: pass a file path'),
   ]
   for args, fragment in cases:

@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('eval.knn_k', (10, 0), 'eval.knn_k=(10, 0) must be one k >= 1 or a tuple of them'),
     ('eval.n_last_blocks', 0, 'eval.n_last_blocks=0 must be >= 1'),
     ('eval.avgpool_patchtokens', True, 'eval.avgpool_patchtokens=True works with '
-                                       'eval.n_last_blocks=1'),
+     'eval.n_last_blocks=1'),
     ('eval.linear_lrs', (1e-3, float('nan')), 'every learning rate must be finite and > 0'),
     ('eval.linear_lr', -1e-3, 'every learning rate must be finite and > 0'),
     ('eval.linear_batch_size', 100, 'eval.linear_batch_size=100 must be a positive multiple'),
@@ -57,19 +57,24 @@ def test_bad_values_are_refused_with_one_line(key, value, fragment):
 
 
 def run_main(tmp_path, *overrides):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8',
              TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.run(
-      [sys.executable, '-m', 'kldino.main', '--config=configs/digits.py',
-       f'--workdir={tmp_path}', *overrides],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run([
+      sys.executable, '-m', 'kldino.main', '--config=configs/digits.py', f'--workdir={tmp_path}',
+      *overrides
+  ],
+                        cwd=REPO,
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
 
 
 @pytest.mark.parametrize('overrides, fragment, code', [
     (('--config.data.name=no_such_dataset',), "unknown dataset 'no_such_dataset'", 3),
     (('--config.data.name=folder', '--config.data.path=/no/such/folder'), '/no/such/folder', 3),
-    (('--config.batch_size=12',), 'batch_size=12 must be a positive multiple of the 8 devices',
-     2),
+    (('--config.batch_size=12',), 'batch_size=12 must be a positive multiple of the 8 devices', 2),
 ])
 def test_command_line_fails_fast_with_one_line(tmp_path, overrides, fragment, code):
   """Exit code 3 for the dataset, 2 for a config value (README, exit codes)."""
@@ -109,8 +114,8 @@ def test_imagenet_vit_s16_recipe_builds_abstractly():
   }
   train_step = step.make_train_step(graphdef, config, scheds, optimizer)
   new_state, metrics = jax.eval_shape(train_step, abstract_state, batch)
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), abstract_state)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype),
+                      new_state) == jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
   assert new_state.norm_state['log_prior'].shape == (65536,)
   assert metrics['loss'].shape == ()
   # The schedules of the recipe: peak lr scaled by batch / 256, tau_t 0.04 throughout.
@@ -120,10 +125,14 @@ def test_imagenet_vit_s16_recipe_builds_abstractly():
 
 def test_config_arguments_fill_keys_by_position_or_name_with_their_types():
   from configs.common import parse_arg  # pylint: disable=import-outside-toplevel
-  args = parse_arg('vit_b16,v5p-128,epochs=300,bf16=true', model='', hardware='', epochs=100,
-                   bf16=False, lr=1e-3)
-  assert (args.model, args.hardware, args.epochs, args.bf16, args.lr) == (
-      'vit_b16', 'v5p-128', 300, True, 1e-3)
+  args = parse_arg('vit_b16,v5p-128,epochs=300,bf16=true',
+                   model='',
+                   hardware='',
+                   epochs=100,
+                   bf16=False,
+                   lr=1e-3)
+  assert (args.model, args.hardware, args.epochs, args.bf16, args.lr) == ('vit_b16', 'v5p-128', 300,
+                                                                          True, 1e-3)
   assert parse_arg(None, model='s').model == 's'
   for arg, fragment in (('a,2,c', 'more than the 2 values'), ('size=3', "unknown key 'size'"),
                         ('epochs=many', 'epochs=many: not a int')):

@@ -33,8 +33,10 @@ def digits_config(data_dir) -> ml_collections.ConfigDict:
 def sklearn_split(split: str):
   """The digits split built independently: pixels 0..16 scaled to 0..255 and rounded."""
   digits = sklearn_datasets.load_digits()
-  positions = model_selection.train_test_split(
-      np.arange(len(digits.target)), test_size=0.25, stratify=digits.target, random_state=0)
+  positions = model_selection.train_test_split(np.arange(len(digits.target)),
+                                               test_size=0.25,
+                                               stratify=digits.target,
+                                               random_state=0)
   chosen = positions[0 if split == 'train' else 1]
   images = np.round(digits.images[chosen] * 255 / 16).astype(np.uint8)[..., None]
   return images, digits.target[chosen]
@@ -74,12 +76,20 @@ def epoch0(source, config):
 
 # --------------------------------------------------------------------------- in-memory sources
 
-def array_source(images: np.ndarray, labels: np.ndarray, num_classes: int,
+
+def array_source(images: np.ndarray,
+                 labels: np.ndarray,
+                 num_classes: int,
                  split: str = 'train') -> datasets.Source:
+
   def read_range(split_name, start, stop):
-    return tf.data.Dataset.from_tensor_slices(
-        {'image': images[start:stop], 'label': labels[start:stop]})
-  info = datasets.DatasetInfo(num_classes=num_classes, num_channels=images.shape[-1],
+    return tf.data.Dataset.from_tensor_slices({
+        'image': images[start:stop],
+        'label': labels[start:stop]
+    })
+
+  info = datasets.DatasetInfo(num_classes=num_classes,
+                              num_channels=images.shape[-1],
                               num_examples={split: len(images)})
   return datasets.Source(info=info, read_range=read_range)
 
@@ -108,6 +118,7 @@ def plain_config(**data_overrides) -> ml_collections.ConfigDict:
 
 # --------------------------------------------------------------------------- the digits builder
 
+
 @pytest.mark.parametrize('split', ['train', 'test'])
 def test_digits_builder_matches_sklearn(source, split):
   expected_images, expected_labels = sklearn_split(split)
@@ -132,8 +143,10 @@ def test_digits_second_source_reuses_the_prepared_data(config, data_dir, source)
 
 
 def test_building_digits_needs_no_network(tmp_path, monkeypatch):
+
   def refuse(*args, **kwargs):
     raise AssertionError('the digits builder tried to open a network connection')
+
   monkeypatch.setattr(socket.socket, 'connect', refuse)
   monkeypatch.setattr(socket, 'create_connection', refuse)
   config = digits_config(tmp_path)
@@ -147,8 +160,7 @@ def test_read_gives_each_process_a_contiguous_shard(source, process_count):
   per_process = math.ceil(count / process_count)
   seen = []
   for process_index in range(process_count):
-    shard = read_all(source.read('test', process_index=process_index,
-                                 process_count=process_count))
+    shard = read_all(source.read('test', process_index=process_index, process_count=process_count))
     start = process_index * per_process
     expected = np.arange(start, min(count, start + per_process))
     np.testing.assert_array_equal(shard['index'], expected)
@@ -164,10 +176,10 @@ def test_read_past_the_end_is_empty():
 
 # --------------------------------------------------------------------------- training batches
 
+
 def test_train_batches_shapes_and_dtypes(epoch0, source, config):
   aug = config.aug
-  expected_steps = pipeline.steps_per_epoch(source.info.num_examples['train'],
-                                            config.batch_size, 1)
+  expected_steps = pipeline.steps_per_epoch(source.info.num_examples['train'], config.batch_size, 1)
   assert expected_steps == 1347 // 64 == len(epoch0)
   batch = epoch0[0]
   assert set(batch) == {'global_crops', 'local_crops'}
@@ -221,8 +233,14 @@ def crops_by_example(batches) -> dict:
 def marked_config(batch_size: int) -> ml_collections.ConfigDict:
   config = plain_config(mean=(0.0,) * 3, std=(1.0,) * 3)
   config.batch_size = batch_size
-  config.aug.update(dict(global_size=8, local_size=4, num_local=2, color_jitter_prob=0.0,
-                         blur_prob=(1.0, 1.0, 1.0), solarize_prob=0.0, flip=True))
+  config.aug.update(
+      dict(global_size=8,
+           local_size=4,
+           num_local=2,
+           color_jitter_prob=0.0,
+           blur_prob=(1.0, 1.0, 1.0),
+           solarize_prob=0.0,
+           flip=True))
   return config
 
 
@@ -231,8 +249,12 @@ def test_crops_do_not_depend_on_the_process_count():
   single = crops_by_example(pipeline.train_batches(source, config, epoch=3))
   assert len(single) == 40
   for process_index in range(2):
-    shard = crops_by_example(pipeline.train_batches(
-        source, config, epoch=3, process_index=process_index, process_count=2))
+    shard = crops_by_example(
+        pipeline.train_batches(source,
+                               config,
+                               epoch=3,
+                               process_index=process_index,
+                               process_count=2))
     assert len(shard) == 20
     for example, crops in shard.items():
       np.testing.assert_array_equal(crops, single[example])
@@ -242,16 +264,24 @@ def test_fixed_shards_give_the_same_global_batches_on_any_process_count():
   source, config = marked_source(41), marked_config(batch_size=4)
   config.data.shards = 2
   single = list(pipeline.train_batches(source, config, epoch=2))
-  parts = [list(pipeline.train_batches(source, config, epoch=2, process_index=index,
-                                       process_count=2)) for index in range(2)]
+  parts = [
+      list(pipeline.train_batches(source, config, epoch=2, process_index=index, process_count=2))
+      for index in range(2)
+  ]
   assert len(single) == len(parts[0]) == len(parts[1]) == pipeline.steps_per_epoch(41, 4, 2) == 10
   for whole, first, second in zip(single, *parts):
     for key in whole:  # the global batch is process 0's rows, then process 1's
       np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
   eval_single = list(pipeline.eval_batches(source, 'train', config, batch_size=6))
-  eval_parts = [list(pipeline.eval_batches(source, 'train', config, batch_size=6,
-                                           process_index=index, process_count=2))
-                for index in range(2)]
+  eval_parts = [
+      list(
+          pipeline.eval_batches(source,
+                                'train',
+                                config,
+                                batch_size=6,
+                                process_index=index,
+                                process_count=2)) for index in range(2)
+  ]
   assert len(eval_single) == len(eval_parts[0]) == 7  # shards of 21 and 20 in parts of 3
   for whole, first, second in zip(eval_single, *eval_parts):
     for key in whole:
@@ -263,8 +293,10 @@ def test_fixed_shards_give_the_same_global_batches_on_any_process_count():
 
 def test_each_epoch_is_a_new_order_of_every_example():
   source, config = marked_source(40), marked_config(batch_size=4)
-  orders = [list(crops_by_example(pipeline.train_batches(source, config, epoch=epoch)))
-            for epoch in range(2)]
+  orders = [
+      list(crops_by_example(pipeline.train_batches(source, config, epoch=epoch)))
+      for epoch in range(2)
+  ]
   assert sorted(orders[0]) == sorted(orders[1]) == list(range(40))
   assert orders[0] != orders[1]
 
@@ -273,22 +305,30 @@ def test_short_shards_still_run_every_step():
   source, config = marked_source(10), marked_config(batch_size=4)
   steps = pipeline.steps_per_epoch(10, 4, 4)
   for process_index in range(4):  # shards of 3, 3, 3 and 1 examples
-    batches = list(pipeline.train_batches(source, config, epoch=0, process_index=process_index,
-                                          process_count=4))
+    batches = list(
+        pipeline.train_batches(source,
+                               config,
+                               epoch=0,
+                               process_index=process_index,
+                               process_count=4))
     assert len(batches) == steps == 2
 
 
 def test_a_small_shard_is_read_once_per_run():
   images = RNG.integers(0, 256, (12, 8, 8, 1)).astype(np.uint8)
   reads = []
+
   def count(image):
     reads.append(1)
     return image
+
   def read_range(split, start, stop):
-    examples = tf.data.Dataset.from_tensor_slices(
-        {'image': images[start:stop], 'label': np.zeros(stop - start, np.int64)})
-    return examples.map(lambda e: {**e, 'image': tf.numpy_function(count, [e['image']],
-                                                                   tf.uint8)})
+    examples = tf.data.Dataset.from_tensor_slices({
+        'image': images[start:stop],
+        'label': np.zeros(stop - start, np.int64)
+    })
+    return examples.map(lambda e: {**e, 'image': tf.numpy_function(count, [e['image']], tf.uint8)})
+
   info = datasets.DatasetInfo(num_classes=1, num_channels=1, num_examples={'train': 12})
   source, config = datasets.Source(info=info, read_range=read_range), marked_config(4)
   config.data.mean, config.data.std = (0.0,), (1.0,)
@@ -304,8 +344,9 @@ def test_batch_that_does_not_divide_over_processes_is_rejected():
 
 # --------------------------------------------------------------------------- evaluation batches
 
-@pytest.mark.parametrize('num_examples,batch_size,process_count',
-                         [(450, 64, 1), (450, 66, 3), (450, 64, 4), (2, 3, 3)])
+
+@pytest.mark.parametrize('num_examples,batch_size,process_count', [(450, 64, 1), (450, 66, 3),
+                                                                   (450, 64, 4), (2, 3, 3)])
 def test_eval_batches_count_each_example_once(num_examples, batch_size, process_count):
   source, config = index_coded_source(num_examples), plain_config()
   local_batch = batch_size // process_count
@@ -313,14 +354,18 @@ def test_eval_batches_count_each_example_once(num_examples, batch_size, process_
   assert expected_batches == math.ceil(math.ceil(num_examples / process_count) / local_batch)
   positions = []
   for process_index in range(process_count):
-    batches = list(pipeline.eval_batches(source, 'train', config, batch_size=batch_size,
-                                         process_index=process_index,
-                                         process_count=process_count))
+    batches = list(
+        pipeline.eval_batches(source,
+                              'train',
+                              config,
+                              batch_size=batch_size,
+                              process_index=process_index,
+                              process_count=process_count))
     assert len(batches) == expected_batches
     for batch in batches:
       assert batch['image'].shape == (local_batch, 8, 8, 1)
-      assert (batch['image'].dtype, batch['label'].dtype, batch['mask'].dtype) == (
-          np.float32, np.int32, np.bool_)
+      assert (batch['image'].dtype, batch['label'].dtype,
+              batch['mask'].dtype) == (np.float32, np.int32, np.bool_)
       assert not batch['image'][~batch['mask']].any()
       real = decoded_positions(batch['image'][batch['mask']])
       np.testing.assert_array_equal(batch['label'][batch['mask']], real % 7)
@@ -340,6 +385,7 @@ def test_eval_batches_of_digits_are_the_split(source):
 
 
 # --------------------------------------------------------------------------- image folders
+
 
 def write_folder(root: pathlib.Path, split_sizes: dict, channels: int = 3) -> dict:
   """ROOT/<split>/<class>/<k>.png with random images of varied sizes: {split: [(image, class)]}."""
@@ -387,6 +433,7 @@ def test_folder_dataset_batches(tmp_path):
 
 # --------------------------------------------------------------------------- bad inputs
 
+
 def test_unknown_dataset_name(tmp_path):
   config = plain_config(name='no_such_dataset_xyz', data_dir=str(tmp_path))
   message = one_line_error("unknown dataset 'no_such_dataset_xyz'", datasets.get_source,
@@ -429,13 +476,23 @@ def test_mean_and_std_must_match_the_channels():
 
 # --------------------------------------------------------------------------- augmentation
 
+
 def aug_config(**overrides) -> ml_collections.ConfigDict:
   """Everything off: crops of the whole image at its own size, unless overridden."""
-  config = ml_collections.ConfigDict(dict(
-      global_size=8, local_size=8, num_local=3, global_scale=(1.0, 1.0),
-      local_scale=(1.0, 1.0), flip=False, color_jitter=(0.4, 0.4, 0.2, 0.1),
-      color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
-      blur_sigma=(0.1, 2.0), solarize_prob=0.0, crop_interpolation='bicubic'))
+  config = ml_collections.ConfigDict(
+      dict(global_size=8,
+           local_size=8,
+           num_local=3,
+           global_scale=(1.0, 1.0),
+           local_scale=(1.0, 1.0),
+           flip=False,
+           color_jitter=(0.4, 0.4, 0.2, 0.1),
+           color_jitter_prob=0.0,
+           grayscale_prob=0.0,
+           blur_prob=(0.0, 0.0, 0.0),
+           blur_sigma=(0.1, 2.0),
+           solarize_prob=0.0,
+           crop_interpolation='bicubic'))
   config.update(overrides)
   return config
 
@@ -454,9 +511,16 @@ def crops(image, config, seed=(1, 2), mean=None, std=None) -> dict:
 
 def test_multi_crop_shapes_and_determinism():
   image = random_image(size=20)
-  config = aug_config(global_size=12, local_size=6, num_local=5, global_scale=(0.4, 1.0),
-                      local_scale=(0.05, 0.4), flip=True, color_jitter_prob=0.8,
-                      grayscale_prob=0.2, blur_prob=(1.0, 0.1, 0.5), solarize_prob=0.2)
+  config = aug_config(global_size=12,
+                      local_size=6,
+                      num_local=5,
+                      global_scale=(0.4, 1.0),
+                      local_scale=(0.05, 0.4),
+                      flip=True,
+                      color_jitter_prob=0.8,
+                      grayscale_prob=0.2,
+                      blur_prob=(1.0, 0.1, 0.5),
+                      solarize_prob=0.2)
   first = crops(image, config, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
   assert first['global_crops'].shape == (2, 12, 12, 3)
   assert first['local_crops'].shape == (5, 6, 6, 3)
@@ -516,7 +580,9 @@ def test_gaussian_blur_against_scipy():
   got = augment.gaussian_blur(tf.constant(views), tf.constant(sigmas), radius).numpy()
   for view, blurred, sigma in zip(views, got, sigmas):
     # scipy's 'reflect' mirrors the edge pixel too, as TF's SYMMETRIC padding does.
-    expected = ndimage.gaussian_filter(view, sigma=(sigma, sigma, 0), mode='reflect',
+    expected = ndimage.gaussian_filter(view,
+                                       sigma=(sigma, sigma, 0),
+                                       mode='reflect',
                                        truncate=radius / sigma)
     np.testing.assert_allclose(blurred, expected, atol=1e-5)
 
@@ -540,8 +606,8 @@ def test_crop_boxes_follow_the_scale_and_aspect_ranges():
   low = (crop_height - 0.5) * (crop_width - 0.5) / (height * width)
   high = (crop_height + 0.5) * (crop_width + 0.5) / (height * width)
   assert np.all((high >= scale[0]) & (low <= scale[1]))
-  assert np.all(((crop_width + 0.5) / (crop_height - 0.5) >= 3 / 4)
-                & ((crop_width - 0.5) / (crop_height + 0.5) <= 4 / 3))
+  assert np.all(((crop_width + 0.5) / (crop_height - 0.5) >= 3 / 4) &
+                ((crop_width - 0.5) / (crop_height + 0.5) <= 4 / 3))
 
 
 def test_colour_jitter_stays_in_range():
@@ -556,8 +622,7 @@ def test_center_view_resizes_and_normalises():
   image = random_image(size=8)
   view = augment.center_view(tf.constant(image), 16, (0.5,) * 3, (0.25,) * 3).numpy()
   assert view.shape == (16, 16, 3)
-  same_size = augment.center_view(tf.constant(image), 8, (0.5,) * 3, (0.25,) * 3,
-                                  resize=8).numpy()
+  same_size = augment.center_view(tf.constant(image), 8, (0.5,) * 3, (0.25,) * 3, resize=8).numpy()
   np.testing.assert_allclose(same_size, (image - 0.5) / 0.25, atol=1e-5)
   with pytest.raises(ValueError, match='eval_resize=7 is smaller than data.image_size=8'):
     augment.center_view(tf.constant(image), 8, (0.5,) * 3, (0.25,) * 3, resize=7)

@@ -74,6 +74,7 @@ def levels(views) -> np.ndarray:
 
 # --------------------------------------------------------------------------- crop windows
 
+
 @pytest.mark.parametrize('scale', [(0.05, 0.4), (0.2, 0.4)])
 def test_windows_are_sampled_on_the_images_own_size(scale):
   """A 500 x 100 (w x h) image: tried windows have the scale's area and an aspect in [3/4, 4/3]
@@ -81,8 +82,7 @@ def test_windows_are_sampled_on_the_images_own_size(scale):
   4/3), never the whole (squashed) image; the share of fallbacks is torchvision's (0.2% for
   DINO's local scale, 20% for (0.2, 0.4), whose windows fit in 100 rows only when small)."""
   height, width = 100, 500
-  windows = augment.crop_windows(tf.constant([5, 6], tf.int64), 4000, scale, height,
-                                 width).numpy()
+  windows = augment.crop_windows(tf.constant([5, 6], tf.int64), 4000, scale, height, width).numpy()
   top, left, crop_height, crop_width = windows.T
   assert (top >= 0).all() and (left >= 0).all()
   assert (top + crop_height <= height).all() and (left + crop_width <= width).all()
@@ -106,16 +106,17 @@ def test_windows_are_sampled_on_the_images_own_size(scale):
   np.testing.assert_array_equal(global_windows, [[0, 183, 100, 133]] * 50)
 
 
-@pytest.mark.parametrize('height,width,expected', [
-    (100, 500, [0, 183, 100, 133]),   # too wide: the centre 4:3 window, full height
-    (500, 100, [183, 0, 133, 100]),   # too tall: the centre 3:4 window, full width
-    (90, 100, [0, 0, 90, 100]),       # aspect in [3/4, 4/3]: the whole image
-])
+@pytest.mark.parametrize(
+    'height,width,expected',
+    [
+        (100, 500, [0, 183, 100, 133]),  # too wide: the centre 4:3 window, full height
+        (500, 100, [183, 0, 133, 100]),  # too tall: the centre 3:4 window, full width
+        (90, 100, [0, 0, 90, 100]),  # aspect in [3/4, 4/3]: the whole image
+    ])
 def test_fallback_is_torchvisions_centre_crop(height, width, expected):
   # scale (1, 1) of a 100 x 90 image: every tried window is 95 x 95 or so, taller than 90.
   scale = (1.0, 1.0) if height == 90 else (0.5, 1.0)
-  windows = augment.crop_windows(tf.constant([1, 1], tf.int64), 20, scale, height,
-                                 width).numpy()
+  windows = augment.crop_windows(tf.constant([1, 1], tf.int64), 20, scale, height, width).numpy()
   np.testing.assert_array_equal(windows, [expected] * 20)
 
 
@@ -145,6 +146,7 @@ def test_crops_keep_the_aspect_of_a_checkerboard():
 
 # --------------------------------------------------------------------------- the pipeline
 
+
 def write_split(root, split: str, images: dict):
   for name, image in images.items():
     folder = root / split / name.split('_')[0]
@@ -157,10 +159,18 @@ def write_split(root, split: str, images: dict):
 
 
 def plain_aug(config, *, global_size: int, local_size: int, num_local: int):
-  config.aug.update(dict(global_size=global_size, local_size=local_size, num_local=num_local,
-                         global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), flip=False,
-                         color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0),
-                         solarize_prob=0.0, crop_interpolation='bicubic'))  # DINO's, PIL's
+  config.aug.update(
+      dict(global_size=global_size,
+           local_size=local_size,
+           num_local=num_local,
+           global_scale=(0.4, 1.0),
+           local_scale=(0.05, 0.4),
+           flip=False,
+           color_jitter_prob=0.0,
+           grayscale_prob=0.0,
+           blur_prob=(0.0, 0.0, 0.0),
+           solarize_prob=0.0,
+           crop_interpolation='bicubic'))  # DINO's, PIL's
 
 
 def test_pipeline_crops_are_pil_crops_of_the_full_image(tmp_path):
@@ -171,8 +181,8 @@ def test_pipeline_crops_are_pil_crops_of_the_full_image(tmp_path):
   write_split(tmp_path, 'train', {'a_0.png': image})
   write_split(tmp_path, 'test', {'a_0.png': image})
   config = config_module('digits').get_config()
-  config.data.update(dict(name='folder', path=str(tmp_path), image_size=32, mean=(0.0,) * 3,
-                          std=(1.0,) * 3))
+  config.data.update(
+      dict(name='folder', path=str(tmp_path), image_size=32, mean=(0.0,) * 3, std=(1.0,) * 3))
   plain_aug(config, global_size=32, local_size=16, num_local=4)
   config.batch_size = 1
   source = datasets.get_source(config.data)
@@ -187,8 +197,8 @@ def test_pipeline_crops_are_pil_crops_of_the_full_image(tmp_path):
   local_seed = augment._group_seeds(seed, 1)[0]
   windows = augment.crop_windows(local_seed, 4, (0.05, 0.4), 100, 500).numpy()
   for view, (top, left, crop_height, crop_width) in zip(batch['local_crops'][0], windows):
-    expected = pil.crop((left, top, left + crop_width, top + crop_height)).resize(
-        (16, 16), Image.BICUBIC)
+    expected = pil.crop((left, top, left + crop_width, top + crop_height)).resize((16, 16),
+                                                                                  Image.BICUBIC)
     difference = np.abs(levels(view) - np.asarray(expected, np.float32))
     assert difference.max() <= 2.0 and difference.mean() < 0.6
 
@@ -206,24 +216,30 @@ def test_the_cache_and_shuffle_buffer_hold_encoded_bytes(tmp_path):
   assert sorted(len(example['image']) for example in stored) == sizes
   assert source.info.num_bytes['train'] == pytest.approx(sum(sizes), rel=0.01)
   decoded = list(source.read('train').as_numpy_iterator())
-  assert sorted(example['image'].shape for example in decoded) == [(45 + k, 60, 3)
-                                                                    for k in range(3)]
+  assert sorted(example['image'].shape for example in decoded) == [(45 + k, 60, 3) for k in range(3)
+                                                                  ]
 
 
 def jpeg_folder(root, count: int = 12):
   """A folder of `count` JPEGs of a few sizes in 2 classes, for train and test."""
-  images = {f'{"ab"[k % 2]}_{k}.jpg': smooth_image(40 + 3 * k, 64 - 2 * k, seed=k)
-            for k in range(count)}
+  images = {
+      f'{"ab"[k % 2]}_{k}.jpg': smooth_image(40 + 3 * k, 64 - 2 * k, seed=k) for k in range(count)
+  }
   write_split(root, 'train', images)
   write_split(root, 'test', images)
 
 
 def jpeg_config(root) -> ml_collections.ConfigDict:
   config = config_module('digits').get_config()
-  config.data.update(dict(name='folder', path=str(root), image_size=16, mean=(0.5,) * 3,
-                          std=(0.25,) * 3))
-  config.aug.update(dict(global_size=16, local_size=8, num_local=3, flip=True,
-                         color_jitter=(0.4, 0.4, 0.2, 0.1), grayscale_prob=0.2))
+  config.data.update(
+      dict(name='folder', path=str(root), image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3))
+  config.aug.update(
+      dict(global_size=16,
+           local_size=8,
+           num_local=3,
+           flip=True,
+           color_jitter=(0.4, 0.4, 0.2, 0.1),
+           grayscale_prob=0.2))
   config.batch_size = 4
   return config
 
@@ -253,20 +269,33 @@ def test_augmentation_does_not_depend_on_the_batch(tmp_path):
   config = jpeg_config(tmp_path)
   images = [tf.constant(jpeg(smooth_image(40 + 9 * k, 70, seed=k))) for k in range(3)]
   seeds = [tf.constant([7, k], tf.int64) for k in range(3)]
-  crops = [augment.multi_crop_views(image, seed, config.aug, min_size=16, num_channels=3)
-           for image, seed in zip(images, seeds)]
+  crops = [
+      augment.multi_crop_views(image, seed, config.aug, min_size=16, num_channels=3)
+      for image, seed in zip(images, seeds)
+  ]
   batch = {key: tf.stack([crop[key] for crop in crops]) for key in crops[0]}
   together = augment.augment_views(batch, tf.stack(seeds), config.aug, config.data.mean,
                                    config.data.std)
   for k in range(3):
-    alone = augment.augment_views({key: value[None] for key, value in crops[k].items()},
-                                  seeds[k][None], config.aug, config.data.mean, config.data.std)
+    alone = augment.augment_views({
+        key: value[None] for key, value in crops[k].items()
+    }, seeds[k][None], config.aug, config.data.mean, config.data.std)
     for key in together:
       np.testing.assert_array_equal(together[key][k], alone[key][0])
-  single = augment.multi_crop(images[0], seeds[0], config.aug, config.data.mean, config.data.std,
-                              min_size=16, num_channels=3)
-  other = augment.multi_crop(images[0], tf.constant([7, 5], tf.int64), config.aug,
-                             config.data.mean, config.data.std, min_size=16, num_channels=3)
+  single = augment.multi_crop(images[0],
+                              seeds[0],
+                              config.aug,
+                              config.data.mean,
+                              config.data.std,
+                              min_size=16,
+                              num_channels=3)
+  other = augment.multi_crop(images[0],
+                             tf.constant([7, 5], tf.int64),
+                             config.aug,
+                             config.data.mean,
+                             config.data.std,
+                             min_size=16,
+                             num_channels=3)
   assert not np.array_equal(other['global_crops'], single['global_crops'])
 
 
@@ -284,9 +313,14 @@ def test_batch_xla_and_per_example_augmentation_give_the_same_batches(tmp_path, 
   else:
     jpeg_folder(tmp_path)
     config = jpeg_config(tmp_path)
-  config.aug.update(dict(flip=False, color_jitter_prob=1.0, grayscale_prob=0.0,
-                         blur_prob=(1.0, 0.0, 1.0), blur_sigma=(0.7, 0.7), solarize_prob=1.0,
-                         color_jitter=(0.0, 0.0, 0.0, 0.0)))
+  config.aug.update(
+      dict(flip=False,
+           color_jitter_prob=1.0,
+           grayscale_prob=0.0,
+           blur_prob=(1.0, 0.0, 1.0),
+           blur_sigma=(0.7, 0.7),
+           solarize_prob=1.0,
+           color_jitter=(0.0, 0.0, 0.0, 0.0)))
   source = datasets.get_source(config.data)
   by_mode = {}
   for xla_min_size in (0, 10_000):
@@ -304,20 +338,30 @@ def test_small_images_are_upscaled_before_cropping():
   (measured 0.5 levels). Any other image is cropped at its own pixels, as torchvision does."""
   image = smooth_image(8, 8)[..., :1]
   seed = tf.constant([4, 2], tf.int64)
-  small = augment.random_resized_crops(tf.constant(image), seed, 6, 8, (0.1, 0.4), min_size=16,
+  small = augment.random_resized_crops(tf.constant(image),
+                                       seed,
+                                       6,
+                                       8, (0.1, 0.4),
+                                       min_size=16,
                                        small_image=True).numpy()
-  upscaled = tf.cast(tf.round(tf.clip_by_value(tf.image.resize(
-      image, [16, 16], method='bicubic', antialias=True), 0, 255)), tf.uint8)
+  upscaled = tf.cast(
+      tf.round(
+          tf.clip_by_value(tf.image.resize(image, [16, 16], method='bicubic', antialias=True), 0,
+                           255)), tf.uint8)
   generic = augment.window_crops(upscaled, augment.crop_windows(seed, 6, (0.1, 0.4), 16, 16), 8)
   assert np.abs(levels(small) - levels(generic)).max() <= 1.0
-  own = augment.random_resized_crops(tf.constant(image), seed, 6, 8, (0.1, 0.4), min_size=16,
+  own = augment.random_resized_crops(tf.constant(image),
+                                     seed,
+                                     6,
+                                     8, (0.1, 0.4),
+                                     min_size=16,
                                      small_image=False).numpy()
   windows = augment.crop_windows(seed, 6, (0.1, 0.4), 8, 8)
-  np.testing.assert_allclose(own, augment.window_crops(tf.constant(image), windows, 8),
-                             atol=1e-6)
+  np.testing.assert_allclose(own, augment.window_crops(tf.constant(image), windows, 8), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- evaluation view
+
 
 @pytest.mark.parametrize('height,width', [(375, 500), (500, 333), (257, 301), (300, 200)])
 def test_eval_view_of_a_jpeg_is_pils_resize_and_centre_crop(height, width):
@@ -329,13 +373,14 @@ def test_eval_view_of_a_jpeg_is_pils_resize_and_centre_crop(height, width):
   data = jpeg(image)
   decoded = augment.decode(tf.constant(data), 3).numpy()
   np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data)).convert('RGB')))
-  view = augment.center_view(tf.constant(data), 224, (0.0,) * 3, (1.0,) * 3, resize=256,
+  view = augment.center_view(tf.constant(data),
+                             224, (0.0,) * 3, (1.0,) * 3,
+                             resize=256,
                              num_channels=3).numpy()
   expected = pil_eval_view(Image.open(io.BytesIO(data)).convert('RGB'))
   difference = np.abs(levels(view) - expected)
   assert view.shape == (224, 224, 3)
-  assert difference.max() <= 2.0 and difference.mean() <= 0.4, (difference.max(),
-                                                                 difference.mean())
+  assert difference.max() <= 2.0 and difference.mean() <= 0.4, (difference.max(), difference.mean())
 
 
 def test_eval_view_geometry_is_torchvisions():
@@ -344,12 +389,14 @@ def test_eval_view_geometry_is_torchvisions():
   resize, a one-pixel shift of PIL's view is 100x further from ours than PIL's view itself."""
   for height, width, top, left in ((256, 301, 16, 38), (350, 256, 63, 16), (256, 256, 16, 16)):
     image = RNG.integers(0, 256, (height, width, 3)).astype(np.uint8)
-    view = augment.center_view(tf.constant(encode(image, 'PNG')), 224, (0.0,) * 3, (1.0,) * 3,
-                               resize=256, num_channels=3).numpy()
+    view = augment.center_view(tf.constant(encode(image, 'PNG')),
+                               224, (0.0,) * 3, (1.0,) * 3,
+                               resize=256,
+                               num_channels=3).numpy()
     np.testing.assert_allclose(levels(view), image[top:top + 224, left:left + 224], atol=1e-3)
   board = checkerboard(333, 500, 7)
-  view = levels(augment.center_view(tf.constant(board), 224, (0.0,) * 3, (1.0,) * 3,
-                                    resize=256).numpy())
+  view = levels(
+      augment.center_view(tf.constant(board), 224, (0.0,) * 3, (1.0,) * 3, resize=256).numpy())
   expected = pil_eval_view(Image.fromarray(board))
   # Hard edges: PIL clips its intermediate pass where bicubic overshoots (up to 13 levels there,
   # measured), 0.42 on average.
@@ -386,17 +433,19 @@ def test_digits_eval_view_is_the_upscaled_centre(tmp_path):
   batch = next(pipeline.eval_batches(source, 'test', config, batch_size=8))
   digits = next(source.read('test').batch(8).as_numpy_iterator())['image']
   views = levels(batch['image'][..., 0] * 0.5 + 0.5)  # the digits config's mean and std
-  upscaled = np.stack([np.asarray(Image.fromarray(digit[..., 0]).resize((18, 18), Image.BICUBIC),
-                                  np.float32) for digit in digits])
+  upscaled = np.stack([
+      np.asarray(Image.fromarray(digit[..., 0]).resize((18, 18), Image.BICUBIC), np.float32)
+      for digit in digits
+  ])
   difference = np.abs(views - upscaled[:, 1:17, 1:17])
-  assert difference.max() <= 20 and difference.mean() <= 1.0, (difference.max(),
-                                                                difference.mean())
+  assert difference.max() <= 20 and difference.mean() <= 1.0, (difference.max(), difference.mean())
   assert np.abs(views - upscaled[:, :16, 1:17]).mean() > 20 * difference.mean()
   generic = augment.center_view(tf.constant(digits[0]), 16, (0.5,), (0.5,))  # tf.image.resize
   np.testing.assert_allclose(batch['image'][0], generic, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- partial decoding
+
 
 def test_partial_decode_crops_equal_full_decode_crops():
   """decode_and_crop_jpeg of each window vs the window of the whole decoded image. 4:4:4 JPEGs:
@@ -414,8 +463,7 @@ def test_partial_decode_crops_equal_full_decode_crops():
   # The linear evaluation's view of a JPEG decodes only its window, the same view otherwise.
   data = tf.constant(jpeg(image, 0))
   for seed in range(5):
-    kwargs = dict(size=64, flip=True, mean=(0.0,) * 3, std=(1.0,) * 3, min_size=16,
-                  num_channels=3)
+    kwargs = dict(size=64, flip=True, mean=(0.0,) * 3, std=(1.0,) * 3, min_size=16, num_channels=3)
     encoded = augment.linear_train_view(data, tf.constant([seed, 3], tf.int64), **kwargs)
     decoded = augment.linear_train_view(augment.decode(data, 3), tf.constant([seed, 3], tf.int64),
                                         **kwargs)

@@ -21,8 +21,10 @@ ROWS_PER_PROCESS = 8
 
 def _mesh(devices=None):
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices), 1), sharding.BATCH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+  return jax.make_mesh((len(devices), 1),
+                       sharding.BATCH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
 
 
 def _global_batches(masks, mesh):
@@ -31,8 +33,11 @@ def _global_batches(masks, mesh):
   for mask in masks:
     ids = np.arange(start, start + len(mask))
     start += len(mask)
-    local = {'image': np.stack([ids, -ids], axis=1).astype(np.float32),
-             'label': (ids % 5).astype(np.int32), 'mask': np.asarray(mask)}
+    local = {
+        'image': np.stack([ids, -ids], axis=1).astype(np.float32),
+        'label': (ids % 5).astype(np.int32),
+        'mask': np.asarray(mask)
+    }
     batches.append(sharding.global_batch(local, mesh))
   return batches
 
@@ -47,9 +52,12 @@ def test_bank_keeps_rows_on_their_devices_and_host_order_is_the_splits():
   assert bank.num_examples == int(np.sum(np.concatenate(masks)))
   # Each device's block holds exactly the rows it computed, batch after batch.
   for shard in bank.features.addressable_shards:
-    expected = np.concatenate([np.asarray(s.data) for batch in batches
-                               for s in batch['image'].addressable_shards
-                               if s.device == shard.device])
+    expected = np.concatenate([
+        np.asarray(s.data)
+        for batch in batches
+        for s in batch['image'].addressable_shards
+        if s.device == shard.device
+    ])
     np.testing.assert_array_equal(np.asarray(shard.data), expected)
   features, labels = bank_lib.host_features(bank)
   kept = np.flatnonzero(np.concatenate(masks))
@@ -72,7 +80,8 @@ def test_cluster_statistics_equal_numpy():
   for logits, mask in batches:
     sums = bank_lib.add_cluster_sums(sums, jnp.asarray(logits), jnp.asarray(mask), temperature)
   stats = bank_lib.cluster_statistics(sums)
-  logits = np.concatenate([l for l, m in batches])[np.concatenate([m for l, m in batches])]
+  logits = np.concatenate([chunk for chunk, _ in batches
+                          ])[np.concatenate([mask for _, mask in batches])]
   z = logits.astype(np.float64) / temperature
   probs = np.exp(z - z.max(axis=1, keepdims=True))
   probs /= probs.sum(axis=1, keepdims=True)
@@ -84,7 +93,8 @@ def test_cluster_statistics_equal_numpy():
 
 
 def run_process(port, process_id):
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
+                             num_processes=2,
                              process_id=process_id)
   mesh = _mesh()
   batches = []
@@ -93,8 +103,11 @@ def run_process(port, process_id):
     local_ids = ids[process_id * ROWS_PER_PROCESS:(process_id + 1) * ROWS_PER_PROCESS]
     # Multiples of 3 are padding, and process 1 has run out of data in the last batch.
     mask = (local_ids % 3 != 0) & ~(step == 2 and process_id == 1)
-    local = {'image': local_ids[:, None].astype(np.float32), 'label': local_ids.astype(np.int32),
-             'mask': mask}
+    local = {
+        'image': local_ids[:, None].astype(np.float32),
+        'label': local_ids.astype(np.int32),
+        'mask': mask
+    }
     batches.append(sharding.global_batch(local, mesh))
   bank = bank_lib.build_bank(lambda batch: 10 * batch['image'], batches)
   features, labels = bank_lib.host_features(bank)
@@ -110,11 +123,17 @@ def free_port():
 def test_host_features_gather_across_processes():
   port = free_port()
   # Two devices per process, so that each process also holds several blocks of the bank.
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  env = dict(os.environ,
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  workers = [subprocess.Popen([sys.executable, __file__, str(port), str(process_id)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for process_id in range(2)]
+  workers = [
+      subprocess.Popen([sys.executable, __file__,
+                        str(port), str(process_id)],
+                       env=env,
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT,
+                       text=True) for process_id in range(2)
+  ]
   try:
     outputs = [worker.communicate(timeout=180)[0] for worker in workers]
   finally:

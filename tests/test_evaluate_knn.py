@@ -15,10 +15,12 @@ NUM_CLASSES = 7
 def brute_force_knn(train_features, train_labels, query_features, k, temperature):
   """(predictions, ambiguous): ambiguous marks queries with a near-tie at the k-th neighbour or
   between the two best classes, where float32 rounding may legitimately flip the answer."""
+
   def normalise(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-  sims = normalise(query_features.astype(np.float64)) @ normalise(
-      train_features.astype(np.float64)).T
+
+  sims = normalise(query_features.astype(np.float64)) @ normalise(train_features.astype(
+      np.float64)).T
   order = np.argsort(-sims, axis=1)
   top_sims = np.take_along_axis(sims, order[:, :k], axis=1)
   votes = np.zeros((len(query_features), NUM_CLASSES))
@@ -36,25 +38,32 @@ def brute_force_knn(train_features, train_labels, query_features, k, temperature
 def random_problem(seed, num_train=203, num_query=97, dim=16):
   rng = np.random.default_rng(seed)
   return (rng.normal(size=(num_train, dim)).astype(np.float32),
-          rng.integers(0, NUM_CLASSES, num_train),
-          rng.normal(size=(num_query, dim)).astype(np.float32))
+          rng.integers(0, NUM_CLASSES,
+                       num_train), rng.normal(size=(num_query, dim)).astype(np.float32))
 
 
-@pytest.mark.parametrize('k, temperature, query_chunk, bank_chunk', [
-    (1, 0.07, 1024, 65536),
-    (5, 0.07, 30, 50),
-    (20, 0.07, 13, 7),     # bank chunk smaller than k
-    (20, 0.5, 97, 64),
-    (50, 0.005, 40, 203),  # small enough that a naive float32 exp(sim / T) overflows
-    (203, 0.07, 33, 41),   # k = the whole bank
-])
+@pytest.mark.parametrize(
+    'k, temperature, query_chunk, bank_chunk',
+    [
+        (1, 0.07, 1024, 65536),
+        (5, 0.07, 30, 50),
+        (20, 0.07, 13, 7),  # bank chunk smaller than k
+        (20, 0.5, 97, 64),
+        (50, 0.005, 40, 203),  # small enough that a naive float32 exp(sim / T) overflows
+        (203, 0.07, 33, 41),  # k = the whole bank
+    ])
 def test_matches_brute_force(k, temperature, query_chunk, bank_chunk):
   train_features, train_labels, query_features = random_problem(seed=k)
   expected, ambiguous = brute_force_knn(train_features, train_labels, query_features, k,
                                         temperature)
-  predictions = knn_predict(train_features, train_labels, query_features,
-                            num_classes=NUM_CLASSES, k=k, temperature=temperature,
-                            query_chunk=query_chunk, bank_chunk=bank_chunk)
+  predictions = knn_predict(train_features,
+                            train_labels,
+                            query_features,
+                            num_classes=NUM_CLASSES,
+                            k=k,
+                            temperature=temperature,
+                            query_chunk=query_chunk,
+                            bank_chunk=bank_chunk)
   assert predictions.dtype == np.int32 and predictions.shape == (97,)
   assert ambiguous.sum() <= 3
   np.testing.assert_array_equal(predictions[~ambiguous], expected[~ambiguous])
@@ -63,11 +72,19 @@ def test_matches_brute_force(k, temperature, query_chunk, bank_chunk):
 def test_chunked_equals_unchunked():
   train_features, train_labels, query_features = random_problem(seed=1, num_train=500)
   options = dict(num_classes=NUM_CLASSES, k=10)
-  whole = knn_predict(train_features, train_labels, query_features, query_chunk=97,
-                      bank_chunk=500, **options)
+  whole = knn_predict(train_features,
+                      train_labels,
+                      query_features,
+                      query_chunk=97,
+                      bank_chunk=500,
+                      **options)
   for query_chunk, bank_chunk in [(4, 3), (10, 9), (96, 499), (200, 1000)]:
-    chunked = knn_predict(train_features, train_labels, query_features,
-                          query_chunk=query_chunk, bank_chunk=bank_chunk, **options)
+    chunked = knn_predict(train_features,
+                          train_labels,
+                          query_features,
+                          query_chunk=query_chunk,
+                          bank_chunk=bank_chunk,
+                          **options)
     np.testing.assert_array_equal(chunked, whole)
 
 
@@ -75,8 +92,12 @@ def test_padding_rows_never_vote():
   # Every real neighbour has negative cosine, so zero-filled padding (cosine 0, label 0) would
   # outrank all of them if it were not masked.
   train_features = np.abs(np.random.default_rng(0).normal(size=(10, 4))).astype(np.float32)
-  predictions = knn_predict(train_features, np.ones(10, np.int32), -train_features[:3],
-                            num_classes=2, k=3, bank_chunk=4)
+  predictions = knn_predict(train_features,
+                            np.ones(10, np.int32),
+                            -train_features[:3],
+                            num_classes=2,
+                            k=3,
+                            bank_chunk=4)
   np.testing.assert_array_equal(predictions, [1, 1, 1])
 
 
@@ -86,11 +107,17 @@ def test_accuracy_on_clustered_data():
   train_labels, query_labels = rng.integers(0, NUM_CLASSES, 300), rng.integers(0, NUM_CLASSES, 100)
   train_features = centres[train_labels] + 0.3 * rng.normal(size=(300, 32))
   query_features = centres[query_labels] + 0.3 * rng.normal(size=(100, 32))
-  accuracy = knn_accuracy(train_features, train_labels, query_features, query_labels,
+  accuracy = knn_accuracy(train_features,
+                          train_labels,
+                          query_features,
+                          query_labels,
                           num_classes=NUM_CLASSES)
   assert accuracy > 0.95
-  shuffled = knn_accuracy(train_features, rng.permutation(train_labels), query_features,
-                          query_labels, num_classes=NUM_CLASSES)
+  shuffled = knn_accuracy(train_features,
+                          rng.permutation(train_labels),
+                          query_features,
+                          query_labels,
+                          num_classes=NUM_CLASSES)
   assert shuffled < 0.4
 
 
@@ -103,8 +130,7 @@ def test_rejects_k_larger_than_bank():
 def test_rejects_out_of_range_labels():
   train_features, train_labels, query_features = random_problem(seed=0)
   with pytest.raises(ValueError, match='labels'):
-    knn_predict(train_features, train_labels + NUM_CLASSES, query_features,
-                num_classes=NUM_CLASSES)
+    knn_predict(train_features, train_labels + NUM_CLASSES, query_features, num_classes=NUM_CLASSES)
 
 
 # The sharded core. The bank has 203 valid rows scattered among 53 invalid ones (256 rows in all,
@@ -116,8 +142,7 @@ KS = (1, 5, 20, 203)
 def sharded_problem(seed=0, num_valid=203, num_rows=256, num_query=97):
   train_features, train_labels, query_features = random_problem(seed, num_valid, num_query)
   rng = np.random.default_rng(seed + 1)
-  expected = {k: brute_force_knn(train_features, train_labels, query_features, k, 0.07)
-              for k in KS}
+  expected = {k: brute_force_knn(train_features, train_labels, query_features, k, 0.07) for k in KS}
   copied = rng.integers(0, num_query, num_rows - num_valid)
   bank = np.concatenate([train_features, 5 * query_features[copied]])
   labels = np.concatenate([train_labels,
@@ -148,8 +173,11 @@ def test_sharded_bank_matches_one_device_and_brute_force():
   results = {}
   for name, mesh in [('8', mesh_of()), ('4x2', mesh_of(fsdp=2)),
                      ('1', mesh_of(devices=jax.devices()[:1]))]:
-    results[name] = knn_predictions(*on_mesh(mesh, bank, labels, valid), queries, mesh=mesh,
-                                    num_classes=NUM_CLASSES, ks=KS)
+    results[name] = knn_predictions(*on_mesh(mesh, bank, labels, valid),
+                                    queries,
+                                    mesh=mesh,
+                                    num_classes=NUM_CLASSES,
+                                    ks=KS)
     assert_matches_brute_force(results[name], expected)
   for k in KS:
     np.testing.assert_array_equal(results['8'][k], results['1'][k])
@@ -168,10 +196,14 @@ def test_chunking_invariance():
   # overlapping the fourth by two rows).
   reference = knn_predictions(*arrays, queries, query_chunk=1024, bank_chunk=65536, **options)
   for query_chunk, bank_chunk in [(7, 3), (20, 50)]:
-    chunked = knn_predictions(*arrays, queries, query_chunk=query_chunk, bank_chunk=bank_chunk,
+    chunked = knn_predictions(*arrays,
+                              queries,
+                              query_chunk=query_chunk,
+                              bank_chunk=bank_chunk,
                               **options)
     for k in (1, 10, 60):
-      np.testing.assert_array_equal(chunked[k], reference[k],
+      np.testing.assert_array_equal(chunked[k],
+                                    reference[k],
                                     err_msg=f'{query_chunk=} {bank_chunk=} {k=}')
 
 
@@ -221,8 +253,12 @@ def test_overlapping_bank_chunks_count_rows_once():
   labels[15:20] = [1, 1, 0, 0, 1]
   valid = np.arange(40) // 5 == 3
   mesh = mesh_of()
-  predictions = knn_predictions(*on_mesh(mesh, features, labels, valid), np.array([[1.0, 0.0]]),
-                                mesh=mesh, num_classes=2, ks=(5,), temperature=100.0,
+  predictions = knn_predictions(*on_mesh(mesh, features, labels, valid),
+                                np.array([[1.0, 0.0]]),
+                                mesh=mesh,
+                                num_classes=2,
+                                ks=(5,),
+                                temperature=100.0,
                                 bank_chunk=3)
   np.testing.assert_array_equal(predictions[5], [1])
 
@@ -232,6 +268,9 @@ def test_rejects_k_outside_valid_rows(ks, bad_k):
   bank, labels, valid, queries, _ = sharded_problem()
   mesh = mesh_of()
   with pytest.raises(ValueError, match=f'k={bad_k} must be between 1 and the 203 valid') as error:
-    knn_predictions(*on_mesh(mesh, bank, labels, valid), queries, mesh=mesh,
-                    num_classes=NUM_CLASSES, ks=ks)
+    knn_predictions(*on_mesh(mesh, bank, labels, valid),
+                    queries,
+                    mesh=mesh,
+                    num_classes=NUM_CLASSES,
+                    ks=ks)
   assert '\n' not in str(error.value)

@@ -18,8 +18,7 @@ def blobs(num_rows, separation, seed, num_classes=10, dim=128):
 def test_separable_data_is_learned():
   train_features, train_labels = blobs(1347, separation=0.5, seed=1)
   test_features, test_labels = blobs(1000, separation=0.5, seed=2)
-  result = linear_probe(train_features, train_labels, test_features, test_labels,
-                        num_classes=10)
+  result = linear_probe(train_features, train_labels, test_features, test_labels, num_classes=10)
   assert result['top1'] > 0.95
   assert result['weight_decay'] in (0.0, 1e-4, 1e-3, 1e-2)
 
@@ -28,19 +27,24 @@ def test_random_labels_give_chance():
   rng = np.random.default_rng(0)
   features = rng.normal(size=(3347, 128))
   labels = rng.integers(0, 10, 3347)
-  result = linear_probe(features[:1347], labels[:1347], features[1347:], labels[1347:],
+  result = linear_probe(features[:1347],
+                        labels[:1347],
+                        features[1347:],
+                        labels[1347:],
                         num_classes=10)
-  assert abs(result['top1'] - 0.1) < 0.03   # 4.5 standard errors on 2000 test rows
+  assert abs(result['top1'] - 0.1) < 0.03  # 4.5 standard errors on 2000 test rows
 
 
 def test_agrees_with_sklearn_on_digits():
   features, labels = load_digits(return_X_y=True)
-  train_features, test_features, train_labels, test_labels = train_test_split(
-      features, labels, test_size=450, random_state=0, stratify=labels)
-  reference = LogisticRegression(max_iter=5000).fit(train_features, train_labels).score(
-      test_features, test_labels)
-  result = linear_probe(train_features, train_labels, test_features, test_labels,
-                        num_classes=10)
+  train_features, test_features, train_labels, test_labels = train_test_split(features,
+                                                                              labels,
+                                                                              test_size=450,
+                                                                              random_state=0,
+                                                                              stratify=labels)
+  reference = LogisticRegression(max_iter=5000).fit(train_features,
+                                                    train_labels).score(test_features, test_labels)
+  result = linear_probe(train_features, train_labels, test_features, test_labels, num_classes=10)
   assert reference > 0.93
   assert abs(result['top1'] - reference) < 0.03
 
@@ -71,7 +75,11 @@ def test_weight_decay_chosen_on_held_out_rows():
   labels = rng.integers(0, 2, 1200)
   nuisance = rng.normal(size=1200)
   features = np.stack([nuisance + 0.2 * labels - 0.1, nuisance], axis=1)
-  result = linear_probe(features[:800], labels[:800], features[800:], labels[800:],
-                        num_classes=2, weight_decays=(1e3, 0.0))
+  result = linear_probe(features[:800],
+                        labels[:800],
+                        features[800:],
+                        labels[800:],
+                        num_classes=2,
+                        weight_decays=(1e3, 0.0))
   assert result['weight_decay'] == 0.0
   assert result['top1'] > 0.95

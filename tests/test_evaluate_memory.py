@@ -22,19 +22,23 @@ def _register_random_source():
   from kldino.data import datasets  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
-  splits = {split: (rng.integers(0, 256, (NUM_EXAMPLES, IMAGE, IMAGE, 1), dtype=np.uint8),
-                    rng.integers(0, 10, NUM_EXAMPLES).astype(np.int64))
-            for split in ('train', 'test')}
+  splits = {
+      split: (rng.integers(0, 256, (NUM_EXAMPLES, IMAGE, IMAGE, 1), dtype=np.uint8),
+              rng.integers(0, 10, NUM_EXAMPLES).astype(np.int64)) for split in ('train', 'test')
+  }
 
   def read_range(split, start, stop):
     images, labels = splits[split]
-    return tf.data.Dataset.from_tensor_slices(
-        {'image': images[start:stop], 'label': labels[start:stop]})
+    return tf.data.Dataset.from_tensor_slices({
+        'image': images[start:stop],
+        'label': labels[start:stop]
+    })
 
   @datasets.register_source('random_50k')
   def make_source(data_config):
     del data_config
-    info = datasets.DatasetInfo(num_classes=10, num_channels=1,
+    info = datasets.DatasetInfo(num_classes=10,
+                                num_channels=1,
                                 num_examples={s: NUM_EXAMPLES for s in splits})
     return datasets.Source(info=info, read_range=read_range)
 
@@ -75,16 +79,24 @@ def measure():
   before = peak_rss()
   results = evaluators.final(teacher, 0.04)
   peak = peak_rss()
-  print(json.dumps({'results': results, 'rss_before': before, 'rss_peak': peak,
-                    'devices': jax.device_count()}))
+  print(
+      json.dumps({
+          'results': results,
+          'rss_before': before,
+          'rss_peak': peak,
+          'devices': jax.device_count()
+      }))
 
 
 def test_evaluation_host_memory_is_bounded():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  completed = subprocess.run([sys.executable, __file__], env=env, capture_output=True,
-                             text=True, timeout=900, check=False)
+  env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  completed = subprocess.run([sys.executable, __file__],
+                             env=env,
+                             capture_output=True,
+                             text=True,
+                             timeout=900,
+                             check=False)
   assert completed.returncode == 0, completed.stderr[-3000:]
   report = json.loads(completed.stdout.strip().splitlines()[-1])
   results = report['results']

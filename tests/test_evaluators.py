@@ -34,8 +34,9 @@ def _teacher(run):
 def test_unknown_type_is_refused_before_anything_runs(tmp_path):
   config = _config()
   config.evals.knn.type = 'knnn'
-  with pytest.raises(ConfigError, match="evals.knn: unknown evals.<name>.type 'knnn': choose "
-                                        'one of clusters, feature_probe, knn'):
+  with pytest.raises(ConfigError,
+                     match="evals.knn: unknown evals.<name>.type 'knnn': choose "
+                     'one of clusters, feature_probe, knn'):
     evaluators_lib.Evaluators(Run(config, str(tmp_path)))
 
 
@@ -58,7 +59,9 @@ def test_periodic_runs_the_entries_due_and_final_every_final_one(tmp_path):
   assert set(periodic) == {'knn_top1', 'knn_top1_k5', 'knn_top1_k20'}
   assert periodic['knn_top1'] == periodic['knn_top1_k20']
   final = evaluators.final(teacher, 0.04)
-  assert set(final) == {'knn_top1', 'knn_top1_k5', 'knn_top1_k20', 'cluster_mi',
-                        'effective_clusters', 'num_train', 'num_eval'}
+  assert set(final) == {
+      'knn_top1', 'knn_top1_k5', 'knn_top1_k20', 'cluster_mi', 'effective_clusters', 'num_train',
+      'num_eval'
+  }
   assert final['knn_top1_k5'] == periodic['knn_top1_k5']
   assert (final['num_train'], final['num_eval']) == (1347, 450)

@@ -25,17 +25,15 @@ def _guard(mode='warn', patience_epochs=2, steps_per_epoch=10):
 
 
 def _metrics(marginal_entropy, per_image_entropy):
-  return {'teacher_entropy': per_image_entropy,
-          'teacher_mi': marginal_entropy - per_image_entropy}
+  return {'teacher_entropy': per_image_entropy, 'teacher_mi': marginal_entropy - per_image_entropy}
 
 
-HEALTHY = _metrics(4.0, 1.5)        # 55 clusters in use, sharp posteriors
+HEALTHY = _metrics(4.0, 1.5)  # 55 clusters in use, sharp posteriors
 ONE_CLUSTER = _metrics(0.05, 0.01)  # exp(0.05) = 1.05 clusters
 UNIFORM = _metrics(math.log(K) - 0.01, math.log(K) - 0.02)  # flat posteriors, MI 0.01
 
 
-@pytest.mark.parametrize('collapsed, kind', [(ONE_CLUSTER, 'one_cluster'),
-                                             (UNIFORM, 'uniform')])
+@pytest.mark.parametrize('collapsed, kind', [(ONE_CLUSTER, 'one_cluster'), (UNIFORM, 'uniform')])
 def test_a_collapse_counts_after_patience_epochs_of_logged_steps(collapsed, kind):
   monitor = _guard(patience_epochs=2, steps_per_epoch=10)  # patience: 20 steps
   stream = [HEALTHY] * 3 + [collapsed] * 2 + [HEALTHY] + [collapsed] * 5
@@ -62,15 +60,16 @@ def test_healthy_runs_and_off_never_alarm():
     assert off.observe(step, ONE_CLUSTER) is None
   # A posterior that is flat but whose images still differ (MI above guard.uniform_mi) is not
   # uniform collapse.
-  assert all(_guard().observe(step, _metrics(math.log(K) - 0.01, math.log(K) - 0.3)) is None
+  assert all(_guard().observe(step, _metrics(math.log(K) - 0.01,
+                                             math.log(K) - 0.3)) is None
              for step in range(0, 100, 5))
 
 
 def test_bad_guard_settings_are_refused():
   for key, value, fragment in (('collapse', 'halt', 'choose one of off, warn, stop'),
                                ('patience_epochs', 0, 'must be >= 1'),
-                               ('min_clusters', 1.0, 'must be > 1'),
-                               ('uniform_entropy', 1.5, 'must be in (0, 1)')):
+                               ('min_clusters', 1.0, 'must be > 1'), ('uniform_entropy', 1.5,
+                                                                      'must be in (0, 1)')):
     config = config_module('digits').get_config()
     config.guard[key] = value
     with pytest.raises(ConfigError, match=fragment.replace('(', r'\(').replace(')', r'\)')):
@@ -78,11 +77,18 @@ def test_bad_guard_settings_are_refused():
 
 
 def _main(workdir, *overrides):
-  return subprocess.run(
-      [sys.executable, '-m', 'kldino.main', '--config=configs/smoke.py', f'--workdir={workdir}',
-       '--config.guard.min_clusters=1000', '--config.guard.patience_epochs=1', *overrides],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  return subprocess.run([
+      sys.executable, '-m', 'kldino.main', '--config=configs/smoke.py', f'--workdir={workdir}',
+      '--config.guard.min_clusters=1000', '--config.guard.patience_epochs=1', *overrides
+  ],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                        check=False,
+                        env={
+                            **os.environ, 'JAX_PLATFORMS': 'cpu'
+                        })
 
 
 def test_stop_saves_exits_6_and_a_rerun_does_not_train_on(tmp_path):

@@ -19,11 +19,11 @@ def test_adds_the_tunable_where_it_helps_and_keeps_other_tunables():
 
 
 def test_changes_nothing_where_it_would_not_help():
-  assert host_memory.huge_page_environ({}, GLIBC, 'always') is None   # THP on every mapping
-  assert host_memory.huge_page_environ({}, GLIBC, 'never') is None    # THP off
-  assert host_memory.huge_page_environ({}, GLIBC, '') is None         # not Linux
+  assert host_memory.huge_page_environ({}, GLIBC, 'always') is None  # THP on every mapping
+  assert host_memory.huge_page_environ({}, GLIBC, 'never') is None  # THP off
+  assert host_memory.huge_page_environ({}, GLIBC, '') is None  # not Linux
   assert host_memory.huge_page_environ({}, ('glibc', '2.34'), 'madvise') is None  # no tunable
-  assert host_memory.huge_page_environ({}, ('', ''), 'madvise') is None           # musl, macOS
+  assert host_memory.huge_page_environ({}, ('', ''), 'madvise') is None  # musl, macOS
   # The user's own setting stands, on or off: no re-execution loop either.
   for setting in ('glibc.malloc.hugetlb=0', 'glibc.malloc.hugetlb=1'):
     assert host_memory.huge_page_environ({'GLIBC_TUNABLES': setting}, GLIBC, 'madvise') is None
@@ -43,7 +43,8 @@ def test_a_process_reexecutes_itself_once_with_the_tunable(tmp_path):
   tunable set and the same arguments), once elsewhere."""
   script = tmp_path / 'entry.py'
   log = tmp_path / 'runs.txt'
-  script.write_text(textwrap.dedent(f'''
+  script.write_text(
+      textwrap.dedent(f'''
       import os, sys
       with open({str(log)!r}, 'a') as f:
         f.write(repr((sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))) + '\\n')
@@ -53,16 +54,23 @@ def test_a_process_reexecutes_itself_once_with_the_tunable(tmp_path):
   '''))
   env = {key: value for key, value in os.environ.items() if key != 'GLIBC_TUNABLES'}
   # An interactive session is never replaced: one run.
-  subprocess.run([sys.executable, '-i', str(script), '--flag=1'], env=env, stdin=subprocess.DEVNULL,
-                 capture_output=True, check=True, timeout=120)
+  subprocess.run([sys.executable, '-i', str(script), '--flag=1'],
+                 env=env,
+                 stdin=subprocess.DEVNULL,
+                 capture_output=True,
+                 check=True,
+                 timeout=120)
   assert log.read_text().splitlines() == [repr((['--flag=1'], None))]
   log.unlink()
-  out = subprocess.run([sys.executable, str(script), '--flag=1'], env=env, capture_output=True,
-                       text=True, check=True, timeout=120)
+  out = subprocess.run([sys.executable, str(script), '--flag=1'],
+                       env=env,
+                       capture_output=True,
+                       text=True,
+                       check=True,
+                       timeout=120)
   assert out.stdout == 'done\n'
   runs = log.read_text().splitlines()
   if host_memory.huge_page_environ(env, platform.libc_ver(), host_memory.thp_mode()) is None:
     assert runs == [repr((['--flag=1'], None))]
   else:
-    assert runs == [repr((['--flag=1'], None)),
-                    repr((['--flag=1'], 'glibc.malloc.hugetlb=1'))]
+    assert runs == [repr((['--flag=1'], None)), repr((['--flag=1'], 'glibc.malloc.hugetlb=1'))]

@@ -2,7 +2,6 @@
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,7 +33,9 @@ def _numpy_state_dict(model):
 
 
 def _kldino_vit(params):
-  backbone = build_backbone(smoke_config().model, in_channels=CHANNELS, image_size=IMAGE,
+  backbone = build_backbone(smoke_config().model,
+                            in_channels=CHANNELS,
+                            image_size=IMAGE,
                             rngs=nnx.Rngs(0))
   state = nnx.state(backbone, nnx.Param)
   if params is not None:
@@ -44,8 +45,8 @@ def _kldino_vit(params):
 
 
 def _images(seed=1, count=5):
-  return np.random.default_rng(seed).standard_normal((count, IMAGE, IMAGE, CHANNELS)).astype(
-      np.float32)
+  return np.random.default_rng(seed).standard_normal(
+      (count, IMAGE, IMAGE, CHANNELS)).astype(np.float32)
 
 
 def _torch_features(model, images_nhwc):
@@ -77,8 +78,10 @@ def test_one_attention_block_computes_the_same_both_ways():
   tokens = np.random.default_rng(2).standard_normal((3, 17, DIM)).astype(np.float32)
   with torch.no_grad():
     expected = model.blocks[0](torch.from_numpy(tokens)).numpy()
-  np.testing.assert_allclose(np.asarray(backbone.blocks[0](jnp.asarray(tokens))), expected,
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(backbone.blocks[0](jnp.asarray(tokens))),
+                             expected,
+                             atol=1e-5,
+                             rtol=1e-5)
 
 
 def test_imported_backbone_gives_the_official_features():
@@ -87,15 +90,19 @@ def test_imported_backbone_gives_the_official_features():
   backbone, _ = _kldino_vit(params)
   images = _images()
   np.testing.assert_allclose(np.asarray(backbone(jnp.asarray(images))),
-                             _torch_features(model, images), atol=1e-5, rtol=1e-5)
+                             _torch_features(model, images),
+                             atol=1e-5,
+                             rtol=1e-5)
 
 
 def test_missing_or_foreign_keys_are_refused():
   state_dict = _numpy_state_dict(_torch_vit())
   _, template = _kldino_vit(None)
   with pytest.raises(ValueError, match='blocks/1/mlp/fc1'):
-    convert_dino.convert({k: v for k, v in state_dict.items()
-                          if not k.startswith('blocks.1.mlp.fc1')}, template)
+    convert_dino.convert(
+        {
+            k: v for k, v in state_dict.items() if not k.startswith('blocks.1.mlp.fc1')
+        }, template)
   with pytest.raises(ValueError, match="unexpected key 'fc_norm.weight'"):
     convert_dino.convert({**state_dict, 'fc_norm.weight': np.ones(DIM, np.float32)}, template)
 
@@ -120,10 +127,16 @@ def test_import_mode_writes_a_step0_checkpoint_that_features_and_training_use(
   images = _images(seed=3, count=7)
   inputs = str(tmp_path / 'inputs.npy')
   np.save(inputs, images)
-  result = commands.dump_features(smoke_config(), workdir, step=None,
-                                  output=str(tmp_path / 'f.npy'), split=None, inputs=inputs)
-  np.testing.assert_allclose(np.load(result['features']), _torch_features(model, images),
-                             atol=1e-5, rtol=1e-5)
+  result = commands.dump_features(smoke_config(),
+                                  workdir,
+                                  step=None,
+                                  output=str(tmp_path / 'f.npy'),
+                                  split=None,
+                                  inputs=inputs)
+  np.testing.assert_allclose(np.load(result['features']),
+                             _torch_features(model, images),
+                             atol=1e-5,
+                             rtol=1e-5)
   # Training starts from the imported weights: student and teacher backbones hold them.
   trainer = Trainer(smoke_config(), workdir)
   state = trainer.restore_or_init()
@@ -155,32 +168,45 @@ def test_import_export_and_array_features_read_no_dataset(tmp_path):
   config.data.data_dir = str(tmp_path / 'no_tfds_here')
   workdir = str(tmp_path / 'run')
   commands.import_dino(config, workdir, import_from=path)
-  exported = commands.export_teacher(config, workdir, step=None,
+  exported = commands.export_teacher(config,
+                                     workdir,
+                                     step=None,
                                      output=str(tmp_path / 'backbone.npz'))
   with np.load(exported['export']) as arrays:
     np.testing.assert_array_equal(arrays['norm/scale'], model.state_dict()['norm.weight'].numpy())
   images = _images(seed=5, count=3)
   np.save(str(tmp_path / 'x.npy'), images)
-  result = commands.dump_features(config, workdir, step=None, output=str(tmp_path / 'f.npy'),
-                                  split=None, inputs=str(tmp_path / 'x.npy'))
-  np.testing.assert_allclose(np.load(result['features']), _torch_features(model, images),
-                             atol=1e-5, rtol=1e-5)
+  result = commands.dump_features(config,
+                                  workdir,
+                                  step=None,
+                                  output=str(tmp_path / 'f.npy'),
+                                  split=None,
+                                  inputs=str(tmp_path / 'x.npy'))
+  np.testing.assert_allclose(np.load(result['features']),
+                             _torch_features(model, images),
+                             atol=1e-5,
+                             rtol=1e-5)
   assert not os.path.exists(config.data.data_dir)
 
 
 @pytest.mark.parametrize('n_last_blocks, avgpool', [(2, False), (1, True)])
-def test_features_mode_gives_dinos_linear_eval_features(imported_workdir, tmp_path,
-                                                        n_last_blocks, avgpool):
+def test_features_mode_gives_dinos_linear_eval_features(imported_workdir, tmp_path, n_last_blocks,
+                                                        avgpool):
   model, workdir, _, _ = imported_workdir
   config = smoke_config()
   config.eval.n_last_blocks, config.eval.avgpool_patchtokens = n_last_blocks, avgpool
   images = _images(seed=6, count=4)
   np.save(str(tmp_path / 'x.npy'), images)
-  result = commands.dump_features(config, workdir, step=None, output=str(tmp_path / 'f.npy'),
-                                  split=None, inputs=str(tmp_path / 'x.npy'))
+  result = commands.dump_features(config,
+                                  workdir,
+                                  step=None,
+                                  output=str(tmp_path / 'f.npy'),
+                                  split=None,
+                                  inputs=str(tmp_path / 'x.npy'))
   with torch.no_grad():
-    expected = linear_eval_features(model, torch.from_numpy(images).permute(0, 3, 1, 2),
-                                    n_last_blocks, avgpool).numpy()
+    expected = linear_eval_features(model,
+                                    torch.from_numpy(images).permute(0, 3, 1, 2), n_last_blocks,
+                                    avgpool).numpy()
   assert result['feature_dim'] == 2 * DIM
   np.testing.assert_allclose(np.load(result['features']), expected, atol=1e-5, rtol=1e-5)
 
@@ -204,21 +230,31 @@ def test_attention_mode_gives_the_official_last_block_attention(imported_workdir
   inputs = str(tmp_path / 'inputs.npy')
   np.save(inputs, images)
   output = str(tmp_path / 'attention')
-  written = commands.attention(smoke_config(), workdir, step=None, output=output, split=None,
-                               num_images=8, inputs=inputs)
+  written = commands.attention(smoke_config(),
+                               workdir,
+                               step=None,
+                               output=output,
+                               split=None,
+                               num_images=8,
+                               inputs=inputs)
   with torch.no_grad():
-    expected = model.get_last_selfattention(
-        torch.from_numpy(images).permute(0, 3, 1, 2))[:, :, 0, 1:]
+    expected = model.get_last_selfattention(torch.from_numpy(images).permute(0, 3, 1, 2))[:, :, 0,
+                                                                                          1:]
   attention = np.load(written['attention'])
-  assert attention.dtype == np.float32 and attention.shape == (3, HEADS, (IMAGE // PATCH) ** 2)
+  assert attention.dtype == np.float32 and attention.shape == (3, HEADS, (IMAGE // PATCH)**2)
   np.testing.assert_allclose(attention, expected.numpy(), atol=1e-5)
   np.testing.assert_array_equal(attention_maps.mass_threshold(attention, 0.6),
                                 _dino_threshold(expected, 0.6).numpy())
   assert sorted(os.listdir(output)) == ['0.png', '1.png', '2.png', 'attention.npy', 'index.json']
   # A split: its first images in evaluation order, with their files and labels.
   split_output = str(tmp_path / 'split')
-  written = commands.attention(smoke_config(), workdir, step=None, output=split_output,
-                               split='test', num_images=4, inputs=None)
+  written = commands.attention(smoke_config(),
+                               workdir,
+                               step=None,
+                               output=split_output,
+                               split='test',
+                               num_images=4,
+                               inputs=None)
   assert written['num_images'] == 4 and np.load(written['attention']).shape == (4, HEADS, 16)
   with open(written['index']) as f:
     assert [entry['label'] for entry in json.load(f)] != [None] * 4
@@ -228,5 +264,10 @@ def test_attention_mode_refuses_a_convnet(tmp_path):
   config = smoke_config()
   config.model.name = 'convnet_small'
   with pytest.raises(ConfigError, match='model.name=convnet_small has none'):
-    commands.attention(config, str(tmp_path), step=None, output=str(tmp_path / 'a'), split=None,
-                       num_images=2, inputs=None)
+    commands.attention(config,
+                       str(tmp_path),
+                       step=None,
+                       output=str(tmp_path / 'a'),
+                       split=None,
+                       num_images=2,
+                       inputs=None)

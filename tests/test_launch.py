@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from launch import slurm
 from launch import sweep
 from launch import tpu_vm
 
@@ -17,8 +16,11 @@ INSTALL = ('mkdir -p ~/kldino && tar -xzf ~/kldino.tar.gz -C ~/kldino && cd ~/kl
 
 
 def _dry_run(module, *argv):
-  result = subprocess.run([sys.executable, '-m', module, '--dry_run', *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+  result = subprocess.run([sys.executable, '-m', module, '--dry_run', *argv],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=60)
   assert result.returncode == 0, result.stderr
   return result.stdout.splitlines()
 
@@ -43,41 +45,54 @@ def test_tpu_vm_dry_run_prints_every_command():
 
 
 def test_tpu_vm_reuse_skips_create_and_a_local_workdir_is_refused():
-  args = tpu_vm.parser().parse_args(['--name=v', '--zone=z', '--accelerator=v4-32',
-                                     '--config=c.py', '--workdir=gs://b/w', '--reuse',
-                                     '--project=p'])
+  args = tpu_vm.parser().parse_args([
+      '--name=v', '--zone=z', '--accelerator=v4-32', '--config=c.py', '--workdir=gs://b/w',
+      '--reuse', '--project=p'
+  ])
   steps = tpu_vm.commands(args)
   assert [step[4] for step in steps if step[0] == 'gcloud'] == ['scp', 'ssh', 'ssh']
   assert all('--project=p' in step for step in steps if step[0] == 'gcloud')
-  result = subprocess.run([sys.executable, '-m', 'launch.tpu_vm', '--name=v', '--zone=z',
-                           '--accelerator=v4-32', '--config=c.py', '--workdir=/local/dir',
-                           '--dry_run'], cwd=REPO, capture_output=True, text=True, timeout=60)
+  result = subprocess.run([
+      sys.executable, '-m', 'launch.tpu_vm', '--name=v', '--zone=z', '--accelerator=v4-32',
+      '--config=c.py', '--workdir=/local/dir', '--dry_run'
+  ],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=60)
   assert result.returncode == 2 and 'must be a gs:// path' in result.stderr
 
 
-@pytest.mark.parametrize('accelerator, version', [
-    ('v4-32', 'tpu-ubuntu2204-base'), ('v5litepod-64', 'v2-alpha-tpuv5-lite'),
-    ('v5p-128', 'v2-alpha-tpuv5'), ('v6e-256', 'v2-alpha-tpuv6e')])
+@pytest.mark.parametrize('accelerator, version', [('v4-32', 'tpu-ubuntu2204-base'),
+                                                  ('v5litepod-64', 'v2-alpha-tpuv5-lite'),
+                                                  ('v5p-128', 'v2-alpha-tpuv5'),
+                                                  ('v6e-256', 'v2-alpha-tpuv6e')])
 def test_tpu_vm_software_version_follows_the_accelerator(accelerator, version):
-  args = tpu_vm.parser().parse_args(['--name=v', '--zone=z', f'--accelerator={accelerator}',
-                                     '--config=c.py', '--workdir=gs://b/w'])
+  args = tpu_vm.parser().parse_args([
+      '--name=v', '--zone=z', f'--accelerator={accelerator}', '--config=c.py', '--workdir=gs://b/w'
+  ])
   assert f'--version={version}' in tpu_vm.commands(args)[0]
   args.version = 'my-image'
   assert '--version=my-image' in tpu_vm.commands(args)[0]
 
 
 def test_tpu_vm_unknown_generation_asks_for_a_version():
-  result = subprocess.run([sys.executable, '-m', 'launch.tpu_vm', '--name=v', '--zone=z',
-                           '--accelerator=v9x-8', '--config=c.py', '--workdir=gs://b/w',
-                           '--dry_run'], cwd=REPO, capture_output=True, text=True, timeout=60)
+  result = subprocess.run([
+      sys.executable, '-m', 'launch.tpu_vm', '--name=v', '--zone=z', '--accelerator=v9x-8',
+      '--config=c.py', '--workdir=gs://b/w', '--dry_run'
+  ],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=60)
   assert result.returncode == 2 and 'pass --version=' in result.stderr
 
 
 @pytest.mark.parametrize('per, tasks, srun', [
     ('gpu', 8, "srun bash -c 'CUDA_VISIBLE_DEVICES=$SLURM_LOCALID exec .venv/bin/python -m "
-               "kldino.main --config=configs/x.py --workdir=/shared/w --config.seed=2'"),
+     "kldino.main --config=configs/x.py --workdir=/shared/w --config.seed=2'"),
     ('host', 1, 'srun .venv/bin/python -m kldino.main --config=configs/x.py --workdir=/shared/w '
-                '--config.seed=2'),
+     '--config.seed=2'),
 ])
 def test_slurm_dry_run_prints_the_script_and_sbatch(per, tasks, srun):
   lines = _dry_run('launch.slurm', '--job_name=b16', '--nodes=4', '--gpus_per_node=8',
@@ -105,16 +120,27 @@ def test_slurm_dry_run_prints_the_script_and_sbatch(per, tasks, srun):
 
 
 def test_sweep_grid_and_list_expand_to_named_jobs():
-  grid = {'grid': {'objective.prior_every_epochs': [1, 5], 'seed': [0, 1]},
-          'fixed': {'num_epochs': 3}}
+  grid = {
+      'grid': {
+          'objective.prior_every_epochs': [1, 5],
+          'seed': [0, 1]
+      },
+      'fixed': {
+          'num_epochs': 3
+      }
+  }
   jobs = sweep.jobs(grid, '/r')
   assert [job.name for job in jobs] == [
-      'prior_every_epochs-1_seed-0', 'prior_every_epochs-1_seed-1',
-      'prior_every_epochs-5_seed-0', 'prior_every_epochs-5_seed-1']
+      'prior_every_epochs-1_seed-0', 'prior_every_epochs-1_seed-1', 'prior_every_epochs-5_seed-0',
+      'prior_every_epochs-5_seed-1'
+  ]
   assert jobs[2] == sweep.Job('prior_every_epochs-5_seed-0', '/r/prior_every_epochs-5_seed-0',
                               ('num_epochs=3', 'objective.prior_every_epochs=5', 'seed=0'))
-  listed = sweep.jobs({'list': [{'aug.global_scale': (0.5, 1.0)}, {'model.name': 'vit_nano'}]},
-                      '/r')
+  listed = sweep.jobs({'list': [{
+      'aug.global_scale': (0.5, 1.0)
+  }, {
+      'model.name': 'vit_nano'
+  }]}, '/r')
   assert [job.overrides for job in listed] == [('aug.global_scale=(0.5,1.0)',),
                                                ('model.name=vit_nano',)]
   with pytest.raises(ValueError, match="exactly one of 'grid' or 'list'"):
@@ -131,19 +157,28 @@ def test_sweep_dry_run_commands_for_each_runner():
       ' -m kldino.main --config=configs/digits.py --workdir=/r/prior_every_epochs-1_seed-0 '
       '--config.objective.normalization=prior --config.objective.prior_source=sweep '
       '--config.objective.prior_every_epochs=1 --config.seed=0')
-  jobs = sweep.jobs(sweep.load_sweep(os.path.join(REPO, 'sweeps', 'normalisations.py')),
-                    'gs://b/s')
-  tpu = sweep.commands(jobs, runner='tpu_vm', config='configs/digits.py', python='python',
+  jobs = sweep.jobs(sweep.load_sweep(os.path.join(REPO, 'sweeps', 'normalisations.py')), 'gs://b/s')
+  tpu = sweep.commands(jobs,
+                       runner='tpu_vm',
+                       config='configs/digits.py',
+                       python='python',
                        launcher_flags=['--zone=z', '--accelerator=v4-32', '--name=sw'])
-  assert tpu[3] == ['python', '-m', 'launch.tpu_vm', '--zone=z', '--accelerator=v4-32',
-                    '--config=configs/digits.py', '--workdir=gs://b/s/normalization-center',
-                    '--name=sw-3', '--', 'objective.normalization=center']
-  batch = sweep.commands(jobs[:1], runner='slurm', config='c.py', python='python',
+  assert tpu[3] == [
+      'python', '-m', 'launch.tpu_vm', '--zone=z', '--accelerator=v4-32',
+      '--config=configs/digits.py', '--workdir=gs://b/s/normalization-center', '--name=sw-3', '--',
+      'objective.normalization=center'
+  ]
+  batch = sweep.commands(jobs[:1],
+                         runner='slurm',
+                         config='c.py',
+                         python='python',
                          launcher_flags=['--nodes=2'])
-  assert batch == [['python', '-m', 'launch.slurm', '--nodes=2', '--config=c.py',
-                    '--workdir=gs://b/s/normalization-prior_prior_source-sweep',
-                    '--job_name=kldino-normalization-prior_prior_source-sweep', '--',
-                    'objective.normalization=prior', 'objective.prior_source=sweep']]
+  assert batch == [[
+      'python', '-m', 'launch.slurm', '--nodes=2', '--config=c.py',
+      '--workdir=gs://b/s/normalization-prior_prior_source-sweep',
+      '--job_name=kldino-normalization-prior_prior_source-sweep', '--',
+      'objective.normalization=prior', 'objective.prior_source=sweep'
+  ]]
 
 
 def test_local_runner_runs_a_sweep_and_summarises(tmp_path):
@@ -151,17 +186,22 @@ def test_local_runner_runs_a_sweep_and_summarises(tmp_path):
   sweep_file.write_text("def get_sweep():\n  return {'grid': {'seed': [0, 1]}, 'fixed': "
                         "{'num_epochs': 1, 'checkpoint_every_steps': 100}}\n")
   root = str(tmp_path / 'runs')
-  result = subprocess.run(
-      [sys.executable, '-m', 'launch.sweep', f'--sweep={sweep_file}',
-       '--config=configs/smoke.py', f'--workdir_root={root}'],
-      cwd=REPO, capture_output=True, text=True, timeout=900)
+  result = subprocess.run([
+      sys.executable, '-m', 'launch.sweep', f'--sweep={sweep_file}', '--config=configs/smoke.py',
+      f'--workdir_root={root}'
+  ],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(root, 'summary.json')) as f:
     summary = json.load(f)
   assert sorted(summary) == ['seed-0', 'seed-1']
   for name, seed in (('seed-0', 0), ('seed-1', 1)):
-    assert summary[name]['overrides'] == ['num_epochs=1', 'checkpoint_every_steps=100',
-                                          f'seed={seed}']
+    assert summary[name]['overrides'] == [
+        'num_epochs=1', 'checkpoint_every_steps=100', f'seed={seed}'
+    ]
     assert summary[name]['step'] == 1347 // 32
     with open(os.path.join(root, name, 'config.json')) as f:
       assert json.load(f)['seed'] == seed

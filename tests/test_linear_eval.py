@@ -31,6 +31,7 @@ def numpy_cross_entropy(logits, labels):
 
 # --------------------------------------------------------------------------- heads and training
 
+
 def test_init_heads_shapes_and_statistics():
   heads = linear_eval.init_heads(jax.random.key(0), [0.1, 1.0, 10.0], 256, 100)
   assert heads['kernel'].shape == (3, 256, 100) and heads['bias'].shape == (3, 100)
@@ -48,24 +49,26 @@ def test_loss_is_the_mean_cross_entropy_over_valid_rows():
   heads = jax.tree.map(lambda x: x * 100, heads)  # logits far from uniform
   heads['bias'] = jnp.asarray(RNG.normal(size=(2, 4)), jnp.float32)
   kernel, bias = np.asarray(heads['kernel']), np.asarray(heads['bias'])
-  expected = [numpy_cross_entropy(features[:7] @ kernel[h] + bias[h], labels[:7])
-              for h in range(2)]
+  expected = [numpy_cross_entropy(features[:7] @ kernel[h] + bias[h], labels[:7]) for h in range(2)]
   losses = linear_eval.head_losses(heads, features, labels, mask)
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
-  np.testing.assert_allclose(linear_eval.loss_fn(heads, features, labels, mask), sum(expected),
+  np.testing.assert_allclose(linear_eval.loss_fn(heads, features, labels, mask),
+                             sum(expected),
                              rtol=1e-5)
   # Padding rows change nothing, whatever they hold.
   garbage = features.copy()
   garbage[7:] = 1e3
-  np.testing.assert_allclose(linear_eval.head_losses(heads, garbage, labels, mask), expected,
+  np.testing.assert_allclose(linear_eval.head_losses(heads, garbage, labels, mask),
+                             expected,
                              rtol=1e-5)
 
 
 def test_learning_rate_is_scaled_and_constant_within_an_epoch():
   lrs = linear_eval.scaled_learning_rates([0.5, 2.0], batch_size=64)
   np.testing.assert_allclose(lrs, [0.125, 0.5])
-  factors = [float(linear_eval.epoch_cosine(step, steps_per_epoch=3, epochs=4))
-             for step in range(12)]
+  factors = [
+      float(linear_eval.epoch_cosine(step, steps_per_epoch=3, epochs=4)) for step in range(12)
+  ]
   expected = [(1 + math.cos(math.pi * (step // 3) / 4)) / 2 for step in range(12)]
   np.testing.assert_allclose(factors, expected, rtol=1e-6)
   assert factors[0] == factors[2] == 1.0 and factors[3] < 1.0
@@ -79,8 +82,10 @@ def torch_reference(kernel, bias, base_lrs, features, labels, orders, *, batch_s
     with torch.no_grad():
       linear.weight.copy_(torch.from_numpy(kernel[h].T.copy()))
       linear.bias.copy_(torch.from_numpy(bias[h].copy()))
-    optimizer = torch.optim.SGD(linear.parameters(), lr=base_lr * batch_size / 256.0,
-                                momentum=0.9, weight_decay=0)
+    optimizer = torch.optim.SGD(linear.parameters(),
+                                lr=base_lr * batch_size / 256.0,
+                                momentum=0.9,
+                                weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
     head_losses = []
     for epoch in range(epochs):
@@ -107,20 +112,29 @@ def torch_problem():
   base_lrs = (2.0, 16.0)
   heads = linear_eval.init_heads(jax.random.key(3), base_lrs, dim, num_classes)
   heads['bias'] = jnp.asarray(rng.normal(scale=0.1, size=(2, num_classes)), jnp.float32)
-  return dict(features=features, labels=labels, orders=orders, base_lrs=base_lrs, heads=heads,
-              batch_size=batch_size, epochs=epochs)
+  return dict(features=features,
+              labels=labels,
+              orders=orders,
+              base_lrs=base_lrs,
+              heads=heads,
+              batch_size=batch_size,
+              epochs=epochs)
 
 
 def batch_of(problem, rows):
-  return {'image': problem['features'][rows], 'label': problem['labels'][rows].astype(np.int32),
-          'mask': np.ones(len(rows), bool)}
+  return {
+      'image': problem['features'][rows],
+      'label': problem['labels'][rows].astype(np.int32),
+      'mask': np.ones(len(rows), bool)
+  }
 
 
 def train_jax(problem, train_step):
   heads, losses = problem['heads'], []
-  optimizer = linear_eval.make_optimizer(
-      problem['base_lrs'], batch_size=problem['batch_size'],
-      steps_per_epoch=len(problem['orders'][0]), epochs=problem['epochs'])
+  optimizer = linear_eval.make_optimizer(problem['base_lrs'],
+                                         batch_size=problem['batch_size'],
+                                         steps_per_epoch=len(problem['orders'][0]),
+                                         epochs=problem['epochs'])
   opt_state = optimizer.init(heads)
   step = train_step(optimizer)
   for order in problem['orders']:
@@ -135,10 +149,14 @@ def test_training_matches_pytorch_sgd_with_per_epoch_cosine(torch_problem):
   heads, losses = train_jax(
       torch_problem, lambda opt: jax.jit(linear_eval.make_train_step(identity_features, opt)))
   start = torch_problem['heads']
-  expected, expected_losses = torch_reference(
-      np.asarray(start['kernel']), np.asarray(start['bias']), torch_problem['base_lrs'],
-      torch_problem['features'], torch_problem['labels'], torch_problem['orders'],
-      batch_size=torch_problem['batch_size'], epochs=torch_problem['epochs'])
+  expected, expected_losses = torch_reference(np.asarray(start['kernel']),
+                                              np.asarray(start['bias']),
+                                              torch_problem['base_lrs'],
+                                              torch_problem['features'],
+                                              torch_problem['labels'],
+                                              torch_problem['orders'],
+                                              batch_size=torch_problem['batch_size'],
+                                              epochs=torch_problem['epochs'])
   assert losses.shape == (18, 2)
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
   for h, (kernel, bias) in enumerate(expected):
@@ -165,15 +183,19 @@ def test_training_with_a_sharded_batch_matches_one_device(torch_problem):
 
 
 def test_the_backbone_gets_no_gradient():
+
   def feature_fn(params, images):
     return images * params['scale']
+
   optimizer = linear_eval.make_optimizer([1.0], batch_size=4, steps_per_epoch=1, epochs=1)
   heads = linear_eval.init_heads(jax.random.key(0), [1.0], 3, 2)
   step = linear_eval.make_train_step(feature_fn, optimizer)
   batch = {'image': jnp.ones((4, 3)), 'label': jnp.array([0, 1, 0, 1]), 'mask': jnp.ones(4, bool)}
+
   def through_backbone(scale):
     new_heads, _, _ = step(heads, optimizer.init(heads), {'scale': scale}, batch)
     return new_heads['kernel'].sum()
+
   assert float(jax.grad(through_backbone)(2.0)) == 0.0
 
 
@@ -183,8 +205,10 @@ def test_eval_counts_match_numpy(num_classes):
   features = RNG.normal(size=(num_rows, dim)).astype(np.float32)
   labels = RNG.integers(0, num_classes, num_rows).astype(np.int32)
   mask = RNG.uniform(size=num_rows) < 0.8
-  heads = {'kernel': jnp.asarray(RNG.normal(size=(num_heads, dim, num_classes)), jnp.float32),
-           'bias': jnp.asarray(RNG.normal(size=(num_heads, num_classes)), jnp.float32)}
+  heads = {
+      'kernel': jnp.asarray(RNG.normal(size=(num_heads, dim, num_classes)), jnp.float32),
+      'bias': jnp.asarray(RNG.normal(size=(num_heads, num_classes)), jnp.float32)
+  }
   eval_step = jax.jit(linear_eval.make_eval_step(identity_features))
   counts = eval_step(heads, None, {'image': features, 'label': labels, 'mask': mask})
   kernel, bias = np.asarray(heads['kernel']), np.asarray(heads['bias'])
@@ -204,6 +228,7 @@ def test_eval_counts_match_numpy(num_classes):
 
 
 # --------------------------------------------------------------------------- the training view
+
 
 def linear_view(image, seed, **overrides):
   kwargs = dict(size=16, flip=True, mean=(0.0,) * image.shape[-1], std=(1.0,) * image.shape[-1])
@@ -242,6 +267,7 @@ def test_linear_view_flips_only_when_asked():
 
 
 # --------------------------------------------------------------------------- training batches
+
 
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
@@ -298,10 +324,15 @@ def test_linear_batches_resume_with_the_tail_of_the_epoch(digits, digits_epoch0)
 def labelled_source(num_examples: int) -> datasets.Source:
   """Random 8x8 images whose label is their position, so that labels name the examples."""
   images = RNG.integers(0, 256, (num_examples, 8, 8, 1)).astype(np.uint8)
+
   def read_range(split, start, stop):
-    return tf.data.Dataset.from_tensor_slices(
-        {'image': images[start:stop], 'label': np.arange(start, stop)})
-  info = datasets.DatasetInfo(num_classes=num_examples, num_channels=1,
+    return tf.data.Dataset.from_tensor_slices({
+        'image': images[start:stop],
+        'label': np.arange(start, stop)
+    })
+
+  info = datasets.DatasetInfo(num_classes=num_examples,
+                              num_channels=1,
                               num_examples={'train': num_examples})
   return datasets.Source(info=info, read_range=read_range)
 
@@ -314,9 +345,11 @@ def small_config(shards: int = 0) -> ml_collections.ConfigDict:
 
 def test_each_epoch_is_an_order_of_every_example():
   source, config = labelled_source(40), small_config()
-  orders = [np.concatenate([batch['label'] for batch in epoch_of(source, config, epoch,
-                                                                 batch_size=4)])
-            for epoch in range(2)]
+  orders = [
+      np.concatenate([batch['label']
+                      for batch in epoch_of(source, config, epoch, batch_size=4)])
+      for epoch in range(2)
+  ]
   assert sorted(orders[0]) == sorted(orders[1]) == list(range(40))
   assert not np.array_equal(orders[0], orders[1])
 
@@ -324,8 +357,10 @@ def test_each_epoch_is_an_order_of_every_example():
 def test_linear_batches_do_not_depend_on_the_process_count():
   source, config = labelled_source(42), small_config(shards=2)
   single = epoch_of(source, config, 3, batch_size=6)
-  parts = [epoch_of(source, config, 3, batch_size=6, process_index=index, process_count=2)
-           for index in range(2)]
+  parts = [
+      epoch_of(source, config, 3, batch_size=6, process_index=index, process_count=2)
+      for index in range(2)
+  ]
   assert len(single) == len(parts[0]) == len(parts[1]) == 7
   for whole, first, second in zip(single, *parts):
     assert first['image'].shape == (3, 8, 8, 1)

@@ -18,9 +18,11 @@ from tests.torch_vit import VisionTransformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 epochs of 1347 // 64 = 21 steps on digits; heads checkpointed every 5 steps.
-OPTIONS = ['--config.eval.linear_epochs=2', '--config.eval.linear_batch_size=64',
-           '--config.eval.linear_lrs=(0.1,1.0)', '--config.eval.n_last_blocks=2',
-           '--config.checkpoint_every_steps=5', '--config.log_every_steps=5']
+OPTIONS = [
+    '--config.eval.linear_epochs=2', '--config.eval.linear_batch_size=64',
+    '--config.eval.linear_lrs=(0.1,1.0)', '--config.eval.n_last_blocks=2',
+    '--config.checkpoint_every_steps=5', '--config.log_every_steps=5'
+]
 TOTAL_STEPS = 2 * (1347 // 64)
 
 
@@ -37,20 +39,27 @@ def imported(tmp_path_factory):
 
 
 def _command(workdir, *extra):
-  return [sys.executable, '-m', 'kldino.main', '--mode=linear_eval', f'--workdir={workdir}',
-          *OPTIONS, *extra]
+  return [
+      sys.executable, '-m', 'kldino.main', '--mode=linear_eval', f'--workdir={workdir}', *OPTIONS,
+      *extra
+  ]
 
 
 def _run(workdir, *extra):
-  result = subprocess.run(_command(workdir, *extra), cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
+  result = subprocess.run(_command(workdir, *extra),
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=600,
+                          check=False)
   return result
 
 
 def _head_steps(workdir):
-  return sorted(int(os.path.basename(p)) for p in glob.glob(
-      os.path.join(workdir, 'linear_eval', 'step_0', 'checkpoints', '*'))
-                if os.path.basename(p).isdigit())
+  return sorted(
+      int(os.path.basename(p))
+      for p in glob.glob(os.path.join(workdir, 'linear_eval', 'step_0', 'checkpoints', '*'))
+      if os.path.basename(p).isdigit())
 
 
 @pytest.fixture(scope='module')
@@ -69,8 +78,8 @@ def test_reports_every_head_and_the_best(uninterrupted):
     assert json.load(f) == printed
   assert [head['lr'] for head in printed['heads']] == [0.1, 1.0]
   best = max(printed['heads'], key=lambda head: head['top1'])
-  assert (printed['linear_top1'], printed['linear_top5'], printed['linear_lr']) == (
-      best['top1'], best['top5'], best['lr'])
+  assert (printed['linear_top1'], printed['linear_top5'],
+          printed['linear_lr']) == (best['top1'], best['top5'], best['lr'])
   for head in printed['heads']:
     assert 0.0 <= head['top1'] <= head['top5'] <= 1.0
   # 42 steps on a random ViT's features: clearly above chance (0.1) on 10 classes.
@@ -83,8 +92,11 @@ def test_reports_every_head_and_the_best(uninterrupted):
 def test_kill_9_and_rerun_give_the_same_json(imported, uninterrupted, tmp_path):
   workdir = str(tmp_path / 'killed')
   shutil.copytree(imported, workdir)
-  process = subprocess.Popen(_command(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(_command(workdir),
+                             cwd=REPO,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE,
+                             text=True)
   deadline = time.time() + 300
   while not any(5 <= step < TOTAL_STEPS for step in _head_steps(workdir)):
     assert process.poll() is None, process.communicate()[1][-3000:]

@@ -18,16 +18,29 @@ from kldino.models.vit import Attention
 
 def micro_vit(drop_path_rate=0.0, seed=0):
   # Tests share these widths (32 -> 96, 32, 128, 8, 16): each new shape costs a compile.
-  return ViT(patch_size=4, dim=32, depth=3, num_heads=4, drop_path_rate=drop_path_rate,
-             in_channels=1, image_size=16, rngs=nnx.Rngs(seed))
+  return ViT(patch_size=4,
+             dim=32,
+             depth=3,
+             num_heads=4,
+             drop_path_rate=drop_path_rate,
+             in_channels=1,
+             image_size=16,
+             rngs=nnx.Rngs(seed))
 
 
 def model_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      name='convnet_small', patch_size=4, stem='patch', drop_path=0.1, num_prototypes=16,
-      head_hidden_dim=32,
-      head_bottleneck_dim=8, head_num_layers=3, head_norm='batch', prototypes='learned',
-      prototype_init_std=1.0))
+  config = ml_collections.ConfigDict(
+      dict(name='convnet_small',
+           patch_size=4,
+           stem='patch',
+           drop_path=0.1,
+           num_prototypes=16,
+           head_hidden_dim=32,
+           head_bottleneck_dim=8,
+           head_num_layers=3,
+           head_norm='batch',
+           prototypes='learned',
+           prototype_init_std=1.0))
   config.update(overrides)
   return config
 
@@ -44,6 +57,7 @@ def images(shape, seed=0):
 
 # ---------------------------------------------------------------------------------------- ViT
 
+
 def test_vit_feature_shape_for_global_local_and_rectangular_crops():
   vit = micro_vit()
   assert vit.num_features == 32
@@ -57,8 +71,7 @@ def test_vit_rejects_sizes_not_divisible_by_patch():
   with pytest.raises(ValueError, match='multiple of patch_size=4'):
     micro_vit()(images((2, 10, 16, 1)))
   with pytest.raises(ValueError, match='multiple of patch_size=4'):
-    ViT(patch_size=4, dim=32, depth=1, num_heads=4, in_channels=1, image_size=18,
-        rngs=nnx.Rngs(0))
+    ViT(patch_size=4, dim=32, depth=1, num_heads=4, in_channels=1, image_size=18, rngs=nnx.Rngs(0))
 
 
 def keys_cubic(distance):
@@ -109,10 +122,11 @@ def test_attention_matches_numpy_multi_head_attention():
     linear.kernel[...] = images(linear.kernel.shape, seed) * 0.3
     linear.bias[...] = images(linear.bias.shape, seed + 10) * 0.3
   tokens = images((2, 5, 32), 4)
-  expected = numpy_attention(
-      np.asarray(tokens, np.float64), *(np.asarray(p[...], np.float64) for p in (
-          attention.qkv.kernel, attention.qkv.bias, attention.proj.kernel,
-          attention.proj.bias)), num_heads=4)
+  expected = numpy_attention(np.asarray(tokens, np.float64),
+                             *(np.asarray(p[...], np.float64)
+                               for p in (attention.qkv.kernel, attention.qkv.bias,
+                                         attention.proj.kernel, attention.proj.bias)),
+                             num_heads=4)
   np.testing.assert_allclose(attention(tokens), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -137,7 +151,9 @@ def test_gelu_is_exact_gelu_with_its_derivative():
   values, pullback = jax.vjp(gelu, jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(values, x * phi_cdf, rtol=2e-6, atol=1e-6)
   np.testing.assert_allclose(pullback(jnp.ones(len(x), jnp.float32))[0],
-                             phi_cdf + x * phi_pdf, rtol=1e-5, atol=2e-6)
+                             phi_cdf + x * phi_pdf,
+                             rtol=1e-5,
+                             atol=2e-6)
   # DINO's nn.GELU is the exact form, not the tanh one, which differs by up to ~5e-4 here.
   assert np.max(np.abs(np.asarray(values) - np.asarray(jax.nn.gelu(x, approximate=True)))) > 1e-4
 
@@ -155,12 +171,13 @@ def test_drop_path_drops_whole_samples_and_preserves_the_mean():
 
 
 def test_vit_small_16_parameter_count_without_allocating():
-  vit = nnx.eval_shape(lambda: build_backbone(
-      model_config(name='vit_small', patch_size=16), in_channels=3, image_size=224,
-      rngs=nnx.Rngs(0)))
-  dim, depth, patch, tokens = 384, 12, 16, (224 // 16) ** 2 + 1
-  block = (2 * 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim)
-           + (dim * 4 * dim + 4 * dim) + (4 * dim * dim + dim))
+  vit = nnx.eval_shape(lambda: build_backbone(model_config(name='vit_small', patch_size=16),
+                                              in_channels=3,
+                                              image_size=224,
+                                              rngs=nnx.Rngs(0)))
+  dim, depth, patch, tokens = 384, 12, 16, (224 // 16)**2 + 1
+  block = (2 * 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + (dim * 4 * dim + 4 * dim) +
+           (4 * dim * dim + dim))
   expected = (patch * patch * 3 * dim + dim) + dim + tokens * dim + depth * block + 2 * dim
   count = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(vit, nnx.Param)))
   assert count == expected
@@ -169,8 +186,11 @@ def test_vit_small_16_parameter_count_without_allocating():
 
 # ------------------------------------------------------------------------------- convolutional
 
+
 def test_convnet_small_shapes_on_16_and_8_pixels_and_size():
-  convnet = build_backbone(model_config(name='convnet_small'), in_channels=1, image_size=16,
+  convnet = build_backbone(model_config(name='convnet_small'),
+                           in_channels=1,
+                           image_size=16,
                            rngs=nnx.Rngs(0))
   assert convnet.num_features == 128
   for size in (16, 8):
@@ -182,12 +202,13 @@ def test_convnet_small_shapes_on_16_and_8_pixels_and_size():
 
 
 def test_convnet_feature_does_not_depend_on_the_rest_of_the_batch():
-  convnet = ResNet(in_channels=1, drop_path_rate=0.1, rngs=nnx.Rngs(0),
+  convnet = ResNet(in_channels=1,
+                   drop_path_rate=0.1,
+                   rngs=nnx.Rngs(0),
                    **CONVNET_SIZES['convnet_small'])
   x, others = images((3, 8, 8, 1)), images((3, 8, 8, 1), seed=1)
   mixed = jnp.concatenate([x[:1], 10.0 * others[1:]])
-  np.testing.assert_allclose(run(convnet, mixed)[:1], run(convnet, x)[:1], rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(run(convnet, mixed)[:1], run(convnet, x)[:1], rtol=1e-5, atol=1e-5)
   assert not np.allclose(run(convnet, x, jax.random.key(3)), run(convnet, x), atol=1e-4)
 
 
@@ -204,9 +225,12 @@ def test_resnet_shapes(name, features):
 
 # ------------------------------------------------------------------------------------ registry
 
+
 def test_registry_names_and_unknown_name():
-  assert {'vit_micro', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'convnet_small',
-          'resnet18', 'resnet50'} <= set(BACKBONES)
+  assert {
+      'vit_micro', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'convnet_small', 'resnet18',
+      'resnet50'
+  } <= set(BACKBONES)
   with pytest.raises(ValueError, match="unknown model 'nope': choose one of .*vit_small"):
     build_backbone(model_config(name='nope'), in_channels=1, image_size=16, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='registered twice'):
@@ -256,8 +280,10 @@ def test_conv_stem_gives_the_patch_grid_and_refuses_other_patch_sizes():
   assert tokens.shape == (2, 4, 4, model.backbone.num_features)
   assert run(model.backbone, jnp.ones((2, 8, 8, 1))).shape == (2, model.backbone.num_features)
   with pytest.raises(ValueError, match='power-of-two patch_size'):
-    build_model(model_config(name='vit_nano', stem='conv', patch_size=3), in_channels=1,
-                image_size=12, rngs=nnx.Rngs(0))
+    build_model(model_config(name='vit_nano', stem='conv', patch_size=3),
+                in_channels=1,
+                image_size=12,
+                rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('name', ['vit_nano', 'convnet_small'])
@@ -272,7 +298,8 @@ def test_remat_gives_the_same_features_and_gradients(name):
   images = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 1))
 
   def loss(graphdef, p):
-    return jnp.sum(forward.backbone_features(graphdef, p, images) ** 2)
+    return jnp.sum(forward.backbone_features(graphdef, p, images)**2)
+
   np.testing.assert_allclose(loss(rematted, params), loss(plain, params), rtol=1e-6)
   grads = [jax.grad(lambda p, g=g: loss(g, p))(params) for g in (plain, rematted)]
   for a, b in zip(*map(jax.tree.leaves, grads)):

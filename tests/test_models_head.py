@@ -17,7 +17,11 @@ from kldino.models.layers import l2_normalize
 
 def head(**overrides):
   # The widths of test_models.py's models: each new shape costs a compile.
-  args = dict(hidden_dim=32, bottleneck_dim=8, num_layers=3, num_prototypes=16, norm='batch',
+  args = dict(hidden_dim=32,
+              bottleneck_dim=8,
+              num_layers=3,
+              num_prototypes=16,
+              norm='batch',
               rngs=nnx.Rngs(0))
   args.update(overrides)
   return DINOHead(32, **args)
@@ -34,8 +38,8 @@ def test_masked_batch_norm_matches_numpy_over_the_masked_rows():
   x = randn((9, 5), 3) * 4 + 3
   mask = np.array([1, 1, 0, 1, 1, 0, 1, 0, 1], bool)
   real = x[mask]
-  expected = ((x - real.mean(0)) / np.sqrt(real.var(0) + 1e-5) * np.asarray(norm.scale[...])
-              + np.asarray(norm.bias[...]))
+  expected = ((x - real.mean(0)) / np.sqrt(real.var(0) + 1e-5) * np.asarray(norm.scale[...]) +
+              np.asarray(norm.bias[...]))
   out = norm(jnp.asarray(x), jnp.asarray(mask))
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(norm(jnp.asarray(x)), norm(jnp.asarray(x), jnp.ones(9, bool)))
@@ -54,8 +58,7 @@ def test_real_rows_do_not_see_the_padding_rows():
   assert not np.allclose(model.embed(jnp.asarray(padded))[:5], z[:5], atol=1e-3)
 
 
-@pytest.mark.parametrize('norm, num_layers', [('none', 3), ('batch', 2), ('layer', 3),
-                                              ('none', 1)])
+@pytest.mark.parametrize('norm, num_layers', [('none', 3), ('batch', 2), ('layer', 3), ('none', 1)])
 def test_embed_shapes_and_no_normalisation(norm, num_layers):
   model = head(norm=norm, num_layers=num_layers)
   assert len(model.layers) == num_layers
@@ -149,6 +152,7 @@ def test_the_prototype_norm_is_not_fused_into_the_logits_matmul():
 
 # ------------------------------------------------------------------------- DINO's head (PyTorch)
 
+
 def torch_dino_head(in_dim, out_dim, *, norm_last_layer, nlayers, hidden_dim, bottleneck_dim):
   """DINO's DINOHead with use_bn=False (vision_transformer.py), rebuilt from its description:
   Linear/GELU MLP with trunc-normal(.02) kernels and zero biases, applied *before* the last layer
@@ -218,8 +222,12 @@ def test_logits_and_gradients_match_dinos_head_in_pytorch(norm_last_layer, num_l
   model = head(norm='none', num_layers=num_layers, norm_last_layer=norm_last_layer)
   assert hasattr(model, 'prototype_gain') == (not norm_last_layer)
   randomise_head(model, seed=20)
-  torch_head = torch_dino_head(32, 16, norm_last_layer=norm_last_layer, nlayers=num_layers,
-                               hidden_dim=32, bottleneck_dim=8).double()
+  torch_head = torch_dino_head(32,
+                               16,
+                               norm_last_layer=norm_last_layer,
+                               nlayers=num_layers,
+                               hidden_dim=32,
+                               bottleneck_dim=8).double()
   copy_into_torch(model, torch_head)
   features = randn((6, 32), 30) * 3
   logits = model.logits(model.embed(jnp.asarray(features)))
@@ -231,22 +239,30 @@ def test_logits_and_gradients_match_dinos_head_in_pytorch(norm_last_layer, num_l
   # per-parameter clipping, AdamW and the epoch-0 freeze act on them as DINO's do.
   weights = randn((6, 16), 31)
   graphdef, params = nnx.split(model, nnx.Param)
+
   def objective(params):
     merged = nnx.merge(graphdef, params)
     return jnp.sum(merged.logits(merged.embed(jnp.asarray(features))) * weights)
+
   grads = nnx.to_pure_dict(jax.grad(objective)(params))
   (torch_logits * torch.from_numpy(weights.astype(np.float64))).sum().backward()
   weight = torch_head.last_layer.parametrizations.weight
-  np.testing.assert_allclose(grads['prototypes'], weight.original1.grad.numpy().T,
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(grads['prototypes'],
+                             weight.original1.grad.numpy().T,
+                             rtol=1e-4,
+                             atol=1e-6)
   if norm_last_layer:
     assert weight.original0.grad is None  # DINO's g is not trained
   else:
-    np.testing.assert_allclose(grads['prototype_gain'], weight.original0.grad.numpy().T,
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads['prototype_gain'],
+                               weight.original0.grad.numpy().T,
+                               rtol=1e-4,
+                               atol=1e-6)
   first = next(module for module in torch_head.mlp if isinstance(module, torch.nn.Linear))
-  np.testing.assert_allclose(grads['layers'][0]['kernel'], first.weight.grad.numpy().T,
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(grads['layers'][0]['kernel'],
+                             first.weight.grad.numpy().T,
+                             rtol=1e-4,
+                             atol=1e-6)
 
 
 def test_init_matches_dinos_head_statistics():
@@ -256,14 +272,23 @@ def test_init_matches_dinos_head_statistics():
   torch = pytest.importorskip('torch')
   torch.manual_seed(0)
   bottleneck, num_prototypes = 64, 4096
-  model = DINOHead(256, hidden_dim=256, bottleneck_dim=bottleneck, num_layers=3,
-                   num_prototypes=num_prototypes, norm_last_layer=False, rngs=nnx.Rngs(1))
-  torch_head = torch_dino_head(256, num_prototypes, norm_last_layer=False, nlayers=3,
-                               hidden_dim=256, bottleneck_dim=bottleneck)
+  model = DINOHead(256,
+                   hidden_dim=256,
+                   bottleneck_dim=bottleneck,
+                   num_layers=3,
+                   num_prototypes=num_prototypes,
+                   norm_last_layer=False,
+                   rngs=nnx.Rngs(1))
+  torch_head = torch_dino_head(256,
+                               num_prototypes,
+                               norm_last_layer=False,
+                               nlayers=3,
+                               hidden_dim=256,
+                               bottleneck_dim=bottleneck)
   torch_linears = [module for module in torch_head.mlp if isinstance(module, torch.nn.Linear)]
   kernels = np.concatenate([np.ravel(layer.kernel[...]) for layer in model.layers])
-  torch_kernels = np.concatenate([linear.weight.detach().numpy().ravel()
-                                  for linear in torch_linears])
+  torch_kernels = np.concatenate(
+      [linear.weight.detach().numpy().ravel() for linear in torch_linears])
   for values in (kernels, torch_kernels):
     assert abs(values.std() / 0.02 - 1) < 0.02 and abs(values.mean()) < 2e-4
   assert all(not np.any(layer.bias[...]) for layer in model.layers)
@@ -303,10 +328,18 @@ def test_gain_scales_the_cosines():
 
 def old_model_config(**overrides):
   """A model config written before head_init and norm_last_layer existed."""
-  config = ml_collections.ConfigDict(dict(
-      name='convnet_small', patch_size=4, stem='patch', drop_path=0.1, num_prototypes=16,
-      head_hidden_dim=32, head_bottleneck_dim=8, head_num_layers=3, head_norm='batch',
-      prototypes='learned', prototype_init_std=1.0))
+  config = ml_collections.ConfigDict(
+      dict(name='convnet_small',
+           patch_size=4,
+           stem='patch',
+           drop_path=0.1,
+           num_prototypes=16,
+           head_hidden_dim=32,
+           head_bottleneck_dim=8,
+           head_num_layers=3,
+           head_norm='batch',
+           prototypes='learned',
+           prototype_init_std=1.0))
   config.update(overrides)
   return config
 

@@ -27,23 +27,33 @@ def _free_port() -> int:
 def _overrides(root):
   # 129 training images: the two processes' shards (65 and 64) are uneven, and the sweep's last
   # batch of 48 is padded.
-  return ['--config=configs/smoke.py', '--config.data.name=folder', f'--config.data.path={root}',
-          '--config.sweep_batch_size=48', '--config.eval.batch_size=64',
-          '--config.data.shards=2',  # the single process reads both shards: the same batches
-          # Without batch statistics in the head every parameter has a real gradient: biases
-          # before a batch norm get only rounding noise, which Adam turns into full-size steps.
-          '--config.model.head_norm=none']
+  return [
+      '--config=configs/smoke.py',
+      '--config.data.name=folder',
+      f'--config.data.path={root}',
+      '--config.sweep_batch_size=48',
+      '--config.eval.batch_size=64',
+      '--config.data.shards=2',  # the single process reads both shards: the same batches
+      # Without batch statistics in the head every parameter has a real gradient: biases
+      # before a batch norm get only rounding noise, which Adam turns into full-size steps.
+      '--config.model.head_norm=none'
+  ]
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                                    '--xla_backend_optimization_level=0')
+  return dict(os.environ,
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+              '--xla_backend_optimization_level=0')
 
 
 def _launch(workdir, root, devices, extra=()):
   return subprocess.Popen(
       [sys.executable, '-m', 'kldino.main', f'--workdir={workdir}', *_overrides(root), *extra],
-      cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO,
+      env=_env(devices),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True)
 
 
 def _finish(process):
@@ -68,17 +78,21 @@ def runs(tmp_path_factory):
   single_dir = str(tmp_path_factory.mktemp('single'))
   multi_dir = str(tmp_path_factory.mktemp('multi'))
   port = _free_port()
-  processes = [_launch(multi_dir, root, 2, [f'--coordinator_address=localhost:{port}',
-                                            '--num_processes=2', f'--process_id={index}'])
-               for index in range(2)]
+  processes = [
+      _launch(
+          multi_dir, root, 2,
+          [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={index}'])
+      for index in range(2)
+  ]
   multi = [_finish(process) for process in processes]
   single = _finish(_launch(single_dir, root, 4))
   return root, single_dir, single, multi_dir, multi
 
 
 def _sweep_counts(stderr):
-  return [int(count) for count in re.findall(r'prior sweep before epoch \d+: (\d+) examples',
-                                             stderr)]
+  return [
+      int(count) for count in re.findall(r'prior sweep before epoch \d+: (\d+) examples', stderr)
+  ]
 
 
 def test_two_processes_equal_one_process_with_four_devices(runs):
@@ -96,8 +110,9 @@ def test_two_processes_equal_one_process_with_four_devices(runs):
   for (path, single_leaf), multi_leaf in zip(single_leaves, jax.tree.leaves(multi_state)):
     single_leaf, multi_leaf = np.asarray(single_leaf, np.float64), np.asarray(multi_leaf)
     difference = np.linalg.norm(multi_leaf - single_leaf)
-    assert difference <= 1e-2 * np.linalg.norm(single_leaf) + 1e-7, (
-        jax.tree_util.keystr(path), difference, np.linalg.norm(single_leaf))
+    assert difference <= 1e-2 * np.linalg.norm(single_leaf) + 1e-7, (jax.tree_util.keystr(path),
+                                                                     difference,
+                                                                     np.linalg.norm(single_leaf))
   # Only process 0 prints the JSON line; both runs report the same evaluation.
   assert not [line for line in multi[1][0].splitlines() if line.startswith('{')]
   single_results = json.loads(single[0].strip().splitlines()[-1])

@@ -1,5 +1,4 @@
 """Every normalisation against an independent numpy implementation of its formula."""
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -16,9 +15,15 @@ def np_softmax(x, axis=-1):
 
 
 def objective_config(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      normalization='prior', prior_source='sweep', prior_eps=1e-6, prior_momentum=0.9,
-      center_momentum=0.9, sinkhorn_iters=3, student_temp=0.1, teacher_temp=0.04))
+  cfg = ml_collections.ConfigDict(
+      dict(normalization='prior',
+           prior_source='sweep',
+           prior_eps=1e-6,
+           prior_momentum=0.9,
+           center_momentum=0.9,
+           sinkhorn_iters=3,
+           student_temp=0.1,
+           teacher_temp=0.04))
   cfg.update(overrides)
   return cfg
 
@@ -80,7 +85,9 @@ def test_center_targets_and_update():
   state = {'log_prior': jnp.zeros(7), 'center': jnp.asarray(center)}
   norm = objective.get_normalization(cfg)
   np.testing.assert_allclose(norm.targets(jnp.asarray(logits), state, temp, cfg),
-                             np_softmax((logits - center) / temp), rtol=2e-4, atol=1e-6)
+                             np_softmax((logits - center) / temp),
+                             rtol=2e-4,
+                             atol=1e-6)
   new = norm.update(state, jnp.asarray(logits), temp, cfg)
   np.testing.assert_allclose(new['center'], 0.9 * center + 0.1 * logits.mean(0), rtol=1e-5)
 
@@ -151,7 +158,8 @@ def test_mutual_information_and_jensen_gap():
   mean = probs.mean(0)
   h = lambda p: -np.sum(p * np.log(p), axis=-1)
   np.testing.assert_allclose(objective.cluster_mutual_information(jnp.asarray(probs)),
-                             h(mean) - h(probs).mean(), rtol=1e-4)
+                             h(mean) - h(probs).mean(),
+                             rtol=1e-4)
   collapsed = np.tile(probs[:1], (12, 1))
   assert abs(float(objective.cluster_mutual_information(jnp.asarray(collapsed)))) < 1e-5
 
@@ -161,8 +169,8 @@ def test_mutual_information_and_jensen_gap():
   p = np_softmax(logits / temp - log_prior)
   q = np_softmax((logits - mean_logits) / temp)
   expected = np.sum(p * (np.log(p) - np.log(q)), axis=-1)
-  got = objective.jensen_gap(jnp.asarray(logits), jnp.asarray(log_prior),
-                             jnp.asarray(mean_logits), temp)
+  got = objective.jensen_gap(jnp.asarray(logits), jnp.asarray(log_prior), jnp.asarray(mean_logits),
+                             temp)
   np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
 
 

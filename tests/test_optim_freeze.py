@@ -21,16 +21,27 @@ NUM_STEPS = 12
 FROZEN_STEPS = 5  # DINO's freeze_last_layer, in iterations
 CLIP = 1.0
 SHAPES = {
-    'backbone': {'w': (6, 5), 'bias': (5,)},
-    'head': {'layer': {'kernel': (5, 4), 'bias': (4,)},
-             'prototypes': (4, 7), 'prototype_gain': (7,)},
+    'backbone': {
+        'w': (6, 5),
+        'bias': (5,)
+    },
+    'head': {
+        'layer': {
+            'kernel': (5, 4),
+            'bias': (4,)
+        },
+        'prototypes': (4, 7),
+        'prototype_gain': (7,)
+    },
 }
 PROTOTYPE_NAMES = ('head/prototypes', 'head/prototype_gain')
 
 
 def _flat(tree):
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      jax.tree_util.keystr(path, simple=True, separator='/'): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _unflat(flat):
@@ -50,16 +61,21 @@ def _problem(seed=0):
   rng = np.random.default_rng(seed)
   shapes = _flat(jax.tree.map(np.zeros, SHAPES, is_leaf=lambda x: isinstance(x, tuple)))
   params = {name: rng.standard_normal(v.shape).astype(np.float32) for name, v in shapes.items()}
-  grads = [{name: (rng.choice([0.05, 3.0]) * rng.standard_normal(v.shape)).astype(np.float32)
-            for name, v in shapes.items()} for _ in range(NUM_STEPS)]
+  grads = [{
+      name: (rng.choice([0.05, 3.0]) * rng.standard_normal(v.shape)).astype(np.float32)
+      for name, v in shapes.items()
+  }
+           for _ in range(NUM_STEPS)]
   return params, grads
 
 
 def _schedules():
   return types.SimpleNamespace(
-      learning_rate=optax.warmup_cosine_decay_schedule(
-          init_value=1e-3, peak_value=1e-2, warmup_steps=3, decay_steps=NUM_STEPS,
-          end_value=1e-3),
+      learning_rate=optax.warmup_cosine_decay_schedule(init_value=1e-3,
+                                                       peak_value=1e-2,
+                                                       warmup_steps=3,
+                                                       decay_steps=NUM_STEPS,
+                                                       end_value=1e-3),
       weight_decay=schedules_lib.cosine_interpolation(0.04, 0.4, NUM_STEPS))
 
 
@@ -68,8 +84,13 @@ def _torch_run(params, grads, scheds, clip_mode):
   tensors = {name: torch.nn.Parameter(torch.tensor(value)) for name, value in params.items()}
   regularized = [p for p in tensors.values() if p.ndim > 1]
   not_regularized = [p for p in tensors.values() if p.ndim == 1]
-  optimizer = torch.optim.AdamW([{'params': regularized}, {'params': not_regularized,
-                                                          'weight_decay': 0.0}], foreach=False)
+  optimizer = torch.optim.AdamW([{
+      'params': regularized
+  }, {
+      'params': not_regularized,
+      'weight_decay': 0.0
+  }],
+                                foreach=False)
   assert optimizer.defaults['betas'] == (optim.ADAM_B1, optim.ADAM_B2)
   assert optimizer.defaults['eps'] == optim.ADAM_EPS
   history = []
@@ -113,8 +134,9 @@ def _kldino_run(params, grads, scheds, clip_mode):
 def _legacy_run(params, grads, scheds):
   """kldino before: one optax.adamw (one step count, moments decaying through the freeze), the
   prototypes' gradient and update zeroed while frozen."""
-  optimizer = optax.chain(optim.clip_by_param_norm(CLIP), optax.adamw(
-      scheds.learning_rate, weight_decay=scheds.weight_decay, mask=optim.decay_mask))
+  optimizer = optax.chain(
+      optim.clip_by_param_norm(CLIP),
+      optax.adamw(scheds.learning_rate, weight_decay=scheds.weight_decay, mask=optim.decay_mask))
   state_params = _unflat(params)
   opt_state = optimizer.init(state_params)
   history = []
@@ -129,8 +151,8 @@ def _legacy_run(params, grads, scheds):
 
 def test_labels_cover_every_head_prototype_key():
   labels = _flat(optim.freeze_labels(_unflat(_problem()[0])))
-  assert {name for name, label in labels.items() if label == optim.PROTOTYPES} == set(
-      PROTOTYPE_NAMES)
+  assert {name for name, label in labels.items() if label == optim.PROTOTYPES
+         } == set(PROTOTYPE_NAMES)
   other = {'backbone': {'prototypes': 0.0}, 'head': {'last': {'prototypes': 0.0}}}
   assert set(jax.tree.leaves(optim.freeze_labels(other))) == {optim.REST}
 
@@ -144,12 +166,15 @@ def test_matches_torch_adamw_with_grad_none_across_unfreeze(clip_mode):
   max_diff = 0.0
   for it in range(NUM_STEPS):
     for name in params:
-      np.testing.assert_allclose(actual[it][name], expected[it][name], rtol=1e-6, atol=1e-6,
+      np.testing.assert_allclose(actual[it][name],
+                                 expected[it][name],
+                                 rtol=1e-6,
+                                 atol=1e-6,
                                  err_msg=f'{name} after step {it}')
       max_diff = max(max_diff, float(np.max(np.abs(actual[it][name] - expected[it][name]))))
     # The prototypes' Adam count is torch's per-parameter step; the rest's is the global step.
-    assert int(optim.adam_state(states[it], optim.PROTOTYPES).count) == max(
-        0, it + 1 - FROZEN_STEPS)
+    assert int(optim.adam_state(states[it],
+                                optim.PROTOTYPES).count) == max(0, it + 1 - FROZEN_STEPS)
     assert int(optim.adam_state(states[it], optim.REST).count) == it + 1
   # Frozen: untouched (no Adam step and no weight decay); then they learn.
   for name in PROTOTYPE_NAMES:

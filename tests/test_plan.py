@@ -8,15 +8,22 @@ import sys
 from kldino import cli
 from tests.helpers import REPO
 
-_SMOKE = ['--config=configs/smoke.py', '--config.hardware.name=test-4',
-          '--config.hardware.devices=4', '--config.hardware.peak_tflops=100',
-          '--config.batch_size=64']
+_SMOKE = [
+    '--config=configs/smoke.py', '--config.hardware.name=test-4', '--config.hardware.devices=4',
+    '--config.hardware.peak_tflops=100', '--config.batch_size=64'
+]
 
 
 def _plan(*overrides):
-  result = subprocess.run([sys.executable, '-m', 'kldino.main', '--mode=plan', *_SMOKE,
-                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          check=False, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = subprocess.run([sys.executable, '-m', 'kldino.main', '--mode=plan', *_SMOKE, *overrides],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=600,
+                          check=False,
+                          env={
+                              **os.environ, 'JAX_PLATFORMS': 'cpu'
+                          })
   lines = result.stdout.strip().splitlines()
   plan = json.loads(lines[-1]) if lines and lines[-1].startswith('{') else None
   return result, plan

@@ -20,7 +20,10 @@ def _png(path):
 
 def test_preview_of_digits_equals_the_evaluation_pipeline(tmp_path):
   config = smoke_config()
-  written = commands.preview(config, str(tmp_path), output=str(tmp_path / 'p'), split='test',
+  written = commands.preview(config,
+                             str(tmp_path),
+                             output=str(tmp_path / 'p'),
+                             split='test',
                              num_images=3)
   out = tmp_path / 'p'
   assert written['num_images'] == 3 and os.path.isfile(out / 'preview.png')
@@ -28,8 +31,8 @@ def test_preview_of_digits_equals_the_evaluation_pipeline(tmp_path):
   source = datasets.get_source(config.data)
   batch = next(pipeline.eval_batches(source, 'test', config, batch_size=8))
   assert [entry['label'] for entry in index] == batch['label'][:3].tolist()
-  assert [entry['file'] for entry in index] == ['digits:test[0]', 'digits:test[1]',
-                                                'digits:test[2]']
+  assert [entry['file'] for entry in index
+         ] == ['digits:test[0]', 'digits:test[1]', 'digits:test[2]']
   for i in range(3):
     expected = np.round(np.clip(batch['image'][i] * 0.5 + 0.5, 0, 1) * 255).astype(np.uint8)
     np.testing.assert_array_equal(_png(out / f'{i}_eval.png'), expected[..., 0])
@@ -52,8 +55,11 @@ def test_preview_of_a_jpeg_folder_names_the_files(tmp_path):
   os.symlink(tmp_path / 'root' / 'val' / 'cat', tmp_path / 'root' / 'train' / 'cat')
   os.symlink(tmp_path / 'root' / 'val' / 'dog', tmp_path / 'root' / 'train' / 'dog')
   config = smoke_config()
-  config.data.update(name='folder', path=str(tmp_path / 'root'), eval_split='val',
-                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+  config.data.update(name='folder',
+                     path=str(tmp_path / 'root'),
+                     eval_split='val',
+                     mean=(0.5, 0.5, 0.5),
+                     std=(0.25, 0.25, 0.25))
   commands.preview(config, str(tmp_path), output=str(tmp_path / 'p'), split=None, num_images=5)
   index = json.loads((tmp_path / 'p' / 'index.json').read_text())
   assert sorted(entry['file'] for entry in index) == sorted(files)
@@ -64,10 +70,15 @@ def test_preview_of_a_jpeg_folder_names_the_files(tmp_path):
 
 
 def test_preview_needs_an_output_folder(tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'kldino.main', '--mode=preview', '--config=configs/smoke.py',
-       f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=300,
-      check=False)
+  result = subprocess.run([
+      sys.executable, '-m', 'kldino.main', '--mode=preview', '--config=configs/smoke.py',
+      f'--workdir={tmp_path}'
+  ],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=300,
+                          check=False)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       'kldino: --mode=preview needs --output=DIR (where the PNGs and index.json go)')

@@ -32,20 +32,26 @@ def test_ops_are_attributed_to_the_kldino_line_that_emitted_them():
   _, text = _compiled(l2_normalize, jnp.ones((8, 16)))
   sources = {op.source for op in profiling.hlo_ops(text).values()} - {''}
   assert sources, 'no op was traced back to kldino/models/layers.py'
-  assert all(source.startswith('models/layers.py:') and 'l2_normalize' in source
-             for source in sources)
+  assert all(
+      source.startswith('models/layers.py:') and 'l2_normalize' in source for source in sources)
 
 
 def test_breakdown_sums_per_call_and_ranks_the_slowest_first():
-  ops = {'dot.1': profiling.HloOp('dot', 'matmul', 'models/vit.py:10 f'),
-         'fusion.2': profiling.HloOp('fusion', 'elementwise', 'models/vit.py:20 g'),
-         'copy.3': profiling.HloOp('copy', 'layout', '')}
+  ops = {
+      'dot.1': profiling.HloOp('dot', 'matmul', 'models/vit.py:10 f'),
+      'fusion.2': profiling.HloOp('fusion', 'elementwise', 'models/vit.py:20 g'),
+      'copy.3': profiling.HloOp('copy', 'layout', '')
+  }
   times_us = {'dot.1': 6000.0, 'fusion.2': 3000.0, 'copy.3': 1000.0, 'unknown.4': 2000.0}
   result = profiling.breakdown(times_us, ops, calls=2)
   np.testing.assert_allclose(result['busy_ms'], 6.0)  # 12 ms over 2 calls
   np.testing.assert_allclose(sum(result['by_category_ms'].values()), 6.0)
-  assert result['by_category_ms'] == pytest.approx(
-      {'matmul': 3.0, 'elementwise': 1.5, 'layout': 0.5, 'other': 1.0})
+  assert result['by_category_ms'] == pytest.approx({
+      'matmul': 3.0,
+      'elementwise': 1.5,
+      'layout': 0.5,
+      'other': 1.0
+  })
   assert list(result['by_category_ms'])[0] == 'matmul'
   assert result['by_source_ms']['(no source frame)'] == pytest.approx(1.5)
   assert list(result['top_ops_ms'])[0].startswith('dot.1 (matmul')

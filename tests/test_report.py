@@ -18,7 +18,8 @@ def _logged(workdir, tag):
     if name.startswith('events.out.tfevents'):
       for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
         values += [(event.step, float(tf.make_ndarray(v.tensor)))
-                   for v in event.summary.value if v.tag == tag]
+                   for v in event.summary.value
+                   if v.tag == tag]
   return [value for _, value in sorted(values)]
 
 
@@ -27,10 +28,11 @@ def study(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('folder'))
   write_folder(root)
   study_dir = str(tmp_path_factory.mktemp('study'))
-  variants = {'prior': dict(normalization='prior'),
-              'prior_hot': dict(normalization='prior', teacher_temp=0.1,
-                                warmup_teacher_temp=0.1),
-              'none': dict(normalization='none')}
+  variants = {
+      'prior': dict(normalization='prior'),
+      'prior_hot': dict(normalization='prior', teacher_temp=0.1, warmup_teacher_temp=0.1),
+      'none': dict(normalization='none')
+  }
   for name, objective in variants.items():
     config = tiny_config()
     config.data.name, config.data.path = 'folder', root
@@ -72,9 +74,10 @@ def test_table_and_plots_hold_the_logged_values(study):
       np.testing.assert_allclose(plotted['sweep_curves.png'][tag][name], logged)
   gaps = plotted['gap_vs_temperature.png']
   assert gaps['teacher_temp'] == [0.04, 0.1]
-  np.testing.assert_allclose(
-      gaps['jensen_gap'], [np.mean(_logged(os.path.join(study_dir, n), 'sweep/jensen_gap'))
-                           for n in ('prior', 'prior_hot')])
+  np.testing.assert_allclose(gaps['jensen_gap'], [
+      np.mean(_logged(os.path.join(study_dir, n), 'sweep/jensen_gap'))
+      for n in ('prior', 'prior_hot')
+  ])
   assert '`none` collapses' in text and 'inverse-prior normalisation prevents collapse' in text
 
 

@@ -29,8 +29,10 @@ def _abstract_train_step(config, batch_size, num_local):
   init_fn = step.make_init_fn(config, 3, optimizer)
   abstract_state = jax.eval_shape(init_fn, 0)
   train_step = step.make_train_step(graphdef, config, scheds, optimizer)
-  batch = {'global_crops': jax.ShapeDtypeStruct((batch_size, 2, 224, 224, 3), jnp.float32),
-           'local_crops': jax.ShapeDtypeStruct((batch_size, num_local, 96, 96, 3), jnp.float32)}
+  batch = {
+      'global_crops': jax.ShapeDtypeStruct((batch_size, 2, 224, 224, 3), jnp.float32),
+      'local_crops': jax.ShapeDtypeStruct((batch_size, num_local, 96, 96, 3), jnp.float32)
+  }
   return train_step, init_fn, abstract_state, abstract_params, batch
 
 
@@ -70,8 +72,9 @@ def test_fsdp_on_8_devices_holds_an_eighth_of_the_state():
   jitted = step.jit_train_step(train_step, shardings, mesh)
   state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                        abstract_state, shardings)
-  batch = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
-      leaf.shape, leaf.dtype, sharding=sharding.batch_sharding(mesh)), batch)
+  batch = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(
+          leaf.shape, leaf.dtype, sharding=sharding.batch_sharding(mesh)), batch)
   memory = jitted.lower(state, batch).compile().memory_analysis()
   replicated_per_device = _state_bytes(abstract_state)  # ViT-S/16 + K=65536 head: ~704 MB
   assert replicated_per_device > 600e6
@@ -86,8 +89,9 @@ def test_bf16_compute_keeps_float32_parameters_and_gradients():
   graphdef, _ = step.build_graphdef(config, 1)
   config_bf16 = tiny_config(compute_dtype='bfloat16')
   graphdef_bf16, _ = step.build_graphdef(config_bf16, 1)
-  state = jax.jit(step.make_init_fn(config, 1, optim.make_optimizer(
-      config.optim, schedules.make_schedules(config, 10))), static_argnums=0)(0)
+  state = jax.jit(step.make_init_fn(
+      config, 1, optim.make_optimizer(config.optim, schedules.make_schedules(config, 10))),
+                  static_argnums=0)(0)
   images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 16, 1)), jnp.float32)
   features = forward.backbone_features(graphdef, state.teacher, images)
   features_bf16 = forward.backbone_features(graphdef_bf16, state.teacher, images)
@@ -96,7 +100,8 @@ def test_bf16_compute_keeps_float32_parameters_and_gradients():
   assert not np.array_equal(np.asarray(features_bf16), np.asarray(features))  # really bf16
 
   def loss(params):
-    return jnp.sum(forward.teacher_logits(graphdef_bf16, params, images) ** 2)
+    return jnp.sum(forward.teacher_logits(graphdef_bf16, params, images)**2)
+
   grads = jax.grad(loss)(state.student)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
   assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(grads))

@@ -33,8 +33,8 @@ def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
-@pytest.mark.parametrize('normalization, source', [
-    ('prior', 'batch'), ('center', 'sweep'), ('sinkhorn', 'sweep'), ('teacher_bn', 'sweep')])
+@pytest.mark.parametrize('normalization, source', [('prior', 'batch'), ('center', 'sweep'),
+                                                   ('sinkhorn', 'sweep'), ('teacher_bn', 'sweep')])
 def test_eight_devices_match_one(normalization, source):
   config = tiny_config()
   config.objective.normalization = normalization
@@ -71,8 +71,7 @@ def test_prototypes_frozen_during_first_epoch_then_learn():
                          state.student['backbone']['cls_token'])
   config.optim.freeze_prototypes_epochs = 0
   initial, state, _, _ = run_steps(config, jax.devices()[:1], num_steps=2)
-  assert not np.allclose(initial.student['head']['prototypes'],
-                         state.student['head']['prototypes'])
+  assert not np.allclose(initial.student['head']['prototypes'], state.student['head']['prototypes'])
 
 
 def test_fixed_prototypes_never_learn():

@@ -1,6 +1,5 @@
 """The prior sweep counts every example exactly once, whatever the dataset and batch sizes."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,8 +18,7 @@ def padded_batches(images, batch_size):
     chunk = images[start:start + batch_size]
     pad = batch_size - len(chunk)
     garbage = np.full((pad, *images.shape[1:]), 1e3, np.float32)  # would dominate if counted
-    yield {'image': np.concatenate([chunk, garbage]),
-           'mask': np.arange(batch_size) < len(chunk)}
+    yield {'image': np.concatenate([chunk, garbage]), 'mask': np.arange(batch_size) < len(chunk)}
 
 
 @pytest.mark.parametrize('num_examples, batch_size', [(37, 16), (64, 16), (5, 8)])
@@ -29,8 +27,9 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
   mesh = sharding.make_mesh(config.mesh)  # 8 devices
   scheds = schedules.make_schedules(config, 10)
   graphdef, _ = step.build_graphdef(config, in_channels=1)
-  init, shardings = step.jit_init(step.make_init_fn(config, 1, optim.make_optimizer(
-      config.optim, scheds)), mesh, config.mesh.fsdp_min_size)
+  init, shardings = step.jit_init(
+      step.make_init_fn(config, 1, optim.make_optimizer(config.optim, scheds)), mesh,
+      config.mesh.fsdp_min_size)
   teacher = init(0).teacher
   accumulate, _, _ = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
   images = np.random.default_rng(0).standard_normal((num_examples, 16, 16, 1)).astype(np.float32)
@@ -40,8 +39,8 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
     sums = accumulate(sums, teacher, sharding.global_batch(batch, mesh), temp)
   sums = jax.device_get(sums)
 
-  logits = np.asarray(jax.jit(lambda p, x: forward.teacher_logits(graphdef, p, x))(
-      jax.device_get(teacher), images))
+  logits = np.asarray(
+      jax.jit(lambda p, x: forward.teacher_logits(graphdef, p, x))(jax.device_get(teacher), images))
   probs = np_softmax(logits / temp)
   assert sums['count'] == num_examples
   np.testing.assert_allclose(sums['prob_sum'][0], probs.sum(0), rtol=1e-4, atol=1e-5)
@@ -63,8 +62,8 @@ def test_period_temperatures_mean_first_last():
   # Within one epoch the temperature is constant (a prior pass every epoch never drifts).
   np.testing.assert_allclose(sweep.period_temperatures(warmup, 10, 20), [0.05], rtol=1e-6)
   temps = np.repeat([0.05, 0.06, 0.07, 0.07], 10)  # steps 10..49
-  np.testing.assert_allclose(sweep.period_temperatures(warmup, 10, 50),
-                             [temps.mean(), 0.05, 0.07], rtol=1e-6)
+  np.testing.assert_allclose(sweep.period_temperatures(warmup, 10, 50), [temps.mean(), 0.05, 0.07],
+                             rtol=1e-6)
   np.testing.assert_allclose(sweep.period_temperatures(warmup, 30, 50), [0.07])
 
 
@@ -72,8 +71,10 @@ def test_prior_rows_and_drift_equal_numpy():
   config = tiny_config(head_norm='layer')
   mesh = sharding.make_mesh(config.mesh)
   graphdef, _ = step.build_graphdef(config, in_channels=1)
-  init, shardings = step.jit_init(step.make_init_fn(config, 1, optim.make_optimizer(
-      config.optim, schedules.make_schedules(config, 10))), mesh, config.mesh.fsdp_min_size)
+  init, shardings = step.jit_init(
+      step.make_init_fn(config, 1,
+                        optim.make_optimizer(config.optim, schedules.make_schedules(config, 10))),
+      mesh, config.mesh.fsdp_min_size)
   teacher = init(0).teacher
   accumulate, _, drift_accumulate = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
   images = np.random.default_rng(2).standard_normal((21, 16, 16, 1)).astype(np.float32)
@@ -82,12 +83,15 @@ def test_prior_rows_and_drift_equal_numpy():
   batches = [sharding.global_batch(batch, mesh) for batch in padded_batches(images, 16)]
   for batch in batches:
     sums = accumulate(sums, teacher, batch, temps)
-  logits = np.asarray(jax.jit(lambda p, x: forward.teacher_logits(graphdef, p, x))(
-      jax.device_get(teacher), images)).astype(np.float64)
+  logits = np.asarray(
+      jax.jit(lambda p, x: forward.teacher_logits(graphdef, p, x))(jax.device_get(teacher),
+                                                                   images)).astype(np.float64)
   log_priors = []
   for row, temp in enumerate(temps):
     np.testing.assert_allclose(np.asarray(sums['prob_sum'])[row],
-                               np_softmax(logits / temp).sum(0), rtol=1e-4, atol=1e-5)
+                               np_softmax(logits / temp).sum(0),
+                               rtol=1e-4,
+                               atol=1e-5)
     log_priors.append(np.asarray(sweep.summarise(sums, 1e-6, row)['log_prior'], np.float64))
   drift = sweep.init_drift_sums()
   for batch in batches:
@@ -97,6 +101,7 @@ def test_prior_rows_and_drift_equal_numpy():
     exact = np_softmax(logits / temp - log_priors[exact_row])
     used = np_softmax(logits / temp - log_priors[used_row])
     return np.sum(exact * (np.log(exact) - np.log(used)))
+
   drift = jax.device_get(drift)
   assert drift['count'] == len(images)
   np.testing.assert_allclose(drift['first'], kl(temps[1], 1, 0), rtol=1e-3, atol=1e-6)

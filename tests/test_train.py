@@ -73,9 +73,9 @@ def test_training_logs_sweeps_and_metrics(folder_run):
           continue  # test_tensorboard_shows_crops_attention_and_the_prior
         scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
   tags = set(scalars)
-  for tag in ('loss', 'kl', 'teacher_entropy', 'prior_effective_clusters', 'lr',
-              'teacher_momentum', 'teacher_temp', 'images_per_sec', 'sweep/examples',
-              'sweep/jensen_gap', 'eval/knn_top1'):
+  for tag in ('loss', 'kl', 'teacher_entropy', 'prior_effective_clusters', 'lr', 'teacher_momentum',
+              'teacher_temp', 'images_per_sec', 'sweep/examples', 'sweep/jensen_gap',
+              'eval/knn_top1'):
     assert tag in tags, sorted(tags)
   # One sweep before each epoch (T = 1), each over all 120 training images exactly once.
   assert scalars['sweep/examples'] == [120.0, 120.0]
@@ -92,13 +92,15 @@ def test_tensorboard_shows_crops_attention_and_the_prior(folder_run):
         if value.metadata.plugin_data.plugin_name in ('images', 'histograms'):
           pictures.setdefault(value.tag, []).append(
               (value.metadata.plugin_data.plugin_name, event.step, tf.make_ndarray(value.tensor)))
-  assert {'input/global_crops', 'input/local_crops', 'attention/teacher', 'sweep/prior',
-          'sweep/prototype_usage'} <= set(pictures), sorted(pictures)
+  assert {
+      'input/global_crops', 'input/local_crops', 'attention/teacher', 'sweep/prior',
+      'sweep/prototype_usage'
+  } <= set(pictures), sorted(pictures)
   # Images are stored as [width, height, PNG, PNG, ...]: 4 examples x 2 global crops.
   kind, step, crops = pictures['input/global_crops'][0]
   assert (kind, step, crops[:2].tolist()) == ('images', 1, [b'16', b'16']) and len(crops) == 10
-  assert {step for _, step, _ in pictures['attention/teacher']} >= {
-      config.num_epochs * (120 // config.batch_size)}
+  assert {step for _, step, _ in pictures['attention/teacher']
+         } >= {config.num_epochs * (120 // config.batch_size)}
   # A histogram is [buckets, 3] (left edge, right edge, count): the prior's K values, and the
   # usage counts of all 120 images.
   _, _, prior = pictures['sweep/prior'][-1]

@@ -13,8 +13,11 @@ from kldino.data import augment, datasets, pipeline, unreadable
 from tests.helpers import REPO
 from tests.test_data_fullres import jpeg, jpeg_config, smooth_image
 
-CORRUPT = {'garbage': b'not an image at all', 'empty': b'',
-           'truncated': jpeg(smooth_image(60, 80))[:300]}
+CORRUPT = {
+    'garbage': b'not an image at all',
+    'empty': b'',
+    'truncated': jpeg(smooth_image(60, 80))[:300]
+}
 
 
 def folder(root, *, train_bad=(), test_bad=(), count=16):
@@ -70,8 +73,9 @@ def test_more_than_the_allowed_fraction_stops_with_the_names(tmp_path):
   config = jpeg_config(tmp_path)
   config.data.max_corrupt_fraction = 0.1  # 1 of 16 allowed
   source = datasets.get_source(config.data)
-  with pytest.raises(unreadable.TooManyUnreadable,
-                     match='of the 16 images .* cannot be decoded .*max_corrupt_fraction=0.1 of them') as error:
+  with pytest.raises(
+      unreadable.TooManyUnreadable,
+      match='of the 16 images .* cannot be decoded .*max_corrupt_fraction=0.1 of them') as error:
     list(pipeline.train_batches(source, config, epoch=0))
   assert any(path in str(error.value) for path in bad['train'])
 
@@ -91,16 +95,24 @@ def test_a_split_with_nothing_readable_stops_instead_of_spinning(tmp_path):
 def test_long_runs_of_failures_are_counted_in_full():
   """More consecutive failures than the ring of recent indices holds: all counted, some named."""
   count, bad = 50, set(range(5, 5 + 2 * unreadable.RECENT)) | {49}
-  images = [b'bad' if i in bad else tf.io.encode_png(tf.zeros([2, 2, 1], tf.uint8)).numpy()
-            for i in range(count)]
-  examples = tf.data.Dataset.from_tensor_slices(
-      {'image': images, 'index': tf.range(count, dtype=tf.int64)})
+  images = [
+      b'bad' if i in bad else tf.io.encode_png(tf.zeros([2, 2, 1], tf.uint8)).numpy()
+      for i in range(count)
+  ]
+  examples = tf.data.Dataset.from_tensor_slices({
+      'image': images,
+      'index': tf.range(count, dtype=tf.int64)
+  })
   tally = unreadable.Tally()
   marker = {'image': images[0], 'index': tf.constant(-1, tf.int64)}
-  views = unreadable.tolerant_map(
-      examples, lambda example: {'pixels': tf.io.decode_png(example['image']),
-                                 'index': example['index']},
-      tally=tally, split='s', end_marker=marker)
+  views = unreadable.tolerant_map(examples,
+                                  lambda example: {
+                                      'pixels': tf.io.decode_png(example['image']),
+                                      'index': example['index']
+                                  },
+                                  tally=tally,
+                                  split='s',
+                                  end_marker=marker)
   seen = [int(view['index']) for view in views.as_numpy_iterator()]
   assert seen == [i for i in range(count) if i not in bad]
   assert tally.count('s') == len(bad)
@@ -109,14 +121,21 @@ def test_long_runs_of_failures_are_counted_in_full():
 
 def test_the_command_line_stops_with_exit_3_and_one_line(tmp_path):
   bad = folder(tmp_path / 'data', train_bad=(4,))
-  result = subprocess.run(
-      [sys.executable, '-m', 'kldino.main', '--config=configs/smoke.py',
-       f'--workdir={tmp_path / "run"}', '--config.data.name=folder',
-       f'--config.data.path={tmp_path / "data"}', '--config.data.mean=(0.5,0.5,0.5)',
-       '--config.data.std=(0.5,0.5,0.5)', '--config.batch_size=8',
-       '--config.data.max_corrupt_fraction=0'],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = subprocess.run([
+      sys.executable, '-m', 'kldino.main', '--config=configs/smoke.py',
+      f'--workdir={tmp_path / "run"}', '--config.data.name=folder',
+      f'--config.data.path={tmp_path / "data"}', '--config.data.mean=(0.5,0.5,0.5)',
+      '--config.data.std=(0.5,0.5,0.5)', '--config.batch_size=8',
+      '--config.data.max_corrupt_fraction=0'
+  ],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=300,
+                          check=False,
+                          env={
+                              **os.environ, 'JAX_PLATFORMS': 'cpu'
+                          })
   assert result.returncode == cli.EXIT_DATA, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr and 'Exception in thread' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
@@ -127,9 +146,14 @@ def test_images_of_other_modes_decode_as_pils_rgb(tmp_path):
   """Grayscale, with alpha, palette and CMYK files of an RGB folder: decoded to PIL's
   convert('RGB') pixels, and none skipped."""
   rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8))
-  files = {'L.png': rgb.convert('L'), 'LA.png': rgb.convert('LA'),
-           'RGBA.png': rgb.convert('RGBA'), 'P.png': rgb.convert('P'),
-           'CMYK.jpg': rgb.convert('CMYK'), 'RGB.jpg': rgb}
+  files = {
+      'L.png': rgb.convert('L'),
+      'LA.png': rgb.convert('LA'),
+      'RGBA.png': rgb.convert('RGBA'),
+      'P.png': rgb.convert('P'),
+      'CMYK.jpg': rgb.convert('CMYK'),
+      'RGB.jpg': rgb
+  }
   for split in ('train', 'test'):
     for name, image in files.items():
       path = tmp_path / split / name.split('.')[0] / name

@@ -55,14 +55,15 @@ def _backbone(name='vit_nano'):
 
 
 def _images(seed=1, count=5):
-  return np.random.default_rng(seed).standard_normal((count, IMAGE, IMAGE, CHANNELS)).astype(
-      np.float32)
+  return np.random.default_rng(seed).standard_normal(
+      (count, IMAGE, IMAGE, CHANNELS)).astype(np.float32)
 
 
 def _torch_features(model, images_nhwc, n_last_blocks, avgpool):
   with torch.no_grad():
-    return linear_eval_features(model, torch.from_numpy(images_nhwc).permute(0, 3, 1, 2),
-                                n_last_blocks, avgpool).numpy()
+    return linear_eval_features(model,
+                                torch.from_numpy(images_nhwc).permute(0, 3, 1, 2), n_last_blocks,
+                                avgpool).numpy()
 
 
 def _max_abs_error(actual, expected):
@@ -73,7 +74,8 @@ def _max_abs_error(actual, expected):
 def test_features_equal_dino_linear_eval_features(torch_vit, vit, n_last_blocks, avgpool):
   images = _images()
   expected = _torch_features(torch_vit, images, n_last_blocks, avgpool)
-  features = vit.features(jnp.asarray(images), n_last_blocks=n_last_blocks,
+  features = vit.features(jnp.asarray(images),
+                          n_last_blocks=n_last_blocks,
                           avgpool_patchtokens=avgpool)
   assert features.shape == (5, vit.feature_dim(n_last_blocks, avgpool)) == expected.shape
   assert _max_abs_error(features, expected) < 1e-5
@@ -115,7 +117,8 @@ def test_bad_options_name_the_config_key(n_last_blocks, avgpool, key):
   with pytest.raises(ValueError, match=key):
     vit.feature_dim(n_last_blocks, avgpool)
   with pytest.raises(ValueError, match=key):
-    vit.features(jnp.zeros((1, IMAGE, IMAGE, CHANNELS)), n_last_blocks=n_last_blocks,
+    vit.features(jnp.zeros((1, IMAGE, IMAGE, CHANNELS)),
+                 n_last_blocks=n_last_blocks,
                  avgpool_patchtokens=avgpool)
 
 
@@ -138,8 +141,11 @@ def test_forward_backbone_features_on_pure_params(torch_vit, backbone_params, n_
   params = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract)
   params['backbone'] = jax.tree.map(jnp.asarray, backbone_params)
   images = _images(seed=3)
-  compute = jax.jit(functools.partial(forward.backbone_features, graphdef,
-                                      n_last_blocks=n_last_blocks, avgpool_patchtokens=avgpool))
+  compute = jax.jit(
+      functools.partial(forward.backbone_features,
+                        graphdef,
+                        n_last_blocks=n_last_blocks,
+                        avgpool_patchtokens=avgpool))
   features = compute(params, jnp.asarray(images))
   assert features.dtype == jnp.float32
   expected = _torch_features(torch_vit, images, n_last_blocks, avgpool)

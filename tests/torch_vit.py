@@ -7,6 +7,7 @@ from torch import nn
 
 
 class PatchEmbed(nn.Module):
+
   def __init__(self, patch_size, in_chans, embed_dim):
     super().__init__()
     self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -16,10 +17,11 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+
   def __init__(self, dim, num_heads):
     super().__init__()
     self.num_heads = num_heads
-    self.scale = (dim // num_heads) ** -0.5
+    self.scale = (dim // num_heads)**-0.5
     self.qkv = nn.Linear(dim, dim * 3, bias=True)
     self.proj = nn.Linear(dim, dim)
 
@@ -34,6 +36,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+
   def __init__(self, dim, hidden):
     super().__init__()
     self.fc1 = nn.Linear(dim, hidden)
@@ -45,6 +48,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+
   def __init__(self, dim, num_heads, mlp_ratio=4.0):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -58,9 +62,10 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+
   def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads):
     super().__init__()
-    num_patches = (img_size // patch_size) ** 2
+    num_patches = (img_size // patch_size)**2
     self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
     self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
     self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, embed_dim) * 0.02)

@@ -95,6 +95,7 @@ def _coins(seed, probabilities) -> tf.Tensor:
 
 # --------------------------------------------------------------------------- decoding, resizing
 
+
 def is_jpeg(encoded) -> tf.Tensor:
   """Whether encoded image bytes are a JPEG (its SOI marker), as a bool tensor."""
   return tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
@@ -153,6 +154,7 @@ def _as_dtype(resized, dtype) -> tf.Tensor:
 
 # --------------------------------------------------------------------------- crops
 
+
 def crop_windows(seed, num: int, scale: Sequence[float], height, width) -> tf.Tensor:
   """int32 [num, 4] windows (top, left, height, width) in pixels of an image [height, width]:
   torchvision's RandomResizedCrop.get_params.
@@ -166,25 +168,29 @@ def crop_windows(seed, num: int, scale: Sequence[float], height, width) -> tf.Te
   area_seed, ratio_seed, top_seed, left_seed = _seeds(seed, 4)
   height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   area = _uniform(area_seed, [num, _CROP_ATTEMPTS], *scale) * height_f * width_f
-  ratio = tf.exp(_uniform(ratio_seed, [num, _CROP_ATTEMPTS], math.log(_MIN_RATIO),
-                          math.log(_MAX_RATIO)))
+  ratio = tf.exp(
+      _uniform(ratio_seed, [num, _CROP_ATTEMPTS], math.log(_MIN_RATIO), math.log(_MAX_RATIO)))
   tried_width = tf.round(tf.sqrt(area * ratio))
   tried_height = tf.round(tf.sqrt(area / ratio))
-  fits = ((tried_width > 0) & (tried_width <= width_f) & (tried_height > 0)
-          & (tried_height <= height_f))
+  fits = ((tried_width > 0) & (tried_width <= width_f) & (tried_height > 0) &
+          (tried_height <= height_f))
   first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1)
   found = tf.reduce_any(fits, axis=1)
   image_ratio = width_f / height_f
   fallback_width = tf.where(image_ratio > _MAX_RATIO, tf.round(height_f * _MAX_RATIO), width_f)
   fallback_height = tf.where(image_ratio < _MIN_RATIO, tf.round(width_f / _MIN_RATIO), height_f)
   crop_width = tf.where(found, tf.gather(tried_width, first_fit, batch_dims=1), fallback_width)
-  crop_height = tf.where(found, tf.gather(tried_height, first_fit, batch_dims=1),
-                         fallback_height)
+  crop_height = tf.where(found, tf.gather(tried_height, first_fit, batch_dims=1), fallback_height)
+
   def offset(offset_seed, crop, side):
     uniform = tf.floor(_uniform(offset_seed, [num], 0.0, 1.0) * (side - crop + 1))
     return tf.where(found, tf.minimum(uniform, side - crop), tf.floor((side - crop) / 2))
-  windows = tf.stack([offset(top_seed, crop_height, height_f),
-                      offset(left_seed, crop_width, width_f), crop_height, crop_width], axis=1)
+
+  windows = tf.stack([
+      offset(top_seed, crop_height, height_f),
+      offset(left_seed, crop_width, width_f), crop_height, crop_width
+  ],
+                     axis=1)
   return tf.cast(windows, tf.int32)
 
 
@@ -212,7 +218,11 @@ def _filter_weights(starts, lengths, in_size, out_size, method: str) -> tf.Tenso
   return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 
 
-def window_crops(image, windows, size: int, method: str = 'bicubic', *,
+def window_crops(image,
+                 windows,
+                 size: int,
+                 method: str = 'bicubic',
+                 *,
                  unit: bool = True) -> tf.Tensor:
   """float32 [n, size, size, C] in [0, 1]: each window (top, left, height, width) of a decoded
   image, resized to size x size (PIL's crop then resize), one tf.image.resize per window; with
@@ -225,14 +235,21 @@ def window_crops(image, windows, size: int, method: str = 'bicubic', *,
   return _unit(views, image.dtype) if unit else views
 
 
-def jpeg_window_crops(encoded, windows, size: int, num_channels: int,
+def jpeg_window_crops(encoded,
+                      windows,
+                      size: int,
+                      num_channels: int,
                       method: str = 'bicubic') -> tf.Tensor:
   """window_crops of a JPEG decoding only each window (tf.image.decode_and_crop_jpeg)."""
-  views = [_resize(tf.image.decode_and_crop_jpeg(encoded, window, channels=num_channels,
-                                                 dct_method=_DCT_METHOD), size, size, method)
-           for window in tf.unstack(windows, num=windows.shape[0])]
-  return _unit(tf.ensure_shape(tf.stack(views), [len(views), size, size, num_channels]),
-               tf.uint8)
+  views = [
+      _resize(
+          tf.image.decode_and_crop_jpeg(encoded,
+                                        window,
+                                        channels=num_channels,
+                                        dct_method=_DCT_METHOD), size, size, method)
+      for window in tf.unstack(windows, num=windows.shape[0])
+  ]
+  return _unit(tf.ensure_shape(tf.stack(views), [len(views), size, size, num_channels]), tf.uint8)
 
 
 @functools.lru_cache(maxsize=32)
@@ -242,8 +259,9 @@ def _window_weights(side: int, new_side: int, size: int, method: str) -> np.ndar
   composed with the upscale's (_filter_weights), so that a small image's crops are two gathers
   and two matmuls; entries of windows that do not fit are never read."""
   with tf.init_scope():  # a constant, computed once when first traced
-    starts, lengths = [x.ravel() for x in np.meshgrid(np.arange(new_side),
-                                                      np.arange(new_side + 1), indexing='ij')]
+    starts, lengths = [
+        x.ravel() for x in np.meshgrid(np.arange(new_side), np.arange(new_side + 1), indexing='ij')
+    ]
     upscale = _filter_weights([0], [side], side, new_side, 'bicubic')[0]  # identity if equal
     window = _filter_weights(starts, np.maximum(lengths, 1), new_side, size, method)
     table = tf.einsum('nsu,ui->nsi', window, upscale).numpy()
@@ -289,25 +307,41 @@ def _decoded_crops(image, seed, num: int, size: int, scale, *, min_size: int, me
     views = _small_image_crops(image, seed, num, size, scale, min_size, method)
   else:
     shape = tf.shape(image)
-    views = window_crops(image, crop_windows(seed, num, scale, shape[0], shape[1]), size,
-                         method, unit=False)
+    views = window_crops(image,
+                         crop_windows(seed, num, scale, shape[0], shape[1]),
+                         size,
+                         method,
+                         unit=False)
   views = tf.ensure_shape(views, [num, size, size, image.shape[-1]])
   if image.dtype == tf.uint8 and round_uint8:
     return _as_dtype(views, tf.uint8)
   return _unit(views, image.dtype)
 
 
-def random_resized_crops(image, seed, num: int, size: int, scale: Sequence[float], *,
-                         min_size: int = 0, num_channels: int | None = None,
-                         method: str = 'bicubic', small_image: bool | None = None,
+def random_resized_crops(image,
+                         seed,
+                         num: int,
+                         size: int,
+                         scale: Sequence[float],
+                         *,
+                         min_size: int = 0,
+                         num_channels: int | None = None,
+                         method: str = 'bicubic',
+                         small_image: bool | None = None,
                          round_uint8: bool = False) -> tf.Tensor:
   """`num` RandomResizedCrop views [num, size, size, C] in [0, 1] of an image, encoded or decoded
   (module docstring): a JPEG giving one view decodes only its window. `small_image` (None: from
   the image's static shape) says whether the image is a small one of a known size, cropped by
   matmuls after its upscale to `min_size`; with round_uint8 the crops of a uint8 or encoded
   image come as uint8 (rounded as PIL's)."""
-  crops = functools.partial(_decoded_crops, seed=seed, num=num, size=size, scale=scale,
-                            min_size=min_size, method=method, round_uint8=round_uint8)
+  crops = functools.partial(_decoded_crops,
+                            seed=seed,
+                            num=num,
+                            size=size,
+                            scale=scale,
+                            min_size=min_size,
+                            method=method,
+                            round_uint8=round_uint8)
   if image.dtype != tf.string:
     return crops(image, small_image=small_image)
   if num > _PARTIAL_DECODE_MAX_VIEWS or small_image:
@@ -318,13 +352,16 @@ def random_resized_crops(image, seed, num: int, size: int, scale: Sequence[float
     views = jpeg_window_crops(image, crop_windows(seed, num, scale, shape[0], shape[1]), size,
                               num_channels, method)
     return _as_dtype(views * 255, tf.uint8) if round_uint8 else views
+
   def whole():
     return crops(decode(image, num_channels), small_image=False)
+
   views = tf.cond(is_jpeg(image), partial, whole)
   return tf.ensure_shape(views, [num, size, size, num_channels])
 
 
 # --------------------------------------------------------------------------- augmentation
+
 
 def _gray(views) -> tf.Tensor:
   """Luma [..., 1]; a one-channel image is its own luma."""
@@ -408,8 +445,10 @@ def gaussian_blur(views, sigmas, radius: int) -> tf.Tensor:
   padded = tf.pad(tf.reshape(flat, views.shape), [[0, 0], [0, 0], [radius, radius], [0, 0]],
                   'SYMMETRIC')
   padded = tf.reshape(padded, [num, size, (size + 2 * radius) * channels])
-  flat = tf.add_n([weight * padded[:, :, tap * channels:(tap + size) * channels]
-                   for tap, weight in enumerate(taps)])
+  flat = tf.add_n([
+      weight * padded[:, :, tap * channels:(tap + size) * channels]
+      for tap, weight in enumerate(taps)
+  ])
   return tf.reshape(flat, views.shape)
 
 
@@ -473,14 +512,15 @@ def _augment(views, seed, *, group: int, flip: bool, jitter: tuple, color_jitter
       heads = _coins(seeds[index], probabilities)[:, 0, 0, 0]
       return _where_heads(apply_one, views, heads, probabilities)
     return tf.where(_coins(seeds[index], probabilities), apply_all(), views)
+
   if flip:
     views = tf.where(_coins(seeds[1], [0.5] * num), tf.reverse(views, axis=[2]), views)
   if color_jitter_prob > 0:
     factors = _jitter_factors(seeds[3], num, jitter)
     views = where_heads(
-        2, [color_jitter_prob] * num,
-        lambda view, i: _jitter(view, {key: value[i:i + 1] for key, value in factors.items()}),
-        lambda: _jitter(views, factors))
+        2, [color_jitter_prob] * num, lambda view, i: _jitter(view, {
+            key: value[i:i + 1] for key, value in factors.items()
+        }), lambda: _jitter(views, factors))
   if grayscale_prob > 0 and views.shape[-1] == 3:
     views = tf.where(_coins(seeds[4], [grayscale_prob] * num), grayscale(views), views)
   if max(blur_probs) > 0:
@@ -499,11 +539,17 @@ def _augmenter(shape: tuple, dtype: tf.DType, **options):
   seeds [b, 2], compiled by XLA (one program per batch size); `options` are _augment's keyword
   arguments, hashable. Each example goes through the same loop body, so its views do not depend
   on the batch it is in."""
-  @tf.function(jit_compile=True, autograph=False, input_signature=[
-      tf.TensorSpec([None, *shape], dtype), tf.TensorSpec([None, 2], tf.int64)])
+
+  @tf.function(
+      jit_compile=True,
+      autograph=False,
+      input_signature=[tf.TensorSpec([None, *shape], dtype),
+                       tf.TensorSpec([None, 2], tf.int64)])
   def augment(views, seeds):
     return tf.map_fn(lambda example: _augment(example[0], example[1], per_view=True, **options),
-                     (views, seeds), fn_output_signature=tf.TensorSpec(shape, tf.float32))
+                     (views, seeds),
+                     fn_output_signature=tf.TensorSpec(shape, tf.float32))
+
   return augment
 
 
@@ -518,15 +564,24 @@ def _group_options(aug_config, group: int, mean, std) -> tuple:
     blur_probs = (blur_local,) * aug_config.num_local
     solarize_probs = (0.0,) * aug_config.num_local
   floats = lambda values: tuple(float(x) for x in values)
-  return tuple(dict(
-      group=group, flip=bool(aug_config.flip), jitter=floats(aug_config.color_jitter),
-      color_jitter_prob=float(aug_config.color_jitter_prob),
-      grayscale_prob=float(aug_config.grayscale_prob), blur_sigma=floats(aug_config.blur_sigma),
-      blur_probs=blur_probs, solarize_probs=solarize_probs, mean=floats(mean),
-      std=floats(std)).items())
+  return tuple(
+      dict(group=group,
+           flip=bool(aug_config.flip),
+           jitter=floats(aug_config.color_jitter),
+           color_jitter_prob=float(aug_config.color_jitter_prob),
+           grayscale_prob=float(aug_config.grayscale_prob),
+           blur_sigma=floats(aug_config.blur_sigma),
+           blur_probs=blur_probs,
+           solarize_probs=solarize_probs,
+           mean=floats(mean),
+           std=floats(std)).items())
 
 
-def multi_crop_views(image, seed, aug_config, *, min_size: int = 0,
+def multi_crop_views(image,
+                     seed,
+                     aug_config,
+                     *,
+                     min_size: int = 0,
                      num_channels: int | None = None,
                      small_image: bool | None = None) -> dict[str, tf.Tensor]:
   """The crop stage of multi-crop: {'global_crops': [2, G, G, C], 'local_crops': [L, l, l, C]}
@@ -534,11 +589,13 @@ def multi_crop_views(image, seed, aug_config, *, min_size: int = 0,
   image, encoded (decoded whole, into `num_channels`) or decoded; `min_size` and `small_image`
   as in random_resized_crops. augment_views finishes them."""
   image = _decoded(image, num_channels)
-  crops = functools.partial(random_resized_crops, image, min_size=min_size,
-                            method=aug_config.crop_interpolation, small_image=small_image,
+  crops = functools.partial(random_resized_crops,
+                            image,
+                            min_size=min_size,
+                            method=aug_config.crop_interpolation,
+                            small_image=small_image,
                             round_uint8=True)
-  global_crops = crops(_group_seeds(seed, 0)[0], 2, aug_config.global_size,
-                       aug_config.global_scale)
+  global_crops = crops(_group_seeds(seed, 0)[0], 2, aug_config.global_size, aug_config.global_scale)
   num_local, local_size = aug_config.num_local, aug_config.local_size
   if num_local:
     local_crops = crops(_group_seeds(seed, 1)[0], num_local, local_size, aug_config.local_scale)
@@ -560,10 +617,12 @@ def augment_example(crops: dict, seed, aug_config, mean: Sequence[float],
   seed = tf.cast(seed, tf.int64)
   keys = ('global_crops', 'local_crops')
   options = _checked_options(aug_config, crops[keys[0]].shape[-1], mean, std)
-  return {key: _augment(crops[key], seed, per_view=False, **dict(group_options))
-          if crops[key].shape[0]
-          else tf.zeros(crops[key].shape, tf.float32)
-          for key, group_options in zip(keys, options)}
+  return {
+      key:
+          _augment(crops[key], seed, per_view=False, **dict(group_options))
+          if crops[key].shape[0] else tf.zeros(crops[key].shape, tf.float32)
+      for key, group_options in zip(keys, options)
+  }
 
 
 def augment_views(batch: dict, seeds, aug_config, mean: Sequence[float],
@@ -580,25 +639,41 @@ def augment_views(batch: dict, seeds, aug_config, mean: Sequence[float],
     if views.shape[1] == 0:
       out[key] = tf.zeros(views.shape, tf.float32)
       continue
-    out[key] = _augmenter(tuple(views.shape[1:]), views.dtype, **dict(group_options))(
-        views, seeds)
+    out[key] = _augmenter(tuple(views.shape[1:]), views.dtype, **dict(group_options))(views, seeds)
   return out
 
 
-def multi_crop(image, seed, aug_config, mean: Sequence[float], std: Sequence[float], *,
-               min_size: int = 0, num_channels: int | None = None,
+def multi_crop(image,
+               seed,
+               aug_config,
+               mean: Sequence[float],
+               std: Sequence[float],
+               *,
+               min_size: int = 0,
+               num_channels: int | None = None,
                small_image: bool | None = None) -> dict[str, tf.Tensor]:
   """{'global_crops': [2, G, G, C], 'local_crops': [L, l, l, C]}, normalised, from one image
   (encoded or decoded): multi_crop_views then augment_example."""
   seed = tf.cast(seed, tf.int64)
-  crops = multi_crop_views(image, seed, aug_config, min_size=min_size,
-                           num_channels=num_channels, small_image=small_image)
+  crops = multi_crop_views(image,
+                           seed,
+                           aug_config,
+                           min_size=min_size,
+                           num_channels=num_channels,
+                           small_image=small_image)
   return augment_example(crops, seed, aug_config, mean, std)
 
 
-def linear_train_view(image, seed, *, size: int, scale: Sequence[float] = LINEAR_SCALE,
-                      flip: bool, mean: Sequence[float], std: Sequence[float],
-                      min_size: int = 0, num_channels: int | None = None,
+def linear_train_view(image,
+                      seed,
+                      *,
+                      size: int,
+                      scale: Sequence[float] = LINEAR_SCALE,
+                      flip: bool,
+                      mean: Sequence[float],
+                      std: Sequence[float],
+                      min_size: int = 0,
+                      num_channels: int | None = None,
                       small_image: bool | None = None) -> tf.Tensor:
   """The training view of the linear evaluation: [size, size, C], normalised.
 
@@ -607,8 +682,14 @@ def linear_train_view(image, seed, *, size: int, scale: Sequence[float] = LINEAR
   window), then, when `flip`, a horizontal flip with probability 0.5; the seed decides both.
   """
   crop_seed, flip_seed = _seeds(tf.cast(seed, tf.int64), 2)
-  views = random_resized_crops(image, crop_seed, 1, size, scale, min_size=min_size,
-                               num_channels=num_channels, method='bilinear',
+  views = random_resized_crops(image,
+                               crop_seed,
+                               1,
+                               size,
+                               scale,
+                               min_size=min_size,
+                               num_channels=num_channels,
+                               method='bilinear',
                                small_image=small_image)
   if flip:
     views = tf.where(_coins(flip_seed, [0.5]), tf.reverse(views, axis=[2]), views)
@@ -616,6 +697,7 @@ def linear_train_view(image, seed, *, size: int, scale: Sequence[float] = LINEAR
 
 
 # --------------------------------------------------------------------------- evaluation
+
 
 def eval_resize(size: int, resize: int = 0) -> int:
   """The shorter side of the evaluation's resize: `resize`, or when 0, round(size * 256 / 224)
@@ -632,8 +714,13 @@ def _center_offset(resized: int, size: int) -> int:
   return int(round((resized - size) / 2))  # Python's round, half to even, as CenterCrop's
 
 
-def center_view(image, size: int, mean: Sequence[float], std: Sequence[float], *,
-                resize: int = 0, num_channels: int | None = None,
+def center_view(image,
+                size: int,
+                mean: Sequence[float],
+                std: Sequence[float],
+                *,
+                resize: int = 0,
+                num_channels: int | None = None,
                 image_shape: Sequence[int] | None = None) -> tf.Tensor:
   """The un-augmented view of evaluation and of the prior sweep, [size, size, C] normalised:
   torchvision's Resize(eval_resize(size, resize)) + CenterCrop(size), as DINO evaluates.

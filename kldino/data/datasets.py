@@ -84,7 +84,11 @@ class Source:
                        f'{sorted(self.info.num_examples)}; use one of those')
     return self.info.num_examples[split]
 
-  def read(self, split: str, *, process_index: int = 0, process_count: int = 1,
+  def read(self,
+           split: str,
+           *,
+           process_index: int = 0,
+           process_count: int = 1,
            decode: bool = True) -> tf.data.Dataset:
     """This process's shard of a split, images decoded, or as stored when decode=False."""
     start, stop = shard_range(self.num_examples(split), process_index, process_count)
@@ -112,9 +116,11 @@ _SOURCES: dict[str, Callable[..., Source]] = {}
 
 def register_source(name: str):
   """Decorator: `make_source(data_config) -> Source` serves `data.name == name`."""
+
   def register(make_source):
     _SOURCES[name] = make_source
     return make_source
+
   return register
 
 
@@ -148,6 +154,7 @@ def _check_splits(available: Iterable[str], data_config, where: str):
 
 # --------------------------------------------------------------------------- TFDS builders
 
+
 def _stores_encoded_images(builder) -> bool:
   """Whether the builder's images are stored encoded and can be read so (uint8 tfds Image)."""
   image = builder.info.features['image']
@@ -156,20 +163,26 @@ def _stores_encoded_images(builder) -> bool:
 
 def _read_tfds_range(builder, split: str, start: int, stop: int) -> tf.data.Dataset:
   decoders = {'image': tfds.decode.SkipDecoding()} if _stores_encoded_images(builder) else None
-  return builder.as_dataset(split=f'{split}[{start}:{stop}]', shuffle_files=False,
-                            read_config=_IN_ORDER, decoders=decoders)
+  return builder.as_dataset(split=f'{split}[{start}:{stop}]',
+                            shuffle_files=False,
+                            read_config=_IN_ORDER,
+                            decoders=decoders)
 
 
 def _tfds_source(builder) -> Source:
   splits = builder.info.splits
   shape = builder.info.features['image'].shape
-  info = DatasetInfo(
-      num_classes=builder.info.features['label'].num_classes,
-      num_channels=shape[-1],
-      num_examples={name: split.num_examples for name, split in splits.items()},
-      num_bytes={name: split.num_bytes for name, split in splits.items() if split.num_bytes},
-      image_shape=tuple(shape[:2]) if None not in shape[:2] else None)
-  return Source(info=info, read_range=functools.partial(_read_tfds_range, builder),
+  info = DatasetInfo(num_classes=builder.info.features['label'].num_classes,
+                     num_channels=shape[-1],
+                     num_examples={
+                         name: split.num_examples for name, split in splits.items()
+                     },
+                     num_bytes={
+                         name: split.num_bytes for name, split in splits.items() if split.num_bytes
+                     },
+                     image_shape=tuple(shape[:2]) if None not in shape[:2] else None)
+  return Source(info=info,
+                read_range=functools.partial(_read_tfds_range, builder),
                 name=builder.info.name)
 
 
@@ -179,8 +192,8 @@ def _prepare_digits(data_dir: str | None):
   if builder.is_prepared():
     return builder
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
   except OSError:
     # Another process may have finished preparing the same directory first: its copy is as good.
     if not digits.Digits(data_dir=data_dir).is_prepared():
@@ -214,6 +227,7 @@ def _prepared_tfds_source(data_config) -> Source:
 
 
 # --------------------------------------------------------------------------- image folders
+
 
 def _folder_files(builder, split: str) -> tuple[list[str], list[int]]:
   """(paths, labels) of a split in ImageFolder's order (what its as_dataset reads). ImageFolder
@@ -261,8 +275,10 @@ def _read_folder_range(files: dict, split: str, start: int, stop: int) -> tf.dat
   """The encoded bytes of files [start, stop) of a split, in order."""
   paths, labels = files[split]
   return tf.data.Dataset.from_tensor_slices(
-      (paths[start:stop], np.asarray(labels[start:stop], np.int64))).map(
-          _read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      (paths[start:stop], np.asarray(labels[start:stop],
+                                     np.int64))).map(_read_file,
+                                                     num_parallel_calls=tf.data.AUTOTUNE,
+                                                     deterministic=True)
 
 
 def _folder_paths(files: dict, split: str, count: int) -> list[str]:
@@ -277,13 +293,20 @@ def _folder_source(data_config) -> Source:
     raise ValueError(f"data.path='{root}' is not a folder: data.name='folder' reads "
                      f'{FOLDER_LAYOUT}; set --config.data.path=ROOT')
   builder = tfds.ImageFolder(root)
-  num_examples = {name: split.num_examples for name, split in builder.info.splits.items()
-                  if split.num_examples > 0}
+  num_examples = {
+      name: split.num_examples
+      for name, split in builder.info.splits.items()
+      if split.num_examples > 0
+  }
   _check_splits(num_examples, data_config, f'the folder {root} (layout {FOLDER_LAYOUT})')
   files = {split: _folder_files(builder, split) for split in num_examples}
   info = DatasetInfo(num_classes=builder.info.features['label'].num_classes,
                      num_channels=_folder_channels(files[data_config.train_split][0]),
                      num_examples=num_examples,
-                     num_bytes={split: _folder_bytes(paths) for split, (paths, _) in files.items()})
-  return Source(info=info, read_range=functools.partial(_read_folder_range, files),
-                read_paths=functools.partial(_folder_paths, files), name='folder')
+                     num_bytes={
+                         split: _folder_bytes(paths) for split, (paths, _) in files.items()
+                     })
+  return Source(info=info,
+                read_range=functools.partial(_read_folder_range, files),
+                read_paths=functools.partial(_folder_paths, files),
+                name='folder')

@@ -22,9 +22,11 @@ def _split_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{split: (uint8 images [N, 8, 8, 1], int64 labels [N])} in the order they are written."""
   digits = sklearn_datasets.load_digits()
   images = np.round(digits.images * (255 / _MAX_PIXEL)).astype(np.uint8)[..., None]
-  train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      images, digits.target, test_size=_TEST_FRACTION, stratify=digits.target,
-      random_state=_SPLIT_SEED)
+  train_x, test_x, train_y, test_y = model_selection.train_test_split(images,
+                                                                      digits.target,
+                                                                      test_size=_TEST_FRACTION,
+                                                                      stratify=digits.target,
+                                                                      random_state=_SPLIT_SEED)
   return {'train': (train_x, train_y), 'test': (test_x, test_y)}
 
 

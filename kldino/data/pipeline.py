@@ -76,7 +76,9 @@ def _shard(source: Source, split: str, process_index: int, process_count: int,
            in_memory: bool) -> tf.data.Dataset:
   """One process's examples of a split as stored (encoded when the source can); the same object
   each time, so that its cache lasts."""
-  examples = source.read(split, process_index=process_index, process_count=process_count,
+  examples = source.read(split,
+                         process_index=process_index,
+                         process_count=process_count,
                          decode=False)
   return examples.cache() if in_memory else examples
 
@@ -93,7 +95,7 @@ def _examples(source: Source, split: str, config, process_index: int,
   if stored:
     shard_bytes = stored * shard_size / source.num_examples(split)
   else:  # decoded arrays of unknown size: about image_size^2 pixels each
-    shard_bytes = shard_size * config.data.image_size ** 2 * source.info.num_channels
+    shard_bytes = shard_size * config.data.image_size**2 * source.info.num_channels
   return _shard(source, split, process_index, process_count, shard_bytes <= _CACHE_BYTES)
 
 
@@ -111,8 +113,9 @@ def _shuffle_seed(seed: int, epoch: int) -> int:
 
 def _example_seed(config, epoch: int, index) -> tf.Tensor:
   """The augmentation seed of an example in an epoch: a pure function of (seed, epoch, index)."""
-  return tf.random.experimental.stateless_fold_in(
-      tf.constant([config.seed, epoch], tf.int64), index, alg='philox')
+  return tf.random.experimental.stateless_fold_in(tf.constant([config.seed, epoch], tf.int64),
+                                                  index,
+                                                  alg='philox')
 
 
 def _batch_augmented(config) -> bool:
@@ -131,8 +134,12 @@ def _crops(example, *, config, epoch: int, num_channels: int, small_shape) -> di
     if image.dtype == tf.string:
       image = augment.decode(image, num_channels)
     image = tf.ensure_shape(image, [*small_shape, num_channels])
-  crops = augment.multi_crop_views(image, seed, config.aug, min_size=config.data.image_size,
-                                   num_channels=num_channels, small_image=bool(small_shape))
+  crops = augment.multi_crop_views(image,
+                                   seed,
+                                   config.aug,
+                                   min_size=config.data.image_size,
+                                   num_channels=num_channels,
+                                   small_image=bool(small_shape))
   if _batch_augmented(config):
     return {**crops, 'seed': seed}
   return augment.augment_example(crops, seed, config.aug, config.data.mean, config.data.std)
@@ -142,13 +149,17 @@ def _linear_view(example, *, config, epoch: int, scale, num_channels: int, small
   image = example['image']
   if small_shape and image.dtype == tf.string:
     image = tf.ensure_shape(augment.decode(image, num_channels), [*small_shape, num_channels])
-  image = augment.linear_train_view(
-      image, _example_seed(config, epoch, example['index']), size=config.data.image_size,
-      scale=scale, flip=config.aug.flip, mean=config.data.mean, std=config.data.std,
-      min_size=config.data.image_size, num_channels=num_channels,
-      small_image=bool(small_shape))
-  return {'image': image, 'label': tf.cast(example['label'], tf.int32),
-          'mask': tf.constant(True)}
+  image = augment.linear_train_view(image,
+                                    _example_seed(config, epoch, example['index']),
+                                    size=config.data.image_size,
+                                    scale=scale,
+                                    flip=config.aug.flip,
+                                    mean=config.data.mean,
+                                    std=config.data.std,
+                                    min_size=config.data.image_size,
+                                    num_channels=num_channels,
+                                    small_image=bool(small_shape))
+  return {'image': image, 'label': tf.cast(example['label'], tf.int32), 'mask': tf.constant(True)}
 
 
 def _traced(fn):
@@ -176,10 +187,12 @@ def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int,
   # Contiguous shards can leave the last ones a few examples short of N // S: they wrap around
   # to the start of their own order rather than run fewer steps than the others.
   num_examples = (num_steps - start_step) * shard_batch
-  examples = examples.repeat().skip(start_step * shard_batch).take(
-      num_examples + _max_unreadable(data, shard_size))
-  views = unreadable.tolerant_map(examples, _traced(functools.partial(view, epoch=epoch)),
-                                  tally=source.unreadable, split=data.train_split)
+  examples = examples.repeat().skip(
+      start_step * shard_batch).take(num_examples + _max_unreadable(data, shard_size))
+  views = unreadable.tolerant_map(examples,
+                                  _traced(functools.partial(view, epoch=epoch)),
+                                  tally=source.unreadable,
+                                  split=data.train_split)
   return views.take(num_examples).batch(shard_batch, drop_remainder=True)
 
 
@@ -187,8 +200,7 @@ def _max_unreadable(data_config, num_examples: int) -> int:
   return int(data_config.max_corrupt_fraction * num_examples)
 
 
-def _checked(batches: Iterator, source: Source, split: str, config,
-             num_batches: int) -> Iterator:
+def _checked(batches: Iterator, source: Source, split: str, config, num_batches: int) -> Iterator:
   """`batches`, stopping with unreadable.TooManyUnreadable as soon as more of the split's images
   than data.max_corrupt_fraction could not be decoded, or when fewer than `num_batches` came
   (every image of the rest failed)."""
@@ -200,6 +212,7 @@ def _checked(batches: Iterator, source: Source, split: str, config,
   def check():
     source.unreadable.warn(split, names)
     source.unreadable.check(split, num_examples, fraction, names)
+
   count = 0
   for batch in batches:
     check()
@@ -213,8 +226,8 @@ def _checked(batches: Iterator, source: Source, split: str, config,
         'unreadable images')
 
 
-def _checked_epoch(batches: Iterator, source: Source, config, *, batch_size: int,
-                   start_step: int, process_count: int) -> Iterator:
+def _checked_epoch(batches: Iterator, source: Source, config, *, batch_size: int, start_step: int,
+                   process_count: int) -> Iterator:
   """_checked for steps [start_step, steps_per_epoch) of a training epoch."""
   num_steps = _epoch_steps(source, config, batch_size, process_count)
   return _checked(batches, source, config.data.train_split, config, num_steps - start_step)
@@ -236,8 +249,10 @@ def _process_batches(make_shard_batches, shards: int, process_index: int,
                      process_count: int) -> tf.data.Dataset:
   """The batches of this process's shards, side by side in shard order."""
   per_process = shards // process_count
-  parts = [make_shard_batches(shard)
-           for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+  parts = [
+      make_shard_batches(shard)
+      for shard in range(process_index * per_process, (process_index + 1) * per_process)
+  ]
   if len(parts) == 1:
     return parts[0]
   return tf.data.Dataset.zip(tuple(parts)).map(_concat_shards)
@@ -249,9 +264,8 @@ def _epoch_steps(source: Source, config, batch_size: int, process_count: int) ->
   return steps_per_epoch(source.num_examples(config.data.train_split), batch_size, shards)
 
 
-def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int,
-                   batch_size: int, process_index: int,
-                   process_count: int) -> tf.data.Dataset:
+def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int, batch_size: int,
+                   process_index: int, process_count: int) -> tf.data.Dataset:
   """Steps [start_step, steps_per_epoch) of an epoch of the training split in global batches of
   `batch_size`, each example mapped by `view`; this process's rows of each batch."""
   data = config.data
@@ -261,10 +275,15 @@ def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int,
     raise ValueError(f'start_step={start_step} is outside the {num_steps} steps of an epoch: '
                      f'resume from a step in [0, {num_steps}]')
   batches = _process_batches(
-      lambda shard: _shard_batches(source, config, view, epoch=epoch, start_step=start_step,
-                                   shard=shard, shards=shards, num_steps=num_steps,
-                                   batch_size=batch_size),
-      shards, process_index, process_count)
+      lambda shard: _shard_batches(source,
+                                   config,
+                                   view,
+                                   epoch=epoch,
+                                   start_step=start_step,
+                                   shard=shard,
+                                   shards=shards,
+                                   num_steps=num_steps,
+                                   batch_size=batch_size), shards, process_index, process_count)
   return _with_threading(batches.prefetch(data.prefetch))
 
 
@@ -272,8 +291,9 @@ def _chunks(batch: dict, parts: int) -> list[tuple[int, dict]]:
   """(first row, rows) of `parts` chunks of a batch."""
   rows = batch['seed'].shape[0]
   size = -(-rows // parts)
-  return [(start, {key: value[start:start + size] for key, value in batch.items()})
-          for start in range(0, rows, size)]
+  return [(start, {
+      key: value[start:start + size] for key, value in batch.items()
+  }) for start in range(0, rows, size)]
 
 
 def _augmented(batches: tf.data.Dataset, config) -> Iterator[dict[str, np.ndarray]]:
@@ -293,12 +313,15 @@ def _augmented(batches: tf.data.Dataset, config) -> Iterator[dict[str, np.ndarra
 
   def submit(pool, batch):
     rows = batch['seed'].shape[0]
-    out = {'global_crops': np.empty((rows, 2, aug.global_size, aug.global_size, channels),
-                                    np.float32),
-           'local_crops': np.empty((rows, aug.num_local, aug.local_size, aug.local_size,
-                                    channels), np.float32)}
-    return out, [pool.submit(augment_chunk, out, start, chunk)
-                 for start, chunk in _chunks(batch, workers)]
+    out = {
+        'global_crops':
+            np.empty((rows, 2, aug.global_size, aug.global_size, channels), np.float32),
+        'local_crops':
+            np.empty((rows, aug.num_local, aug.local_size, aug.local_size, channels), np.float32)
+    }
+    return out, [
+        pool.submit(augment_chunk, out, start, chunk) for start, chunk in _chunks(batch, workers)
+    ]
 
   def result(out, futures):
     for future in futures:
@@ -315,7 +338,11 @@ def _augmented(batches: tf.data.Dataset, config) -> Iterator[dict[str, np.ndarra
       yield result(*pending.popleft())
 
 
-def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
+def train_batches(source: Source,
+                  config,
+                  *,
+                  epoch: int,
+                  start_step: int = 0,
                   process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, steps_per_epoch) of an epoch: {'global_crops': float32 [b, 2, G, G, C],
@@ -327,25 +354,45 @@ def train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
   with the seed of (seed, epoch, example index).
   """
   augment.normalize(tf.zeros([source.info.num_channels]), config.data.mean, config.data.std)
-  view = functools.partial(_crops, config=config, num_channels=source.info.num_channels,
+  view = functools.partial(_crops,
+                           config=config,
+                           num_channels=source.info.num_channels,
                            small_shape=_small_shape(source))
-  batches = _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
-                           batch_size=config.batch_size, process_index=process_index,
+  batches = _epoch_batches(source,
+                           config,
+                           view,
+                           epoch=epoch,
+                           start_step=start_step,
+                           batch_size=config.batch_size,
+                           process_index=process_index,
                            process_count=process_count)
-  batches = (_augmented(batches, config) if _batch_augmented(config)
-             else batches.as_numpy_iterator())
-  return _checked_epoch(batches, source, config, batch_size=config.batch_size,
-                        start_step=start_step, process_count=process_count)
+  batches = (_augmented(batches, config)
+             if _batch_augmented(config) else batches.as_numpy_iterator())
+  return _checked_epoch(batches,
+                        source,
+                        config,
+                        batch_size=config.batch_size,
+                        start_step=start_step,
+                        process_count=process_count)
 
 
-def linear_steps_per_epoch(source: Source, config, *, batch_size: int,
+def linear_steps_per_epoch(source: Source,
+                           config,
+                           *,
+                           batch_size: int,
                            process_count: int = 1) -> int:
   """Steps of an epoch of linear_train_batches with global batch `batch_size`."""
   return _epoch_steps(source, config, batch_size, process_count)
 
 
-def linear_train_batches(source: Source, config, *, epoch: int, start_step: int = 0,
-                         batch_size: int, scale=augment.LINEAR_SCALE, process_index: int = 0,
+def linear_train_batches(source: Source,
+                         config,
+                         *,
+                         epoch: int,
+                         start_step: int = 0,
+                         batch_size: int,
+                         scale=augment.LINEAR_SCALE,
+                         process_index: int = 0,
                          process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, linear_steps_per_epoch) of an epoch of the linear evaluation's training:
   {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b] (all True)},
@@ -356,51 +403,81 @@ def linear_train_batches(source: Source, config, *, epoch: int, start_step: int 
   from the image at its own resolution, a JPEG decoding only the crop's window, then a flip when
   aug.flip) with the seed of (seed, epoch, example index).
   """
-  view = functools.partial(_linear_view, config=config, scale=tuple(scale),
+  view = functools.partial(_linear_view,
+                           config=config,
+                           scale=tuple(scale),
                            num_channels=source.info.num_channels,
                            small_shape=_small_shape(source))
-  batches = _epoch_batches(source, config, view, epoch=epoch, start_step=start_step,
-                           batch_size=batch_size, process_index=process_index,
+  batches = _epoch_batches(source,
+                           config,
+                           view,
+                           epoch=epoch,
+                           start_step=start_step,
+                           batch_size=batch_size,
+                           process_index=process_index,
                            process_count=process_count)
-  return _checked_epoch(batches.as_numpy_iterator(), source, config, batch_size=batch_size,
-                        start_step=start_step, process_count=process_count)
+  return _checked_epoch(batches.as_numpy_iterator(),
+                        source,
+                        config,
+                        batch_size=batch_size,
+                        start_step=start_step,
+                        process_count=process_count)
 
 
 def _center(example, *, data_config, num_channels: int, image_shape=None) -> dict:
-  image = augment.center_view(example['image'], data_config.image_size, data_config.mean,
-                              data_config.std, resize=data_config.eval_resize,
-                              num_channels=num_channels, image_shape=image_shape)
+  image = augment.center_view(example['image'],
+                              data_config.image_size,
+                              data_config.mean,
+                              data_config.std,
+                              resize=data_config.eval_resize,
+                              num_channels=num_channels,
+                              image_shape=image_shape)
   return {'image': image, 'label': example['label'], 'mask': tf.constant(True)}
 
 
 def _padding(size: int, num_channels: int) -> dict:
-  return {'image': tf.zeros([size, size, num_channels]), 'label': tf.constant(0, tf.int32),
-          'mask': tf.constant(False)}
+  return {
+      'image': tf.zeros([size, size, num_channels]),
+      'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(False)
+  }
 
 
 def _end_marker(source: Source, examples: tf.data.Dataset) -> dict:
   """An example that decodes, index -1: what unreadable.tolerant_map maps after the last."""
   pixels = tf.zeros([*(source.info.image_shape or (1, 1)), source.info.num_channels], tf.uint8)
   encoded = examples.element_spec['image'].dtype == tf.string
-  return {'image': tf.io.encode_png(pixels) if encoded else pixels,
-          'label': tf.constant(0, tf.int32), 'index': tf.constant(-1, tf.int64)}
+  return {
+      'image': tf.io.encode_png(pixels) if encoded else pixels,
+      'label': tf.constant(0, tf.int32),
+      'index': tf.constant(-1, tf.int64)
+  }
 
 
 def _shard_eval_batches(source: Source, split: str, config, *, shard: int, shards: int,
                         shard_batch: int, num_batches: int) -> tf.data.Dataset:
   data = config.data
   examples = _examples(source, split, config, shard, shards)
-  views = unreadable.tolerant_map(
-      examples, _traced(functools.partial(_center, data_config=data,
-                                          num_channels=source.info.num_channels,
-                                          image_shape=source.info.image_shape)),
-      tally=source.unreadable, split=split, end_marker=_end_marker(source, examples))
-  padding = tf.data.Dataset.from_tensors(
-      _padding(data.image_size, source.info.num_channels)).repeat()
+  views = unreadable.tolerant_map(examples,
+                                  _traced(
+                                      functools.partial(_center,
+                                                        data_config=data,
+                                                        num_channels=source.info.num_channels,
+                                                        image_shape=source.info.image_shape)),
+                                  tally=source.unreadable,
+                                  split=split,
+                                  end_marker=_end_marker(source, examples))
+  padding = tf.data.Dataset.from_tensors(_padding(data.image_size,
+                                                  source.info.num_channels)).repeat()
   return views.concatenate(padding).take(num_batches * shard_batch).batch(shard_batch)
 
 
-def eval_batches(source: Source, split: str, config, *, batch_size: int, process_index: int = 0,
+def eval_batches(source: Source,
+                 split: str,
+                 config,
+                 *,
+                 batch_size: int,
+                 process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Un-augmented batches {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b]},
   b = batch_size / process_count, each example of the split once over all processes; each image
@@ -415,14 +492,24 @@ def eval_batches(source: Source, split: str, config, *, batch_size: int, process
   shard_batch = _local_batch(batch_size, shards)
   num_batches = num_eval_batches(source.num_examples(split), batch_size, shards)
   batches = _process_batches(
-      lambda shard: _shard_eval_batches(source, split, config, shard=shard, shards=shards,
-                                        shard_batch=shard_batch, num_batches=num_batches),
-      shards, process_index, process_count)
-  return _checked(batches.prefetch(config.data.prefetch).as_numpy_iterator(), source, split,
-                  config, num_batches)
+      lambda shard: _shard_eval_batches(source,
+                                        split,
+                                        config,
+                                        shard=shard,
+                                        shards=shards,
+                                        shard_batch=shard_batch,
+                                        num_batches=num_batches), shards, process_index,
+      process_count)
+  return _checked(
+      batches.prefetch(config.data.prefetch).as_numpy_iterator(), source, split, config,
+      num_batches)
 
 
-def preview_views(source: Source, split: str, config, num_images: int, *,
+def preview_views(source: Source,
+                  split: str,
+                  config,
+                  num_images: int,
+                  *,
                   crops: bool = True) -> Iterator[dict]:
   """The first `num_images` examples of a split, in evaluation order, as the model sees them:
   {'eval': [S, S, C], 'global_crops', 'local_crops' (epoch 0's augmentation; without `crops`
@@ -433,13 +520,20 @@ def preview_views(source: Source, split: str, config, num_images: int, *,
   crop_keys = _CROP_KEYS if crops else ()
 
   def views(example):
-    eval_view = _center(example, data_config=config.data, num_channels=channels,
+    eval_view = _center(example,
+                        data_config=config.data,
+                        num_channels=channels,
                         image_shape=source.info.image_shape)['image']
-    training = (_crops(example, config=config, epoch=0, num_channels=channels,
-                       small_shape=small_shape) if crops else {})
+    training = (_crops(
+        example, config=config, epoch=0, num_channels=channels, small_shape=small_shape)
+                if crops else {})
     return {'eval': eval_view, **training, 'label': example['label'], 'index': example['index']}
+
   names = source.file_names(split, num_images)
-  views = unreadable.tolerant_map(examples, _traced(views), tally=source.unreadable, split=split,
+  views = unreadable.tolerant_map(examples,
+                                  _traced(views),
+                                  tally=source.unreadable,
+                                  split=split,
                                   end_marker=_end_marker(source, examples))
   for example in views.as_numpy_iterator():
     if crops and _batch_augmented(config):
@@ -447,5 +541,8 @@ def preview_views(source: Source, split: str, config, num_images: int, *,
                                         example['seed'][None], config.aug, config.data.mean,
                                         config.data.std)
       example.update({key: value.numpy()[0] for key, value in augmented.items()})
-    yield {**{key: example[key] for key in ('eval', 'label', *crop_keys)},
-           'file': names[example['index']]}
+    yield {
+        **{
+            key: example[key] for key in ('eval', 'label', *crop_keys)
+        }, 'file': names[example['index']]
+    }

@@ -74,16 +74,19 @@ class Tally:
 def _numbered(examples: tf.data.Dataset) -> tf.data.Dataset:
   """Each example with '_position' (its place in the stream) and '_recent' (the indices of the
   RECENT examples up to it, itself last; -1 before the first)."""
+
   def push(state, example):
     position, recent = state
     recent = tf.concat([recent[1:], tf.reshape(tf.cast(example['index'], tf.int64), [1])], 0)
     return (position + 1, recent), {**example, '_position': position, '_recent': recent}
+
   start = (tf.constant(0, tf.int64), tf.fill([RECENT], tf.constant(-1, tf.int64)))
   return examples.scan(start, _untraced(push))
 
 
 def _reported_gaps(tally: Tally, split: str):
   """The scan after the map: reports the examples missing between two that survived."""
+
   def report(gap, recent):
     gap = int(gap)
     tally.add(split, gap, recent.numpy()[max(0, RECENT - 1 - gap):RECENT - 1])
@@ -92,16 +95,19 @@ def _reported_gaps(tally: Tally, split: str):
   def note(expected, view):
     position, recent = view.pop('_position'), view.pop('_recent')
     gap = position - expected
-    reported = tf.cond(
-        gap > 0,
-        lambda: tf.py_function(report, [gap, recent], tf.int64),
-        lambda: tf.constant(0, tf.int64))
+    reported = tf.cond(gap > 0, lambda: tf.py_function(report, [gap, recent], tf.int64),
+                       lambda: tf.constant(0, tf.int64))
     with tf.control_dependencies([reported]):
       return tf.identity(position + 1), view
+
   return note
 
 
-def tolerant_map(examples: tf.data.Dataset, view, *, tally: Tally, split: str,
+def tolerant_map(examples: tf.data.Dataset,
+                 view,
+                 *,
+                 tally: Tally,
+                 split: str,
                  end_marker: dict | None = None) -> tf.data.Dataset:
   """examples.map(view) in order, in parallel, without the examples whose view fails (images
   that cannot be decoded): those are reported to `tally`. `view` returns a dict.
@@ -114,14 +120,17 @@ def tolerant_map(examples: tf.data.Dataset, view, *, tally: Tally, split: str,
   def bookkept_view(example):
     bookkeeping = {key: example.pop(key) for key in ('_position', '_recent')}
     return {**view(example), **bookkeeping, '_index': example['index']}
-  views = _numbered(examples).map(
-      _untraced(bookkept_view),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+
+  views = _numbered(examples).map(_untraced(bookkept_view),
+                                  num_parallel_calls=tf.data.AUTOTUNE,
+                                  deterministic=True).ignore_errors()
   views = views.scan(tf.constant(0, tf.int64), _untraced(_reported_gaps(tally, split)))
   if end_marker is not None:
     views = views.filter(_untraced(lambda view: view['_index'] >= 0))
-  return views.map(_untraced(lambda view: {key: value for key, value in view.items()
-                                           if key != '_index'}))
+  return views.map(
+      _untraced(lambda view: {
+          key: value for key, value in view.items() if key != '_index'
+      }))
 
 
 def _untraced(fn):

@@ -28,10 +28,10 @@ from kldino import objective
 @dataclasses.dataclass(frozen=True)
 class FeatureBank:
   features: jax.Array  # float32 [R, F], rows sharded over the mesh (R >= the split's examples)
-  labels: jax.Array    # int32 [R], rows as `features`
-  valid: jax.Array     # bool [R]: False for padding rows, which must never count
-  num_examples: int    # valid rows
-  num_batches: int     # batches joined (to restore the split's order on the host)
+  labels: jax.Array  # int32 [R], rows as `features`
+  valid: jax.Array  # bool [R]: False for padding rows, which must never count
+  num_examples: int  # valid rows
+  num_batches: int  # batches joined (to restore the split's order on the host)
 
   @property
   def feature_dim(self) -> int:
@@ -39,17 +39,22 @@ class FeatureBank:
 
 
 def init_cluster_sums(num_prototypes: int) -> dict:
-  return {'prob_sum': jnp.zeros((num_prototypes,), jnp.float32),
-          'entropy_sum': jnp.zeros((), jnp.float32), 'count': jnp.zeros((), jnp.float32)}
+  return {
+      'prob_sum': jnp.zeros((num_prototypes,), jnp.float32),
+      'entropy_sum': jnp.zeros((), jnp.float32),
+      'count': jnp.zeros((), jnp.float32)
+  }
 
 
 def add_cluster_sums(sums: dict, logits, mask, teacher_temp) -> dict:
   """`sums` plus one masked batch of teacher logits [B, K] (posterior softmax(t / tau_t))."""
   weight = mask.astype(jnp.float32)
   probs = jax.nn.softmax(logits / teacher_temp, axis=-1)
-  return {'prob_sum': sums['prob_sum'] + jnp.sum(weight[:, None] * probs, axis=0),
-          'entropy_sum': sums['entropy_sum'] + jnp.sum(weight * objective.entropy(probs)),
-          'count': sums['count'] + jnp.sum(weight)}
+  return {
+      'prob_sum': sums['prob_sum'] + jnp.sum(weight[:, None] * probs, axis=0),
+      'entropy_sum': sums['entropy_sum'] + jnp.sum(weight * objective.entropy(probs)),
+      'count': sums['count'] + jnp.sum(weight)
+  }
 
 
 def cluster_statistics(sums: dict) -> dict:
@@ -57,8 +62,10 @@ def cluster_statistics(sums: dict) -> dict:
   sums = jax.device_get(sums)
   mean_posterior = sums['prob_sum'] / sums['count']
   marginal_entropy = float(objective.entropy(jnp.asarray(mean_posterior)))
-  return {'cluster_mi': marginal_entropy - float(sums['entropy_sum'] / sums['count']),
-          'effective_clusters': float(np.exp(marginal_entropy))}
+  return {
+      'cluster_mi': marginal_entropy - float(sums['entropy_sum'] / sums['count']),
+      'effective_clusters': float(np.exp(marginal_entropy))
+  }
 
 
 def join_on_devices(arrays: list[jax.Array]) -> jax.Array:
@@ -69,8 +76,10 @@ def join_on_devices(arrays: list[jax.Array]) -> jax.Array:
   for array in arrays:
     for shard in array.addressable_shards:
       per_device.setdefault(shard.device, []).append(shard.data)
-  joined = [jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-            for parts in per_device.values()]
+  joined = [
+      jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+      for parts in per_device.values()
+  ]
   shape = (first.shape[0] * len(arrays), *first.shape[1:])
   return jax.make_array_from_single_device_arrays(shape, first.sharding, joined)
 
@@ -86,8 +95,10 @@ def build_bank(batch_features: Callable, batches: Iterable[dict]) -> FeatureBank
   if not features:
     raise ValueError('the split yielded no batch')
   valid_bank = join_on_devices(valid)
-  return FeatureBank(features=join_on_devices(features), labels=join_on_devices(labels),
-                     valid=valid_bank, num_examples=int(jnp.sum(valid_bank)),
+  return FeatureBank(features=join_on_devices(features),
+                     labels=join_on_devices(labels),
+                     valid=valid_bank,
+                     num_examples=int(jnp.sum(valid_bank)),
                      num_batches=len(features))
 
 
@@ -111,5 +122,5 @@ def host_features(bank: FeatureBank) -> tuple[np.ndarray, np.ndarray]:
   the consumers that need host arrays (the feature probe, --mode=features); they bound N * F."""
   keep = _split_order(to_host(bank.valid), bank).astype(bool)
   features = _split_order(to_host(bank.features), bank)[keep]
-  return features.astype(np.float32), _split_order(to_host(bank.labels), bank)[keep].astype(
-      np.int32)
+  return features.astype(np.float32), _split_order(to_host(bank.labels),
+                                                   bank)[keep].astype(np.int32)

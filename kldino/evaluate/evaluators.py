@@ -51,7 +51,11 @@ class SplitBanks:
   flattened evaluation views (the raw-pixel baseline). `clear()` frees the banks.
   """
 
-  def __init__(self, run, features: str = 'teacher', *, feature_options=None,
+  def __init__(self,
+               run,
+               features: str = 'teacher',
+               *,
+               feature_options=None,
                cluster_stats: bool = True):
     self.run = run
     self.features = features
@@ -70,19 +74,19 @@ class SplitBanks:
       batch_features = forward.backbone_features(graphdef, params, images, **feature_options)
       if sums is None:
         return batch_features, sums
-      logits = forward.teacher_logits(graphdef, params, images, mask=mask,
-                                      standardise=standardise)
+      logits = forward.teacher_logits(graphdef, params, images, mask=mask, standardise=standardise)
       return batch_features, bank_lib.add_cluster_sums(sums, logits, mask, teacher_temp)
 
     image_size, channels = run.config.data.image_size, run.in_channels
-    self.feature_dim = (image_size ** 2 * channels if features == 'pixels'
-                        else run.feature_dim(**feature_options))
+    self.feature_dim = (image_size**2 *
+                        channels if features == 'pixels' else run.feature_dim(**feature_options))
     self._pass = jax.jit(
         features_and_sums,
         # The pixel baseline has no parameters (None).
         in_shardings=(None if features == 'pixels' else run.param_shardings, batch, batch,
                       replicated, replicated),
-        out_shardings=(batch, replicated), donate_argnums=(3,))
+        out_shardings=(batch, replicated),
+        donate_argnums=(3,))
 
   def start(self, params, teacher_temp: float | None = None):
     """Begin an evaluation of `params`; `teacher_temp` (the training schedule's tau_t at their
@@ -95,9 +99,12 @@ class SplitBanks:
 
   def _batches(self, split: str):
     config = self.run.config
-    local = pipeline.eval_batches(
-        self.run.source, split, config, batch_size=config.eval.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    local = pipeline.eval_batches(self.run.source,
+                                  split,
+                                  config,
+                                  batch_size=config.eval.batch_size,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
     return sharding.prefetch_global_batches(local, self.run.mesh)
 
   def _compute(self, params, split: str, with_clusters: bool):
@@ -146,10 +153,16 @@ class KnnEvaluator:
     config = self._run.config
     train = self.banks.bank(params, config.data.train_split)
     query = self.banks.bank(params, config.data.eval_split)
-    accuracies = knn_accuracies(
-        train.features, train.labels, train.valid, query.features, query.labels, query.valid,
-        mesh=self._run.mesh, num_classes=self._run.source.info.num_classes, ks=self.ks,
-        temperature=config.eval.knn_temperature)
+    accuracies = knn_accuracies(train.features,
+                                train.labels,
+                                train.valid,
+                                query.features,
+                                query.labels,
+                                query.valid,
+                                mesh=self._run.mesh,
+                                num_classes=self._run.source.info.num_classes,
+                                ks=self.ks,
+                                temperature=config.eval.knn_temperature)
     headline = 20 if 20 in self.ks else self.ks[0]
     results = {f'knn_top1_k{k}': float(accuracies[k]) for k in self.ks}
     results['knn_top1'] = results[f'knn_top1_k{headline}']
@@ -181,17 +194,21 @@ class FeatureProbeEvaluator:
         self.banks.bank(params, config.data.train_split))
     eval_features, eval_labels = bank_lib.host_features(
         self.banks.bank(params, config.data.eval_split))
-    probe = linear_probe(train_features, train_labels, eval_features, eval_labels,
+    probe = linear_probe(train_features,
+                         train_labels,
+                         eval_features,
+                         eval_labels,
                          num_classes=self._run.source.info.num_classes,
-                         epochs=config.eval.probe_epochs, seed=config.seed)
+                         epochs=config.eval.probe_epochs,
+                         seed=config.seed)
     return {'linear_top1': probe['top1'], 'linear_weight_decay': probe['weight_decay']}
 
 
 def check_feature_probe_size(run, feature_dim: int):
   """Refuse, before anything runs, a feature probe whose host arrays would not be small."""
   config = run.config
-  rows = sum(run.source.num_examples(split)
-             for split in (config.data.train_split, config.data.eval_split))
+  rows = sum(
+      run.source.num_examples(split) for split in (config.data.train_split, config.data.eval_split))
   size = rows * feature_dim * 4
   if size > FEATURE_PROBE_MAX_BYTES:
     raise ConfigError(
@@ -233,11 +250,15 @@ class Evaluators:
     results = self._run_entries(params, teacher_temp,
                                 [item for item in self.entries if item[1].final])
     data = self.run.config.data
-    return {**results, 'num_train': self.run.source.num_examples(data.train_split),
-            'num_eval': self.run.source.num_examples(data.eval_split)}
+    return {
+        **results, 'num_train': self.run.source.num_examples(data.train_split),
+        'num_eval': self.run.source.num_examples(data.eval_split)
+    }
 
   def periodic(self, params, teacher_temp: float, epochs_done: int) -> dict:
     """The entries due after `epochs_done` epochs of training ({} when none is)."""
-    due = [item for item in self.entries
-           if item[1].every_epochs and epochs_done % item[1].every_epochs == 0]
+    due = [
+        item for item in self.entries
+        if item[1].every_epochs and epochs_done % item[1].every_epochs == 0
+    ]
     return self._run_entries(params, teacher_temp, due) if due else {}

@@ -64,25 +64,27 @@ def _local_top_k(queries, bank, labels, valid, *, k: int, bank_chunk: int):
   """
   num_rows = bank.shape[0]
   queries = _l2_normalise(queries.astype(jnp.float32))
+
   def step(best, chunk_index):
     best_sims, best_labels = best
     fresh_from = chunk_index * bank_chunk
     start = jnp.minimum(fresh_from, num_rows - bank_chunk)
     rows = jax.lax.dynamic_slice_in_dim(bank, start, bank_chunk)
-    keep = jax.lax.dynamic_slice_in_dim(valid, start, bank_chunk).astype(bool) & (
-        start + jnp.arange(bank_chunk) >= fresh_from)
+    keep = jax.lax.dynamic_slice_in_dim(
+        valid, start, bank_chunk).astype(bool) & (start + jnp.arange(bank_chunk) >= fresh_from)
     row_labels = jnp.where(keep, jax.lax.dynamic_slice_in_dim(labels, start, bank_chunk), 0)
     rows = _l2_normalise(rows.astype(jnp.float32))
     sims = jnp.matmul(queries, rows.T, precision=jax.lax.Precision.HIGHEST)
     sims = jnp.where(keep[None, :], sims, -jnp.inf)
     chunk_sims, chunk_rows = jax.lax.top_k(sims, min(k, bank_chunk))
     candidate_sims = jnp.concatenate([best_sims, chunk_sims], axis=1)
-    candidate_labels = jnp.concatenate([best_labels, row_labels.astype(jnp.int32)[chunk_rows]],
-                                       axis=1)
+    candidate_labels = jnp.concatenate(
+        [best_labels, row_labels.astype(jnp.int32)[chunk_rows]], axis=1)
     best_sims, positions = jax.lax.top_k(candidate_sims, k)
     return (best_sims, jnp.take_along_axis(candidate_labels, positions, axis=1)), None
-  init = (jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
-          jnp.zeros((queries.shape[0], k), jnp.int32))
+
+  init = (jnp.full((queries.shape[0], k), -jnp.inf,
+                   jnp.float32), jnp.zeros((queries.shape[0], k), jnp.int32))
   init = jax.lax.pcast(init, _AXES, to='varying')
   num_chunks = -(-num_rows // bank_chunk)
   best, _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
@@ -111,6 +113,7 @@ def _device_predictions(bank, labels, valid, queries, temperature, *, ks, num_cl
   """Per-device body: predictions [len(ks), local queries] for this device's query rows."""
   k = max(ks)
   num_queries = queries.shape[0]
+
   def one_chunk(chunk_index, predictions):
     # The last chunk ends at the last row; the rows it recomputes get identical predictions.
     start = jnp.minimum(chunk_index * rows_per_device, num_queries - rows_per_device)
@@ -119,14 +122,16 @@ def _device_predictions(bank, labels, valid, queries, temperature, *, ks, num_cl
     best_sims, best_labels = _local_top_k(chunk, bank, labels, valid, k=k, bank_chunk=bank_chunk)
     # Block d of every device's lists goes to device d, stacked by source device.
     best_sims, best_labels = jax.lax.all_to_all((best_sims, best_labels), _AXES, 0, 0, tiled=True)
+
     def per_query(x):
-      return x.reshape(num_devices, rows_per_device, k).transpose(1, 0, 2).reshape(
-          rows_per_device, num_devices * k)
+      return x.reshape(num_devices, rows_per_device,
+                       k).transpose(1, 0, 2).reshape(rows_per_device, num_devices * k)
+
     best_sims, positions = jax.lax.top_k(per_query(best_sims), k)
     best_labels = jnp.take_along_axis(per_query(best_labels), positions, axis=1)
-    chunk_predictions = _votes(best_sims, best_labels, temperature, ks=ks,
-                               num_classes=num_classes)
+    chunk_predictions = _votes(best_sims, best_labels, temperature, ks=ks, num_classes=num_classes)
     return jax.lax.dynamic_update_slice_in_dim(predictions, chunk_predictions, start, axis=1)
+
   predictions = jax.lax.pcast(jnp.zeros((len(ks), num_queries), jnp.int32), _AXES, to='varying')
   num_chunks = -(-num_queries // rows_per_device)
   return jax.lax.fori_loop(0, num_chunks, one_chunk, predictions)
@@ -134,21 +139,29 @@ def _device_predictions(bank, labels, valid, queries, temperature, *, ks, num_cl
 
 @functools.lru_cache(maxsize=None)
 def _predict_fn(mesh, ks, num_classes, rows_per_device, bank_chunk):
-  body = functools.partial(_device_predictions, ks=ks, num_classes=num_classes,
-                           rows_per_device=rows_per_device, bank_chunk=bank_chunk,
+  body = functools.partial(_device_predictions,
+                           ks=ks,
+                           num_classes=num_classes,
+                           rows_per_device=rows_per_device,
+                           bank_chunk=bank_chunk,
                            num_devices=mesh.size)
   rows = P(_AXES)
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, rows, P()),
-                               out_specs=P(None, _AXES)))
+  return jax.jit(
+      jax.shard_map(body,
+                    mesh=mesh,
+                    in_specs=(rows, rows, rows, rows, P()),
+                    out_specs=P(None, _AXES)))
 
 
 @functools.lru_cache(maxsize=None)
 def _bank_summary_fn(mesh):
   """(valid rows, smallest and largest valid label), replicated."""
+
   def summary(labels, valid):
     info = jnp.iinfo(jnp.int32)
     return (jnp.sum(valid, dtype=jnp.int32), jnp.min(jnp.where(valid, labels, info.max)),
             jnp.max(jnp.where(valid, labels, info.min)))
+
   return jax.jit(summary, out_shardings=sharding.replicated(mesh))
 
 
@@ -160,9 +173,11 @@ def _replicate_fn(mesh):
 @functools.lru_cache(maxsize=None)
 def _correct_counts_fn(mesh):
   """(correct valid queries per k, valid queries), replicated."""
+
   def counts(predictions, labels, valid):
     correct = (predictions == labels[None, :]) & valid[None, :]
     return jnp.sum(correct, axis=1, dtype=jnp.int32), jnp.sum(valid, dtype=jnp.int32)
+
   return jax.jit(counts, out_shardings=sharding.replicated(mesh))
 
 
@@ -195,8 +210,8 @@ def _sharded_queries(mesh, queries, query_valid, dim):
       query_valid = _host_rows(mesh, np.asarray(query_valid, bool))
     return queries, query_valid
   queries = np.asarray(queries, np.float32)
-  valid = (np.ones(queries.shape[0], bool) if query_valid is None
-           else np.asarray(jax.device_get(query_valid), bool))
+  valid = (np.ones(queries.shape[0], bool) if query_valid is None else np.asarray(
+      jax.device_get(query_valid), bool))
   return _host_rows(mesh, queries), _host_rows(mesh, valid, fill=False)
 
 
@@ -211,8 +226,8 @@ def _check_options(num_classes, ks, temperature, query_chunk, bank_chunk):
     raise ValueError(f'query_chunk={query_chunk} and bank_chunk={bank_chunk} must be >= 1')
 
 
-def _all_predictions(bank, bank_labels, bank_valid, queries, query_valid, *, mesh, num_classes,
-                     ks, temperature, query_chunk, bank_chunk):
+def _all_predictions(bank, bank_labels, bank_valid, queries, query_valid, *, mesh, num_classes, ks,
+                     temperature, query_chunk, bank_chunk):
   """(predictions [len(ks), Q'] sharded like the queries, query valid mask [Q'], ks as a tuple)."""
   ks = tuple(dict.fromkeys(int(k) for k in ks))
   _check_options(num_classes, ks, temperature, query_chunk, bank_chunk)
@@ -240,8 +255,17 @@ def _all_predictions(bank, bank_labels, bank_valid, queries, query_valid, *, mes
   return predictions, query_valid, ks
 
 
-def knn_predictions(bank, bank_labels, bank_valid, queries, query_valid=None, *, mesh,
-                    num_classes: int, ks, temperature: float = 0.07, query_chunk: int = 1024,
+def knn_predictions(bank,
+                    bank_labels,
+                    bank_valid,
+                    queries,
+                    query_valid=None,
+                    *,
+                    mesh,
+                    num_classes: int,
+                    ks,
+                    temperature: float = 0.07,
+                    query_chunk: int = 1024,
                     bank_chunk: int = 65536) -> dict[int, np.ndarray]:
   """{k: int32 predicted class of every valid query, in row order} for every k in `ks`.
 
@@ -253,15 +277,33 @@ def knn_predictions(bank, bank_labels, bank_valid, queries, query_valid=None, *,
   of valid bank rows. Query chunks hold at most ceil(query_chunk / devices) rows of every device;
   bank chunks hold at most `bank_chunk` rows of one device.
   """
-  predictions, query_valid, ks = _all_predictions(
-      bank, bank_labels, bank_valid, queries, query_valid, mesh=mesh, num_classes=num_classes,
-      ks=ks, temperature=temperature, query_chunk=query_chunk, bank_chunk=bank_chunk)
+  predictions, query_valid, ks = _all_predictions(bank,
+                                                  bank_labels,
+                                                  bank_valid,
+                                                  queries,
+                                                  query_valid,
+                                                  mesh=mesh,
+                                                  num_classes=num_classes,
+                                                  ks=ks,
+                                                  temperature=temperature,
+                                                  query_chunk=query_chunk,
+                                                  bank_chunk=bank_chunk)
   predictions, query_valid = jax.device_get(_replicate_fn(mesh)(predictions, query_valid))
   return {k: np.asarray(row[query_valid], np.int32) for k, row in zip(ks, predictions)}
 
 
-def knn_accuracies(bank, bank_labels, bank_valid, queries, query_labels, query_valid=None, *,
-                   mesh, num_classes: int, ks, temperature: float = 0.07, query_chunk: int = 1024,
+def knn_accuracies(bank,
+                   bank_labels,
+                   bank_valid,
+                   queries,
+                   query_labels,
+                   query_valid=None,
+                   *,
+                   mesh,
+                   num_classes: int,
+                   ks,
+                   temperature: float = 0.07,
+                   query_chunk: int = 1024,
                    bank_chunk: int = 65536) -> dict[int, float]:
   """{k: fraction of valid queries whose k-NN prediction equals their label}.
 
@@ -271,13 +313,21 @@ def knn_accuracies(bank, bank_labels, bank_valid, queries, query_labels, query_v
   if tuple(query_labels.shape) != tuple(queries.shape[:1]):
     raise ValueError(f'query_labels shape {query_labels.shape} does not match {queries.shape[0]} '
                      f'query rows')
-  predictions, query_valid, ks = _all_predictions(
-      bank, bank_labels, bank_valid, queries, query_valid, mesh=mesh, num_classes=num_classes,
-      ks=ks, temperature=temperature, query_chunk=query_chunk, bank_chunk=bank_chunk)
+  predictions, query_valid, ks = _all_predictions(bank,
+                                                  bank_labels,
+                                                  bank_valid,
+                                                  queries,
+                                                  query_valid,
+                                                  mesh=mesh,
+                                                  num_classes=num_classes,
+                                                  ks=ks,
+                                                  temperature=temperature,
+                                                  query_chunk=query_chunk,
+                                                  bank_chunk=bank_chunk)
   if not isinstance(query_labels, jax.Array) or query_labels.shape[0] != predictions.shape[1]:
     query_labels = _host_rows(mesh, np.asarray(jax.device_get(query_labels), np.int32), fill=-1)
-  correct, num_valid = map(np.asarray, jax.device_get(
-      _correct_counts_fn(mesh)(predictions, query_labels, query_valid)))
+  correct, num_valid = map(
+      np.asarray, jax.device_get(_correct_counts_fn(mesh)(predictions, query_labels, query_valid)))
   if num_valid == 0:
     raise ValueError('query_valid marks no query rows')
   return {k: float(count) / float(num_valid) for k, count in zip(ks, correct)}
@@ -309,12 +359,19 @@ def _check_inputs(train_features, train_labels, query_features, num_classes, k, 
 
 def _host_bank(mesh, train_features, train_labels):
   valid = np.ones(train_features.shape[0], bool)
-  return (_host_rows(mesh, train_features), _host_rows(mesh, train_labels),
-          _host_rows(mesh, valid, fill=False))
+  return (_host_rows(mesh,
+                     train_features), _host_rows(mesh,
+                                                 train_labels), _host_rows(mesh, valid, fill=False))
 
 
-def knn_predict(train_features, train_labels, query_features, *, num_classes: int, k: int = 20,
-                temperature: float = 0.07, query_chunk: int = 1024,
+def knn_predict(train_features,
+                train_labels,
+                query_features,
+                *,
+                num_classes: int,
+                k: int = 20,
+                temperature: float = 0.07,
+                query_chunk: int = 1024,
                 bank_chunk: int = 65536) -> np.ndarray:
   """Predicted class (int32) of every query row by temperature-weighted k-NN over the bank.
 
@@ -326,21 +383,37 @@ def knn_predict(train_features, train_labels, query_features, *, num_classes: in
   _check_inputs(train_features, train_labels, query_features, num_classes, k, temperature,
                 query_chunk, bank_chunk)
   mesh = _local_mesh()
-  predictions = knn_predictions(*_host_bank(mesh, train_features, train_labels), query_features,
-                                mesh=mesh, num_classes=num_classes, ks=(k,),
-                                temperature=temperature, query_chunk=query_chunk,
+  predictions = knn_predictions(*_host_bank(mesh, train_features, train_labels),
+                                query_features,
+                                mesh=mesh,
+                                num_classes=num_classes,
+                                ks=(k,),
+                                temperature=temperature,
+                                query_chunk=query_chunk,
                                 bank_chunk=bank_chunk)
   return predictions[k]
 
 
-def knn_accuracy(train_features, train_labels, query_features, query_labels, *,
-                 num_classes: int, k: int = 20, temperature: float = 0.07,
-                 query_chunk: int = 1024, bank_chunk: int = 65536) -> float:
+def knn_accuracy(train_features,
+                 train_labels,
+                 query_features,
+                 query_labels,
+                 *,
+                 num_classes: int,
+                 k: int = 20,
+                 temperature: float = 0.07,
+                 query_chunk: int = 1024,
+                 bank_chunk: int = 65536) -> float:
   """Fraction of query rows whose k-NN prediction equals their label."""
   query_labels = np.asarray(query_labels)
   if query_labels.shape != np.shape(query_features)[:1]:
     raise ValueError(f'query_labels shape {query_labels.shape} does not match the query rows')
-  predictions = knn_predict(train_features, train_labels, query_features,
-                            num_classes=num_classes, k=k, temperature=temperature,
-                            query_chunk=query_chunk, bank_chunk=bank_chunk)
+  predictions = knn_predict(train_features,
+                            train_labels,
+                            query_features,
+                            num_classes=num_classes,
+                            k=k,
+                            temperature=temperature,
+                            query_chunk=query_chunk,
+                            bank_chunk=bank_chunk)
   return float(np.mean(predictions == query_labels))

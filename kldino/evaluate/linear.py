@@ -43,9 +43,10 @@ def _cross_entropy(params, features, labels):
 
 def _optimizer(weight_decay, total_steps: int) -> optax.GradientTransformation:
   # Decay added to the gradient before Adam = an L2 penalty on the objective (see the docstring).
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask={'kernel': True, 'bias': False}),
-      optax.adam(optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_steps)))
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask={
+      'kernel': True,
+      'bias': False
+  }), optax.adam(optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_steps)))
 
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'epochs', 'batch_size'))
@@ -85,20 +86,23 @@ def _accuracies(stacked_params, features, labels) -> np.ndarray:
 def _fit_and_score(fit_features, fit_labels, eval_features, eval_labels, weight_decays, *,
                    num_classes, epochs, batch_size, seed) -> np.ndarray:
   fit_features, eval_features = _standardise(fit_features, eval_features)
-  params = _fit(jnp.asarray(fit_features), jnp.asarray(fit_labels),
-                jnp.asarray(weight_decays, jnp.float32), jax.random.key(seed),
-                num_classes=num_classes, epochs=epochs,
+  params = _fit(jnp.asarray(fit_features),
+                jnp.asarray(fit_labels),
+                jnp.asarray(weight_decays, jnp.float32),
+                jax.random.key(seed),
+                num_classes=num_classes,
+                epochs=epochs,
                 batch_size=min(batch_size, fit_features.shape[0]))
   return _accuracies(params, eval_features, eval_labels)
 
 
-def _check_inputs(train_features, train_labels, test_features, test_labels, num_classes,
-                  epochs, batch_size, weight_decays):
+def _check_inputs(train_features, train_labels, test_features, test_labels, num_classes, epochs,
+                  batch_size, weight_decays):
   if train_features.ndim != 2 or test_features.shape[1:] != train_features.shape[1:]:
     raise ValueError(f'features must be 2-D with equal widths, got train '
                      f'{train_features.shape} and test {test_features.shape}')
-  if (train_labels.shape != train_features.shape[:1]
-      or test_labels.shape != test_features.shape[:1]):
+  if (train_labels.shape != train_features.shape[:1] or
+      test_labels.shape != test_features.shape[:1]):
     raise ValueError('labels must be 1-D with one entry per feature row')
   if min(train_features.shape[0], test_features.shape[0]) < 1:
     raise ValueError('train and test sets must both have rows')
@@ -113,8 +117,15 @@ def _check_inputs(train_features, train_labels, test_features, test_labels, num_
     raise ValueError('choosing a weight decay needs at least 2 train rows (one held out)')
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, *, num_classes: int,
-                 epochs: int = 100, batch_size: int = 256, seed: int = 0,
+def linear_probe(train_features,
+                 train_labels,
+                 test_features,
+                 test_labels,
+                 *,
+                 num_classes: int,
+                 epochs: int = 100,
+                 batch_size: int = 256,
+                 seed: int = 0,
                  weight_decays=(0.0, 1e-4, 1e-3, 1e-2)) -> dict:
   """Test top-1 accuracy of a softmax-regression probe, and the weight decay it chose."""
   train_features = np.asarray(train_features, np.float32)
@@ -128,9 +139,9 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, nu
   chosen = weight_decays[0]
   if len(weight_decays) > 1:
     fit_rows, held_out_rows = _held_out_split(train_features.shape[0], seed)
-    held_out_accuracies = _fit_and_score(
-        train_features[fit_rows], train_labels[fit_rows], train_features[held_out_rows],
-        train_labels[held_out_rows], weight_decays, **options)
+    held_out_accuracies = _fit_and_score(train_features[fit_rows], train_labels[fit_rows],
+                                         train_features[held_out_rows], train_labels[held_out_rows],
+                                         weight_decays, **options)
     # argmax takes the first best, i.e. the earliest value in the caller's order on a tie.
     chosen = weight_decays[int(np.argmax(held_out_accuracies))]
   top1 = _fit_and_score(train_features, train_labels, test_features, test_labels, [chosen],

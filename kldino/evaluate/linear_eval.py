@@ -60,22 +60,29 @@ def epoch_cosine(step, *, steps_per_epoch: int, epochs: int) -> jax.Array:
 
 def _scale_by_head(factors: jax.Array) -> optax.GradientTransformation:
   """Multiplies head h's updates by factors[h] (leaves have the head axis first)."""
+
   def init_fn(params):
     del params
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
+
     def scale(update):
       per_head = factors.reshape((-1,) + (1,) * (update.ndim - 1))
       return (per_head * update).astype(update.dtype)
+
     return jax.tree.map(scale, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(learning_rates: Sequence[float], *, batch_size: int, steps_per_epoch: int,
-                   epochs: int, momentum: float = 0.9) -> optax.GradientTransformation:
+def make_optimizer(learning_rates: Sequence[float],
+                   *,
+                   batch_size: int,
+                   steps_per_epoch: int,
+                   epochs: int,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
   """SGD with momentum for stacked heads, head h with lr learning_rates[h] * batch_size / 256.
 
   `batch_size` is the global batch. The update at step t (0-based) is
@@ -88,8 +95,7 @@ def make_optimizer(learning_rates: Sequence[float], *, batch_size: int, steps_pe
                      'positive: the linear evaluation needs at least one step')
   lrs = scaled_learning_rates(learning_rates, batch_size)
   return optax.chain(
-      optax.trace(decay=momentum, nesterov=False),
-      _scale_by_head(-lrs),
+      optax.trace(decay=momentum, nesterov=False), _scale_by_head(-lrs),
       optax.scale_by_schedule(
           lambda step: epoch_cosine(step, steps_per_epoch=steps_per_epoch, epochs=epochs)))
 
@@ -97,8 +103,7 @@ def make_optimizer(learning_rates: Sequence[float], *, batch_size: int, steps_pe
 def head_logits(heads, features) -> jax.Array:
   """[H, B, C] logits of every head for features [B, F], in float32."""
   features = features.astype(jnp.float32)
-  logits = jnp.einsum('bf,hfc->hbc', features, heads['kernel'],
-                      precision=jax.lax.Precision.HIGHEST)
+  logits = jnp.einsum('bf,hfc->hbc', features, heads['kernel'], precision=jax.lax.Precision.HIGHEST)
   return logits + heads['bias'][:, None, :]
 
 
@@ -122,6 +127,7 @@ def make_train_step(feature_fn: FeatureFn, optimizer: optax.GradientTransformati
   The backbone is frozen: its features are computed under stop_gradient and only the heads
   change. metrics is an [H] array: each head's mean cross-entropy on the batch before the update.
   """
+
   def objective(heads, features, labels, mask):
     losses = head_losses(heads, features, labels, mask)
     return losses.sum(), losses
@@ -143,6 +149,7 @@ def make_eval_step(feature_fn: FeatureFn):
   top5 = rows whose label is among the 5 largest logits (with fewer than 5 classes, among all of
   them, so every row), count = the rows. Accuracy = top1 / count summed over the eval batches.
   """
+
   def eval_step(heads, backbone_params, batch):
     features = feature_fn(backbone_params, batch['image'])
     logits = head_logits(heads, features)
@@ -150,8 +157,10 @@ def make_eval_step(feature_fn: FeatureFn):
     _, top = jax.lax.top_k(logits, min(TOP_K, num_classes))  # [H, B, k], largest first
     hits = top == batch['label'].astype(top.dtype)[None, :, None]
     mask = batch['mask'][None, :]
-    return {'top1': (hits[..., 0] & mask).sum(axis=1, dtype=jnp.int32),
-            'top5': (hits.any(axis=-1) & mask).sum(axis=1, dtype=jnp.int32),
-            'count': batch['mask'].sum(dtype=jnp.int32)}
+    return {
+        'top1': (hits[..., 0] & mask).sum(axis=1, dtype=jnp.int32),
+        'top5': (hits.any(axis=-1) & mask).sum(axis=1, dtype=jnp.int32),
+        'count': batch['mask'].sum(dtype=jnp.int32)
+    }
 
   return eval_step

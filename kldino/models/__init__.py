@@ -7,7 +7,16 @@ from kldino.models.vit import ViT
 from kldino.models.convnet import ResNet
 
 __all__ = [
-    'BACKBONES', 'DINOHead', 'DINOModel', 'HEAD_NORMS', 'MaskedBatchNorm', 'PROTOTYPE_MODES',
-    'ResNet', 'ViT', 'build_backbone', 'build_model', 'register_backbone',
+    'BACKBONES',
+    'DINOHead',
+    'DINOModel',
+    'HEAD_NORMS',
+    'MaskedBatchNorm',
+    'PROTOTYPE_MODES',
+    'ResNet',
+    'ViT',
+    'build_backbone',
+    'build_model',
+    'register_backbone',
     'validate_model_config',
 ]

@@ -19,11 +19,18 @@ _conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def _conv(in_width: int, out_width: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
   # No bias: every convolution is followed by a norm that has one.
-  return nnx.Conv(in_width, out_width, kernel_size=(kernel, kernel), strides=(stride, stride),
-                  padding=kernel // 2, use_bias=False, kernel_init=_conv_init, rngs=rngs)
+  return nnx.Conv(in_width,
+                  out_width,
+                  kernel_size=(kernel, kernel),
+                  strides=(stride, stride),
+                  padding=kernel // 2,
+                  use_bias=False,
+                  kernel_init=_conv_init,
+                  rngs=rngs)
 
 
 class ConvNorm(nnx.Module):
+
   def __init__(self, in_width: int, out_width: int, kernel: int, stride: int, groups: int, *,
                rngs: nnx.Rngs):
     self.conv = _conv(in_width, out_width, kernel, stride, rngs)
@@ -69,22 +76,40 @@ class ResNet(nnx.Module):
   3x3/1 convolution, which keeps the resolution of 16x16 images and 8x8 local crops.
   """
 
-  def __init__(self, *, widths, depths, strides, bottleneck: bool, large_stem: bool,
-               groups: int, drop_path_rate: float = 0.0, in_channels: int, remat: bool = False,
-               model_name: str = 'ResNet', rngs: nnx.Rngs):
+  def __init__(self,
+               *,
+               widths,
+               depths,
+               strides,
+               bottleneck: bool,
+               large_stem: bool,
+               groups: int,
+               drop_path_rate: float = 0.0,
+               in_channels: int,
+               remat: bool = False,
+               model_name: str = 'ResNet',
+               rngs: nnx.Rngs):
     self.model_name = model_name
     self.in_channels = in_channels
     self.large_stem = large_stem
     self.remat = remat
     stem_width = 64 if large_stem else widths[0]
-    self.stem = ConvNorm(in_channels, stem_width, 7 if large_stem else 3,
-                         2 if large_stem else 1, groups, rngs=rngs)
+    self.stem = ConvNorm(in_channels,
+                         stem_width,
+                         7 if large_stem else 3,
+                         2 if large_stem else 1,
+                         groups,
+                         rngs=rngs)
     rates = iter(linear_drop_rates(drop_path_rate, sum(depths)))
     blocks, in_width = [], stem_width
     for width, depth, stride in zip(widths, depths, strides):
       for index in range(depth):
-        block = ResidualBlock(in_width, width, stride if index == 0 else 1,
-                              bottleneck=bottleneck, groups=groups, drop_rate=next(rates),
+        block = ResidualBlock(in_width,
+                              width,
+                              stride if index == 0 else 1,
+                              bottleneck=bottleneck,
+                              groups=groups,
+                              drop_rate=next(rates),
                               rngs=rngs)
         blocks.append(block)
         in_width = block.out_width
@@ -115,7 +140,10 @@ class ResNet(nnx.Module):
     self._check_feature_options(n_last_blocks, avgpool_patchtokens)
     return self.num_features
 
-  def features(self, images: jax.Array, *, n_last_blocks: int = 1,
+  def features(self,
+               images: jax.Array,
+               *,
+               n_last_blocks: int = 1,
                avgpool_patchtokens: bool = False) -> jax.Array:
     """The evaluation feature, `__call__`'s; the ViT options must keep their defaults."""
     self._check_feature_options(n_last_blocks, avgpool_patchtokens)
@@ -124,21 +152,41 @@ class ResNet(nnx.Module):
 
 CONVNET_SIZES = {
     # ~0.69M parameters; 16x16 -> 16, 8, 4 (8x8 local crops -> 8, 4, 2).
-    'convnet_small': dict(widths=(32, 64, 128), depths=(2, 2, 2), strides=(1, 2, 2),
-                          bottleneck=False, large_stem=False, groups=8),
-    'resnet18': dict(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), strides=(1, 2, 2, 2),
-                     bottleneck=False, large_stem=True, groups=32),
-    'resnet50': dict(widths=(64, 128, 256, 512), depths=(3, 4, 6, 3), strides=(1, 2, 2, 2),
-                     bottleneck=True, large_stem=True, groups=32),
+    'convnet_small':
+        dict(widths=(32, 64, 128),
+             depths=(2, 2, 2),
+             strides=(1, 2, 2),
+             bottleneck=False,
+             large_stem=False,
+             groups=8),
+    'resnet18':
+        dict(widths=(64, 128, 256, 512),
+             depths=(2, 2, 2, 2),
+             strides=(1, 2, 2, 2),
+             bottleneck=False,
+             large_stem=True,
+             groups=32),
+    'resnet50':
+        dict(widths=(64, 128, 256, 512),
+             depths=(3, 4, 6, 3),
+             strides=(1, 2, 2, 2),
+             bottleneck=True,
+             large_stem=True,
+             groups=32),
 }
 
 
 def _register_convnet(name: str, size: dict):
+
   @register_backbone(name)
   def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs):
     del patch_size, image_size, stem  # convolutions take any size; the stem is fixed
-    return ResNet(drop_path_rate=drop_path_rate, in_channels=in_channels, remat=remat,
-                  model_name=name, rngs=rngs, **size)
+    return ResNet(drop_path_rate=drop_path_rate,
+                  in_channels=in_channels,
+                  remat=remat,
+                  model_name=name,
+                  rngs=rngs,
+                  **size)
 
 
 for _name, _size in CONVNET_SIZES.items():

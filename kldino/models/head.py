@@ -43,8 +43,8 @@ class MaskedBatchNorm(nnx.Module):
     return standardised * self.scale[...] + self.bias[...]
 
 
-def _check_head_args(num_prototypes: int, norm: str, prototypes: str, num_layers: int,
-                     init: str, prototype_init_std: float, norm_last_layer: bool):
+def _check_head_args(num_prototypes: int, norm: str, prototypes: str, num_layers: int, init: str,
+                     prototype_init_std: float, norm_last_layer: bool):
   if num_prototypes < 2:
     raise ValueError(f'num_prototypes={num_prototypes} must be >= 2 (model.num_prototypes)')
   if norm not in HEAD_NORMS:
@@ -72,7 +72,9 @@ def _hidden_norm(norm: str, width: int, rngs: nnx.Rngs) -> nnx.Module:
   return nnx.LayerNorm(width, epsilon=1e-6, rngs=rngs)
 
 
-def init_prototypes(key: jax.Array, bottleneck_dim: int, num_prototypes: int,
+def init_prototypes(key: jax.Array,
+                    bottleneck_dim: int,
+                    num_prototypes: int,
                     std: float = 0.0) -> jax.Array:
   """Raw prototype directions [bottleneck, K].
 
@@ -104,22 +106,34 @@ class DINOHead(nnx.Module):
   `prototype_init_std` 0 the prototypes are DINO's too (init_prototypes).
   """
 
-  def __init__(self, in_dim: int, *, hidden_dim: int, bottleneck_dim: int, num_layers: int,
-               num_prototypes: int, norm: str = 'none', prototypes: str = 'learned',
-               init: str = 'dino', prototype_init_std: float = 0.0,
-               norm_last_layer: bool = True, rngs: nnx.Rngs):
+  def __init__(self,
+               in_dim: int,
+               *,
+               hidden_dim: int,
+               bottleneck_dim: int,
+               num_layers: int,
+               num_prototypes: int,
+               norm: str = 'none',
+               prototypes: str = 'learned',
+               init: str = 'dino',
+               prototype_init_std: float = 0.0,
+               norm_last_layer: bool = True,
+               rngs: nnx.Rngs):
     _check_head_args(num_prototypes, norm, prototypes, num_layers, init, prototype_init_std,
                      norm_last_layer)
     widths = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
     self.layers = nnx.List([
-        nnx.Linear(fan_in, fan_out, kernel_init=_KERNEL_INITS[init],
-                   bias_init=nnx.initializers.zeros_init(), rngs=rngs)
-        for fan_in, fan_out in zip(widths[:-1], widths[1:])])
+        nnx.Linear(fan_in,
+                   fan_out,
+                   kernel_init=_KERNEL_INITS[init],
+                   bias_init=nnx.initializers.zeros_init(),
+                   rngs=rngs) for fan_in, fan_out in zip(widths[:-1], widths[1:])
+    ])
     num_norms = 0 if norm == 'none' else num_layers - 1
     self.norms = nnx.List([_hidden_norm(norm, hidden_dim, rngs) for _ in range(num_norms)])
     self.norm = norm
-    self.prototypes = nnx.Param(init_prototypes(
-        rngs.params(), bottleneck_dim, num_prototypes, prototype_init_std))
+    self.prototypes = nnx.Param(
+        init_prototypes(rngs.params(), bottleneck_dim, num_prototypes, prototype_init_std))
     # 'fixed' is the same math as 'learned'; the train step masks the prototypes' update.
     self.prototype_mode = prototypes
     self.norm_last_layer = norm_last_layer

@@ -57,8 +57,7 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
 
 
-def masked_standardise(x: jax.Array, mask: jax.Array | None = None,
-                       eps: float = 1e-5) -> jax.Array:
+def masked_standardise(x: jax.Array, mask: jax.Array | None = None, eps: float = 1e-5) -> jax.Array:
   """Standardise each feature over the batch axis, counting only rows where mask is True.
 
   Under jax.jit with the batch sharded over devices, these means are over the global batch.

@@ -23,11 +23,13 @@ BACKBONES: dict[str, BackboneEntry] = {}
 
 
 def register_backbone(name: str, *, uses_patches: bool = False):
+
   def register(build):
     if name in BACKBONES:
       raise ValueError(f"backbone '{name}' is registered twice: pick another name")
     BACKBONES[name] = BackboneEntry(build, uses_patches)
     return build
+
   return register
 
 
@@ -60,44 +62,53 @@ def validate_model_config(model_config, *, image_sizes=()):
   entry = _backbone_entry(model_config.name)
   _require(model_config.num_prototypes >= 2,
            f'model.num_prototypes={model_config.num_prototypes} must be >= 2')
-  _require(model_config.head_norm in HEAD_NORMS,
-           f"unknown model.head_norm '{model_config.head_norm}': choose one of "
-           f"{', '.join(HEAD_NORMS)}")
-  _require(model_config.prototypes in PROTOTYPE_MODES,
-           f"unknown model.prototypes '{model_config.prototypes}': choose one of "
-           f"{', '.join(PROTOTYPE_MODES)}")
+  _require(
+      model_config.head_norm in HEAD_NORMS,
+      f"unknown model.head_norm '{model_config.head_norm}': choose one of "
+      f"{', '.join(HEAD_NORMS)}")
+  _require(
+      model_config.prototypes in PROTOTYPE_MODES,
+      f"unknown model.prototypes '{model_config.prototypes}': choose one of "
+      f"{', '.join(PROTOTYPE_MODES)}")
   _require(model_config.head_num_layers >= 1,
            f'model.head_num_layers={model_config.head_num_layers} must be >= 1')
   head = _head_options(model_config)
   _require(head['init'] in HEAD_INITS,
            f"unknown model.head_init '{head['init']}': choose one of {', '.join(HEAD_INITS)}")
-  _require(head['prototype_init_std'] >= 0,
-           f"model.prototype_init_std={head['prototype_init_std']} must be 0 (DINO's uniform "
-           '+-1/sqrt(bottleneck)) or the std (> 0) of a normal init')
-  _require(head['norm_last_layer'] or model_config.prototypes == 'learned',
-           "model.norm_last_layer=False (a learned gain per prototype) needs "
-           f"model.prototypes='learned', not '{model_config.prototypes}': 'fixed' prototypes "
-           "must not change and 'centered' ones must stay unit vectors")
+  _require(
+      head['prototype_init_std'] >= 0,
+      f"model.prototype_init_std={head['prototype_init_std']} must be 0 (DINO's uniform "
+      '+-1/sqrt(bottleneck)) or the std (> 0) of a normal init')
+  _require(
+      head['norm_last_layer'] or model_config.prototypes == 'learned',
+      "model.norm_last_layer=False (a learned gain per prototype) needs "
+      f"model.prototypes='learned', not '{model_config.prototypes}': 'fixed' prototypes "
+      "must not change and 'centered' ones must stay unit vectors")
   compute_dtype = _compute_dtype(model_config)
-  _require(compute_dtype in COMPUTE_DTYPES,
-           f"unknown model.compute_dtype '{compute_dtype}': choose one of "
-           f"{', '.join(COMPUTE_DTYPES)}")
+  _require(
+      compute_dtype in COMPUTE_DTYPES,
+      f"unknown model.compute_dtype '{compute_dtype}': choose one of "
+      f"{', '.join(COMPUTE_DTYPES)}")
   _require(0.0 <= model_config.drop_path < 1.0,
            f'model.drop_path={model_config.drop_path} must be in [0, 1)')
   if entry.uses_patches:
     patch_size = model_config.patch_size
     _require(patch_size >= 1, f'model.patch_size={patch_size} must be >= 1')
     for size in image_sizes:
-      _require(size % patch_size == 0,
-               f'image size {size} is not a multiple of model.patch_size={patch_size}: '
-               'change the crop sizes or the patch size')
+      _require(
+          size % patch_size == 0,
+          f'image size {size} is not a multiple of model.patch_size={patch_size}: '
+          'change the crop sizes or the patch size')
 
 
 def build_backbone(model_config, *, in_channels: int, image_size: int, rngs: nnx.Rngs):
-  return _backbone_entry(model_config.name).build(
-      patch_size=model_config.patch_size, drop_path_rate=model_config.drop_path,
-      in_channels=in_channels, image_size=image_size, stem=model_config.stem,
-      remat=model_config.get('remat', False), rngs=rngs)
+  return _backbone_entry(model_config.name).build(patch_size=model_config.patch_size,
+                                                  drop_path_rate=model_config.drop_path,
+                                                  in_channels=in_channels,
+                                                  image_size=image_size,
+                                                  stem=model_config.stem,
+                                                  remat=model_config.get('remat', False),
+                                                  rngs=rngs)
 
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -116,15 +127,16 @@ class DINOModel(nnx.Module):
     self.compute_dtype = compute_dtype
 
 
-def build_model(model_config, *, in_channels: int, image_size: int,
-                rngs: nnx.Rngs) -> DINOModel:
+def build_model(model_config, *, in_channels: int, image_size: int, rngs: nnx.Rngs) -> DINOModel:
   validate_model_config(model_config, image_sizes=(image_size,))
-  backbone = build_backbone(model_config, in_channels=in_channels, image_size=image_size,
-                            rngs=rngs)
-  head = DINOHead(
-      backbone.num_features, hidden_dim=model_config.head_hidden_dim,
-      bottleneck_dim=model_config.head_bottleneck_dim,
-      num_layers=model_config.head_num_layers, num_prototypes=model_config.num_prototypes,
-      norm=model_config.head_norm, prototypes=model_config.prototypes,
-      **_head_options(model_config), rngs=rngs)
+  backbone = build_backbone(model_config, in_channels=in_channels, image_size=image_size, rngs=rngs)
+  head = DINOHead(backbone.num_features,
+                  hidden_dim=model_config.head_hidden_dim,
+                  bottleneck_dim=model_config.head_bottleneck_dim,
+                  num_layers=model_config.head_num_layers,
+                  num_prototypes=model_config.num_prototypes,
+                  norm=model_config.head_norm,
+                  prototypes=model_config.prototypes,
+                  **_head_options(model_config),
+                  rngs=rngs)
   return DINOModel(backbone, head, _compute_dtype(model_config))

@@ -45,11 +45,12 @@ class Attention(nnx.Module):
     """The softmax attention weights [B, heads, queries, keys] that __call__ mixes with."""
     qkv = self._qkv(tokens)
     queries, keys = qkv[:, :, 0], qkv[:, :, 1]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', queries, keys) * queries.shape[-1] ** -0.5
+    logits = jnp.einsum('bqhd,bkhd->bhqk', queries, keys) * queries.shape[-1]**-0.5
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 class MLP(nnx.Module):
+
   def __init__(self, dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
     self.fc1 = _linear(dim, hidden_dim, rngs)
     self.fc2 = _linear(hidden_dim, dim, rngs)
@@ -84,15 +85,21 @@ class ConvStem(nnx.Module):
 
   def __init__(self, in_channels: int, dim: int, patch_size: int, *, rngs: nnx.Rngs):
     num_convs = patch_size.bit_length() - 1
-    if patch_size != 2 ** num_convs or num_convs < 1:
+    if patch_size != 2**num_convs or num_convs < 1:
       raise ValueError(f'a conv stem needs a power-of-two patch_size >= 2, got {patch_size}: '
                        "change model.patch_size or use model.stem='patch'")
-    widths = [in_channels] + [dim // 2 ** (num_convs - i) for i in range(num_convs)]
+    widths = [in_channels] + [dim // 2**(num_convs - i) for i in range(num_convs)]
     self.convs = nnx.List([
-        nnx.Conv(fan_in, fan_out, kernel_size=(3, 3), strides=(2, 2), padding='SAME',
-                 use_bias=False, rngs=rngs) for fan_in, fan_out in zip(widths[:-1], widths[1:])])
-    self.norms = nnx.List([nnx.GroupNorm(width, num_groups=min(8, width), rngs=rngs)
-                           for width in widths[1:]])
+        nnx.Conv(fan_in,
+                 fan_out,
+                 kernel_size=(3, 3),
+                 strides=(2, 2),
+                 padding='SAME',
+                 use_bias=False,
+                 rngs=rngs) for fan_in, fan_out in zip(widths[:-1], widths[1:])
+    ])
+    self.norms = nnx.List(
+        [nnx.GroupNorm(width, num_groups=min(8, width), rngs=rngs) for width in widths[1:]])
     self.project = nnx.Conv(widths[-1], dim, kernel_size=(1, 1), rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -109,9 +116,19 @@ class ViT(nnx.Module):
   bicubically to other grids (local crops); the CLS position is kept as is.
   """
 
-  def __init__(self, *, patch_size: int, dim: int, depth: int, num_heads: int,
-               mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, in_channels: int,
-               image_size: int, stem: str = 'patch', remat: bool = False, rngs: nnx.Rngs):
+  def __init__(self,
+               *,
+               patch_size: int,
+               dim: int,
+               depth: int,
+               num_heads: int,
+               mlp_ratio: float = 4.0,
+               drop_path_rate: float = 0.0,
+               in_channels: int,
+               image_size: int,
+               stem: str = 'patch',
+               remat: bool = False,
+               rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}: '
                        'change the crop size or model.patch_size')
@@ -125,14 +142,19 @@ class ViT(nnx.Module):
     if stem == 'conv':
       self.patch_embed = ConvStem(in_channels, dim, patch_size, rngs=rngs)
     else:
-      self.patch_embed = nnx.Conv(
-          in_channels, dim, kernel_size=(patch_size, patch_size), strides=(patch_size,) * 2,
-          padding='VALID', kernel_init=_patch_init, rngs=rngs)
+      self.patch_embed = nnx.Conv(in_channels,
+                                  dim,
+                                  kernel_size=(patch_size, patch_size),
+                                  strides=(patch_size,) * 2,
+                                  padding='VALID',
+                                  kernel_init=_patch_init,
+                                  rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, dim)))
-    self.pos_embed = nnx.Param(_token_init(rngs.params(), (1, 1 + self.grid_size ** 2, dim)))
+    self.pos_embed = nnx.Param(_token_init(rngs.params(), (1, 1 + self.grid_size**2, dim)))
     self.blocks = nnx.List([
         Block(dim, num_heads, mlp_ratio, rate, rngs=rngs)
-        for rate in linear_drop_rates(drop_path_rate, depth)])
+        for rate in linear_drop_rates(drop_path_rate, depth)
+    ])
     self.norm = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
 
   def position_embedding(self, grid_height: int, grid_width: int) -> jax.Array:
@@ -144,7 +166,8 @@ class ViT(nnx.Module):
     grid = patch_positions.reshape(self.grid_size, self.grid_size, -1)
     # No antialiasing (as DINO): a pure interpolation of the learned table, also when shrinking.
     resized = jax.image.resize(grid, (grid_height, grid_width, grid.shape[-1]),
-                               method='bicubic', antialias=False)
+                               method='bicubic',
+                               antialias=False)
     return jnp.concatenate([cls_position, resized.reshape(1, -1, grid.shape[-1])], axis=1)
 
   def _check_images(self, images: jax.Array):
@@ -191,8 +214,8 @@ class ViT(nnx.Module):
 
   def _check_feature_options(self, n_last_blocks: int, avgpool_patchtokens: bool):
     depth = len(self.blocks)
-    if isinstance(n_last_blocks, bool) or not isinstance(n_last_blocks, int) or not (
-        1 <= n_last_blocks <= depth):
+    if isinstance(n_last_blocks,
+                  bool) or not isinstance(n_last_blocks, int) or not (1 <= n_last_blocks <= depth):
       raise ValueError(f'eval.n_last_blocks={n_last_blocks!r} must be an integer from 1 to the '
                        f'ViT depth {depth}: change eval.n_last_blocks')
     if avgpool_patchtokens and n_last_blocks != 1:
@@ -205,7 +228,10 @@ class ViT(nnx.Module):
     self._check_feature_options(n_last_blocks, avgpool_patchtokens)
     return n_last_blocks * self.num_features * (2 if avgpool_patchtokens else 1)
 
-  def features(self, images: jax.Array, *, n_last_blocks: int = 1,
+  def features(self,
+               images: jax.Array,
+               *,
+               n_last_blocks: int = 1,
                avgpool_patchtokens: bool = False) -> jax.Array:
     """DINO's linear-evaluation feature [B, feature_dim(...)].
 
@@ -237,11 +263,17 @@ VIT_SIZES = {
 
 
 def _register_vit(name: str, size: dict):
+
   @register_backbone(name, uses_patches=True)
   def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs):
-    return ViT(patch_size=patch_size, drop_path_rate=drop_path_rate, in_channels=in_channels,
+    return ViT(patch_size=patch_size,
+               drop_path_rate=drop_path_rate,
+               in_channels=in_channels,
                remat=remat,
-               image_size=image_size, stem=stem, rngs=rngs, **size)
+               image_size=image_size,
+               stem=stem,
+               rngs=rngs,
+               **size)
 
 
 for _name, _size in VIT_SIZES.items():
