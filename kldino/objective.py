@@ -1,6 +1,6 @@
 """Teacher normalisations, the multi-crop cross-entropy and the collapse diagnostics.
 
-Every normalisation of DESIGN.md section 2 lives here, behind one registry keyed by
+Every normalisation of docs/method.md ("Teacher normalisations") lives here, behind one registry keyed by
 `objective.normalization` (and `objective.prior_source` for `prior`). Everything is a pure
 function of arrays; batch statistics are means over axis 0 of arrays that, under `jax.jit` with a
 batch-sharded input, span the *global* batch (the compiler inserts the all-reduce).

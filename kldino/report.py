@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-COLLAPSE_MI = 0.35  # below: collapsed (NOTES.md: MI is a collapse alarm, not a quality score)
+COLLAPSE_MI = 0.35  # below: collapsed (MI is a collapse alarm, not a quality score)
 HEALTHY_MI = 0.7  # above: healthy
 CLOSE_GAP = 0.1  # nats: a Jensen gap this small means centering approximates the prior well
 CURVES = (('sweep/effective_clusters', 'effective clusters (dataset)'),

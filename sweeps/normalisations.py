@@ -1,4 +1,4 @@
-"""Every teacher normalisation of DESIGN.md section 2 (issue 6's study), one job each.
+"""Every teacher normalisation of docs/method.md, one job each.
 
     python -m launch.sweep --sweep=sweeps/normalisations.py --config=configs/digits.py \
         --workdir_root=/tmp/kldino_normalisations

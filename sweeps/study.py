@@ -1,5 +1,5 @@
-"""The normalisation study (issue 6): the same backbone and data with every teacher normalisation
-of DESIGN.md section 2, the sweep period T, the paper's open prototype variants, and a range of
+"""The normalisation study: the same backbone and data with every teacher normalisation
+of docs/method.md, the sweep period T, the paper's open prototype variants, and a range of
 teacher temperatures. Base config: configs/study_digits.py (or any, e.g. an ImageNet one).
 
     python -m launch.sweep --sweep=sweeps/study.py --config=configs/study_digits.py \

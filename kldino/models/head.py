@@ -17,8 +17,8 @@ _CENTERING_ROUNDS = 8  # center-and-normalise rounds for 'centered' prototypes
 # The MLP's kernels. 'dino': DINO's trunc_normal_(std=.02) with its default bounds +-2, which are
 # absolute (+-100 std), so it never truncates and a plain normal is the same distribution (as in
 # vit.py). 'lecun': variance 1/fan_in, which keeps the logits' spread at init comparable with
-# tau_t (NOTES.md, the prototype: on small data DINO's tiny init spread made the centered targets
-# uniform and the head collapsed). Biases start at 0 in both.
+# tau_t (on the digits, DINO's tiny init spread made the centered targets uniform and the head
+# collapsed: docs/results.md, the convnet rows). Biases start at 0 in both.
 _KERNEL_INITS = {
     'dino': nnx.initializers.normal(0.02),
     'lecun': nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal'),
