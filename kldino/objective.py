@@ -1,7 +1,7 @@
 """Teacher normalisations, the multi-crop cross-entropy and the collapse diagnostics.
 
-Every normalisation of docs/method.md ("Teacher normalisations") lives here, behind one registry keyed by
-`objective.normalization` (and `objective.prior_source` for `prior`). Everything is a pure
+Every normalisation of docs/method.md ("Teacher normalisations") lives here, behind one registry
+keyed by `objective.normalization` (and `objective.prior_source` for `prior`). Everything is a pure
 function of arrays; batch statistics are means over axis 0 of arrays that, under `jax.jit` with a
 batch-sharded input, span the *global* batch (the compiler inserts the all-reduce).
 
@@ -10,16 +10,11 @@ self-supervised learning by clustering".
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 from kldino.models.layers import masked_standardise
-
-NORMALIZATIONS = ('prior', 'center', 'sinkhorn', 'teacher_bn', 'none')
-PRIOR_SOURCES = ('sweep', 'batch', 'ema')
+from kldino.registry import Registry
 
 # ----------------------------------------------------------------------------- cluster prior
 
@@ -90,75 +85,103 @@ def init_norm_state(num_prototypes: int) -> dict:
   }
 
 
-def _keep(state, logits, temp, cfg):
-  del logits, temp, cfg
-  return state
-
-
-@dataclasses.dataclass(frozen=True)
 class Normalization:
-  """How the teacher's logits become targets, and how the normalisation state evolves.
+  """A teacher normalisation bound to its objective config: how the teacher's logits become
+  targets, and how its state evolves.
 
-  targets(teacher_logits [N, K], state, teacher_temp, cfg) -> targets [N, K]
-  update(state, teacher_logits, teacher_temp, cfg) -> state, after the loss (as DINO's center).
+  targets(teacher_logits [N, K], state, teacher_temp) -> targets [N, K]
+  update(state, teacher_logits, teacher_temp) -> state, after the loss (as DINO's center).
   """
-  targets: Callable
-  update: Callable = _keep
-  standardise_teacher_embedding: bool = False
+  standardise_teacher_embedding = False  # teacher_bn: batch statistics on the teacher's z
+
+  def __init__(self, objective_config):
+    self.config = objective_config
+
+  def targets(self, teacher_logits, state, teacher_temp):
+    del state
+    return jax.nn.softmax(teacher_logits / teacher_temp, axis=-1)
+
+  def update(self, state, teacher_logits, teacher_temp):
+    del teacher_logits, teacher_temp
+    return state
 
 
-def _ema_prior_update(state, logits, temp, cfg):
-  batch_prior = jnp.exp(batch_log_prior(logits, temp, cfg.prior_eps))
-  prior = cfg.prior_momentum * jnp.exp(state['log_prior']) + (1 - cfg.prior_momentum) * batch_prior
-  return {**state, 'log_prior': jnp.log(prior / jnp.sum(prior))}
+# objective.normalization -> a Normalization class (or factory) taking the objective config.
+NORMALIZATIONS = Registry('normalisation', key='objective.normalization')
+# objective.prior_source -> where `prior` takes Q(k) from.
+PRIOR_SOURCES = Registry('prior source', key='objective.prior_source')
 
 
-def _center_update(state, logits, temp, cfg):
-  del temp
-  batch_center = jnp.mean(logits, axis=0)
-  center = cfg.center_momentum * state['center'] + (1 - cfg.center_momentum) * batch_center
-  return {**state, 'center': center}
+@PRIOR_SOURCES.register('sweep')
+class SweepPrior(Normalization):
+  """Q(k) from the full-dataset sweep (eq. 15), held in the state between sweeps."""
+
+  def targets(self, teacher_logits, state, teacher_temp):
+    return prior_normalised_targets(teacher_logits, state['log_prior'], teacher_temp)
 
 
-def _plain_softmax(logits, state, temp, cfg):
-  del state, cfg
-  return jax.nn.softmax(logits / temp, axis=-1)
+@PRIOR_SOURCES.register('batch')
+class BatchPrior(Normalization):
+  """Q(k) of the global batch itself."""
+
+  def targets(self, teacher_logits, state, teacher_temp):
+    del state
+    log_prior = batch_log_prior(teacher_logits, teacher_temp, self.config.prior_eps)
+    return prior_normalised_targets(teacher_logits, log_prior, teacher_temp)
 
 
-_REGISTRY = {
-    ('prior', 'sweep'):
-        Normalization(
-            targets=lambda t, s, temp, cfg: prior_normalised_targets(t, s['log_prior'], temp)),
-    ('prior', 'batch'):
-        Normalization(targets=lambda t, s, temp, cfg: prior_normalised_targets(
-            t, batch_log_prior(t, temp, cfg.prior_eps), temp)),
-    ('prior', 'ema'):
-        Normalization(
-            targets=lambda t, s, temp, cfg: prior_normalised_targets(t, s['log_prior'], temp),
-            update=_ema_prior_update),
-    ('center', None):
-        Normalization(targets=lambda t, s, temp, cfg: centered_targets(t, s['center'], temp),
-                      update=_center_update),
-    ('sinkhorn', None):
-        Normalization(targets=lambda t, s, temp, cfg: sinkhorn_targets(t, temp, cfg.sinkhorn_iters)
-                     ),
-    ('teacher_bn', None):
-        Normalization(targets=_plain_softmax, standardise_teacher_embedding=True),
-    ('none', None):
-        Normalization(targets=_plain_softmax),
-}
+@PRIOR_SOURCES.register('ema')
+class EmaPrior(SweepPrior):
+  """Q(k) as a running mean of the batches' priors (its first value from a sweep)."""
+
+  def update(self, state, teacher_logits, teacher_temp):
+    batch_prior = jnp.exp(batch_log_prior(teacher_logits, teacher_temp, self.config.prior_eps))
+    momentum = self.config.prior_momentum
+    prior = momentum * jnp.exp(state['log_prior']) + (1 - momentum) * batch_prior
+    return {**state, 'log_prior': jnp.log(prior / jnp.sum(prior))}
+
+
+@NORMALIZATIONS.register('prior')
+def _prior(objective_config) -> Normalization:
+  return PRIOR_SOURCES.get(objective_config.prior_source)(objective_config)
+
+
+@NORMALIZATIONS.register('center')
+class Centered(Normalization):
+  """DINO's centering: the Jensen approximation of the prior (eq. 17-23)."""
+
+  def targets(self, teacher_logits, state, teacher_temp):
+    return centered_targets(teacher_logits, state['center'], teacher_temp)
+
+  def update(self, state, teacher_logits, teacher_temp):
+    del teacher_temp
+    momentum = self.config.center_momentum
+    center = momentum * state['center'] + (1 - momentum) * jnp.mean(teacher_logits, axis=0)
+    return {**state, 'center': center}
+
+
+@NORMALIZATIONS.register('sinkhorn')
+class Sinkhorn(Normalization):
+  """SwAV's and DINOv2's equipartition of the global batch."""
+
+  def targets(self, teacher_logits, state, teacher_temp):
+    del state
+    return sinkhorn_targets(teacher_logits, teacher_temp, self.config.sinkhorn_iters)
+
+
+@NORMALIZATIONS.register('teacher_bn')
+class TeacherBatchNorm(Normalization):
+  """Plain softmax of a teacher whose embedding is standardised over the batch (paper §5)."""
+  standardise_teacher_embedding = True
+
+
+NORMALIZATIONS.register('none')(Normalization)  # plain softmax: the control, which collapses
 
 
 def get_normalization(objective_config) -> Normalization:
-  name = objective_config.normalization
-  if name not in NORMALIZATIONS:
-    raise ValueError(f"unknown objective.normalization '{name}': choose one of "
-                     f"{', '.join(NORMALIZATIONS)}")
-  source = objective_config.prior_source if name == 'prior' else None
-  if name == 'prior' and source not in PRIOR_SOURCES:
-    raise ValueError(f"unknown objective.prior_source '{source}': choose one of "
-                     f"{', '.join(PRIOR_SOURCES)}")
-  return _REGISTRY[(name, source)]
+  """The normalisation `objective.normalization` names, bound to the objective config; an
+  unknown name or prior source raises ValueError with the choices."""
+  return NORMALIZATIONS.get(objective_config.normalization)(objective_config)
 
 
 def uses_sweep(objective_config) -> bool:

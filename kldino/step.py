@@ -83,8 +83,7 @@ def make_train_step(graphdef, config, schedules, optimizer):
                                     standardise=standardise))
     batch_size, num_global, num_prototypes = teacher_logits.shape
     flat_teacher_logits = teacher_logits.reshape(batch_size * num_global, num_prototypes)
-    targets = normalization.targets(flat_teacher_logits, state.norm_state, teacher_temp,
-                                    objective_config)
+    targets = normalization.targets(flat_teacher_logits, state.norm_state, teacher_temp)
     drop_key = jax.random.fold_in(state.rng, step)
 
     def loss_fn(student_params):
@@ -102,8 +101,7 @@ def make_train_step(graphdef, config, schedules, optimizer):
                                                frozen)
     momentum = schedules.teacher_momentum(step)
     teacher = optax.incremental_update(student, state.teacher, 1.0 - momentum)
-    norm_state = normalization.update(state.norm_state, flat_teacher_logits, teacher_temp,
-                                      objective_config)
+    norm_state = normalization.update(state.norm_state, flat_teacher_logits, teacher_temp)
 
     diagnostics = objective.target_diagnostics(flat_teacher_logits, targets, teacher_temp)
     prior_entropy = objective.entropy(jnp.exp(norm_state['log_prior']))

@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('objective.teacher_temp', 0.0, 'objective.teacher_temp=0.0 must be > 0'),
     ('objective.student_temp', -0.1, 'objective.student_temp=-0.1 must be > 0'),
     ('model.num_prototypes', 1, 'num_prototypes'),
-    ('model.name', 'vit_gigantic', "unknown model 'vit_gigantic'"),
+    ('model.name', 'vit_gigantic', "unknown model.name 'vit_gigantic'"),
     ('objective.normalization', 'whiten', "unknown objective.normalization 'whiten'"),
     ('eval.knn_k', (10, 0), 'eval.knn_k=(10, 0) must be one k >= 1 or a tuple of them'),
     ('eval.n_last_blocks', 0, 'eval.n_last_blocks=0 must be >= 1'),

@@ -231,14 +231,14 @@ def test_registry_names_and_unknown_name():
       'vit_micro', 'vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'convnet_small', 'resnet18',
       'resnet50'
   } <= set(BACKBONES)
-  with pytest.raises(ValueError, match="unknown model 'nope': choose one of .*vit_small"):
+  with pytest.raises(ValueError, match="unknown model.name 'nope': choose one of .*vit_small"):
     build_backbone(model_config(name='nope'), in_channels=1, image_size=16, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='registered twice'):
     register_backbone('vit_small')(lambda **kwargs: None)
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (dict(name='nope'), "unknown model 'nope'"),
+    (dict(name='nope'), "unknown model.name 'nope'"),
     (dict(num_prototypes=1), 'num_prototypes=1 must be >= 2'),
     (dict(head_norm='group'), "unknown model.head_norm 'group'"),
     (dict(prototypes='random'), "unknown model.prototypes 'random'"),

@@ -58,7 +58,7 @@ def test_batch_prior_source_uses_batch_marginal():
   expected = (posterior / prior) / (posterior / prior).sum(-1, keepdims=True)
   norm = objective.get_normalization(objective_config(prior_source='batch'))
   state = objective.init_norm_state(7)
-  got = norm.targets(jnp.asarray(logits), state, temp, objective_config(prior_source='batch'))
+  got = norm.targets(jnp.asarray(logits), state, temp)
   np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
 
 
@@ -68,11 +68,11 @@ def test_ema_prior_source_updates_running_prior():
   norm = objective.get_normalization(cfg)
   old_prior = RNG.dirichlet(np.ones(7)).astype(np.float32)
   state = {'log_prior': jnp.log(old_prior), 'center': jnp.zeros(7)}
-  new = norm.update(state, jnp.asarray(logits), temp, cfg)
+  new = norm.update(state, jnp.asarray(logits), temp)
   expected = 0.8 * old_prior + 0.2 * np_softmax(logits / temp).mean(0)
   np.testing.assert_allclose(np.exp(new['log_prior']), expected / expected.sum(), rtol=1e-4)
   # The targets use the state's prior (before the update), as DINO's center does.
-  got = norm.targets(jnp.asarray(logits), state, temp, cfg)
+  got = norm.targets(jnp.asarray(logits), state, temp)
   posterior = np_softmax(logits / temp)
   want = (posterior / old_prior) / (posterior / old_prior).sum(-1, keepdims=True)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
@@ -84,11 +84,11 @@ def test_center_targets_and_update():
   center = RNG.standard_normal(7).astype(np.float32)
   state = {'log_prior': jnp.zeros(7), 'center': jnp.asarray(center)}
   norm = objective.get_normalization(cfg)
-  np.testing.assert_allclose(norm.targets(jnp.asarray(logits), state, temp, cfg),
+  np.testing.assert_allclose(norm.targets(jnp.asarray(logits), state, temp),
                              np_softmax((logits - center) / temp),
                              rtol=2e-4,
                              atol=1e-6)
-  new = norm.update(state, jnp.asarray(logits), temp, cfg)
+  new = norm.update(state, jnp.asarray(logits), temp)
   np.testing.assert_allclose(new['center'], 0.9 * center + 0.1 * logits.mean(0), rtol=1e-5)
 
 
@@ -133,7 +133,7 @@ def test_plain_softmax_targets(name):
   cfg = objective_config(normalization=name)
   logits, temp = random_logits(), 0.05
   norm = objective.get_normalization(cfg)
-  got = norm.targets(jnp.asarray(logits), objective.init_norm_state(7), temp, cfg)
+  got = norm.targets(jnp.asarray(logits), objective.init_norm_state(7), temp)
   np.testing.assert_allclose(got, np_softmax(logits / temp), rtol=2e-4, atol=1e-6)
   assert norm.standardise_teacher_embedding == (name == 'teacher_bn')
 

@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from kldino.data import augment
 from kldino.data import digits
 from kldino.data import unreadable
+from kldino.registry import Registry
 
 FOLDER_LAYOUT = 'ROOT/<split>/<class>/<image>.(png|jpg|jpeg)'
 
@@ -111,17 +112,8 @@ def _as_example(index, example, *, num_channels: int, decode: bool) -> dict:
 
 # --------------------------------------------------------------------------- the registry
 
-_SOURCES: dict[str, Callable[..., Source]] = {}
-
-
-def register_source(name: str):
-  """Decorator: `make_source(data_config) -> Source` serves `data.name == name`."""
-
-  def register(make_source):
-    _SOURCES[name] = make_source
-    return make_source
-
-  return register
+# data.name -> make_source(data_config) -> Source; any other name is a prepared TFDS dataset.
+SOURCES = Registry('data source', key='data.name')
 
 
 def host_only_tensorflow():
@@ -135,7 +127,8 @@ def host_only_tensorflow():
 def get_source(data_config) -> Source:
   """The source for `data_config.name`; any name not registered is a prepared TFDS dataset."""
   host_only_tensorflow()
-  make_source = _SOURCES.get(data_config.name, _prepared_tfds_source)
+  name = data_config.name
+  make_source = SOURCES.get(name) if name in SOURCES else _prepared_tfds_source
   return make_source(data_config)
 
 
@@ -201,7 +194,7 @@ def _prepare_digits(data_dir: str | None):
   return digits.Digits(data_dir=data_dir)  # reads the info written by whoever prepared it
 
 
-@register_source('digits')
+@SOURCES.register('digits')
 def _digits_source(data_config) -> Source:
   _check_splits(digits.SPLITS, data_config, "the 'digits' dataset")
   return _tfds_source(_prepare_digits(_data_dir(data_config)))
@@ -286,7 +279,7 @@ def _folder_paths(files: dict, split: str, count: int) -> list[str]:
   return [os.path.abspath(path) for path in files[split][0][:count]]
 
 
-@register_source('folder')
+@SOURCES.register('folder')
 def _folder_source(data_config) -> Source:
   root = data_config.path
   if not root or not tf.io.gfile.isdir(root):

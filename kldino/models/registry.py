@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 from flax import nnx
 
 from kldino.models.head import DINOHead, HEAD_INITS, HEAD_NORMS, PROTOTYPE_MODES
+from kldino.registry import Registry
 
 
 class BackboneEntry(NamedTuple):
@@ -19,24 +20,20 @@ class BackboneEntry(NamedTuple):
   uses_patches: bool  # whether model.patch_size must divide the image sizes
 
 
-BACKBONES: dict[str, BackboneEntry] = {}
+BACKBONES = Registry('backbone', key='model.name')  # name -> BackboneEntry
 
 
 def register_backbone(name: str, *, uses_patches: bool = False):
 
   def register(build):
-    if name in BACKBONES:
-      raise ValueError(f"backbone '{name}' is registered twice: pick another name")
-    BACKBONES[name] = BackboneEntry(build, uses_patches)
+    BACKBONES.register(name)(BackboneEntry(build, uses_patches))
     return build
 
   return register
 
 
 def _backbone_entry(name: str) -> BackboneEntry:
-  if name not in BACKBONES:
-    raise ValueError(f"unknown model '{name}': choose one of {', '.join(sorted(BACKBONES))}")
-  return BACKBONES[name]
+  return BACKBONES.get(name)
 
 
 def _require(condition: bool, message: str):
