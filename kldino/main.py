@@ -121,10 +121,9 @@ def _plan(config):
   """--mode=plan (kldino/plan.py): the table and the JSON line on stdout; a plan that does not
   fit ends with the line naming the fix, exit 2."""
   devices = config.hardware.devices
-  if devices:  # the config's devices, simulated on this CPU: JAX must not be loaded yet
-    assert 'jax' not in sys.modules, 'jax was imported before --mode=plan could simulate devices'
-    os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f'--xla_force_host_platform_device_count={devices}')
+  assert 'jax' not in sys.modules, 'jax was imported before --mode=plan could set its flags'
+  xla_env.set_plan_flags(devices)
+  if devices:  # the config's devices, simulated on this CPU
     os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax  # pylint: disable=g-import-not-at-top
   from kldino import plan as plan_lib  # pylint: disable=g-import-not-at-top

@@ -6,7 +6,8 @@ The hardware is the config's (`hardware.*`: devices, hosts, memory and peak bf16
 device; configs/imagenet_scale.py sets them per accelerator), or this machine when
 hardware.devices is 0. The train step and the prior sweep are compiled for that many devices
 without allocating anything: the entry point (kldino/main.py) gives JAX as many simulated CPU
-devices, and the programs are lowered on abstract arrays with the run's shardings. From them:
+devices and XLA:CPU's memory-minimising scheduler (kldino/xla_env.py:set_plan_flags), and the
+programs are lowered on abstract arrays with the run's shardings. From them:
 
 * the state per device (student, teacher, optimizer moments; sharded leaves count their shard);
 * the train step's memory per device: XLA's memory analysis of the partitioned step (arguments +
