@@ -68,8 +68,10 @@ def _read_scalars(workdir: str) -> dict:
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        scalars.setdefault(value.tag, []).append(
-            (event.step, float(tf.make_ndarray(value.tensor)), event.wall_time))
+        tensor = tf.make_ndarray(value.tensor)
+        if tensor.ndim:  # the images and histograms beside the scalars
+          continue
+        scalars.setdefault(value.tag, []).append((event.step, float(tensor), event.wall_time))
   return scalars
 
 

@@ -34,7 +34,7 @@ def _register_random_source():
         'label': labels[start:stop]
     })
 
-  @datasets.register_source('random_50k')
+  @datasets.SOURCES.register('random_50k')
   def make_source(data_config):
     del data_config
     info = datasets.DatasetInfo(num_classes=10,
