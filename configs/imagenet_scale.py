@@ -92,7 +92,7 @@ def get_config(arg=None):
   config.batch_size = 64 * hardware['devices'] if hardware['kind'] == 'gpu' else 1024
   config.mesh.fsdp = model['fsdp'][hardware['memory']]
   config.data.data_dir = DATA_DIR
-  config.eval.batch_size = config.sweep_batch_size = 16 * hardware['devices']
+  config.eval.batch_size = config.prior_pass_batch_size = 16 * hardware['devices']
   config.eval.n_last_blocks = model['n_last_blocks']
   config.eval.avgpool_patchtokens = model['avgpool']
   config.hardware.update(name=hardware_name,

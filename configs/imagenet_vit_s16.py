@@ -12,8 +12,8 @@ flip / colour jitter / grayscale / blur / solarisation; head 2048 -> 2048 -> 256
 normalisation layers, DINO's init, K = 65536 weight-normalised prototypes with the norm fixed at 1
 (norm_last_layer). DINO's longer "boosted" run is configs/imagenet_vit_s16_boost.py.
 
-The one kldino choice: the teacher's normalisation is the prior from a full-dataset sweep every
-epoch; `--config.objective.normalization=center` gives DINO itself (centering, momentum 0.9).
+The one kldino choice: the teacher's normalisation is the prior from a pass over the whole dataset
+every epoch; `--config.objective.normalization=center` gives DINO itself (centering, momentum 0.9).
 DINO trains in fp16 autocast; this recipe computes in float32 (`--config.model.compute_dtype=
 bfloat16` for mixed precision, as configs/imagenet_scale.py does).
 
@@ -85,7 +85,7 @@ def get_config(arg=None):
   config.optim.teacher_momentum_end = 1.0
 
   config.eval.batch_size = 1024
-  config.sweep_batch_size = 1024
+  config.prior_pass_batch_size = 1024
   # DINO's evaluation: k-NN with k in (10, 20, 100, 200); the linear evaluation on the CLS tokens
   # of the last 4 blocks, lr 1e-3 x 1024 / 256 (here with DINOv2's grid around it), 100 epochs.
   config.eval.knn_k = (10, 20, 100, 200)

@@ -1,4 +1,4 @@
-"""The benchmark: how fast the train step, the prior sweep and the input pipeline run, and how close
+"""The benchmark: how fast the train step, the prior pass and the input pipeline run, and how close
 to the machine's peak.
 
     python -m kldino.bench --preset=tiny32 [--steps=10] [--json]
@@ -6,14 +6,14 @@ to the machine's peak.
 
 Measured after warm-up (compilation and two runs), over `--steps` runs with no host
 synchronisation inside the timed loop: the train step (time, images/s where an image counts with
-all its crops, FLOP/s from XLA's cost analysis, MFU), the prior sweep (images/s, MFU, and its
-time as a fraction of a training epoch with T = 1: both sweep passes, the prior and the Jensen
+all its crops, FLOP/s from XLA's cost analysis, MFU), the prior pass (images/s, MFU, and its
+time as a fraction of a training epoch with T = 1: both parts, the prior and the Jensen
 gap), the input pipeline alone (multi-crop batches of the embedded digits resized to the preset's
 image size), and memory (XLA's analysis of the compiled step, and the process's peak RSS).
 
 The peak is, on CPU, the best float32 matmul rate measured in the same run (so MFU compares
 like with like on this machine); on GPU/TPU, the device kind's dense bf16 peak from a table.
-Presets use random inputs for the step and the sweep, float32, and exactly the shapes below, so
+Presets use random inputs for the step and the prior pass, float32, and exactly the shapes below, so
 that they can be compared with the official DINO implementation.
 
 `--preset=input` measures the host input pipeline alone on a config's own data: the training
@@ -46,7 +46,7 @@ from kldino import profiling
 from kldino import schedules as schedules_lib
 from kldino import sharding
 from kldino import step as step_lib
-from kldino import sweep as sweep_lib
+from kldino import prior_pass
 from kldino import xla_env
 from kldino.defaults import base_config
 
@@ -56,11 +56,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     'to measure, e.g. configs/imagenet_vit_s16.py with --config.data.name=folder '
     '--config.data.path=ROOT')
 _STEPS = flags.DEFINE_integer(
-    'steps', 10, 'timed runs of the step (and of the sweep batch); '
+    'steps', 10, 'timed runs of the step (and of the prior-pass batch); '
     '--preset=input: timed batches')
 _JSON = flags.DEFINE_bool('json', False, 'end with one JSON line of the results')
 _PROFILE = flags.DEFINE_string(
-    'profile', '', 'trace the step and the sweep into this folder and report where the time '
+    'profile', '', 'trace the step and the prior pass into this folder and report where the time '
     'goes: by kind of op, by kldino source line, and the top ops (kldino/profiling.py)')
 
 # Dense bf16 peak FLOP/s per device, by jax's device_kind (vendor data sheets).
@@ -77,11 +77,12 @@ PEAK_FLOPS = {
     'TPU v6 lite': 918e12,
 }
 
-# Training images per epoch for the sweep's share: CIFAR-sized data at 32x32, ImageNet at 224.
+# Training images per epoch for the prior pass's share: CIFAR-sized data at 32x32, ImageNet at 224.
 EPOCH_IMAGES = {'tiny32': 50_000, 'small224': 1_281_167, 'digits': 1347}
 
 
-def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, batch, sweep_batch):
+def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, batch,
+                prior_pass_batch):
   config.model.update(name=name,
                       patch_size=patch,
                       drop_path=0.1,
@@ -94,7 +95,7 @@ def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, bat
   config.aug.update(global_size=global_size, local_size=local_size, num_local=6)
   config.data.image_size = global_size
   config.data.mean, config.data.std = (0.5,) * 3, (0.5,) * 3
-  config.batch_size, config.sweep_batch_size = batch, sweep_batch
+  config.batch_size, config.prior_pass_batch_size = batch, prior_pass_batch
   return config
 
 
@@ -119,7 +120,7 @@ PRESETS = {
             local_size=16,
             prototypes=4096,
             batch=64,
-            sweep_batch=256),
+            prior_pass_batch=256),
         3),
     'small224': (
         lambda: _vit_preset(  # ViT-S/16, 2 x 224 + 6 x 96 crops
@@ -130,7 +131,7 @@ PRESETS = {
             local_size=96,
             prototypes=65536,
             batch=8,
-            sweep_batch=32),
+            prior_pass_batch=32),
         3),
     'digits': (_digits_config, 1),
 }
@@ -256,25 +257,25 @@ def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str =
   }
 
 
-def bench_sweep(config,
-                channels: int,
-                mesh,
-                graphdef,
-                teacher,
-                teacher_shardings,
-                steps: int,
-                profile_dir: str = '') -> dict:
+def bench_prior_pass(config,
+                     channels: int,
+                     mesh,
+                     graphdef,
+                     teacher,
+                     teacher_shardings,
+                     steps: int,
+                     profile_dir: str = '') -> dict:
   standardise = objective.get_normalization(config.objective).standardise_teacher_embedding
-  accumulate, gap_accumulate, _ = sweep_lib.jit_sweep_fns(graphdef, standardise, teacher_shardings,
+  accumulate, gap_accumulate, _ = prior_pass.jit_pass_fns(graphdef, standardise, teacher_shardings,
                                                           mesh)
-  size, b = config.data.image_size, config.sweep_batch_size
+  size, b = config.data.image_size, config.prior_pass_batch_size
   batch = jax.device_put(
       {
           'image': np.random.default_rng(1).standard_normal((b, size, size, channels), np.float32),
           'mask': np.ones((b,), bool)
       }, sharding.batch_sharding(mesh))
   replicated = sharding.replicated(mesh)
-  sums = jax.device_put(sweep_lib.init_sums(config.model.num_prototypes), replicated)
+  sums = jax.device_put(prior_pass.init_sums(config.model.num_prototypes), replicated)
   temp = jnp.float32(config.objective.teacher_temp)
   compiled = accumulate.lower(sums, teacher, batch, temp).compile()
   holder = {'sums': sums}
@@ -284,10 +285,10 @@ def bench_sweep(config,
     return holder['sums']['count']
 
   seconds, _ = _time(run, steps)
-  profile = _profile(run, compiled, profile_dir, 'sweep')
-  summary = sweep_lib.summarise(holder['sums'], config.objective.prior_eps)
+  profile = _profile(run, compiled, profile_dir, 'prior_pass')
+  summary = prior_pass.summarise(holder['sums'], config.objective.prior_eps)
   gap_args = (teacher, batch, temp, summary['log_prior'], summary['mean_logits'])
-  gap_holder = {'sums': jax.device_put(sweep_lib.init_gap_sums(), replicated)}
+  gap_holder = {'sums': jax.device_put(prior_pass.init_gap_sums(), replicated)}
   gap_compiled = gap_accumulate.lower(gap_holder['sums'], *gap_args).compile()
 
   def run_gap():
@@ -296,8 +297,8 @@ def bench_sweep(config,
 
   gap_seconds, _ = _time(run_gap, steps)
   return {
-      'sweep_images_per_sec': b / seconds,
-      'sweep_flops': _flops(compiled, mesh.devices.size),
+      'pass_images_per_sec': b / seconds,
+      'pass_flops': _flops(compiled, mesh.devices.size),
       'prior_seconds_per_image': seconds / b,
       'gap_seconds_per_image': gap_seconds / b,
       **profile
@@ -354,13 +355,13 @@ def run_input_benchmark(config, steps: int) -> dict:
   }
 
 
-def sweep_epoch_fraction(config, num_images: int, train: dict, sweep: dict) -> float:
-  """A sweep (the prior pass over every image, the gap pass over `objective.gap_examples`)
+def prior_pass_epoch_fraction(config, num_images: int, train: dict, prior: dict) -> float:
+  """A prior pass (Q over every image, the Jensen gap over `objective.gap_examples`)
   over the time of one training epoch of `num_images`."""
   gap_images = min(num_images, config.objective.gap_examples or num_images)
-  sweep_seconds = (num_images * sweep['prior_seconds_per_image'] +
-                   gap_images * sweep['gap_seconds_per_image'])
-  return sweep_seconds / (num_images / train['images_per_sec'])
+  pass_seconds = (num_images * prior['prior_seconds_per_image'] +
+                  gap_images * prior['gap_seconds_per_image'])
+  return pass_seconds / (num_images / train['images_per_sec'])
 
 
 def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
@@ -369,9 +370,9 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
   peak, peak_source = device_peak()
   train = bench_train_step(config, channels, mesh, steps, profile_dir)
   step_seconds = train['step_ms'] / 1e3
-  sweep = bench_sweep(config, channels, mesh, train['graphdef'], train['teacher'],
-                      train['shardings'].teacher, steps, profile_dir)
-  sweep_seconds = config.sweep_batch_size / sweep['sweep_images_per_sec']
+  prior = bench_prior_pass(config, channels, mesh, train['graphdef'], train['teacher'],
+                           train['shardings'].teacher, steps, profile_dir)
+  pass_seconds = config.prior_pass_batch_size / prior['pass_images_per_sec']
   return {
       'preset': preset,
       'devices': jax.device_count(),
@@ -382,9 +383,10 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
       'mfu': train['step_flops'] / step_seconds / peak,
       'peak_tflops': peak / 1e12,
       'peak_source': peak_source,
-      'sweep_images_per_sec': sweep['sweep_images_per_sec'],
-      'sweep_mfu': sweep['sweep_flops'] / sweep_seconds / peak,
-      'sweep_epoch_fraction': sweep_epoch_fraction(config, EPOCH_IMAGES[preset], train, sweep),
+      # The JSON names the prior pass's figures sweep_* (keys scripts read: docs/performance.md).
+      'sweep_images_per_sec': prior['pass_images_per_sec'],
+      'sweep_mfu': prior['pass_flops'] / pass_seconds / peak,
+      'sweep_epoch_fraction': prior_pass_epoch_fraction(config, EPOCH_IMAGES[preset], train, prior),
       'input_images_per_sec': bench_input(config, steps),
       'step_memory_gb': train['step_memory_bytes'] / 1e9,
       'step_page_faults': train['step_page_faults'],
@@ -393,7 +395,7 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
       **{
           key: value for key, value in {
               **train,
-              **sweep
+              **prior
           }.items() if key.endswith('_profile')
       },
   }

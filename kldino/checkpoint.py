@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from kldino import files
 from kldino.config_checks import ConfigError
+from kldino.defaults import RENAMED_KEYS
 from kldino.defaults import base_config
 
 FORMAT = 1
@@ -60,9 +61,11 @@ def _selected(flat: dict, prefixes) -> dict:
 
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
   """The saved config on top of today's defaults: keys added since the save keep their default,
-  and lists written by JSON become tuples again where the default is a tuple."""
+  renamed keys take their new name, and lists written by JSON become tuples again where the
+  default is a tuple."""
   config = base_config()
   for key, value in _flatten(saved).items():
+    key = RENAMED_KEYS.get(key, key)
     parent, _, leaf = key.rpartition('.')
     node = config
     for part in filter(None, parent.split('.')):

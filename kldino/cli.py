@@ -15,6 +15,8 @@ import sys
 import tempfile
 import traceback
 
+from kldino import defaults
+
 # Exit codes, by kind of failure (README, "Exit codes").
 EXIT_USAGE = 2  # command line or config: a flag, a key, a value, a config file, the workdir
 EXIT_DATA = 3  # the dataset: missing, unprepared, empty, too many unreadable images
@@ -190,6 +192,8 @@ def check_overrides(config, argv: list[str]):
     if not arg.startswith('--config.'):
       continue
     key = arg[len('--config.'):].split('=', 1)[0]
+    if key in defaults.RENAMED_KEYS:
+      raise UsageError(defaults.renamed_key_message(key))
     if key not in keys:
       close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
       hint = (f'did you mean {" or ".join(close)}?'

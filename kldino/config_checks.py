@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from kldino import defaults
 from kldino import guard
 from kldino import objective
 from kldino.models import validate_model_config
@@ -22,6 +23,10 @@ def _require(condition: bool, message: str):
 
 
 def validate_config(config, num_devices: int, num_processes: int = 1):
+  for key in defaults.RENAMED_KEYS:
+    parent, _, leaf = key.rpartition('.')
+    _require(leaf not in (config.get(parent) if parent else config),
+             defaults.renamed_key_message(key))
   objective_config = config.objective
   try:
     objective.get_normalization(objective_config)
@@ -48,8 +53,8 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
       config.data.shards >= 0 and shards % num_processes == 0,
       f'data.shards={config.data.shards} must be 0 (one per process) or a multiple of the '
       f'{num_processes} processes')
-  for key, value in (('batch_size', config.batch_size), ('sweep_batch_size',
-                                                         config.sweep_batch_size),
+  for key, value in (('batch_size', config.batch_size), ('prior_pass_batch_size',
+                                                         config.prior_pass_batch_size),
                      ('eval.batch_size', config.eval.batch_size), ('eval.linear_batch_size',
                                                                    config.eval.linear_batch_size)):
     _require(
@@ -57,8 +62,8 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
         f'{key}={value} must be a multiple of the {shards} data shards (data.shards): '
         'change either')
   _require(
-      config.sweep_batch_size % num_devices == 0,
-      f'sweep_batch_size={config.sweep_batch_size} must be a multiple of the '
+      config.prior_pass_batch_size % num_devices == 0,
+      f'prior_pass_batch_size={config.prior_pass_batch_size} must be a multiple of the '
       f'{num_devices} devices')
   _require(
       config.eval.batch_size % num_devices == 0,

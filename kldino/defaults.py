@@ -4,6 +4,18 @@ Every key can be overridden on the command line: `--config.objective.normalizati
 """
 import ml_collections
 
+# Keys that have a new name: a config or command line with the old one is refused with the new
+# one, and a workdir's saved config.json is read with the new one.
+RENAMED_KEYS = {
+    'sweep_batch_size': 'prior_pass_batch_size',
+    'eval.sweep_diagnostics': 'eval.prior_pass_diagnostics',
+}
+
+
+def renamed_key_message(key: str) -> str:
+  new = RENAMED_KEYS[key]
+  return f'config key {key} is now {new}: set --config.{new} (or config.{new}) instead'
+
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -84,12 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.objective = ml_collections.ConfigDict()
   config.objective.normalization = 'prior'  # prior | center | sinkhorn | teacher_bn | none
-  config.objective.prior_source = 'sweep'  # sweep | batch | ema
+  config.objective.prior_source = 'sweep'  # sweep (the prior pass over the dataset) | batch | ema
   config.objective.prior_every_epochs = 1  # T
-  config.objective.prior_init = 'sweep'  # sweep | uniform
+  config.objective.prior_init = 'sweep'  # sweep (a prior pass before step 0) | uniform
   config.objective.prior_eps = 1e-6  # floor of Q(k) before renormalising
   config.objective.prior_momentum = 0.9  # source=ema
-  config.objective.gap_examples = 10_000  # Jensen-gap pass of a sweep: first N examples (0: all)
+  config.objective.gap_examples = 10_000  # Jensen gap in a prior pass: first N examples (0: all)
   config.objective.center_momentum = 0.9
   config.objective.sinkhorn_iters = 3
   config.objective.student_temp = 0.1
@@ -119,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 256
   config.eval.probe_epochs = 100  # the quick feature probe (evals type feature_probe)
   config.eval.baselines = False  # also probe raw pixels and the backbone at initialisation
-  config.eval.sweep_diagnostics = False  # sweep every T epochs to measure any normalisation
+  config.eval.prior_pass_diagnostics = False  # prior passes measure any normalisation
   # Features of --mode=linear_eval and --mode=features (DINO's linear evaluation): the CLS token
   # of each of the last n blocks through the final norm, concatenated; with avgpool (n = 1) also
   # the mean of the last block's patch tokens, interleaved with the CLS token as DINO does.
@@ -153,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
           'final': True
       },
   })
-  config.sweep_batch_size = 256
+  config.prior_pass_batch_size = 256
 
   # The hardware --mode=plan plans for (kldino/plan.py); devices 0: this machine.
   config.hardware = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""The model's forward passes, shared by the train step, the prior sweep and evaluation.
+"""The model's forward passes, shared by the train step, the prior pass and evaluation.
 
 Parameters are pure dicts (`nnx.to_pure_dict`); `graphdef` is the static structure from
 `nnx.split`. Crops are batch-major ([B, views, ...] flattened to [B * views, ...]) so that a batch

@@ -63,7 +63,7 @@ def sinkhorn_targets(teacher_logits, teacher_temp, num_iters):
 def standardise_over_batch(embedding, mask=None, eps=1e-5):
   """The paper's second option (section 5): the teacher standardises z with batch statistics.
 
-  `mask` [N] excludes padding rows (the sweep's last batch) from the statistics.
+  `mask` [N] excludes padding rows (the prior pass's last batch) from the statistics.
   """
   return masked_standardise(embedding, mask, eps)
 
@@ -113,8 +113,8 @@ PRIOR_SOURCES = Registry('prior source', key='objective.prior_source')
 
 
 @PRIOR_SOURCES.register('sweep')
-class SweepPrior(Normalization):
-  """Q(k) from the full-dataset sweep (eq. 15), held in the state between sweeps."""
+class DatasetPrior(Normalization):
+  """Q(k) from the prior pass over the dataset (eq. 15), held in the state between passes."""
 
   def targets(self, teacher_logits, state, teacher_temp):
     return prior_normalised_targets(teacher_logits, state['log_prior'], teacher_temp)
@@ -131,8 +131,8 @@ class BatchPrior(Normalization):
 
 
 @PRIOR_SOURCES.register('ema')
-class EmaPrior(SweepPrior):
-  """Q(k) as a running mean of the batches' priors (its first value from a sweep)."""
+class EmaPrior(DatasetPrior):
+  """Q(k) as a running mean of the batches' priors (its first value from a prior pass)."""
 
   def update(self, state, teacher_logits, teacher_temp):
     batch_prior = jnp.exp(batch_log_prior(teacher_logits, teacher_temp, self.config.prior_eps))
@@ -184,8 +184,8 @@ def get_normalization(objective_config) -> Normalization:
   return NORMALIZATIONS.get(objective_config.normalization)(objective_config)
 
 
-def uses_sweep(objective_config) -> bool:
-  """The full-dataset sweep sets the prior for `prior/sweep`, and the initial prior for `ema`."""
+def uses_prior_pass(objective_config) -> bool:
+  """The prior pass sets the prior of source 'sweep' every T epochs, and the first one of 'ema'."""
   return objective_config.normalization == 'prior' and objective_config.prior_source in ('sweep',
                                                                                          'ema')
 

@@ -4,7 +4,7 @@
 
 The hardware is the config's (`hardware.*`: devices, hosts, memory and peak bf16 FLOP/s per
 device; configs/imagenet_scale.py sets them per accelerator), or this machine when
-hardware.devices is 0. The train step and the prior sweep are compiled for that many devices
+hardware.devices is 0. The train step and the prior pass are compiled for that many devices
 without allocating anything: the entry point (kldino/main.py) gives JAX as many simulated CPU
 devices and XLA:CPU's memory-minimising scheduler (kldino/xla_env.py:set_plan_flags), and the
 programs are lowered on abstract arrays with the run's shardings. From them:
@@ -13,9 +13,9 @@ programs are lowered on abstract arrays with the run's shardings. From them:
 * the train step's memory per device: XLA's memory analysis of the partitioned step (arguments +
   outputs + temporaries - donated buffers), as XLA:CPU assigns the buffers: an estimate of what a
   TPU or GPU compiler assigns for the same program;
-* FLOPs per step and per image (XLA's cost analysis), and of a sweep over the dataset;
+* FLOPs per step and per image (XLA's cost analysis), and of a prior pass over the dataset;
 * the step time at an assumed MFU (hardware.mfu) of the peak, the epoch with its share of prior
-  sweeps, and the run.
+  passes, and the run.
 
 It fits when the step's memory is at most FIT_FRACTION of a device's; when it does not, the plan
 names one fix (kldino/plan.py:fix): shard the state further (mesh.fsdp), rematerialise the
@@ -34,7 +34,7 @@ from kldino import optim
 from kldino import schedules as schedules_lib
 from kldino import sharding
 from kldino import step as step_lib
-from kldino import sweep as sweep_lib
+from kldino import prior_pass
 
 FIT_FRACTION = 0.9  # of a device's memory: the runtime, the input's buffers and fragmentation
 # Training images of TFDS datasets a plan may name without them on this machine (TFDS's counts).
@@ -127,24 +127,24 @@ def _compiled_step(config, channels: int, mesh, steps_per_epoch: int):
   return train_step.lower(state, batch).compile(), state, graphdef
 
 
-def _compiled_sweep(config, channels: int, mesh, graphdef, teacher):
-  """The prior sweep's accumulation over one sweep batch, compiled on abstract arrays."""
+def _compiled_prior_pass(config, channels: int, mesh, graphdef, teacher):
+  """The prior pass's accumulation over one batch, compiled on abstract arrays."""
   standardise = objective.get_normalization(config.objective).standardise_teacher_embedding
   teacher_shardings = jax.tree.map(lambda leaf: leaf.sharding, teacher)
-  accumulate, _, _ = sweep_lib.jit_sweep_fns(graphdef, standardise, teacher_shardings, mesh)
+  accumulate, _, _ = prior_pass.jit_pass_fns(graphdef, standardise, teacher_shardings, mesh)
   size, batch_sharding = config.data.image_size, sharding.batch_sharding(mesh)
   batch = {
       'image':
-          jax.ShapeDtypeStruct((config.sweep_batch_size, size, size, channels),
+          jax.ShapeDtypeStruct((config.prior_pass_batch_size, size, size, channels),
                                jnp.float32,
                                sharding=batch_sharding),
       'mask':
-          jax.ShapeDtypeStruct((config.sweep_batch_size,), jnp.bool_, sharding=batch_sharding)
+          jax.ShapeDtypeStruct((config.prior_pass_batch_size,), jnp.bool_, sharding=batch_sharding)
   }
   replicated = sharding.replicated(mesh)
   sums = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
-      jax.eval_shape(lambda: sweep_lib.init_sums(config.model.num_prototypes)))
+      jax.eval_shape(lambda: prior_pass.init_sums(config.model.num_prototypes)))
   temp = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
   return accumulate.lower(sums, teacher, batch, temp).compile()
 
@@ -161,18 +161,18 @@ def make_plan(config) -> dict:
   train_examples = _train_examples(config)
   steps_per_epoch = train_examples // config.batch_size
   compiled, state, graphdef = _compiled_step(config, channels, mesh, steps_per_epoch)
-  sweep = _compiled_sweep(config, channels, mesh, graphdef, state.teacher)
+  pass_compiled = _compiled_prior_pass(config, channels, mesh, graphdef, state.teacher)
   memory = compiled.memory_analysis()
   step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
                 memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   step_flops = _flops(compiled, len(devices))
-  sweep_flops_per_image = _flops(sweep, len(devices)) / config.sweep_batch_size
+  prior_pass_flops_per_image = _flops(pass_compiled, len(devices)) / config.prior_pass_batch_size
   cluster_flops = machine['peak_flops'] * len(devices) * config.hardware.mfu
   step_seconds = step_flops / cluster_flops
-  sweeps_per_epoch = 1 / config.objective.prior_every_epochs if objective.uses_sweep(
+  passes_per_epoch = 1 / config.objective.prior_every_epochs if objective.uses_prior_pass(
       config.objective) else 0.0
   epoch_seconds = (steps_per_epoch * step_seconds +
-                   sweeps_per_epoch * train_examples * sweep_flops_per_image / cluster_flops)
+                   passes_per_epoch * train_examples * prior_pass_flops_per_image / cluster_flops)
   fits = step_bytes <= FIT_FRACTION * machine['memory_bytes']
   return {
       'hardware': machine['name'],
@@ -192,7 +192,7 @@ def make_plan(config) -> dict:
       'fits': bool(fits),
       'step_flops': step_flops,
       'flops_per_image': step_flops / config.batch_size,
-      'sweep_flops_per_image': sweep_flops_per_image,
+      'prior_pass_flops_per_image': prior_pass_flops_per_image,
       'assumed_mfu': config.hardware.mfu,
       'peak_tflops_per_device': machine['peak_flops'] / 1e12,
       'step_seconds': step_seconds,
@@ -254,8 +254,8 @@ def table(plan: dict) -> str:
       ('fits', f"{'yes' if plan['fits'] else 'NO'} "
        f'(<= {FIT_FRACTION:.0%} of {gib("device_memory_bytes")})'),
       ('FLOPs', f"{plan['step_flops'] / 1e12:.1f} TFLOP per step, "
-       f"{plan['flops_per_image'] / 1e9:.1f} GFLOP per image, sweep "
-       f"{plan['sweep_flops_per_image'] / 1e9:.1f} GFLOP per image"),
+       f"{plan['flops_per_image'] / 1e9:.1f} GFLOP per image, prior pass "
+       f"{plan['prior_pass_flops_per_image'] / 1e9:.1f} GFLOP per image"),
       ('time', f"{plan['step_seconds']:.3f} s per step at {plan['assumed_mfu']:.0%} MFU, "
        f"{plan['epoch_hours']:.2f} h per epoch of {plan['steps_per_epoch']} steps, "
        f"{plan['run_hours']:.1f} h for {plan['num_epochs']} epochs"),

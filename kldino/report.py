@@ -4,9 +4,9 @@
 
 DIR holds one workdir per run (as launch.sweep makes them): its config.json, eval.json and
 TensorBoard events. The report tabulates each run's final k-NN, linear probe and cluster_mi,
-plots the sweep diagnostics over training (effective clusters, empty-cluster fraction, Jensen gap,
-||w_bar||) and the Jensen gap against the teacher temperature, and states for each of the paper's
-claims whether the runs support it, with the numbers behind the verdict.
+plots the prior-pass diagnostics over training (effective clusters, empty-cluster fraction,
+Jensen gap, ||w_bar||) and the Jensen gap against the teacher temperature, and states for each
+of the paper's claims whether the runs support it, with the numbers behind the verdict.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import numpy as np
 COLLAPSE_MI = 0.35  # below: collapsed (MI is a collapse alarm, not a quality score)
 HEALTHY_MI = 0.7  # above: healthy
 CLOSE_GAP = 0.1  # nats: a Jensen gap this small means centering approximates the prior well
-CURVES = (('sweep/effective_clusters', 'effective clusters (dataset)'),
-          ('sweep/empty_cluster_fraction', 'fraction of empty clusters'),
-          ('sweep/jensen_gap', 'Jensen gap KL(prior || centered), nats'),
-          ('sweep/prototype_mean_norm', '||w_bar|| (mean unit prototype)'))
+CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
+          ('prior_pass/empty_cluster_fraction', 'fraction of empty clusters'),
+          ('prior_pass/jensen_gap', 'Jensen gap KL(prior || centered), nats'),
+          ('prior_pass/prototype_mean_norm', '||w_bar|| (mean unit prototype)'))
 
 
 @dataclasses.dataclass
@@ -110,14 +110,14 @@ def _default_prior(runs) -> list[Run]:
 
 
 def _mean_gap(run) -> float:
-  _, gaps = run.series('sweep/jensen_gap')
+  _, gaps = run.series('prior_pass/jensen_gap')
   return float(np.mean(gaps)) if gaps.size else float('nan')
 
 
-def _sweep_cost(run) -> float:
-  """Seconds of sweeps over the seconds of the whole run (first to last logged event)."""
+def _prior_pass_cost(run) -> float:
+  """Seconds of prior passes over the seconds of the whole run (first to last logged event)."""
   walls = [wall for points in run.scalars.values() for _, _, wall in points]
-  _, seconds = run.series('sweep/seconds')
+  _, seconds = run.series('prior_pass/seconds')
   return float(np.sum(seconds) / (max(walls) - min(walls))) if len(walls) > 1 else float('nan')
 
 
@@ -194,7 +194,7 @@ def _plot_gap_vs_temperature(runs, path):
   figure, axis = plt.subplots(figsize=(6, 4))
   axis.plot(temps, gaps, marker='o')
   axis.set_xlabel('teacher temperature tau_t')
-  axis.set_ylabel('mean Jensen gap over sweeps (nats)')
+  axis.set_ylabel('mean Jensen gap over prior passes (nats)')
   axis.set_title('prior-normalised vs centered targets')
   figure.tight_layout()
   figure.savefig(path, dpi=100)
@@ -229,10 +229,11 @@ def claims(runs) -> list[tuple[str, str, str]]:
   default = _default_prior(runs)
   if default:
     gap = _mean_gap(default[0])
-    found.append((f'centering approximates the prior closely at tau_t=0.04 (gap < {CLOSE_GAP} '
-                  'nats)', 'supported' if gap < CLOSE_GAP else 'not supported',
-                  f'mean Jensen gap over sweeps {_fmt(gap)} nats; norm of w_bar at the last sweep '
-                  f"{_fmt(float(default[0].series('sweep/prototype_mean_norm')[1][-1]))}"))
+    found.append((
+        f'centering approximates the prior closely at tau_t=0.04 (gap < {CLOSE_GAP} '
+        'nats)', 'supported' if gap < CLOSE_GAP else 'not supported',
+        f'mean Jensen gap over prior passes {_fmt(gap)} nats; norm of w_bar at the last prior pass '
+        f"{_fmt(float(default[0].series('prior_pass/prototype_mean_norm')[1][-1]))}"))
   centered = _find(runs,
                    objective__normalization='prior',
                    objective__prior_source='sweep',
@@ -241,11 +242,12 @@ def claims(runs) -> list[tuple[str, str, str]]:
                    objective__teacher_temp=0.04)
   if centered and default:
     gaps = _mean_gap(centered[0]), _mean_gap(default[0])
-    found.append(('w_bar = 0 (centered prototypes) brings centering closer to the prior',
-                  'supported' if gaps[0] < 0.5 * gaps[1] else 'not supported',
-                  f'mean Jensen gap {_fmt(gaps[0])} nats with centered prototypes (norm of '
-                  f"w_bar {_fmt(float(centered[0].series('sweep/prototype_mean_norm')[1][-1]))})"
-                  f', {_fmt(gaps[1])} with learned ones'))
+    found.append(
+        ('w_bar = 0 (centered prototypes) brings centering closer to the prior',
+         'supported' if gaps[0] < 0.5 * gaps[1] else 'not supported',
+         f'mean Jensen gap {_fmt(gaps[0])} nats with centered prototypes (norm of '
+         f"w_bar {_fmt(float(centered[0].series('prior_pass/prototype_mean_norm')[1][-1]))})"
+         f', {_fmt(gaps[1])} with learned ones'))
   temperature_runs = _temperature_runs(runs)
   if len(temperature_runs) >= 3:
     temps = np.array([run.value('objective.teacher_temp') for run in temperature_runs])
@@ -271,10 +273,12 @@ def claims(runs) -> list[tuple[str, str, str]]:
                          objective__teacher_temp=0.04),
                    key=lambda run: run.value('objective.prior_every_epochs'))
   if len(periods) >= 2:
-    found.append(('accuracy against the sweep period T, and the sweep cost', 'measured', '; '.join(
-        f"T={run.value('objective.prior_every_epochs')}: k-NN {_fmt(run.results['knn_top1'])}, "
-        f"linear {_fmt(run.results['linear_top1'])}, sweeps {100 * _sweep_cost(run):.1f}% of "
-        'the run time' for run in periods)))
+    found.append((
+        'accuracy against the prior period T, and the cost of the prior passes', 'measured',
+        '; '.join(
+            f"T={run.value('objective.prior_every_epochs')}: k-NN {_fmt(run.results['knn_top1'])}, "
+            f"linear {_fmt(run.results['linear_top1'])}, "
+            f'prior passes {100 * _prior_pass_cost(run):.1f}% of the run time' for run in periods)))
   return found
 
 
@@ -289,8 +293,8 @@ def write_report(study_dir: str) -> dict:
   plotted = {
       'accuracy.png':
           _plot_accuracy(runs, os.path.join(study_dir, 'accuracy.png')),
-      'sweep_curves.png':
-          _plot_curves(runs, os.path.join(study_dir, 'sweep_curves.png')),
+      'prior_pass_curves.png':
+          _plot_curves(runs, os.path.join(study_dir, 'prior_pass_curves.png')),
       'gap_vs_temperature.png':
           _plot_gap_vs_temperature(runs, os.path.join(study_dir, 'gap_vs_temperature.png')),
   }
@@ -314,8 +318,8 @@ def write_report(study_dir: str) -> dict:
       '', f'Thresholds: collapsed below cluster_mi {COLLAPSE_MI}, healthy above '
       f'{HEALTHY_MI} nats; "close" below a {CLOSE_GAP}-nat Jensen gap.', '',
       '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '',
-      '## Sweep diagnostics over training', '', '![sweep curves](sweep_curves.png)', '',
-      '## Jensen gap against the teacher temperature', '',
+      '## Prior-pass diagnostics over training', '', '![prior-pass curves](prior_pass_curves.png)',
+      '', '## Jensen gap against the teacher temperature', '',
       '![gap vs temperature](gap_vs_temperature.png)', ''
   ]
   with open(os.path.join(study_dir, 'report.md'), 'w') as f:

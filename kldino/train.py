@@ -1,7 +1,7 @@
 """The training loop: the only place with I/O and side effects.
 
 Sections: set-up (config checks, data, mesh, state) -> restore the latest checkpoint or
-initialise -> initial prior sweep -> epochs of jitted steps, with a sweep every T epochs and a
+initialise -> initial prior pass -> epochs of jitted steps, with a prior pass every T epochs and a
 checkpoint every N steps -> final checkpoint -> evaluation of the teacher backbone.
 
 A resumed run is the uninterrupted run: the state holds everything that changes (parameters,
@@ -34,7 +34,7 @@ from kldino import preview
 from kldino import run as run_lib
 from kldino import sharding
 from kldino import step as step_lib
-from kldino import sweep as sweep_lib
+from kldino import prior_pass
 from kldino.config_checks import ConfigError
 from kldino.data import pipeline
 from kldino.evaluate.evaluators import Evaluators
@@ -61,7 +61,7 @@ def check_finite(metrics: list, first_step: int, latest_checkpoint: int | None):
 
 class Trainer:
   """A Run (kldino/run.py) plus what training adds: the optimizer, the jitted init, train step and
-  prior sweep, and the metric writer."""
+  prior pass, and the metric writer."""
 
   def __init__(self, config, workdir: str):
     self.run = run_lib.Run(config, workdir)
@@ -77,7 +77,7 @@ class Trainer:
         step_lib.make_train_step(self.graphdef, config, self.schedules, optimizer),
         self.state_shardings, self.mesh)
     standardise = self.normalization.standardise_teacher_embedding
-    self.sweep_accumulate, self.gap_accumulate, self.drift_accumulate = sweep_lib.jit_sweep_fns(
+    self.prior_accumulate, self.gap_accumulate, self.drift_accumulate = prior_pass.jit_pass_fns(
         self.graphdef, standardise, self.state_shardings.teacher, self.mesh)
     self.evaluators = Evaluators(self.run)
     self.guard = guard_lib.CollapseGuard(config.guard, config.model.num_prototypes,
@@ -149,44 +149,44 @@ class Trainer:
     logging.warning('SIGTERM received: saving a checkpoint after the current step')
     self._sigterm_received = True
 
-  # --------------------------------------------------------------------------- prior sweep
+  # --------------------------------------------------------------------------- prior pass
 
-  def _sweep_batches(self):
+  def _prior_pass_batches(self):
     return pipeline.eval_batches(self.source,
                                  self.config.data.train_split,
                                  self.config,
-                                 batch_size=self.config.sweep_batch_size,
+                                 batch_size=self.config.prior_pass_batch_size,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
 
-  def run_sweep(self, state, epoch: int):
+  def run_prior_pass(self, state, epoch: int):
     """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15), at the
-    mean teacher temperature of the steps it will serve (kldino/sweep.py:period_temperatures),
+    mean teacher temperature of the steps it will serve (kldino/prior_pass.py:period_temperatures),
     then measure the Jensen gap with it (over `objective.gap_examples` examples, 0: all) and,
     during a temperature warm-up, how far the targets drift from those of the exact prior."""
-    # The last train steps may still be queued: wait for them, or the sweep's time includes them.
+    # The last train steps may still be queued: wait for them, or the pass's time includes them.
     jax.block_until_ready(state.teacher)
     start = time.time()
     step = int(state.step)
     period_end = min(
         step + self.config.objective.prior_every_epochs * self.schedules.steps_per_epoch,
         self.schedules.total_steps)
-    temps = sweep_lib.period_temperatures(self.schedules.teacher_temp, step, period_end)
+    temps = prior_pass.period_temperatures(self.schedules.teacher_temp, step, period_end)
     replicated = sharding.replicated(self.mesh)  # as the jitted outputs: one compile, not two
-    sums = jax.device_put(sweep_lib.init_sums(self.config.model.num_prototypes, len(temps)),
+    sums = jax.device_put(prior_pass.init_sums(self.config.model.num_prototypes, len(temps)),
                           replicated)
-    for batch in self._sweep_batches():
-      sums = self.sweep_accumulate(sums, state.teacher, sharding.global_batch(batch, self.mesh),
+    for batch in self._prior_pass_batches():
+      sums = self.prior_accumulate(sums, state.teacher, sharding.global_batch(batch, self.mesh),
                                    temps)
     eps = self.config.objective.prior_eps
-    summary = sweep_lib.summarise(sums, eps)
-    gap_sums = jax.device_put(sweep_lib.init_gap_sums(), replicated)
-    drift_sums = jax.device_put(sweep_lib.init_drift_sums(), replicated)
+    summary = prior_pass.summarise(sums, eps)
+    gap_sums = jax.device_put(prior_pass.init_gap_sums(), replicated)
+    drift_sums = jax.device_put(prior_pass.init_drift_sums(), replicated)
     log_priors = jnp.stack(
-        [sweep_lib.summarise(sums, eps, row)['log_prior'] for row in range(len(temps))])
+        [prior_pass.summarise(sums, eps, row)['log_prior'] for row in range(len(temps))])
     gap_examples = self.config.objective.gap_examples
-    gap_batches = -(-gap_examples // self.config.sweep_batch_size) if gap_examples else None
-    for batch in itertools.islice(self._sweep_batches(), gap_batches):
+    gap_batches = -(-gap_examples // self.config.prior_pass_batch_size) if gap_examples else None
+    for batch in itertools.islice(self._prior_pass_batches(), gap_batches):
       batch = sharding.global_batch(batch, self.mesh)
       gap_sums = self.gap_accumulate(gap_sums, state.teacher, batch, temps[0], summary['log_prior'],
                                      summary['mean_logits'])
@@ -195,63 +195,63 @@ class Trainer:
     # The head's own unit prototypes, so that the 'centered' mode is measured as it is used.
     unit = forward.unit_prototypes(self.graphdef, state.teacher)
     drift_count = jnp.maximum(drift_sums['count'], 1.0)
-    sweep_metrics = {
-        'sweep/effective_clusters':
+    pass_metrics = {
+        'prior_pass/effective_clusters':
             summary['effective_clusters'],
-        'sweep/prior_entropy':
+        'prior_pass/prior_entropy':
             summary['prior_entropy'],
-        'sweep/empty_cluster_fraction':
+        'prior_pass/empty_cluster_fraction':
             summary['empty_cluster_fraction'],
-        'sweep/jensen_gap':
+        'prior_pass/jensen_gap':
             gap_sums['gap_sum'] / gap_sums['count'],
-        'sweep/prototype_mean_norm':
+        'prior_pass/prototype_mean_norm':
             jnp.linalg.norm(jnp.mean(unit, axis=1)),
-        'sweep/examples':
+        'prior_pass/examples':
             summary['count'],
-        'sweep/teacher_temp':
+        'prior_pass/teacher_temp':
             temps[0],
         # KL(targets with the exact prior || targets with the one used), per image, at the
         # period's first and last steps; and at its last step for a prior measured at the first
         # step's temperature. All 0 when the temperature is constant over the period.
-        'sweep/prior_temp_drift':
+        'prior_pass/prior_temp_drift':
             jnp.maximum(drift_sums['first'], drift_sums['last']) / drift_count,
-        'sweep/prior_temp_drift_if_first_temp':
+        'prior_pass/prior_temp_drift_if_first_temp':
             drift_sums['first_temp'] / drift_count,
     }
-    sweep_metrics = {k: float(v) for k, v in jax.device_get(sweep_metrics).items()}
-    sweep_metrics['sweep/seconds'] = time.time() - start  # after device_get: the real duration
-    self.writer.write_scalars(step, sweep_metrics)
+    pass_metrics = {k: float(v) for k, v in jax.device_get(pass_metrics).items()}
+    pass_metrics['prior_pass/seconds'] = time.time() - start  # after device_get: the real duration
+    self.writer.write_scalars(step, pass_metrics)
     self.writer.write_histograms(
         step, {
-            'sweep/prior': np.exp(np.asarray(jax.device_get(summary['log_prior']))),
-            'sweep/prototype_usage': np.asarray(jax.device_get(sums['assignments']))
+            'prior_pass/prior': np.exp(np.asarray(jax.device_get(summary['log_prior']))),
+            'prior_pass/prototype_usage': np.asarray(jax.device_get(sums['assignments']))
         })
     logging.info(
-        'prior sweep before epoch %d: %d examples, effective clusters %.1f, '
+        'prior pass before epoch %d: %d examples, effective clusters %.1f, '
         'empty %.1f%%, Jensen gap %.4f, tau_t %.4f (drift %.2e), %.1fs', epoch,
-        sweep_metrics['sweep/examples'], sweep_metrics['sweep/effective_clusters'],
-        100 * sweep_metrics['sweep/empty_cluster_fraction'], sweep_metrics['sweep/jensen_gap'],
-        sweep_metrics['sweep/teacher_temp'], sweep_metrics['sweep/prior_temp_drift'],
-        sweep_metrics['sweep/seconds'])
-    if not self._prior_update_due(epoch):  # a diagnostic sweep: measured, not used
+        pass_metrics['prior_pass/examples'], pass_metrics['prior_pass/effective_clusters'],
+        100 * pass_metrics['prior_pass/empty_cluster_fraction'],
+        pass_metrics['prior_pass/jensen_gap'], pass_metrics['prior_pass/teacher_temp'],
+        pass_metrics['prior_pass/prior_temp_drift'], pass_metrics['prior_pass/seconds'])
+    if not self._prior_update_due(epoch):  # a diagnostic pass: measured, not used
       return state
     norm_state = {**state.norm_state, 'log_prior': summary['log_prior']}
     return state.replace(norm_state=jax.device_put(norm_state, self.state_shardings.norm_state))
 
   def _prior_update_due(self, epoch: int) -> bool:
     objective_config = self.config.objective
-    if not objective.uses_sweep(objective_config):
+    if not objective.uses_prior_pass(objective_config):
       return False
     if epoch == 0:
       return objective_config.prior_init == 'sweep'
-    # The EMA source only takes its initial value from a sweep; `sweep` re-estimates every T.
+    # The EMA source only takes its initial value from a pass; `sweep` re-estimates every T.
     return (objective_config.prior_source == 'sweep' and
             epoch % objective_config.prior_every_epochs == 0)
 
-  def _sweep_due(self, epoch: int) -> bool:
-    """A sweep sets the prior, or (eval.sweep_diagnostics) only measures the teacher's cluster
+  def _prior_pass_due(self, epoch: int) -> bool:
+    """A pass sets the prior, or (eval.prior_pass_diagnostics) only measures the teacher's cluster
     statistics every T epochs, for any normalisation: the study compares them all."""
-    diagnostic = (self.config.eval.sweep_diagnostics and
+    diagnostic = (self.config.eval.prior_pass_diagnostics and
                   epoch % self.config.objective.prior_every_epochs == 0)
     return self._prior_update_due(epoch) or diagnostic
 
@@ -267,7 +267,7 @@ class Trainer:
     averaged['epoch'] = epoch
     self.writer.write_scalars(step, averaged)
     total = self.schedules.total_steps
-    elapsed = time.time() - self._train_start  # includes the sweeps, unlike the window
+    elapsed = time.time() - self._train_start  # includes the prior passes, unlike the window
     eta = (total - step) * elapsed / max(step - self._first_step, 1)
     logging.info(
         'step %d/%d epoch %d | loss %.4f kl %.4f | teacher H %.3f target H %.3f | '
@@ -365,8 +365,8 @@ class Trainer:
     try:
       for epoch in range(start // spe, config.num_epochs):
         start_step = start - epoch * spe if epoch == start // spe else 0
-        if start_step == 0 and self._sweep_due(epoch):
-          state = self.run_sweep(state, epoch)
+        if start_step == 0 and self._prior_pass_due(epoch):
+          state = self.run_prior_pass(state, epoch)
         state = self.train_epoch(state, epoch, start_step)
         if epoch + 1 < config.num_epochs:
           periodic = self.evaluate(state.teacher, (epoch + 1) * spe, epochs_done=epoch + 1)

@@ -4,9 +4,9 @@ sets none.
 
 XLA:CPU fuses reductions into its YNNPACK matmul fusions by default; a reduction in a matmul's
 prologue is then recomputed for every tile of the matmul. The prototype weight norm
-(kldino/models/head.py) fused that way took 3.8 s of a 5.3 s ViT-S/16 sweep batch. Without
+(kldino/models/head.py) fused that way took 3.8 s of a 5.3 s ViT-S/16 prior-pass batch. Without
 reduction fusions (measured with `python -m kldino.bench --profile`, docs/performance.md): the
-small224 step 7.9 -> 3.7 s, its sweep 6.0 -> 24 images/s; the tiny32 step 3.70 -> 3.47 s.
+small224 step 7.9 -> 3.7 s, its prior pass 6.0 -> 24 images/s; the tiny32 step 3.70 -> 3.47 s.
 """
 import os
 

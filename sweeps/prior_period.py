@@ -1,4 +1,4 @@
-"""The sweep period T against the seed: how often must the full-dataset prior be re-estimated?
+"""The prior period T against the seed: how often must the full-dataset prior be re-estimated?
 
     python -m launch.sweep --sweep=sweeps/prior_period.py --config=configs/digits.py \
         --workdir_root=/tmp/kldino_period

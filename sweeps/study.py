@@ -1,5 +1,5 @@
 """The normalisation study: the same backbone and data with every teacher normalisation
-of docs/method.md, the sweep period T, the paper's open prototype variants, and a range of
+of docs/method.md, the prior period T, the paper's open prototype variants, and a range of
 teacher temperatures. Base config: configs/study_digits.py (or any, e.g. an ImageNet one).
 
     python -m launch.sweep --sweep=sweeps/study.py --config=configs/study_digits.py \

@@ -11,7 +11,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The end-to-end tests start many processes that compile the same programs (configs/smoke.py's
-# step, sweep and evaluation): JAX's persistent cache compiles each once.
+# step, prior pass and evaluation): JAX's persistent cache compiles each once.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'kldino-tests-jax-cache-{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')

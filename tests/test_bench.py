@@ -52,14 +52,14 @@ def test_time_counts_the_page_faults_of_fresh_host_buffers():
   assert warm < 0.05 * size / page
 
 
-def test_sweep_epoch_fraction_counts_both_passes():
+def test_prior_pass_epoch_fraction_counts_both_parts():
   config = ml_collections.ConfigDict({'objective': {'gap_examples': 1000}})
   train = {'images_per_sec': 10.0}  # an epoch of 5000 images: 500 s
-  sweep = {'prior_seconds_per_image': 0.004, 'gap_seconds_per_image': 0.005}
+  prior = {'prior_seconds_per_image': 0.004, 'gap_seconds_per_image': 0.005}
   # 5000 * 0.004 + 1000 * 0.005 = 25 s of 500 s.
-  assert bench.sweep_epoch_fraction(config, 5000, train, sweep) == pytest.approx(0.05)
+  assert bench.prior_pass_epoch_fraction(config, 5000, train, prior) == pytest.approx(0.05)
   config.objective.gap_examples = 0  # the gap over every image
-  assert bench.sweep_epoch_fraction(config, 5000, train, sweep) == pytest.approx(0.09)
+  assert bench.prior_pass_epoch_fraction(config, 5000, train, prior) == pytest.approx(0.09)
 
 
 def test_presets_have_the_issue_shapes():
@@ -68,12 +68,12 @@ def test_presets_have_the_issue_shapes():
   assert (tiny.aug.global_size, tiny.aug.local_size, tiny.aug.num_local) == (32, 16, 6)
   assert (tiny.model.head_hidden_dim, tiny.model.head_bottleneck_dim,
           tiny.model.num_prototypes) == (2048, 256, 4096)
-  assert (tiny.batch_size, tiny.sweep_batch_size, tiny.model.drop_path) == (64, 256, 0.1)
+  assert (tiny.batch_size, tiny.prior_pass_batch_size, tiny.model.drop_path) == (64, 256, 0.1)
   small, _ = bench.preset_config('small224')
   assert (small.model.name, small.model.patch_size, small.model.num_prototypes) == ('vit_small', 16,
                                                                                     65536)
   assert (small.aug.global_size, small.aug.local_size, small.aug.num_local) == (224, 96, 6)
-  assert (small.batch_size, small.sweep_batch_size) == (8, 32)
+  assert (small.batch_size, small.prior_pass_batch_size) == (8, 32)
 
 
 def test_the_digits_preset_is_the_embedded_default_config():

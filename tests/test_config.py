@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from kldino import optim, schedules, step
+from kldino.checkpoint import config_from_dict
 from kldino.config_checks import ConfigError, validate_config
 from kldino.defaults import base_config
 from tests.helpers import config_module
@@ -43,6 +44,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('aug.solarize_prob', 1.5, 'aug.solarize_prob=1.5 must be in [0, 1]'),
     ('aug.blur_prob', (1.0, 0.1), 'must have 3 probabilities'),
     ('aug.blur_sigma', (2.0, 0.1), 'aug.blur_sigma=(2.0, 0.1) must satisfy 0 < low <= high'),
+    ('sweep_batch_size', 128, 'config key sweep_batch_size is now prior_pass_batch_size'),
+    ('eval.sweep_diagnostics', True, 'eval.sweep_diagnostics is now eval.prior_pass_diagnostics'),
 ])
 def test_bad_values_are_refused_with_one_line(key, value, fragment):
   config = base_config()
@@ -75,6 +78,8 @@ def run_main(tmp_path, *overrides):
     (('--config.data.name=no_such_dataset',), "unknown dataset 'no_such_dataset'", 3),
     (('--config.data.name=folder', '--config.data.path=/no/such/folder'), '/no/such/folder', 3),
     (('--config.batch_size=12',), 'batch_size=12 must be a positive multiple of the 8 devices', 2),
+    (('--config.sweep_batch_size=64',), 'sweep_batch_size is now prior_pass_batch_size: set '
+     '--config.prior_pass_batch_size', 2),
 ])
 def test_command_line_fails_fast_with_one_line(tmp_path, overrides, fragment, code):
   """Exit code 3 for the dataset, 2 for a config value (README, exit codes)."""
@@ -83,6 +88,18 @@ def test_command_line_fails_fast_with_one_line(tmp_path, overrides, fragment, co
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith('kldino: ') and fragment in last_line, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+def test_a_saved_config_with_renamed_keys_reads_with_the_new_names():
+  """A workdir's config.json written before a key's rename restores the value under its new name."""
+  saved = base_config().to_dict()
+  saved.pop('prior_pass_batch_size')
+  saved['sweep_batch_size'] = 96
+  saved['eval'].pop('prior_pass_diagnostics')
+  saved['eval']['sweep_diagnostics'] = True
+  restored = config_from_dict(saved)
+  assert (restored.prior_pass_batch_size, restored.eval.prior_pass_diagnostics) == (96, True)
+  assert 'sweep_batch_size' not in restored and 'sweep_diagnostics' not in restored.eval
 
 
 def load_config(name):

@@ -137,7 +137,7 @@ def test_bad_arguments(overrides, message):
 def test_the_prototype_norm_is_not_fused_into_the_logits_matmul():
   """kldino/xla_env.py (set by the entry points and tests/conftest.py) turns XLA:CPU's reduction
   fusions off: a prototype column norm fused
-  into the matmul was recomputed per tile (3.8 s of a 5.3 s ViT-S/16 sweep batch)."""
+  into the matmul was recomputed per tile (3.8 s of a 5.3 s ViT-S/16 prior-pass batch)."""
   import re  # pylint: disable=g-import-not-at-top
   prototypes = jnp.ones((32, 4096))
   z = jnp.ones((16, 32))

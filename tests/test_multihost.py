@@ -25,13 +25,13 @@ def _free_port() -> int:
 
 
 def _overrides(root):
-  # 129 training images: the two processes' shards (65 and 64) are uneven, and the sweep's last
+  # 129 training images: the two processes' shards (65 and 64) are uneven, and the prior pass's last
   # batch of 48 is padded.
   return [
       '--config=configs/smoke.py',
       '--config.data.name=folder',
       f'--config.data.path={root}',
-      '--config.sweep_batch_size=48',
+      '--config.prior_pass_batch_size=48',
       '--config.eval.batch_size=64',
       '--config.data.shards=2',  # the single process reads both shards: the same batches
       # Without batch statistics in the head every parameter has a real gradient: biases
@@ -65,7 +65,7 @@ def _finish(process):
 def _config(root):
   config = smoke_config()
   config.data.name, config.data.path = 'folder', root
-  config.sweep_batch_size, config.eval.batch_size, config.data.shards = 48, 64, 2
+  config.prior_pass_batch_size, config.eval.batch_size, config.data.shards = 48, 64, 2
   config.model.head_norm = 'none'
   return config
 
@@ -89,9 +89,9 @@ def runs(tmp_path_factory):
   return root, single_dir, single, multi_dir, multi
 
 
-def _sweep_counts(stderr):
+def _prior_pass_counts(stderr):
   return [
-      int(count) for count in re.findall(r'prior sweep before epoch \d+: (\d+) examples', stderr)
+      int(count) for count in re.findall(r'prior pass before epoch \d+: (\d+) examples', stderr)
   ]
 
 
@@ -121,10 +121,10 @@ def test_two_processes_equal_one_process_with_four_devices(runs):
   assert multi_results['knn_top1'] == pytest.approx(single_results['knn_top1'], abs=1 / 40)
 
 
-def test_every_sweep_counts_each_example_once_across_processes(runs):
+def test_every_prior_pass_counts_each_example_once_across_processes(runs):
   _, _, single, _, multi = runs
-  assert _sweep_counts(single[1]) == [129, 129]
-  assert _sweep_counts(multi[0][1]) == [129, 129]  # the sum over both processes' shards
+  assert _prior_pass_counts(single[1]) == [129, 129]
+  assert _prior_pass_counts(multi[0][1]) == [129, 129]  # the sum over both processes' shards
 
 
 def test_only_process_0_writes_logs(runs):

@@ -37,8 +37,8 @@ def study(tmp_path_factory):
     config = tiny_config()
     config.data.name, config.data.path = 'folder', root
     config.num_epochs, config.batch_size = 2, 32
-    config.sweep_batch_size, config.eval.batch_size, config.eval.probe_epochs = 48, 64, 5
-    config.eval.sweep_diagnostics = True
+    config.prior_pass_batch_size, config.eval.batch_size, config.eval.probe_epochs = 48, 64, 5
+    config.eval.prior_pass_diagnostics = True
     config.objective.update(objective)
     workdir = os.path.join(study_dir, name)
     train.train_and_evaluate(config, workdir)
@@ -47,7 +47,7 @@ def study(tmp_path_factory):
 
 def test_report_and_plots_are_written(study):
   study_dir, _ = study
-  for name in ('report.md', 'accuracy.png', 'sweep_curves.png', 'gap_vs_temperature.png'):
+  for name in ('report.md', 'accuracy.png', 'prior_pass_curves.png', 'gap_vs_temperature.png'):
     path = os.path.join(study_dir, name)
     assert os.path.getsize(path) > 1000, name
   with open(os.path.join(study_dir, 'accuracy.png'), 'rb') as f:
@@ -66,16 +66,16 @@ def test_table_and_plots_hold_the_logged_values(study):
            f"{results['cluster_mi']:.3f}" in text
     assert plotted['accuracy.png']['knn_top1'][index] == results['knn_top1']
     assert plotted['accuracy.png']['cluster_mi'][index] == results['cluster_mi']
-    # Two diagnostic sweeps (before each epoch) in every run, whatever its normalisation.
-    for tag in ('sweep/jensen_gap', 'sweep/effective_clusters', 'sweep/prototype_mean_norm',
-                'sweep/empty_cluster_fraction'):
+    # Two diagnostic prior passes (before each epoch) in every run, whatever its normalisation.
+    for tag in ('prior_pass/jensen_gap', 'prior_pass/effective_clusters',
+                'prior_pass/prototype_mean_norm', 'prior_pass/empty_cluster_fraction'):
       logged = _logged(os.path.join(study_dir, name), tag)
       assert len(logged) == 2
-      np.testing.assert_allclose(plotted['sweep_curves.png'][tag][name], logged)
+      np.testing.assert_allclose(plotted['prior_pass_curves.png'][tag][name], logged)
   gaps = plotted['gap_vs_temperature.png']
   assert gaps['teacher_temp'] == [0.04, 0.1]
   np.testing.assert_allclose(gaps['jensen_gap'], [
-      np.mean(_logged(os.path.join(study_dir, n), 'sweep/jensen_gap'))
+      np.mean(_logged(os.path.join(study_dir, n), 'prior_pass/jensen_gap'))
       for n in ('prior', 'prior_hot')
   ])
   assert '`none` collapses' in text and 'inverse-prior normalisation prevents collapse' in text

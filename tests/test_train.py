@@ -1,4 +1,4 @@
-"""End to end: a folder of images trains, sweeps, evaluates and writes eval.json."""
+"""End to end: a folder of images trains, runs prior passes, evaluates and writes eval.json."""
 import json
 import os
 
@@ -36,7 +36,7 @@ def folder_run(tmp_path_factory):
   config.data.path = root
   config.num_epochs = 2
   config.batch_size = 32
-  config.sweep_batch_size = 48  # 120 train images: the last sweep batch is padded
+  config.prior_pass_batch_size = 48  # 120 train images: the last prior-pass batch is padded
   config.eval.batch_size = 64
   config.eval.probe_epochs = 20
   config.eval.baselines = True
@@ -61,7 +61,7 @@ def test_folder_dataset_trains_and_reports(folder_run):
   assert 1.0 <= results['effective_clusters'] <= k + 1e-3
 
 
-def test_training_logs_sweeps_and_metrics(folder_run):
+def test_training_logs_prior_passes_and_metrics(folder_run):
   _, workdir, _ = folder_run
   event_files = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert event_files, os.listdir(workdir)
@@ -74,16 +74,16 @@ def test_training_logs_sweeps_and_metrics(folder_run):
         scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
   tags = set(scalars)
   for tag in ('loss', 'kl', 'teacher_entropy', 'prior_effective_clusters', 'lr', 'teacher_momentum',
-              'teacher_temp', 'images_per_sec', 'sweep/examples', 'sweep/jensen_gap',
+              'teacher_temp', 'images_per_sec', 'prior_pass/examples', 'prior_pass/jensen_gap',
               'eval/knn_top1'):
     assert tag in tags, sorted(tags)
-  # One sweep before each epoch (T = 1), each over all 120 training images exactly once.
-  assert scalars['sweep/examples'] == [120.0, 120.0]
+  # One prior pass before each epoch (T = 1), each over all 120 training images exactly once.
+  assert scalars['prior_pass/examples'] == [120.0, 120.0]
 
 
 def test_tensorboard_shows_crops_attention_and_the_prior(folder_run):
-  """The first batch's crops, the teacher's attention maps at each evaluation and, at each sweep,
-  histograms of the prior and of the prototypes' usage, read back from the event files."""
+  """The first batch's crops, the teacher's attention maps at each evaluation and, at each prior
+  pass, histograms of the prior and of the prototypes' usage, read back from the event files."""
   config, workdir, _ = folder_run
   pictures = {}
   for event_file in (f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')):
@@ -93,8 +93,8 @@ def test_tensorboard_shows_crops_attention_and_the_prior(folder_run):
           pictures.setdefault(value.tag, []).append(
               (value.metadata.plugin_data.plugin_name, event.step, tf.make_ndarray(value.tensor)))
   assert {
-      'input/global_crops', 'input/local_crops', 'attention/teacher', 'sweep/prior',
-      'sweep/prototype_usage'
+      'input/global_crops', 'input/local_crops', 'attention/teacher', 'prior_pass/prior',
+      'prior_pass/prototype_usage'
   } <= set(pictures), sorted(pictures)
   # Images are stored as [width, height, PNG, PNG, ...]: 4 examples x 2 global crops.
   kind, step, crops = pictures['input/global_crops'][0]
@@ -103,7 +103,7 @@ def test_tensorboard_shows_crops_attention_and_the_prior(folder_run):
          } >= {config.num_epochs * (120 // config.batch_size)}
   # A histogram is [buckets, 3] (left edge, right edge, count): the prior's K values, and the
   # usage counts of all 120 images.
-  _, _, prior = pictures['sweep/prior'][-1]
-  _, _, usage = pictures['sweep/prototype_usage'][-1]
+  _, _, prior = pictures['prior_pass/prior'][-1]
+  _, _, usage = pictures['prior_pass/prototype_usage'][-1]
   assert prior[:, 2].sum() == config.model.num_prototypes
   assert np.isclose((usage[:, 2] * (usage[:, 0] + usage[:, 1]) / 2).sum(), 120, rtol=0.2)

@@ -722,7 +722,7 @@ def center_view(image,
                 resize: int = 0,
                 num_channels: int | None = None,
                 image_shape: Sequence[int] | None = None) -> tf.Tensor:
-  """The un-augmented view of evaluation and of the prior sweep, [size, size, C] normalised:
+  """The un-augmented view of evaluation and of the prior pass, [size, size, C] normalised:
   torchvision's Resize(eval_resize(size, resize)) + CenterCrop(size), as DINO evaluates.
 
   The shorter side is resized (bicubic, antialiased) to R = eval_resize(size, resize) and the

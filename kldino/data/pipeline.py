@@ -16,7 +16,7 @@ Examples are read as the source stores them, encoded (JPEG, PNG bytes) when it c
 over so, and decoded only when a view is made (kldino/data/augment.py): crops are cut from the
 image at its own resolution, and the shuffle buffer (at most `data.shuffle_buffer` examples)
 and the cache hold small encoded bytes. A shard whose stored bytes fit in `_CACHE_BYTES` is
-cached in memory: a small dataset is read once per run instead of once per epoch and per sweep.
+cached in memory: a small dataset is read once per run instead of once per epoch and per prior pass.
 Multi-crop batches are made in two stages (augment's docstring): each example's crops in
 tf.data, then their augmentation, for crops of at least `aug.xla_min_size` pixels on whole
 batches by an XLA program in a pool of threads, for smaller ones (the digits) in tf.data too.

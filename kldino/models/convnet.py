@@ -1,7 +1,7 @@
 """Residual CNNs with GroupNorm: `convnet_small` for CPU runs, `resnet18` / `resnet50`.
 
 GroupNorm, not BatchNorm: a backbone feature must not depend on which other images share the
-batch (teacher, student, sweep and evaluation see different batches). Every network ends with
+batch (teacher, student, prior pass and evaluation see different batches). Every network ends with
 global average pooling and a LayerNorm, so its feature plays the role of the ViT's normed CLS.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ class MaskedBatchNorm(nnx.Module):
   """Standardise each feature over the batch axis, counting only the rows where mask is True.
 
   No running statistics: the head normalises with the current batch in training and in the
-  sweep alike. Under jax.jit with the batch sharded over devices, the mean over axis 0 is the
+  prior pass alike. Under jax.jit with the batch sharded over devices, the mean over axis 0 is the
   global mean, so the statistics never depend on how the batch is split.
   """
 

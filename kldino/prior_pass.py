@@ -1,9 +1,9 @@
-"""The full-dataset cluster-prior sweep (paper eq. 15): Q(k) = (1/N) sum_i P_t(k|x_i).
+"""The full-dataset cluster-prior pass (paper eq. 15): Q(k) = (1/N) sum_i P_t(k|x_i).
 
 A separate jitted, sharded function over the whole training set, run before training and every T
 epochs. Each example is counted exactly once: the input pipeline pads the last batch (and gives
 processes with fewer examples all-masked batches, so that every process runs the same number of
-sweep steps), and the padding is masked out of every sum. The sums over the global batch are
+pass steps), and the padding is masked out of every sum. The sums over the global batch are
 reduced across devices and hosts by the compiler.
 """
 from __future__ import annotations
@@ -130,7 +130,7 @@ def make_drift_accumulate(graphdef, standardise: bool):
   return accumulate
 
 
-def jit_sweep_fns(graphdef, standardise, teacher_shardings, mesh):
+def jit_pass_fns(graphdef, standardise, teacher_shardings, mesh):
   replicated = sharding.replicated(mesh)
   batch = sharding.batch_sharding(mesh)
   accumulate = jax.jit(make_accumulate(graphdef, standardise),

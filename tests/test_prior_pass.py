@@ -1,9 +1,9 @@
-"""The prior sweep counts every example exactly once, whatever the dataset and batch sizes."""
+"""The prior pass counts every example exactly once, whatever the dataset and batch sizes."""
 import jax
 import numpy as np
 import pytest
 
-from kldino import forward, optim, schedules, sharding, step, sweep
+from kldino import forward, optim, prior_pass, schedules, sharding, step
 from tests.helpers import tiny_config
 
 
@@ -22,7 +22,7 @@ def padded_batches(images, batch_size):
 
 
 @pytest.mark.parametrize('num_examples, batch_size', [(37, 16), (64, 16), (5, 8)])
-def test_sweep_counts_each_example_once(num_examples, batch_size):
+def test_prior_pass_counts_each_example_once(num_examples, batch_size):
   config = tiny_config(head_norm='layer')  # per-image head, so batch size does not matter
   mesh = sharding.make_mesh(config.mesh)  # 8 devices
   scheds = schedules.make_schedules(config, 10)
@@ -31,10 +31,10 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
       step.make_init_fn(config, 1, optim.make_optimizer(config.optim, scheds)), mesh,
       config.mesh.fsdp_min_size)
   teacher = init(0).teacher
-  accumulate, _, _ = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
+  accumulate, _, _ = prior_pass.jit_pass_fns(graphdef, False, shardings.teacher, mesh)
   images = np.random.default_rng(0).standard_normal((num_examples, 16, 16, 1)).astype(np.float32)
   temp = 0.07
-  sums = sweep.init_sums(config.model.num_prototypes)
+  sums = prior_pass.init_sums(config.model.num_prototypes)
   for batch in padded_batches(images, batch_size):
     sums = accumulate(sums, teacher, sharding.global_batch(batch, mesh), temp)
   sums = jax.device_get(sums)
@@ -47,7 +47,7 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
   np.testing.assert_allclose(sums['logit_sum'], logits.sum(0), rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(sums['assignments'],
                                 np.bincount(logits.argmax(-1), minlength=logits.shape[1]))
-  summary = sweep.summarise(sums, eps=1e-6)
+  summary = prior_pass.summarise(sums, eps=1e-6)
   prior = np.maximum(probs.mean(0), 1e-6)
   np.testing.assert_allclose(np.exp(summary['log_prior']), prior / prior.sum(), rtol=1e-4)
   np.testing.assert_allclose(summary['empty_cluster_fraction'],
@@ -56,15 +56,16 @@ def test_sweep_counts_each_example_once(num_examples, batch_size):
 
 def test_period_temperatures_mean_first_last():
   constant = schedules.epoch_warmup_then_constant(0.04, 0.04, 0, 10)
-  np.testing.assert_allclose(sweep.period_temperatures(constant, 10, 20), [0.04])
+  np.testing.assert_allclose(prior_pass.period_temperatures(constant, 10, 20), [0.04])
   # 4 warm-up epochs of 10 steps: 0.04, 0.05, 0.06, 0.07, then 0.07.
   warmup = schedules.epoch_warmup_then_constant(0.04, 0.07, 4, 10)
   # Within one epoch the temperature is constant (a prior pass every epoch never drifts).
-  np.testing.assert_allclose(sweep.period_temperatures(warmup, 10, 20), [0.05], rtol=1e-6)
+  np.testing.assert_allclose(prior_pass.period_temperatures(warmup, 10, 20), [0.05], rtol=1e-6)
   temps = np.repeat([0.05, 0.06, 0.07, 0.07], 10)  # steps 10..49
-  np.testing.assert_allclose(sweep.period_temperatures(warmup, 10, 50), [temps.mean(), 0.05, 0.07],
+  np.testing.assert_allclose(prior_pass.period_temperatures(warmup, 10, 50),
+                             [temps.mean(), 0.05, 0.07],
                              rtol=1e-6)
-  np.testing.assert_allclose(sweep.period_temperatures(warmup, 30, 50), [0.07])
+  np.testing.assert_allclose(prior_pass.period_temperatures(warmup, 30, 50), [0.07])
 
 
 def test_prior_rows_and_drift_equal_numpy():
@@ -76,10 +77,11 @@ def test_prior_rows_and_drift_equal_numpy():
                         optim.make_optimizer(config.optim, schedules.make_schedules(config, 10))),
       mesh, config.mesh.fsdp_min_size)
   teacher = init(0).teacher
-  accumulate, _, drift_accumulate = sweep.jit_sweep_fns(graphdef, False, shardings.teacher, mesh)
+  accumulate, _, drift_accumulate = prior_pass.jit_pass_fns(graphdef, False, shardings.teacher,
+                                                            mesh)
   images = np.random.default_rng(2).standard_normal((21, 16, 16, 1)).astype(np.float32)
   temps = np.asarray([0.05, 0.04, 0.07], np.float32)
-  sums = sweep.init_sums(config.model.num_prototypes, len(temps))
+  sums = prior_pass.init_sums(config.model.num_prototypes, len(temps))
   batches = [sharding.global_batch(batch, mesh) for batch in padded_batches(images, 16)]
   for batch in batches:
     sums = accumulate(sums, teacher, batch, temps)
@@ -92,8 +94,8 @@ def test_prior_rows_and_drift_equal_numpy():
                                np_softmax(logits / temp).sum(0),
                                rtol=1e-4,
                                atol=1e-5)
-    log_priors.append(np.asarray(sweep.summarise(sums, 1e-6, row)['log_prior'], np.float64))
-  drift = sweep.init_drift_sums()
+    log_priors.append(np.asarray(prior_pass.summarise(sums, 1e-6, row)['log_prior'], np.float64))
+  drift = prior_pass.init_drift_sums()
   for batch in batches:
     drift = drift_accumulate(drift, teacher, batch, temps, np.asarray(log_priors, np.float32))
 
