@@ -59,6 +59,9 @@ _STEPS = flags.DEFINE_integer(
     'steps', 10, 'timed runs of the step (and of the prior-pass batch); '
     '--preset=input: timed batches')
 _JSON = flags.DEFINE_bool('json', False, 'end with one JSON line of the results')
+_BASELINE = flags.DEFINE_string(
+    'baseline', '', "'torch': also time the same step in PyTorch (kldino/torch_baseline.py, the "
+    "torch extra), in turn with kldino's (A B A B), and report speedup_vs_baseline")
 _PROFILE = flags.DEFINE_string(
     'profile', '', 'trace the step and the prior pass into this folder and report where the time '
     'goes: by kind of op, by kldino source line, and the top ops (kldino/profiling.py)')
@@ -193,16 +196,21 @@ def _time(run, steps: int) -> tuple[float, float]:
   return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
 
-def _random_batch(config, channels: int, mesh):
+def random_crops(config, channels: int) -> dict:
+  """A training batch of normal noise: global_crops [B, 2, G, G, C], local_crops [B, L, l, l, C]."""
   rng = np.random.default_rng(0)
   g, local, b = config.aug.global_size, config.aug.local_size, config.batch_size
-  batch = {
+  return {
       'global_crops':
           rng.standard_normal((b, 2, g, g, channels), np.float32),
       'local_crops':
           rng.standard_normal((b, config.aug.num_local, local, local, channels), np.float32)
   }
-  return jax.device_put(batch, sharding.batch_sharding(mesh))  # on device before timing
+
+
+def _random_batch(config, channels: int, mesh):
+  # On device before timing.
+  return jax.device_put(random_crops(config, channels), sharding.batch_sharding(mesh))
 
 
 def _profile(run, compiled, profile_dir: str, name: str) -> dict:
@@ -253,6 +261,8 @@ def bench_train_step(config, channels: int, mesh, steps: int, profile_dir: str =
           graphdef,
       'shardings':
           shardings,
+      'run':
+          run,
       **profile,
   }
 
@@ -364,12 +374,41 @@ def prior_pass_epoch_fraction(config, num_images: int, train: dict, prior: dict)
   return pass_seconds / (num_images / train['images_per_sec'])
 
 
-def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
+def bench_baseline(config, channels: int, kldino_run, steps: int, rounds: int = 2) -> dict:
+  """kldino's train step and the PyTorch baseline's on the same batch, timed in turn (A B A B,
+  `rounds` of each, `steps` calls a round), so that both see the machine in the same state."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from kldino import torch_baseline  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise app.UsageError("--baseline=torch needs PyTorch: pip install -e '.[torch]'") from None
+  try:
+    baseline = torch_baseline.TorchDinoStep(config, channels, seed=config.seed)
+  except ValueError as error:
+    raise app.UsageError(f'--baseline=torch: {error}') from None
+  crops = {name: torch.from_numpy(array) for name, array in random_crops(config, channels).items()}
+  kldino_seconds, baseline_seconds = [], []
+  for _ in range(rounds):
+    kldino_seconds.append(_time(kldino_run, steps)[0])
+    baseline_seconds.append(_time(lambda: baseline.step(**crops), steps)[0])
+  kldino_mean, baseline_mean = np.mean(kldino_seconds), np.mean(baseline_seconds)
+  return {
+      'baseline': 'torch',
+      'baseline_threads': torch.get_num_threads(),
+      'baseline_step_ms': 1e3 * baseline_mean,
+      'baseline_images_per_sec': config.batch_size / baseline_mean,
+      'interleaved_step_ms': 1e3 * kldino_mean,
+      'speedup_vs_baseline': baseline_mean / kldino_mean,
+  }
+
+
+def run_benchmark(preset: str, steps: int, profile_dir: str = '', baseline: str = '') -> dict:
   config, channels = preset_config(preset)
   mesh = sharding.make_mesh(config.mesh)
   peak, peak_source = device_peak()
   train = bench_train_step(config, channels, mesh, steps, profile_dir)
   step_seconds = train['step_ms'] / 1e3
+  compared = bench_baseline(config, channels, train['run'], steps) if baseline else {}
   prior = bench_prior_pass(config, channels, mesh, train['graphdef'], train['teacher'],
                            train['shardings'].teacher, steps, profile_dir)
   pass_seconds = config.prior_pass_batch_size / prior['pass_images_per_sec']
@@ -392,6 +431,7 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '') -> dict:
       'step_page_faults': train['step_page_faults'],
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+      **compared,
       **{
           key: value for key, value in {
               **train,
@@ -414,6 +454,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _STEPS.value < 1:
     sys.exit(f'kldino.bench: --steps={_STEPS.value} must be >= 1')
+  if _BASELINE.value not in ('', 'torch'):
+    raise app.UsageError(f"--baseline={_BASELINE.value}: the baseline is 'torch' (or none)")
+  if _BASELINE.value and _PRESET.value == 'input':
+    raise app.UsageError('--baseline compares train steps: use it with a model preset')
   if (_PRESET.value == 'input') != (_CONFIG.value is not None):
     raise app.UsageError('--config is what --preset=input measures, and only it: pass '
                          '--preset=input --config=CONFIG, or a model preset without --config')
@@ -421,7 +465,7 @@ def main(argv):
     results = run_input_benchmark(_CONFIG.value, _STEPS.value)
   else:
     host_memory.reexec_with_huge_pages()  # XLA:CPU's per-call buffers (kldino/host_memory.py)
-    results = run_benchmark(_PRESET.value, _STEPS.value, _PROFILE.value)
+    results = run_benchmark(_PRESET.value, _STEPS.value, _PROFILE.value, _BASELINE.value)
   for key, value in results.items():
     if isinstance(value, dict):
       _log_profile(key, value)

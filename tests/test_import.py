@@ -14,7 +14,8 @@ from kldino import convert_dino
 from kldino.config_checks import ConfigError
 from kldino.models.registry import build_backbone
 from kldino.train import Trainer
-from tests.torch_vit import VisionTransformer, linear_eval_features
+from kldino.torch_baseline import VisionTransformer
+from tests.torch_vit import linear_eval_features
 
 IMAGE, PATCH, DIM, DEPTH, HEADS, CHANNELS = 16, 4, 32, 2, 2, 1  # vit_nano, as configs/smoke.py
 

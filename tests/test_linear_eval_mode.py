@@ -14,7 +14,7 @@ import torch
 
 from configs.smoke import get_config as smoke_config
 from kldino import commands
-from tests.torch_vit import VisionTransformer
+from kldino.torch_baseline import VisionTransformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 epochs of 1347 // 64 = 21 steps on digits; heads checkpointed every 5 steps.
