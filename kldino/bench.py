@@ -374,18 +374,28 @@ def prior_pass_epoch_fraction(config, num_images: int, train: dict, prior: dict)
   return pass_seconds / (num_images / train['images_per_sec'])
 
 
-def bench_baseline(config, channels: int, kldino_run, steps: int, rounds: int = 2) -> dict:
-  """kldino's train step and the PyTorch baseline's on the same batch, timed in turn (A B A B,
-  `rounds` of each, `steps` calls a round), so that both see the machine in the same state."""
+def make_baseline(config, channels: int):
+  """The PyTorch step of --baseline=torch (kldino/torch_baseline.py), built before anything is
+  compiled; a config it does not build, or no PyTorch, is a UsageError."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
     from kldino import torch_baseline  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise app.UsageError("--baseline=torch needs PyTorch: pip install -e '.[torch]'") from None
   try:
-    baseline = torch_baseline.TorchDinoStep(config, channels, seed=config.seed)
+    return torch_baseline.TorchDinoStep(config, channels, seed=config.seed)
   except ValueError as error:
     raise app.UsageError(f'--baseline=torch: {error}') from None
+
+
+def bench_baseline(config,
+                   channels: int,
+                   baseline,
+                   kldino_run,
+                   steps: int,
+                   rounds: int = 2) -> dict:
+  """kldino's train step and the PyTorch baseline's on the same batch, timed in turn (A B A B,
+  `rounds` of each, `steps` calls a round), so that both see the machine in the same state."""
+  import torch  # pylint: disable=g-import-not-at-top
   crops = {name: torch.from_numpy(array) for name, array in random_crops(config, channels).items()}
   kldino_seconds, baseline_seconds = [], []
   for _ in range(rounds):
@@ -404,11 +414,12 @@ def bench_baseline(config, channels: int, kldino_run, steps: int, rounds: int = 
 
 def run_benchmark(preset: str, steps: int, profile_dir: str = '', baseline: str = '') -> dict:
   config, channels = preset_config(preset)
+  torch_step = make_baseline(config, channels) if baseline else None
   mesh = sharding.make_mesh(config.mesh)
   peak, peak_source = device_peak()
   train = bench_train_step(config, channels, mesh, steps, profile_dir)
   step_seconds = train['step_ms'] / 1e3
-  compared = bench_baseline(config, channels, train['run'], steps) if baseline else {}
+  compared = bench_baseline(config, channels, torch_step, train['run'], steps) if baseline else {}
   prior = bench_prior_pass(config, channels, mesh, train['graphdef'], train['teacher'],
                            train['shardings'].teacher, steps, profile_dir)
   pass_seconds = config.prior_pass_batch_size / prior['pass_images_per_sec']

@@ -62,7 +62,7 @@ def test_prior_pass_epoch_fraction_counts_both_parts():
   assert bench.prior_pass_epoch_fraction(config, 5000, train, prior) == pytest.approx(0.09)
 
 
-def test_presets_have_the_issue_shapes():
+def test_presets_have_their_documented_shapes():
   tiny, channels = bench.preset_config('tiny32')
   assert channels == 3 and (tiny.model.name, tiny.model.patch_size) == ('vit_tiny', 4)
   assert (tiny.aug.global_size, tiny.aug.local_size, tiny.aug.num_local) == (32, 16, 6)
@@ -111,3 +111,17 @@ def test_input_preset_reads_the_configs_data(tmp_path):
     usage = _bench(*flags)
     assert usage.returncode != 0
     assert '--config is what --preset=input measures' in usage.stderr
+
+
+def test_a_baseline_it_cannot_build_is_refused_before_compiling():
+  """--baseline takes 'torch', with a model preset whose step the PyTorch baseline builds: the
+  digits config's head has batch norm, which it names in one line before anything compiles."""
+  for flags, message in (
+      (['--preset=tiny32', '--baseline=jax'], "the baseline is 'torch'"),
+      (['--preset=input', '--config=configs/digits.py',
+        '--baseline=torch'], '--baseline compares train steps'),
+      (['--preset=digits', '--baseline=torch'], "model.head_norm='batch'"),
+  ):
+    usage = _bench(*flags)
+    assert usage.returncode != 0 and message in usage.stderr, usage.stderr[-2000:]
+    assert 'Traceback' not in usage.stderr and 'Compiling' not in usage.stderr
