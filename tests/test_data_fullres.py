@@ -360,6 +360,30 @@ def test_small_images_are_upscaled_before_cropping():
   np.testing.assert_allclose(own, augment.window_crops(tf.constant(image), windows, 8), atol=1e-6)
 
 
+def test_small_images_past_the_table_limit_are_upscaled_once_then_cropped(monkeypatch):
+  """A small image upscaled far (a 32x32 one to 224 would need 10 GB of composed tables) is
+  upscaled once and each window resized: the same crops as the composed tables, up to float
+  rounding; and an 8x8 image upscaled to 224 crops without building any table."""
+  image = smooth_image(8, 8)[..., :1]
+  seed = tf.constant([4, 2], tf.int64)
+
+  def crops(min_size, size):
+    return augment.random_resized_crops(tf.constant(image),
+                                        seed,
+                                        6,
+                                        size, (0.1, 0.4),
+                                        min_size=min_size,
+                                        small_image=True).numpy()
+
+  composed = crops(16, 8)
+  monkeypatch.setattr(augment, '_SMALL_TABLE_MAX_FLOATS', 0)
+  np.testing.assert_allclose(crops(16, 8), composed, atol=1e-5)
+  monkeypatch.undo()
+  tables_built = augment._window_weights.cache_info().misses
+  assert crops(224, 96).shape == (6, 96, 96, 1)
+  assert augment._window_weights.cache_info().misses == tables_built
+
+
 # --------------------------------------------------------------------------- evaluation view
 
 

@@ -76,6 +76,10 @@ _DCT_METHOD = 'INTEGER_ACCURATE'  # libjpeg's JDCT_ISLOW, PIL's
 # matmuls (_small_image_crops), in the XLA program of augment_views: in tf.data, the few hundred
 # small ops of their per-window resizes cost more than the rest of the pipeline.
 SMALL_IMAGE_PIXELS = 64 * 64
+# The composed tables of _window_weights cover every window of the upscale at once (upscaled
+# side^3 x view size floats while they are built): a 32 x 32 image upscaled to 224 would need
+# 10 GB. Above this many floats the image is upscaled once and each window resized instead.
+_SMALL_TABLE_MAX_FLOATS = 2**24
 
 
 def _seeds(seed, num: int) -> list[tf.Tensor]:
@@ -273,7 +277,7 @@ def _small_image_crops(image, seed, num: int, size: int, scale, min_size: int,
   """float32 [num, size, size, C] (the image's range) of a small decoded image of a static
   shape, as matmuls with the resize weights (_window_weights): the upscale to min_size and each
   window's resize composed into [n, S, H] and [n, S, W] (the upscaled pixels are not rounded in
-  between)."""
+  between); past _SMALL_TABLE_MAX_FLOATS the same two resizes one after the other."""
   height, width = image.shape[0], image.shape[1]
   if height is None or width is None:
     raise ValueError('a small image is cropped by matmuls of its static size: give the image a '
@@ -283,6 +287,12 @@ def _small_image_crops(image, seed, num: int, size: int, scale, min_size: int,
     long = min_size * max(height, width) // min(height, width)  # resized_shape's, in Python
     new_height, new_width = (min_size, long) if height <= width else (long, min_size)
   windows = crop_windows(seed, num, scale, new_height, new_width)
+  if max(new_height,
+         new_width)**2 * (max(new_height, new_width) + 1) * size > _SMALL_TABLE_MAX_FLOATS:
+    upscaled = tf.cast(image, tf.float32)
+    if (new_height, new_width) != (height, width):
+      upscaled = _resize(upscaled, new_height, new_width)
+    return window_crops(upscaled, windows, size, method, unit=False)
   rows = tf.gather_nd(_window_weights(height, new_height, size, method),
                       tf.stack([windows[:, 0], windows[:, 2]], 1))  # [n, S, H]
   columns = tf.gather_nd(_window_weights(width, new_width, size, method),
