@@ -15,7 +15,8 @@ from kldino import forward
 from kldino import step
 from kldino.models.registry import build_backbone
 from tests.helpers import tiny_config
-from tests.torch_vit import VisionTransformer, linear_eval_features
+from kldino.torch_baseline import VisionTransformer
+from tests.torch_vit import linear_eval_features
 
 IMAGE, PATCH, DIM, DEPTH, HEADS, CHANNELS = 16, 4, 32, 2, 2, 1  # vit_nano, as configs/smoke.py
 OPTIONS = [(1, False), (2, False), (1, True)]  # n_last_blocks = 2 is the depth
