@@ -64,7 +64,8 @@ _BASELINE = flags.DEFINE_string(
     "torch extra), in turn with kldino's (A B A B), and report speedup_vs_baseline")
 _PROFILE = flags.DEFINE_string(
     'profile', '', 'trace the step and the prior pass into this folder and report where the time '
-    'goes: by kind of op, by kldino source line, and the top ops (kldino/profiling.py)')
+    'goes: by kind of op, by kldino source line, and the top ops (kldino/profiling.py); with '
+    '--baseline=torch the PyTorch step too (kldino/torch_profiling.py)')
 
 # Dense bf16 peak FLOP/s per device, by jax's device_kind (vendor data sheets).
 PEAK_FLOPS = {
@@ -392,17 +393,20 @@ def bench_baseline(config,
                    baseline,
                    kldino_run,
                    steps: int,
-                   rounds: int = 2) -> dict:
+                   rounds: int = 2,
+                   profile: bool = False) -> dict:
   """kldino's train step and the PyTorch baseline's on the same batch, timed in turn (A B A B,
-  `rounds` of each, `steps` calls a round), so that both see the machine in the same state."""
+  `rounds` of each, `steps` calls a round), so that both see the machine in the same state; with
+  `profile`, then where the baseline's time goes (kldino/torch_profiling.py)."""
   import torch  # pylint: disable=g-import-not-at-top
+  from kldino import torch_profiling  # pylint: disable=g-import-not-at-top
   crops = {name: torch.from_numpy(array) for name, array in random_crops(config, channels).items()}
   kldino_seconds, baseline_seconds = [], []
   for _ in range(rounds):
     kldino_seconds.append(_time(kldino_run, steps)[0])
     baseline_seconds.append(_time(lambda: baseline.step(**crops), steps)[0])
   kldino_mean, baseline_mean = np.mean(kldino_seconds), np.mean(baseline_seconds)
-  return {
+  results = {
       'baseline': 'torch',
       'baseline_threads': torch.get_num_threads(),
       'baseline_step_ms': 1e3 * baseline_mean,
@@ -410,6 +414,9 @@ def bench_baseline(config,
       'interleaved_step_ms': 1e3 * kldino_mean,
       'speedup_vs_baseline': baseline_mean / kldino_mean,
   }
+  if profile:
+    results['baseline_profile'] = torch_profiling.profile_calls(lambda: baseline.step(**crops), 2)
+  return results
 
 
 def run_benchmark(preset: str, steps: int, profile_dir: str = '', baseline: str = '') -> dict:
@@ -422,7 +429,9 @@ def run_benchmark(preset: str, steps: int, profile_dir: str = '', baseline: str 
   prior = bench_prior_pass(config, channels, mesh, train['graphdef'], train['teacher'],
                            train['shardings'].teacher, steps, profile_dir)
   # After the prior pass: the steps timed here donate the state that held its teacher.
-  compared = bench_baseline(config, channels, torch_step, train['run'], steps) if baseline else {}
+  compared = bench_baseline(
+      config, channels, torch_step, train['run'], steps,
+      profile=bool(profile_dir)) if baseline else {}
   pass_seconds = config.prior_pass_batch_size / prior['pass_images_per_sec']
   return {
       'preset': preset,
