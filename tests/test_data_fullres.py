@@ -331,57 +331,57 @@ def test_batch_xla_and_per_example_augmentation_give_the_same_batches(tmp_path, 
     np.testing.assert_allclose(by_mode[0][key], by_mode[10_000][key], atol=2e-5)
 
 
-def test_small_images_are_upscaled_before_cropping():
-  """An 8x8 image of a small fixed-size dataset with min_size 16 is cropped from its 16x16
-  bicubic upscale: the matmul path (which composes the upscale with each window's resize)
-  equals upscaling, rounding to uint8 and cropping window by window up to that rounding
-  (measured 0.5 levels). Any other image is cropped at its own pixels, as torchvision does."""
-  image = smooth_image(8, 8)[..., :1]
-  seed = tf.constant([4, 2], tf.int64)
-  small = augment.random_resized_crops(tf.constant(image),
-                                       seed,
-                                       6,
-                                       8, (0.1, 0.4),
-                                       min_size=16,
-                                       small_image=True).numpy()
-  upscaled = tf.cast(
-      tf.round(
-          tf.clip_by_value(tf.image.resize(image, [16, 16], method='bicubic', antialias=True), 0,
-                           255)), tf.uint8)
-  generic = augment.window_crops(upscaled, augment.crop_windows(seed, 6, (0.1, 0.4), 16, 16), 8)
-  assert np.abs(levels(small) - levels(generic)).max() <= 1.0
-  own = augment.random_resized_crops(tf.constant(image),
-                                     seed,
-                                     6,
-                                     8, (0.1, 0.4),
-                                     min_size=16,
-                                     small_image=False).numpy()
-  windows = augment.crop_windows(seed, 6, (0.1, 0.4), 8, 8)
-  np.testing.assert_allclose(own, augment.window_crops(tf.constant(image), windows, 8), atol=1e-6)
-
-
-def test_small_images_past_the_table_limit_are_upscaled_once_then_cropped(monkeypatch):
-  """A small image upscaled far (a 32x32 one to 224 would need 10 GB of composed tables) is
-  upscaled once and each window resized: the same crops as the composed tables, up to float
-  rounding; and an 8x8 image upscaled to 224 crops without building any table."""
+def test_small_images_are_upscaled_then_cropped_between_pixels():
+  """An 8x8 image of a small fixed-size dataset with min_size 16 is upscaled (bicubic, rounded to
+  uint8) to 16x16 and cropped by windows anywhere between its pixels, sampled as
+  tf.image.crop_and_resize samples a box (bilinear; equal to 1e-3 of a level). An 8x8 image
+  upscaled to 224 crops as cheaply (no tables of every window). Any other image, a small one at
+  least min_size too, is cropped at its own pixels, as torchvision does."""
   image = smooth_image(8, 8)[..., :1]
   seed = tf.constant([4, 2], tf.int64)
 
-  def crops(min_size, size):
+  def crops(min_size, size, small_image=True):
     return augment.random_resized_crops(tf.constant(image),
                                         seed,
                                         6,
                                         size, (0.1, 0.4),
                                         min_size=min_size,
-                                        small_image=True).numpy()
+                                        method='bilinear',
+                                        small_image=small_image).numpy()
 
-  composed = crops(16, 8)
-  monkeypatch.setattr(augment, '_SMALL_TABLE_MAX_FLOATS', 0)
-  np.testing.assert_allclose(crops(16, 8), composed, atol=1e-5)
-  monkeypatch.undo()
-  tables_built = augment._window_weights.cache_info().misses
+  upscaled = tf.round(
+      tf.clip_by_value(tf.image.resize(image, [16, 16], method='bicubic', antialias=True), 0, 255))
+  windows = augment.crop_windows(seed, 6, (0.1, 0.4), 16, 16, whole_pixels=False).numpy()
+  assert np.any(windows != np.round(windows))  # between pixels
+  top, left, height, width = windows.T
+  boxes = np.stack([top, left, top + height, left + width], axis=1) / 16
+  expected = tf.image.crop_and_resize(upscaled[None], boxes, np.zeros(6, np.int32), [8, 8])
+  np.testing.assert_allclose(levels(crops(16, 8)), expected.numpy(), atol=1e-3)
   assert crops(224, 96).shape == (6, 96, 96, 1)
-  assert augment._window_weights.cache_info().misses == tables_built
+  own_windows = augment.crop_windows(seed, 6, (0.1, 0.4), 8, 8)
+  own = augment.window_crops(tf.constant(image), own_windows, 8, 'bilinear')
+  np.testing.assert_allclose(crops(16, 8, small_image=False), own, atol=1e-6)
+  np.testing.assert_allclose(crops(8, 8), own, atol=1e-6)  # small, but not below min_size
+
+
+def test_sub_pixel_windows_are_random_resized_crops_draws_unrounded():
+  """crop_windows(whole_pixels=False): the same area and aspect-ratio draws as the whole-pixel
+  windows, not rounded: inside the image, area a fraction within `scale`, aspect ratio within
+  [3/4, 4/3], the window sides the whole-pixel windows' before rounding; a bicubic window of a
+  whole line sampled at its own size gives the line back (the grid hits every pixel centre)."""
+  seed, scale = tf.constant([7, 3], tf.int64), (0.05, 0.4)
+  windows = augment.crop_windows(seed, 2000, scale, 16, 24, whole_pixels=False).numpy()
+  top, left, height, width = windows.T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + height <= 16 + 1e-4).all() and (left + width <= 24 + 1e-4).all()
+  area = height * width / (16 * 24)
+  assert area.min() >= scale[0] - 1e-5 and area.max() <= scale[1] + 1e-5
+  assert (width / height).min() >= 3 / 4 - 1e-5 and (width / height).max() <= 4 / 3 + 1e-5
+  whole = augment.crop_windows(seed, 2000, scale, 16, 24).numpy()
+  np.testing.assert_array_equal(whole[:, 2:], np.round(windows[:, 2:]))
+  line = np.linspace(0.0, 1.0, 8, dtype=np.float32)**2
+  weights = augment._grid_weights([0.0], [8.0], 8, 8, 'bicubic')[0].numpy()  # pylint: disable=protected-access
+  np.testing.assert_allclose(weights @ line, line, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- evaluation view

@@ -24,12 +24,16 @@ decoded whole.
 Small images. Images of at most SMALL_IMAGE_PIXELS whose size is known when the pipeline is
 built (the embedded 8x8 digits) are handled apart: one whose shorter side is below `min_size`
 (the pipeline passes data.image_size) is first upscaled, bicubic, to a shorter side of
-`min_size` (aspect ratio kept, the long side as torchvision's Resize computes it), and its crop
-windows are sampled on the upscaled pixels, so that a window can start between two of the
-original pixels: the digits are cropped from 16x16 copies (image_size 16). Their upscale and
-crops are matmuls with the resize's weights (a few ops for all views instead of a few per view,
-which dominate on tiny images). Any other image is cropped at its own pixels, as torchvision
-does, however small.
+`min_size` (aspect ratio kept, the long side as torchvision's Resize computes it) and rounded
+back to its dtype, as if it had been decoded at that size: the digits are cropped from 16x16
+copies (image_size 16). Its crop windows are RandomResizedCrop's draws not rounded to pixels, so
+that a window can start and end anywhere, and each is sampled on tf.image.crop_and_resize's grid
+(its first and last samples on its edges' pixel centres) with the crop's kernel: on an 8x8 image
+a whole pixel of the upscale is a sixteenth of the digit, and whole-pixel windows resized as
+PIL resizes measured 3 points of k-NN below these over three seeds (docs/input.md). The crops
+are matmuls with the sampling weights (a few ops for all views instead of a few per view, which
+dominate on tiny images). Any other image is cropped at its own pixels, as torchvision does,
+however small.
 
 Two stages. Multi-crop is cut in two: `multi_crop_views` (decode, crop windows, resize: ops on
 images of any size, run per example in tf.data) and the augmentation (per view, in DINO's order:
@@ -55,7 +59,6 @@ import functools
 import math
 from typing import Sequence
 
-import numpy as np
 import tensorflow as tf
 
 _MIN_RATIO, _MAX_RATIO = 3 / 4, 4 / 3  # RandomResizedCrop's aspect ratios (width / height)
@@ -76,10 +79,6 @@ _DCT_METHOD = 'INTEGER_ACCURATE'  # libjpeg's JDCT_ISLOW, PIL's
 # matmuls (_small_image_crops), in the XLA program of augment_views: in tf.data, the few hundred
 # small ops of their per-window resizes cost more than the rest of the pipeline.
 SMALL_IMAGE_PIXELS = 64 * 64
-# The composed tables of _window_weights cover every window of the upscale at once (upscaled
-# side^3 x view size floats while they are built): a 32 x 32 image upscaled to 224 would need
-# 10 GB. Above this many floats the image is upscaled once and each window resized instead.
-_SMALL_TABLE_MAX_FLOATS = 2**24
 
 
 def _seeds(seed, num: int) -> list[tf.Tensor]:
@@ -159,43 +158,65 @@ def _as_dtype(resized, dtype) -> tf.Tensor:
 # --------------------------------------------------------------------------- crops
 
 
-def crop_windows(seed, num: int, scale: Sequence[float], height, width) -> tf.Tensor:
-  """int32 [num, 4] windows (top, left, height, width) in pixels of an image [height, width]:
-  torchvision's RandomResizedCrop.get_params.
+def crop_windows(seed,
+                 num: int,
+                 scale: Sequence[float],
+                 height,
+                 width,
+                 *,
+                 whole_pixels: bool = True) -> tf.Tensor:
+  """[num, 4] windows (top, left, height, width) in pixels of an image [height, width]:
+  torchvision's RandomResizedCrop.get_params, int32.
 
   Each of 10 tries draws an area fraction U(scale) and an aspect ratio (width / height)
   log-uniform in [3/4, 4/3] and rounds the window's sides to pixels (half to even, as Python's
   round); the first that fits inside the image is placed uniformly (integer offsets). When none
   fits, the window is a centre crop: the whole image if its aspect ratio is in [3/4, 4/3], else
-  the largest window of the nearest ratio in that range.
+  the largest window of the nearest ratio in that range. With whole_pixels=False the same draws
+  without rounding: float32 windows anywhere between pixels (small images, _small_image_crops).
   """
   area_seed, ratio_seed, top_seed, left_seed = _seeds(seed, 4)
+  snap = tf.round if whole_pixels else tf.identity
   height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   area = _uniform(area_seed, [num, _CROP_ATTEMPTS], *scale) * height_f * width_f
   ratio = tf.exp(
       _uniform(ratio_seed, [num, _CROP_ATTEMPTS], math.log(_MIN_RATIO), math.log(_MAX_RATIO)))
-  tried_width = tf.round(tf.sqrt(area * ratio))
-  tried_height = tf.round(tf.sqrt(area / ratio))
+  tried_width = snap(tf.sqrt(area * ratio))
+  tried_height = snap(tf.sqrt(area / ratio))
   fits = ((tried_width > 0) & (tried_width <= width_f) & (tried_height > 0) &
           (tried_height <= height_f))
   first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1)
   found = tf.reduce_any(fits, axis=1)
   image_ratio = width_f / height_f
-  fallback_width = tf.where(image_ratio > _MAX_RATIO, tf.round(height_f * _MAX_RATIO), width_f)
-  fallback_height = tf.where(image_ratio < _MIN_RATIO, tf.round(width_f / _MIN_RATIO), height_f)
+  fallback_width = tf.where(image_ratio > _MAX_RATIO, snap(height_f * _MAX_RATIO), width_f)
+  fallback_height = tf.where(image_ratio < _MIN_RATIO, snap(width_f / _MIN_RATIO), height_f)
   crop_width = tf.where(found, tf.gather(tried_width, first_fit, batch_dims=1), fallback_width)
   crop_height = tf.where(found, tf.gather(tried_height, first_fit, batch_dims=1), fallback_height)
 
   def offset(offset_seed, crop, side):
-    uniform = tf.floor(_uniform(offset_seed, [num], 0.0, 1.0) * (side - crop + 1))
-    return tf.where(found, tf.minimum(uniform, side - crop), tf.floor((side - crop) / 2))
+    uniform = _uniform(offset_seed, [num], 0.0, 1.0)
+    if whole_pixels:
+      placed = tf.minimum(tf.floor(uniform * (side - crop + 1)), side - crop)
+      return tf.where(found, placed, tf.floor((side - crop) / 2))
+    return tf.where(found, uniform * (side - crop), (side - crop) / 2)
 
   windows = tf.stack([
       offset(top_seed, crop_height, height_f),
       offset(left_seed, crop_width, width_f), crop_height, crop_width
   ],
                      axis=1)
-  return tf.cast(windows, tf.int32)
+  return tf.cast(windows, tf.int32) if whole_pixels else windows
+
+
+def _kernel(x, method: str) -> tf.Tensor:
+  """The resize kernel at distances x >= 0 (in input pixels): Keys cubic (a = -0.5, as TF's and
+  PIL's bicubic) or the triangle (bilinear)."""
+  if method == 'bicubic':
+    return tf.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0,
+                    tf.where(x < 2.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, 0.0))
+  if method == 'bilinear':
+    return tf.maximum(0.0, 1.0 - x)
+  raise ValueError(f"resize method '{method}': use 'bicubic' or 'bilinear'")
 
 
 def _filter_weights(starts, lengths, in_size, out_size, method: str) -> tf.Tensor:
@@ -211,13 +232,7 @@ def _filter_weights(starts, lengths, in_size, out_size, method: str) -> tf.Tenso
   centres = starts + (tf.range(out_size)[None, :, None] + 0.5) * scale
   pixels = tf.range(tf.cast(in_size, tf.float32))[None, None, :] + 0.5
   x = tf.abs(pixels - centres) / tf.maximum(scale, 1.0)
-  if method == 'bicubic':
-    weights = tf.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0,
-                       tf.where(x < 2.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, 0.0))
-  elif method == 'bilinear':
-    weights = tf.maximum(0.0, 1.0 - x)
-  else:
-    raise ValueError(f"resize method '{method}': use 'bicubic' or 'bilinear'")
+  weights = _kernel(x, method)
   weights = tf.where((pixels > starts) & (pixels < starts + lengths), weights, 0.0)
   return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 
@@ -256,48 +271,38 @@ def jpeg_window_crops(encoded,
   return _unit(tf.ensure_shape(tf.stack(views), [len(views), size, size, num_channels]), tf.uint8)
 
 
-@functools.lru_cache(maxsize=32)
-def _window_weights(side: int, new_side: int, size: int, method: str) -> np.ndarray:
-  """float32 [new_side, new_side + 1, size, side]: for every window [start, start + length) of a
-  line of `side` pixels upscaled (bicubic) to `new_side`, the weights of its resize to `size`
-  composed with the upscale's (_filter_weights), so that a small image's crops are two gathers
-  and two matmuls; entries of windows that do not fit are never read."""
-  with tf.init_scope():  # a constant, computed once when first traced
-    starts, lengths = [
-        x.ravel() for x in np.meshgrid(np.arange(new_side), np.arange(new_side + 1), indexing='ij')
-    ]
-    upscale = _filter_weights([0], [side], side, new_side, 'bicubic')[0]  # identity if equal
-    window = _filter_weights(starts, np.maximum(lengths, 1), new_side, size, method)
-    table = tf.einsum('nsu,ui->nsi', window, upscale).numpy()
-  return table.reshape(new_side, new_side + 1, size, side)
+def _grid_weights(starts, lengths, in_size: int, out_size: int, method: str) -> tf.Tensor:
+  """float32 [n, out_size, in_size]: each window [start, start + length) of a line of `in_size`
+  pixels (starts and lengths anywhere between pixels) sampled at out_size points spread evenly
+  from its first pixel centre to its last, on tf.image.crop_and_resize's grid (a window of the
+  whole line samples every pixel centre); the kernel (the triangle: crop_and_resize's bilinear,
+  or Keys cubic, a = -0.5) is normalised over the pixels it reaches."""
+  starts = tf.cast(starts, tf.float32)[:, None, None]
+  lengths = tf.cast(lengths, tf.float32)[:, None, None]
+  steps = tf.range(out_size, dtype=tf.float32)[None, :, None] / max(out_size - 1, 1)
+  positions = (starts + steps * lengths) * ((in_size - 1) / in_size)
+  x = tf.abs(tf.range(in_size, dtype=tf.float32)[None, None, :] - positions)
+  weights = _kernel(x, method)
+  return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 
 
 def _small_image_crops(image, seed, num: int, size: int, scale, min_size: int,
                        method: str) -> tf.Tensor:
-  """float32 [num, size, size, C] (the image's range) of a small decoded image of a static
-  shape, as matmuls with the resize weights (_window_weights): the upscale to min_size and each
-  window's resize composed into [n, S, H] and [n, S, W] (the upscaled pixels are not rounded in
-  between); past _SMALL_TABLE_MAX_FLOATS the same two resizes one after the other."""
+  """float32 [num, size, size, C] (the image's range) of a small image of a static shape whose
+  shorter side is below min_size (module docstring): upscaled (bicubic) to a shorter side of
+  min_size and rounded back to its dtype, as if decoded at that size; RandomResizedCrop windows
+  anywhere between its pixels (crop_windows(whole_pixels=False)), each sampled on
+  crop_and_resize's grid (_grid_weights) by two matmuls."""
   height, width = image.shape[0], image.shape[1]
-  if height is None or width is None:
-    raise ValueError('a small image is cropped by matmuls of its static size: give the image a '
-                     'static shape (tf.ensure_shape) or small_image=False')
-  new_height, new_width = height, width
-  if min(height, width) < min_size:
-    long = min_size * max(height, width) // min(height, width)  # resized_shape's, in Python
-    new_height, new_width = (min_size, long) if height <= width else (long, min_size)
-  windows = crop_windows(seed, num, scale, new_height, new_width)
-  if max(new_height,
-         new_width)**2 * (max(new_height, new_width) + 1) * size > _SMALL_TABLE_MAX_FLOATS:
-    upscaled = tf.cast(image, tf.float32)
-    if (new_height, new_width) != (height, width):
-      upscaled = _resize(upscaled, new_height, new_width)
-    return window_crops(upscaled, windows, size, method, unit=False)
-  rows = tf.gather_nd(_window_weights(height, new_height, size, method),
-                      tf.stack([windows[:, 0], windows[:, 2]], 1))  # [n, S, H]
-  columns = tf.gather_nd(_window_weights(width, new_width, size, method),
-                         tf.stack([windows[:, 1], windows[:, 3]], 1))  # [n, S, W]
-  resized = tf.einsum('nsh,hwc->nswc', rows, tf.cast(image, tf.float32))
+  long = min_size * max(height, width) // min(height, width)  # resized_shape's, in Python
+  new_height, new_width = (min_size, long) if height <= width else (long, min_size)
+  upscaled = tf.cast(
+      _as_dtype(_resize(tf.cast(image, tf.float32), new_height, new_width), image.dtype),
+      tf.float32)
+  windows = crop_windows(seed, num, scale, new_height, new_width, whole_pixels=False)
+  rows = _grid_weights(windows[:, 0], windows[:, 2], new_height, size, method)  # [n, S, H]
+  columns = _grid_weights(windows[:, 1], windows[:, 3], new_width, size, method)  # [n, S, W]
+  resized = tf.einsum('nsh,hwc->nswc', rows, upscaled)
   return tf.einsum('ntw,nswc->nstc', columns, resized)
 
 
@@ -309,11 +314,23 @@ def _is_small(image, small_image: bool | None) -> bool:
   return height is not None and width is not None and height * width <= SMALL_IMAGE_PIXELS
 
 
+def _upscaled_small(image, small_image: bool | None, min_size: int) -> bool:
+  """Whether a decoded image is a small one (_is_small) with its shorter side below min_size,
+  cropped by _small_image_crops; a small image at least that size is cropped as any other."""
+  if not _is_small(image, small_image):
+    return False
+  height, width = image.shape[0], image.shape[1]
+  if height is None or width is None:
+    raise ValueError('a small image is cropped by matmuls of its static size: give the image a '
+                     'static shape (tf.ensure_shape) or small_image=False')
+  return min(height, width) < min_size
+
+
 def _decoded_crops(image, seed, num: int, size: int, scale, *, min_size: int, method: str,
                    small_image: bool | None, round_uint8: bool) -> tf.Tensor:
   """random_resized_crops of a decoded image: [num, size, size, C], uint8 when the image is
   uint8 and round_uint8, else float32 in [0, 1]."""
-  if _is_small(image, small_image):
+  if _upscaled_small(image, small_image, min_size):
     views = _small_image_crops(image, seed, num, size, scale, min_size, method)
   else:
     shape = tf.shape(image)
@@ -341,9 +358,9 @@ def random_resized_crops(image,
                          round_uint8: bool = False) -> tf.Tensor:
   """`num` RandomResizedCrop views [num, size, size, C] in [0, 1] of an image, encoded or decoded
   (module docstring): a JPEG giving one view decodes only its window. `small_image` (None: from
-  the image's static shape) says whether the image is a small one of a known size, cropped by
-  matmuls after its upscale to `min_size`; with round_uint8 the crops of a uint8 or encoded
-  image come as uint8 (rounded as PIL's)."""
+  the image's static shape) says whether the image is a small one of a known size: one below
+  `min_size` is upscaled to it and cropped between its pixels (module docstring); with
+  round_uint8 the crops of a uint8 or encoded image come as uint8 (rounded as PIL's)."""
   crops = functools.partial(_decoded_crops,
                             seed=seed,
                             num=num,
