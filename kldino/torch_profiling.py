@@ -35,7 +35,7 @@ _FRAME = re.compile(r'^(.*)\((\d+)\): (.*)$')
 _BACKWARD = 'autograd::engine::evaluate_function: '
 _BASELINE_FILE = 'torch_baseline.py'
 _MODULE = 'nn.Module: '
-_PYTHON_EVENTS = (_MODULE, '<built-in', 'torch/', '<')
+_PYTHON_EVENTS = (_MODULE, '<')  # nn.Module calls, <built-in function ...>; files: _FRAME
 
 
 def category(op_name: str) -> str:
