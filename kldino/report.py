@@ -3,10 +3,15 @@
     python -m kldino.report --study_dir=DIR      (or `launch.sweep ... --report`)
 
 DIR holds one workdir per run (as launch.sweep makes them): its config.json, eval.json and
-TensorBoard events. The report tabulates each run's final k-NN, linear probe and cluster_mi,
-plots the prior-pass diagnostics over training (effective clusters, empty-cluster fraction,
-Jensen gap, ||w_bar||) and the Jensen gap against the teacher temperature, and states for each
-of the paper's claims whether the runs support it, with the numbers behind the verdict.
+TensorBoard events. What the report reads of each finished run is also kept in DIR/runs.json,
+which is small enough to commit without the workdirs: the report is then regenerated from it
+and from whichever workdirs are present (a workdir wins over its record), and launch.sweep skips
+the jobs recorded there. Runs that differ only in their seed form one setting. The report
+tabulates each setting's final k-NN, linear probe and cluster_mi (mean and range over seeds),
+plots the k-NN during training and the prior-pass diagnostics (effective clusters, empty-cluster
+fraction, Jensen gap, ||w_bar||), and the Jensen gap against the teacher temperature, and states
+for each of the paper's claims whether the runs support it, with the numbers behind the verdict
+and whether the seeds separate the settings compared.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ import numpy as np
 COLLAPSE_MI = 0.35  # below: collapsed (MI is a collapse alarm, not a quality score)
 HEALTHY_MI = 0.7  # above: healthy
 CLOSE_GAP = 0.1  # nats: a Jensen gap this small means centering approximates the prior well
+RECORD = 'runs.json'
+KNN_CURVE = 'eval/knn_top1'
+PRIOR_PASS_SECONDS = 'prior_pass/seconds'
 CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
           ('prior_pass/empty_cluster_fraction', 'fraction of empty clusters'),
           ('prior_pass/jensen_gap', 'Jensen gap KL(prior || centered), nats'),
@@ -32,7 +40,8 @@ class Run:
   name: str
   config: dict
   results: dict
-  scalars: dict  # tag -> [(step, value, wall_time)]
+  scalars: dict  # tag -> [(step, value)], the tags the report reads
+  wall_span: tuple[float, float]  # wall times of the run's first and last logged event
 
   def value(self, key: str):
     node = self.config
@@ -45,7 +54,12 @@ class Run:
     return (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
 
   @property
+  def seed(self) -> int:
+    return self.config['seed']
+
+  @property
   def label(self) -> str:
+    """The run's setting: what it changes from the default, its seed aside."""
     objective, model = self.config['objective'], self.config['model']
     label = objective['normalization']
     if label == 'prior':
@@ -62,33 +76,76 @@ class Run:
     return label + (f" ({', '.join(extras)})" if extras else '')
 
 
-def _read_scalars(workdir: str) -> dict:
+def _read_scalars(workdir: str) -> tuple[dict, tuple[float, float]]:
+  """The report's tags from a workdir's TensorBoard events, and the span of their wall times."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  scalars = {}
+  tags = {tag for tag, _ in CURVES} | {KNN_CURVE, PRIOR_PASS_SECONDS}
+  scalars, walls = {}, []
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
+      walls.append(event.wall_time)
       for value in event.summary.value:
-        tensor = tf.make_ndarray(value.tensor)
-        if tensor.ndim:  # the images and histograms beside the scalars
-          continue
-        scalars.setdefault(value.tag, []).append((event.step, float(tensor), event.wall_time))
-  return scalars
+        if value.tag in tags:
+          scalars.setdefault(value.tag, []).append(
+              (event.step, float(tf.make_ndarray(value.tensor))))
+  return scalars, (min(walls), max(walls)) if walls else (float('nan'),) * 2
+
+
+def _workdir_run(workdir: str) -> Run | None:
+  config_path, eval_path = (os.path.join(workdir, name) for name in ('config.json', 'eval.json'))
+  if not (os.path.isfile(config_path) and os.path.isfile(eval_path)):
+    return None  # not a finished run
+  with open(config_path) as f, open(eval_path) as g:
+    config, results = json.load(f), json.load(g)
+  return Run(os.path.basename(os.path.normpath(workdir)), config, results, *_read_scalars(workdir))
+
+
+def recorded_runs(study_dir: str) -> dict[str, Run]:
+  """The runs kept in study_dir/runs.json, by name ({} without one)."""
+  path = os.path.join(study_dir, RECORD)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    record = json.load(f)
+  return {
+      name:
+          Run(name, entry['config'], entry['results'], {
+              tag: [tuple(point) for point in points] for tag, points in entry['scalars'].items()
+          }, tuple(entry['wall_span'])) for name, entry in record.items()
+  }
+
+
+def save_record(study_dir: str, runs: list[Run]):
+  record = {
+      run.name: {
+          'config': run.config,
+          'results': run.results,
+          'scalars': run.scalars,
+          'wall_span': list(run.wall_span)
+      } for run in runs
+  }
+  with open(os.path.join(study_dir, RECORD), 'w') as f:
+    json.dump(record, f, indent=1, sort_keys=True)
 
 
 def load_runs(study_dir: str) -> list[Run]:
-  runs = []
-  for workdir in sorted(glob.glob(os.path.join(study_dir, '*', ''))):
-    config_path, eval_path = (os.path.join(workdir, name) for name in ('config.json', 'eval.json'))
-    if not (os.path.isfile(config_path) and os.path.isfile(eval_path)):
-      continue  # not a finished run
-    with open(config_path) as f, open(eval_path) as g:
-      runs.append(
-          Run(os.path.basename(os.path.normpath(workdir)), json.load(f), json.load(g),
-              _read_scalars(workdir)))
+  """Every finished run: the workdirs under study_dir, and the recorded runs without one."""
+  runs = recorded_runs(study_dir)
+  for workdir in glob.glob(os.path.join(study_dir, '*', '')):
+    if run := _workdir_run(workdir):
+      runs[run.name] = run
   if not runs:
-    raise ValueError(f'no finished runs (config.json + eval.json) under {study_dir}: run the '
-                     'study first')
-  return runs
+    raise ValueError(f'no finished runs (config.json + eval.json, or {RECORD}) under '
+                     f'{study_dir}: run the study first')
+  return [runs[name] for name in sorted(runs)]
+
+
+def settings(runs: list[Run]) -> dict[str, list[Run]]:
+  """label -> its runs (its seeds), in the order of the runs' names."""
+  groups = {}
+  for run in runs:
+    groups.setdefault(run.label, []).append(run)
+  return groups
 
 
 def _find(runs, **criteria) -> list[Run]:
@@ -116,37 +173,100 @@ def _mean_gap(run) -> float:
 
 def _prior_pass_cost(run) -> float:
   """Seconds of prior passes over the seconds of the whole run (first to last logged event)."""
-  walls = [wall for points in run.scalars.values() for _, _, wall in points]
-  _, seconds = run.series('prior_pass/seconds')
-  return float(np.sum(seconds) / (max(walls) - min(walls))) if len(walls) > 1 else float('nan')
+  _, seconds = run.series(PRIOR_PASS_SECONDS)
+  first, last = run.wall_span
+  return float(np.sum(seconds) / (last - first)) if last > first else float('nan')
+
+
+def _mean(runs, value) -> float:
+  return float(np.mean([value(run) for run in runs]))
+
+
+def _result(key):
+  return lambda run: run.results[key]
+
+
+def _spread(runs, value) -> str:
+  """'mean' for one run, 'mean (min-max, n seeds)' for several."""
+  values = [value(run) for run in runs]
+  if len(values) == 1:
+    return f'{values[0]:.4f}'
+  return f'{np.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, {len(values)} seeds)'
+
+
+def _separated(first, second, value) -> bool:
+  """Whether the seeds separate two settings: their ranges of `value` do not overlap."""
+  a, b = [value(run) for run in first], [value(run) for run in second]
+  return max(a) < min(b) or max(b) < min(a)
 
 
 # --------------------------------------------------------------------------- plots
 
 
-def _plot_accuracy(runs, path):
+def _plot_accuracy(groups, path):
+  """Each setting's mean k-NN, linear and cluster_mi, with bars from the lowest to the highest
+  seed."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  labels = [run.label for run in runs]
-  data = {
-      key: [run.results[key] for run in runs] for key in ('knn_top1', 'linear_top1', 'cluster_mi')
+  keys = ('knn_top1', 'linear_top1', 'cluster_mi')
+  data = {key: [_mean(members, _result(key)) for members in groups.values()] for key in keys}
+  ranges = {
+      key:
+          np.array([[
+              mean - min(r.results[key] for r in members),
+              max(r.results[key] for r in members) - mean
+          ] for mean, members in zip(data[key], groups.values())]).T for key in keys
   }
-  figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-  positions = np.arange(len(runs))
-  top.bar(positions - 0.2, data['knn_top1'], 0.4, label='k-NN top-1')
-  top.bar(positions + 0.2, data['linear_top1'], 0.4, label='linear top-1')
+  figure, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+  positions = np.arange(len(groups))
+  top.bar(positions - 0.2, data['knn_top1'], 0.4, yerr=ranges['knn_top1'], label='k-NN top-1')
+  top.bar(positions + 0.2,
+          data['linear_top1'],
+          0.4,
+          yerr=ranges['linear_top1'],
+          label='linear top-1')
   low = min(data['knn_top1'] + data['linear_top1'])
   top.set_ylim(max(0.0, low - 0.05), 1.0)
-  top.set_ylabel('accuracy')
+  top.set_ylabel('accuracy (mean, range over seeds)')
   top.legend(loc='lower right')
-  bottom.bar(positions, data['cluster_mi'], 0.6, color='tab:gray')
+  bottom.bar(positions, data['cluster_mi'], 0.6, yerr=ranges['cluster_mi'], color='tab:gray')
   bottom.axhline(COLLAPSE_MI, color='tab:red', linestyle='--', label='collapse alarm')
   bottom.set_ylabel('cluster_mi (nats)')
-  bottom.set_xticks(positions, labels, rotation=45, ha='right')
+  bottom.set_xticks(positions, list(groups), rotation=45, ha='right')
   bottom.legend(loc='upper right')
   figure.tight_layout()
   figure.savefig(path, dpi=100)
   plt.close(figure)
   return data
+
+
+def _plot_knn(groups, path):
+  """Each setting's k-NN during training, the mean over the seeds that logged every point."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, axis = plt.subplots(figsize=(10, 5))
+  plotted = {}
+  colours = plt.get_cmap('tab20').colors
+  for index, (label, members) in enumerate(groups.items()):
+    curves = [run.series(KNN_CURVE) for run in members if run.series(KNN_CURVE)[0].size]
+    if not curves:
+      continue
+    length = min(steps.size for steps, _ in curves)
+    steps = curves[0][0][:length]
+    mean = np.mean([values[:length] for _, values in curves], axis=0)
+    axis.plot(steps,
+              mean,
+              marker='o',
+              markersize=3,
+              label=f'{label} ({len(curves)})',
+              color=colours[index % 20],
+              linestyle=('-', '--')[index // 20 % 2])
+    plotted[label] = mean.tolist()
+  axis.set_xlabel('step')
+  axis.set_ylabel('k-NN top-1 (mean over seeds)')
+  axis.legend(loc='lower right', fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+  return plotted
 
 
 def _plot_curves(runs, path):
@@ -162,7 +282,7 @@ def _plot_curves(runs, path):
                   values,
                   marker='o',
                   markersize=3,
-                  label=run.label,
+                  label=f'{run.label} seed {run.seed}',
                   color=colours[index % 20],
                   linestyle=('-', '--', ':', '-.')[index // 20 % 4])
         plotted.setdefault(tag, {})[run.name] = values.tolist()
@@ -188,13 +308,13 @@ def _temperature_runs(runs):
 
 def _plot_gap_vs_temperature(runs, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  chosen = _temperature_runs(runs)
-  temps = [run.value('objective.teacher_temp') for run in chosen]
-  gaps = [_mean_gap(run) for run in chosen]
+  temperatures = _by_value(_temperature_runs(runs), 'objective.teacher_temp')
+  temps = list(temperatures)
+  gaps = [_mean(members, _mean_gap) for members in temperatures.values()]
   figure, axis = plt.subplots(figsize=(6, 4))
   axis.plot(temps, gaps, marker='o')
   axis.set_xlabel('teacher temperature tau_t')
-  axis.set_ylabel('mean Jensen gap over prior passes (nats)')
+  axis.set_ylabel('mean Jensen gap over prior passes (nats), mean over seeds')
   axis.set_title('prior-normalised vs centered targets')
   figure.tight_layout()
   figure.savefig(path, dpi=100)
@@ -209,31 +329,52 @@ def _fmt(value) -> str:
   return f'{value:.4g}' if isinstance(value, float) else str(value)
 
 
+def _cluster_mis(runs) -> str:
+  return '; '.join(f"{label}: cluster_mi {_spread(members, _result('cluster_mi'))}"
+                   for label, members in settings(runs).items())
+
+
+def _share_verdict(selected, runs) -> str:
+  return (
+      'supported' if len(selected) == len(runs) else
+      f'partly supported ({len(selected)} of {len(runs)} runs)' if selected else 'not supported')
+
+
+def _accuracy_comparison(first, second, names) -> tuple[bool, str]:
+  """(first is below second in k-NN and linear, the numbers with whether the seeds separate)."""
+  below, numbers = True, []
+  for key in ('knn_top1', 'linear_top1'):
+    means = _mean(first, _result(key)), _mean(second, _result(key))
+    below &= means[0] < means[1]
+    separated = _separated(first, second, _result(key))
+    numbers.append(f'{key}: {names[0]} {_spread(first, _result(key))}, {names[1]} '
+                   f'{_spread(second, _result(key))}, '
+                   f"{'separated' if separated else 'not separated'} by the seeds")
+  return below, '; '.join(numbers)
+
+
 def claims(runs) -> list[tuple[str, str, str]]:
-  """(claim, verdict, the numbers behind it) for each claim the runs can speak to."""
+  """(claim, verdict, the numbers behind it) for each claim the runs can speak to; a setting's
+  numbers are its mean and range over seeds."""
   found = []
   none_runs = _find(runs, objective__normalization='none')
   if none_runs:
     collapsed = [run for run in none_runs if run.results['cluster_mi'] < COLLAPSE_MI]
-    verdict = ('supported' if len(collapsed) == len(none_runs) else
-               'partly supported' if collapsed else 'not supported')
-    found.append(('`none` collapses', verdict, '; '.join(
-        f"{run.label}: cluster_mi {_fmt(run.results['cluster_mi'])}" for run in none_runs)))
+    found.append(('`none` collapses', _share_verdict(collapsed,
+                                                     none_runs), _cluster_mis(none_runs)))
   prior_runs = _find(runs, objective__normalization='prior')
   if prior_runs:
     healthy = [run for run in prior_runs if run.results['cluster_mi'] > HEALTHY_MI]
-    verdict = ('supported' if len(healthy) == len(prior_runs) else
-               'partly supported' if healthy else 'not supported')
-    found.append(('inverse-prior normalisation prevents collapse', verdict, '; '.join(
-        f"{run.label}: cluster_mi {_fmt(run.results['cluster_mi'])}" for run in prior_runs)))
+    found.append(('inverse-prior normalisation prevents collapse',
+                  _share_verdict(healthy, prior_runs), _cluster_mis(prior_runs)))
   default = _default_prior(runs)
   if default:
-    gap = _mean_gap(default[0])
-    found.append((
-        f'centering approximates the prior closely at tau_t=0.04 (gap < {CLOSE_GAP} '
-        'nats)', 'supported' if gap < CLOSE_GAP else 'not supported',
-        f'mean Jensen gap over prior passes {_fmt(gap)} nats; norm of w_bar at the last prior pass '
-        f"{_fmt(float(default[0].series('prior_pass/prototype_mean_norm')[1][-1]))}"))
+    gap = _mean(default, _mean_gap)
+    found.append(
+        (f'centering approximates the prior closely at tau_t=0.04 (gap < {CLOSE_GAP} '
+         'nats)', 'supported' if gap < CLOSE_GAP else 'not supported',
+         f'mean Jensen gap over prior passes {_spread(default, _mean_gap)} nats; norm of w_bar at '
+         f'the last prior pass {_spread(default, _last_w_bar)}'))
   centered = _find(runs,
                    objective__normalization='prior',
                    objective__prior_source='sweep',
@@ -241,58 +382,110 @@ def claims(runs) -> list[tuple[str, str, str]]:
                    model__head_norm='batch',
                    objective__teacher_temp=0.04)
   if centered and default:
-    gaps = _mean_gap(centered[0]), _mean_gap(default[0])
+    gaps = _mean(centered, _mean_gap), _mean(default, _mean_gap)
     found.append(
         ('w_bar = 0 (centered prototypes) brings centering closer to the prior',
          'supported' if gaps[0] < 0.5 * gaps[1] else 'not supported',
-         f'mean Jensen gap {_fmt(gaps[0])} nats with centered prototypes (norm of '
-         f"w_bar {_fmt(float(centered[0].series('prior_pass/prototype_mean_norm')[1][-1]))})"
-         f', {_fmt(gaps[1])} with learned ones'))
-  temperature_runs = _temperature_runs(runs)
-  if len(temperature_runs) >= 3:
-    temps = np.array([run.value('objective.teacher_temp') for run in temperature_runs])
-    gaps = np.array([_mean_gap(run) for run in temperature_runs])
+         f'mean Jensen gap {_spread(centered, _mean_gap)} nats with centered prototypes (norm of '
+         f'w_bar {_spread(centered, _last_w_bar)}), {_spread(default, _mean_gap)} with learned '
+         'ones'))
+  temperatures = _by_value(_temperature_runs(runs), 'objective.teacher_temp')
+  if len(temperatures) >= 3:
+    gaps = np.array([_mean(members, _mean_gap) for members in temperatures.values()])
     grows = bool(np.all(np.diff(gaps) < 0))  # temperatures ascending: gaps must fall
-    found.append(
-        ('the gap grows as the temperature falls (larger logits / tau)',
-         'supported' if grows else 'not supported',
-         ', '.join(f'tau_t={_fmt(float(t))}: {_fmt(float(g))}' for t, g in zip(temps, gaps))))
+    found.append(('the gap grows as the temperature falls (larger logits / tau)',
+                  'supported' if grows else 'not supported',
+                  ', '.join(f'tau_t={_fmt(float(temp))}: {_spread(members, _mean_gap)}'
+                            for temp, members in temperatures.items())))
   center = _find(runs, objective__normalization='center', model__head_norm='batch')
   if center and default:
-    below = all(
-        center[0].results[key] < default[0].results[key] for key in ('knn_top1', 'linear_top1'))
-    found.append(
-        ("centering's accuracy is below the prior's", 'supported' if below else 'not supported',
-         '; '.join(f"{key}: center {_fmt(center[0].results[key])}, prior "
-                   f"{_fmt(default[0].results[key])}" for key in ('knn_top1', 'linear_top1'))))
-  periods = sorted(_find(runs,
-                         objective__normalization='prior',
-                         objective__prior_source='sweep',
-                         model__prototypes='learned',
-                         model__head_norm='batch',
-                         objective__teacher_temp=0.04),
-                   key=lambda run: run.value('objective.prior_every_epochs'))
+    below, numbers = _accuracy_comparison(center, default, ('center', 'prior'))
+    found.append(("centering's accuracy is below the prior's",
+                  'supported' if below else 'not supported', numbers))
+  for source in ('batch', 'ema'):
+    estimated = _find(runs,
+                      objective__normalization='prior',
+                      objective__prior_source=source,
+                      model__head_norm='batch',
+                      objective__teacher_temp=0.04)
+    if estimated and default:
+      below, numbers = _accuracy_comparison(estimated, default, (source, 'sweep'))
+      found.append((f"the dataset's prior (a prior pass) beats the prior estimated from the "
+                    f"{source} statistics", 'supported' if below else 'not supported', numbers))
+  periods = _by_value(
+      _find(runs,
+            objective__normalization='prior',
+            objective__prior_source='sweep',
+            model__prototypes='learned',
+            model__head_norm='batch',
+            objective__teacher_temp=0.04), 'objective.prior_every_epochs')
   if len(periods) >= 2:
-    found.append((
-        'accuracy against the prior period T, and the cost of the prior passes', 'measured',
-        '; '.join(
-            f"T={run.value('objective.prior_every_epochs')}: k-NN {_fmt(run.results['knn_top1'])}, "
-            f"linear {_fmt(run.results['linear_top1'])}, "
-            f'prior passes {100 * _prior_pass_cost(run):.1f}% of the run time' for run in periods)))
+    found.append(
+        ('accuracy against the prior period T, and the cost of the prior passes', 'measured',
+         '; '.join(f"T={period}: k-NN {_spread(members, _result('knn_top1'))}, linear "
+                   f"{_spread(members, _result('linear_top1'))}, prior passes "
+                   f'{100 * _mean(members, _prior_pass_cost):.1f}% of the run time'
+                   for period, members in periods.items())))
   return found
+
+
+def _last_w_bar(run) -> float:
+  _, norms = run.series('prior_pass/prototype_mean_norm')
+  return float(norms[-1]) if norms.size else float('nan')
+
+
+def _by_value(runs, key) -> dict:
+  """value of `key` -> its runs, values ascending."""
+  groups = {}
+  for run in sorted(runs, key=lambda run: run.value(key)):
+    groups.setdefault(run.value(key), []).append(run)
+  return groups
 
 
 # --------------------------------------------------------------------------- the report
 
 
+def _setting_rows(groups) -> list[str]:
+  rows = [
+      '| setting | seeds | k-NN | linear | cluster_mi | effective clusters | mean Jensen gap |',
+      '| --- | --- | --- | --- | --- | --- | --- |'
+  ]
+  for label, members in groups.items():
+    rows.append(f"| {label} | {', '.join(str(run.seed) for run in members)} | "
+                f"{_spread(members, _result('knn_top1'))} | "
+                f"{_spread(members, _result('linear_top1'))} | "
+                f"{_spread(members, _result('cluster_mi'))} | "
+                f"{_mean(members, _result('effective_clusters')):.1f} | "
+                f'{_mean(members, _mean_gap):.4f} |')
+  return rows
+
+
+def _run_rows(runs) -> list[str]:
+  rows = [
+      '| run | seed | k-NN | linear | cluster_mi | effective clusters | mean Jensen gap |',
+      '| --- | --- | --- | --- | --- | --- | --- |'
+  ]
+  rows += [
+      f"| {run.label} | {run.seed} | {run.results['knn_top1']:.4f} | "
+      f"{run.results['linear_top1']:.4f} | {run.results['cluster_mi']:.3f} | "
+      f"{run.results['effective_clusters']:.1f} | {_mean_gap(run):.4f} |" for run in runs
+  ]
+  return rows
+
+
 def write_report(study_dir: str) -> dict:
-  """Writes study_dir/report.md and its plots; returns what was plotted (for checks)."""
+  """Writes study_dir/report.md, its plots and runs.json; returns what was plotted (for
+  checks)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   runs = load_runs(study_dir)
+  save_record(study_dir, runs)
+  groups = settings(runs)
   plotted = {
       'accuracy.png':
-          _plot_accuracy(runs, os.path.join(study_dir, 'accuracy.png')),
+          _plot_accuracy(groups, os.path.join(study_dir, 'accuracy.png')),
+      'knn_curves.png':
+          _plot_knn(groups, os.path.join(study_dir, 'knn_curves.png')),
       'prior_pass_curves.png':
           _plot_curves(runs, os.path.join(study_dir, 'prior_pass_curves.png')),
       'gap_vs_temperature.png':
@@ -300,15 +493,12 @@ def write_report(study_dir: str) -> dict:
   }
   lines = [
       '# Normalisation study', '',
-      f'{len(runs)} runs under `{os.path.abspath(study_dir)}`, generated by '
-      '`python -m kldino.report` from each run\'s eval.json and TensorBoard logs.', '',
-      '| run | k-NN | linear | cluster_mi | effective clusters | mean Jensen gap |',
-      '| --- | --- | --- | --- | --- | --- |'
+      f'{len(runs)} runs in {len(groups)} settings, generated by `python -m kldino.report '
+      f'--study_dir={os.path.relpath(study_dir)}` from each run\'s eval.json and TensorBoard '
+      f'logs, kept in {RECORD}. A setting\'s figures are the mean over its seeds, with the lowest '
+      'and highest seed in brackets.', ''
   ]
-  for run in runs:
-    lines.append(f"| {run.label} | {run.results['knn_top1']:.4f} | "
-                 f"{run.results['linear_top1']:.4f} | {run.results['cluster_mi']:.3f} | "
-                 f"{run.results['effective_clusters']:.1f} | {_mean_gap(run):.4f} |")
+  lines += _setting_rows(groups)
   lines += [
       '', '## What the runs say about the paper\'s claims', '', '| claim | verdict | measured |',
       '| --- | --- | --- |'
@@ -316,12 +506,15 @@ def write_report(study_dir: str) -> dict:
   lines += [f'| {claim} | **{verdict}** | {numbers} |' for claim, verdict, numbers in claims(runs)]
   lines += [
       '', f'Thresholds: collapsed below cluster_mi {COLLAPSE_MI}, healthy above '
-      f'{HEALTHY_MI} nats; "close" below a {CLOSE_GAP}-nat Jensen gap.', '',
-      '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '',
-      '## Prior-pass diagnostics over training', '', '![prior-pass curves](prior_pass_curves.png)',
-      '', '## Jensen gap against the teacher temperature', '',
-      '![gap vs temperature](gap_vs_temperature.png)', ''
+      f'{HEALTHY_MI} nats; "close" below a {CLOSE_GAP}-nat Jensen gap. Two settings are '
+      'separated by the seeds when the ranges of their seeds do not overlap.', '',
+      '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '', '## k-NN during training',
+      '', '![k-NN curves](knn_curves.png)', '', '## Prior-pass diagnostics over training', '',
+      '![prior-pass curves](prior_pass_curves.png)', '',
+      '## Jensen gap against the teacher temperature', '',
+      '![gap vs temperature](gap_vs_temperature.png)', '', '## Every run', ''
   ]
+  lines += _run_rows(runs) + ['']
   with open(os.path.join(study_dir, 'report.md'), 'w') as f:
     f.write('\n'.join(lines))
   return plotted

@@ -13,7 +13,9 @@ and optionally 'fixed': {KEY: value, ...}, applied to every job. KEYs are config
 
 The local runner runs the jobs one after the other (a failed job does not stop the others) and
 writes WORKDIR_ROOT/summary.json with every job's evaluation; rerunning the sweep resumes each job
-from its checkpoints (a finished job is only evaluated again). The TPU VM runner gives job i the
+from its checkpoints (a finished job is only evaluated again), and skips a job recorded in
+WORKDIR_ROOT/runs.json (the study's record, kldino/report.py) that has no workdir here: a study
+committed part-way continues on another machine. The TPU VM runner gives job i the
 VM `--name`-i; the SLURM runner gives it the job name `--job_name`-NAME.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 from typing import NamedTuple
 
 from kldino import cli
+from kldino import report
 from launch.common import execute, kldino_command
 
 RUNNERS = ('local', 'tpu_vm', 'slurm')
@@ -133,7 +136,12 @@ def commands(sweep_jobs: list[Job],
 def run_local(sweep_jobs: list[Job], job_commands: list[list[str]], workdir_root: str) -> int:
   """Each job in turn (a failed job does not stop the others), then summary.json."""
   summary, failures = {}, 0
+  recorded = report.recorded_runs(workdir_root)
   for job, command in zip(sweep_jobs, job_commands):
+    if job.name in recorded and not os.path.isdir(job.workdir):
+      print(f'== {job.name}: recorded in {report.RECORD}', flush=True)
+      summary[job.name] = {'overrides': list(job.overrides), **recorded[job.name].results}
+      continue
     print(f'== {job.name}', flush=True)
     returncode = execute([command], dry_run=False)
     eval_path = os.path.join(job.workdir, 'eval.json')
@@ -191,7 +199,6 @@ def main(argv=None) -> int:
     return execute(job_commands, dry_run=args.dry_run)
   returncode = run_local(sweep_jobs, job_commands, args.workdir_root)
   if args.report:
-    from kldino import report  # pylint: disable=g-import-not-at-top
     report.write_report(args.workdir_root)
     print(os.path.join(args.workdir_root, 'report.md'))
   return returncode

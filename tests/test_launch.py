@@ -1,6 +1,7 @@
 """Launchers and sweeps: the exact commands of a dry run, and the local runner end to end."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -207,3 +208,26 @@ def test_local_runner_runs_a_sweep_and_summarises(tmp_path):
       assert json.load(f)['seed'] == seed
   assert summary['seed-0']['knn_top1'] != summary['seed-1']['knn_top1'] or (
       summary['seed-0']['cluster_mi'] != summary['seed-1']['cluster_mi'])
+  # The study's record (kldino/report.py) stands in for the workdirs on another machine: the
+  # report is regenerated from it alone, and a rerun of the sweep skips the recorded jobs.
+  from kldino import report  # pylint: disable=g-import-not-at-top
+  report.write_report(root)
+  with open(os.path.join(root, 'report.md')) as f:
+    first_report = f.read()
+  for name in ('seed-0', 'seed-1'):
+    shutil.rmtree(os.path.join(root, name))
+  os.remove(os.path.join(root, 'summary.json'))
+  rerun = subprocess.run(result.args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert rerun.stdout.count(f'recorded in {report.RECORD}') == 2
+  assert not os.path.exists(os.path.join(root, 'seed-0'))
+  with open(os.path.join(root, 'summary.json')) as f:
+    assert json.load(f) == summary
+  report.write_report(root)
+  with open(os.path.join(root, 'report.md')) as f:
+    assert f.read() == first_report
+  # One setting (the seeds are one row): the mean and range of its two seeds.
+  assert '2 runs in 1 settings' in first_report
+  knns = [summary[name]['knn_top1'] for name in ('seed-0', 'seed-1')]
+  setting = f'| 0, 1 | {sum(knns) / 2:.4f} ({min(knns):.4f}-{max(knns):.4f}, 2 seeds) |'
+  assert setting in first_report

@@ -47,7 +47,8 @@ def study(tmp_path_factory):
 
 def test_report_and_plots_are_written(study):
   study_dir, _ = study
-  for name in ('report.md', 'accuracy.png', 'prior_pass_curves.png', 'gap_vs_temperature.png'):
+  for name in ('report.md', 'accuracy.png', 'knn_curves.png', 'prior_pass_curves.png',
+               'gap_vs_temperature.png', report.RECORD):
     path = os.path.join(study_dir, name)
     assert os.path.getsize(path) > 1000, name
   with open(os.path.join(study_dir, 'accuracy.png'), 'rb') as f:
@@ -79,6 +80,69 @@ def test_table_and_plots_hold_the_logged_values(study):
       for n in ('prior', 'prior_hot')
   ])
   assert '`none` collapses' in text and 'inverse-prior normalisation prevents collapse' in text
+
+
+def _run(name, seed, knn, linear, *, normalization='prior', knn_curve=()):
+  config = {
+      'seed': seed,
+      'objective': {
+          'normalization': normalization,
+          'prior_source': 'sweep',
+          'prior_every_epochs': 1,
+          'teacher_temp': 0.04
+      },
+      'model': {
+          'prototypes': 'learned',
+          'head_norm': 'batch'
+      }
+  }
+  results = {'knn_top1': knn, 'linear_top1': linear, 'cluster_mi': 1.5, 'effective_clusters': 50.0}
+  scalars = {
+      'prior_pass/jensen_gap': [(1, 0.02 * (seed + 1))],
+      report.KNN_CURVE: [(10 * (i + 1), value) for i, value in enumerate(knn_curve)]
+  }
+  return report.Run(name, config, results, scalars, (0.0, 100.0))
+
+
+def test_seeds_form_one_setting_with_mean_range_and_separation():
+  runs = [
+      _run('prior_0', 0, 0.90, 0.95, knn_curve=(0.5, 0.7)),
+      _run('prior_1', 1, 0.94, 0.93, knn_curve=(0.6, 0.8)),
+      _run('center_0', 0, 0.80, 0.94, normalization='center'),
+      _run('center_1', 1, 0.85, 0.96, normalization='center'),
+  ]
+  groups = report.settings(runs)
+  assert {
+      label: [run.name for run in members] for label, members in groups.items()
+  } == {
+      'prior/sweep T=1': ['prior_0', 'prior_1'],
+      'center': ['center_0', 'center_1']
+  }
+  assert report._spread(groups['center'], report._result('knn_top1')) == \
+      '0.8250 (0.8000-0.8500, 2 seeds)'
+  verdicts = {claim: (verdict, numbers) for claim, verdict, numbers in report.claims(runs)}
+  verdict, numbers = verdicts["centering's accuracy is below the prior's"]
+  # k-NN: center 0.80-0.85 below prior 0.90-0.94 (separated); linear: 0.94-0.96 against 0.93-0.95
+  # (the means are 0.95 and 0.94: center is not below, and the seeds overlap).
+  assert verdict == 'not supported'
+  assert 'knn_top1: center 0.8250 (0.8000-0.8500, 2 seeds), prior 0.9200 (0.9000-0.9400, 2 ' \
+         'seeds), separated by the seeds' in numbers
+  assert 'linear_top1' in numbers and 'not separated by the seeds' in numbers
+  gap_verdict, gap_numbers = verdicts[
+      'centering approximates the prior closely at tau_t=0.04 (gap < 0.1 nats)']
+  assert gap_verdict == 'supported' and gap_numbers.startswith(
+      'mean Jensen gap over prior passes 0.0300 (0.0200-0.0400, 2 seeds)')
+
+
+def test_knn_curves_average_the_seeds(tmp_path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  runs = [
+      _run('a', 0, 0.9, 0.9, knn_curve=(0.5, 0.7)),
+      _run('b', 1, 0.9, 0.9, knn_curve=(0.6, 0.8))
+  ]
+  plotted = report._plot_knn(report.settings(runs), str(tmp_path / 'knn.png'))
+  np.testing.assert_allclose(plotted['prior/sweep T=1'], [0.55, 0.75])
 
 
 def test_an_empty_study_is_refused(tmp_path):
