@@ -27,6 +27,12 @@ COLLAPSE_MI = 0.35  # below: collapsed (MI is a collapse alarm, not a quality sc
 HEALTHY_MI = 0.7  # above: healthy
 CLOSE_GAP = 0.1  # nats: a Jensen gap this small means centering approximates the prior well
 RECORD = 'runs.json'
+# What a run's label names when the run differs from it: (config key, how, the default).
+LABEL_EXTRAS = (('model.prototypes', '{} prototypes',
+                 'learned'), ('model.head_norm', '{} head', 'batch'), ('objective.teacher_temp',
+                                                                       'tau_t={}', 0.04),
+                ('objective.sinkhorn_iters', '{} Sinkhorn iterations', 3), ('batch_size',
+                                                                            'batch {}', 64))
 KNN_CURVE = 'eval/knn_top1'
 PRIOR_PASS_SECONDS = 'prior_pass/seconds'
 CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
@@ -60,19 +66,17 @@ class Run:
   @property
   def label(self) -> str:
     """The run's setting: what it changes from the default, its seed aside."""
-    objective, model = self.config['objective'], self.config['model']
+    objective = self.config['objective']
     label = objective['normalization']
     if label == 'prior':
       label += f"/{objective['prior_source']}"
       if objective['prior_source'] == 'sweep':
         label += f" T={objective['prior_every_epochs']}"
-    extras = []
-    if model['prototypes'] != 'learned':
-      extras.append(f"{model['prototypes']} prototypes")
-    if model['head_norm'] != 'batch':
-      extras.append(f"{model['head_norm']} head")
-    if objective['teacher_temp'] != 0.04:
-      extras.append(f"tau_t={objective['teacher_temp']}")
+    extras = [
+        template.format(self.value(key))
+        for key, template, default in LABEL_EXTRAS
+        if self.value(key) != default
+    ]
     return label + (f" ({', '.join(extras)})" if extras else '')
 
 

@@ -1,6 +1,8 @@
 """The study of docs/method.md's claims on the digits ViT recipe (configs/study_digits_vit.py),
 with seeds: every normalisation with 3 seeds; the prior period T and the LayerNorm head with 2;
-the teacher temperature with 1. The points are ordered seed by seed, so that a study stopped
+the teacher temperature with 1; then, with seed 0, what would tell why Sinkhorn ends uniform on
+this recipe (more Sinkhorn iterations, a warmer teacher, a 4x batch, DINO's head without batch
+norm). The points are ordered seed by seed, so that a study stopped
 part-way has every setting at the lower seeds; launch.sweep resumes it, and skips the runs
 already recorded in the study's runs.json (kldino/report.py).
 
@@ -52,6 +54,23 @@ TEMPERATURES = [{
     'objective.warmup_teacher_temp': temp
 } for temp in (0.02, 0.07, 0.1)]
 
+SINKHORN = {'objective.normalization': 'sinkhorn'}
+SINKHORN_PROBES = [
+    {
+        **SINKHORN, 'objective.sinkhorn_iters': 10
+    },
+    {
+        **SINKHORN, 'objective.teacher_temp': 0.07,
+        'objective.warmup_teacher_temp': 0.07
+    },
+    {
+        **SINKHORN, 'batch_size': 256
+    },
+    {
+        **SINKHORN, 'model.head_norm': 'none'
+    },
+]
+
 
 def get_sweep():
   points = []
@@ -59,4 +78,5 @@ def get_sweep():
     settings = NORMALISATIONS + (PERIODS_AND_HEADS if seed < 2 else []) + (TEMPERATURES
                                                                            if seed < 1 else [])
     points += [{**point, 'seed': seed} for point in settings]
+  points += [{**point, 'seed': 0} for point in SINKHORN_PROBES]
   return {'list': points}

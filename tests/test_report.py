@@ -82,14 +82,16 @@ def test_table_and_plots_hold_the_logged_values(study):
   assert '`none` collapses' in text and 'inverse-prior normalisation prevents collapse' in text
 
 
-def _run(name, seed, knn, linear, *, normalization='prior', knn_curve=()):
+def _run(name, seed, knn, linear, *, normalization='prior', knn_curve=(), sinkhorn_iters=3):
   config = {
       'seed': seed,
+      'batch_size': 64,
       'objective': {
           'normalization': normalization,
           'prior_source': 'sweep',
           'prior_every_epochs': 1,
-          'teacher_temp': 0.04
+          'teacher_temp': 0.04,
+          'sinkhorn_iters': sinkhorn_iters
       },
       'model': {
           'prototypes': 'learned',
@@ -132,6 +134,15 @@ def test_seeds_form_one_setting_with_mean_range_and_separation():
       'centering approximates the prior closely at tau_t=0.04 (gap < 0.1 nats)']
   assert gap_verdict == 'supported' and gap_numbers.startswith(
       'mean Jensen gap over prior passes 0.0300 (0.0200-0.0400, 2 seeds)')
+
+
+def test_a_setting_is_named_by_what_differs_from_the_default():
+  runs = [
+      _run('sinkhorn', 0, 0.5, 0.5, normalization='sinkhorn'),
+      _run('sinkhorn_10', 0, 0.5, 0.5, normalization='sinkhorn', sinkhorn_iters=10)
+  ]
+  runs[1].config['batch_size'] = 256
+  assert list(report.settings(runs)) == ['sinkhorn', 'sinkhorn (10 Sinkhorn iterations, batch 256)']
 
 
 def test_knn_curves_average_the_seeds(tmp_path):
