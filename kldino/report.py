@@ -35,6 +35,12 @@ LABEL_EXTRAS = (('model.prototypes', '{} prototypes',
                                                                             'batch {}', 64))
 KNN_CURVE = 'eval/knn_top1'
 PRIOR_PASS_SECONDS = 'prior_pass/seconds'
+# The train step's teacher-side metrics (kldino/objective.py target_diagnostics), to see how a
+# run collapses or does not in its first epochs.
+TRAIN_CURVES = (('teacher_entropy', "teacher's per-image entropy (nats)"),
+                ('target_entropy', "targets' per-image entropy (nats)"),
+                ('batch_effective_clusters', "effective clusters of the batch's targets"),
+                ('teacher_mi', "teacher's cluster mutual information (nats)"))
 CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
           ('prior_pass/empty_cluster_fraction', 'fraction of empty clusters'),
           ('prior_pass/jensen_gap', 'Jensen gap KL(prior || centered), nats'),
@@ -83,7 +89,7 @@ class Run:
 def _read_scalars(workdir: str) -> tuple[dict, tuple[float, float]]:
   """The report's tags from a workdir's TensorBoard events, and the span of their wall times."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tags = {tag for tag, _ in CURVES} | {KNN_CURVE, PRIOR_PASS_SECONDS}
+  tags = {tag for tag, _ in CURVES + TRAIN_CURVES} | {KNN_CURVE, PRIOR_PASS_SECONDS}
   scalars, walls = {}, []
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -243,31 +249,35 @@ def _plot_accuracy(groups, path):
   return data
 
 
-def _plot_knn(groups, path):
-  """Each setting's k-NN during training, the mean over the seeds that logged every point."""
+def _seed_mean(members, tag):
+  """(steps, mean over the seeds that logged `tag`, up to the shortest of them), or None."""
+  curves = [run.series(tag) for run in members if run.series(tag)[0].size]
+  if not curves:
+    return None
+  length = min(steps.size for steps, _ in curves)
+  return curves[0][0][:length], np.mean([values[:length] for _, values in curves], axis=0)
+
+
+def _plot_seed_means(groups, path, curves, *, columns: int):
+  """One panel per (tag, title) of `curves`: each setting's mean over its seeds."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, axis = plt.subplots(figsize=(10, 5))
+  rows = -(-len(curves) // columns)
+  figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4 * rows), squeeze=False)
   plotted = {}
   colours = plt.get_cmap('tab20').colors
-  for index, (label, members) in enumerate(groups.items()):
-    curves = [run.series(KNN_CURVE) for run in members if run.series(KNN_CURVE)[0].size]
-    if not curves:
-      continue
-    length = min(steps.size for steps, _ in curves)
-    steps = curves[0][0][:length]
-    mean = np.mean([values[:length] for _, values in curves], axis=0)
-    axis.plot(steps,
-              mean,
-              marker='o',
-              markersize=3,
-              label=f'{label} ({len(curves)})',
-              color=colours[index % 20],
-              linestyle=('-', '--')[index // 20 % 2])
-    plotted[label] = mean.tolist()
-  axis.set_xlabel('step')
-  axis.set_ylabel('k-NN top-1 (mean over seeds)')
-  axis.legend(loc='lower right', fontsize=7)
-  figure.tight_layout()
+  for axis, (tag, title) in zip(axes.flat, curves):
+    for index, (label, members) in enumerate(groups.items()):
+      if (curve := _seed_mean(members, tag)) is not None:
+        axis.plot(*curve,
+                  label=label,
+                  color=colours[index % 20],
+                  linestyle=('-', '--')[index // 20 % 2])
+        plotted.setdefault(tag, {})[label] = curve[1].tolist()
+    axis.set_title(title)
+    axis.set_xlabel('step')
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  figure.legend(handles, labels, loc='center right', fontsize=7)
+  figure.tight_layout(rect=(0, 0, 0.78, 1))
   figure.savefig(path, dpi=100)
   plt.close(figure)
   return plotted
@@ -489,7 +499,15 @@ def write_report(study_dir: str) -> dict:
       'accuracy.png':
           _plot_accuracy(groups, os.path.join(study_dir, 'accuracy.png')),
       'knn_curves.png':
-          _plot_knn(groups, os.path.join(study_dir, 'knn_curves.png')),
+          _plot_seed_means(groups,
+                           os.path.join(study_dir, 'knn_curves.png'),
+                           ((KNN_CURVE, 'k-NN top-1 during training (mean over seeds)'),),
+                           columns=1),
+      'training_curves.png':
+          _plot_seed_means(groups,
+                           os.path.join(study_dir, 'training_curves.png'),
+                           TRAIN_CURVES,
+                           columns=2),
       'prior_pass_curves.png':
           _plot_curves(runs, os.path.join(study_dir, 'prior_pass_curves.png')),
       'gap_vs_temperature.png':

@@ -47,8 +47,8 @@ def study(tmp_path_factory):
 
 def test_report_and_plots_are_written(study):
   study_dir, _ = study
-  for name in ('report.md', 'accuracy.png', 'knn_curves.png', 'prior_pass_curves.png',
-               'gap_vs_temperature.png', report.RECORD):
+  for name in ('report.md', 'accuracy.png', 'knn_curves.png', 'training_curves.png',
+               'prior_pass_curves.png', 'gap_vs_temperature.png', report.RECORD):
     path = os.path.join(study_dir, name)
     assert os.path.getsize(path) > 1000, name
   with open(os.path.join(study_dir, 'accuracy.png'), 'rb') as f:
@@ -80,6 +80,11 @@ def test_table_and_plots_hold_the_logged_values(study):
       for n in ('prior', 'prior_hot')
   ])
   assert '`none` collapses' in text and 'inverse-prior normalisation prevents collapse' in text
+  # One seed per setting: a setting's training curve is its run's logged metric.
+  for run in report.load_runs(study_dir):
+    np.testing.assert_allclose(plotted['training_curves.png']['teacher_entropy'][run.label],
+                               _logged(os.path.join(study_dir, run.name), 'teacher_entropy'),
+                               rtol=1e-6)
 
 
 def _run(name, seed, knn, linear, *, normalization='prior', knn_curve=(), sinkhorn_iters=3):
@@ -152,8 +157,10 @@ def test_knn_curves_average_the_seeds(tmp_path):
       _run('a', 0, 0.9, 0.9, knn_curve=(0.5, 0.7)),
       _run('b', 1, 0.9, 0.9, knn_curve=(0.6, 0.8))
   ]
-  plotted = report._plot_knn(report.settings(runs), str(tmp_path / 'knn.png'))
-  np.testing.assert_allclose(plotted['prior/sweep T=1'], [0.55, 0.75])
+  plotted = report._plot_seed_means(report.settings(runs),
+                                    str(tmp_path / 'knn.png'), ((report.KNN_CURVE, 'k-NN'),),
+                                    columns=1)
+  np.testing.assert_allclose(plotted[report.KNN_CURVE]['prior/sweep T=1'], [0.55, 0.75])
 
 
 def test_an_empty_study_is_refused(tmp_path):
