@@ -531,7 +531,9 @@ def write_report(study_dir: str) -> dict:
       f'{HEALTHY_MI} nats; "close" below a {CLOSE_GAP}-nat Jensen gap. Two settings are '
       'separated by the seeds when the ranges of their seeds do not overlap.', '',
       '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '', '## k-NN during training',
-      '', '![k-NN curves](knn_curves.png)', '', '## Prior-pass diagnostics over training', '',
+      '', '![k-NN curves](knn_curves.png)', '',
+      "## The teacher's targets during training (mean over seeds)", '',
+      '![training curves](training_curves.png)', '', '## Prior-pass diagnostics over training', '',
       '![prior-pass curves](prior_pass_curves.png)', '',
       '## Jensen gap against the teacher temperature', '',
       '![gap vs temperature](gap_vs_temperature.png)', '', '## Every run', ''

@@ -80,6 +80,8 @@ def test_table_and_plots_hold_the_logged_values(study):
       for n in ('prior', 'prior_hot')
   ])
   assert '`none` collapses' in text and 'inverse-prior normalisation prevents collapse' in text
+  for name in plotted:
+    assert f']({name})' in text  # every plot is shown in the report
   # One seed per setting: a setting's training curve is its run's logged metric.
   for run in report.load_runs(study_dir):
     np.testing.assert_allclose(plotted['training_curves.png']['teacher_entropy'][run.label],
