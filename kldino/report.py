@@ -204,10 +204,14 @@ def _spread(runs, value) -> str:
   return f'{np.mean(values):.4f} ({min(values):.4f}-{max(values):.4f}, {len(values)} seeds)'
 
 
-def _separated(first, second, value) -> bool:
-  """Whether the seeds separate two settings: their ranges of `value` do not overlap."""
+def _separation(first, second, value) -> str:
+  """Whether the seeds separate two settings (their ranges of `value` do not overlap); a
+  setting with one seed has no range, so one seed cannot tell."""
   a, b = [value(run) for run in first], [value(run) for run in second]
-  return max(a) < min(b) or max(b) < min(a)
+  if min(len(a), len(b)) < 2:
+    return 'one seed: not tested against seed noise'
+  separated = max(a) < min(b) or max(b) < min(a)
+  return 'separated by the seeds' if separated else 'not separated by the seeds'
 
 
 # --------------------------------------------------------------------------- plots
@@ -360,10 +364,9 @@ def _accuracy_comparison(first, second, names) -> tuple[bool, str]:
   for key in ('knn_top1', 'linear_top1'):
     means = _mean(first, _result(key)), _mean(second, _result(key))
     below &= means[0] < means[1]
-    separated = _separated(first, second, _result(key))
     numbers.append(f'{key}: {names[0]} {_spread(first, _result(key))}, {names[1]} '
                    f'{_spread(second, _result(key))}, '
-                   f"{'separated' if separated else 'not separated'} by the seeds")
+                   f'{_separation(first, second, _result(key))}')
   return below, '; '.join(numbers)
 
 

@@ -137,6 +137,8 @@ def test_seeds_form_one_setting_with_mean_range_and_separation():
   assert 'knn_top1: center 0.8250 (0.8000-0.8500, 2 seeds), prior 0.9200 (0.9000-0.9400, 2 ' \
          'seeds), separated by the seeds' in numbers
   assert 'linear_top1' in numbers and 'not separated by the seeds' in numbers
+  _, one_seed = report._accuracy_comparison(runs[2:3], runs[:1], ('center', 'prior'))
+  assert 'one seed: not tested against seed noise' in one_seed and 'separated' not in one_seed
   gap_verdict, gap_numbers = verdicts[
       'centering approximates the prior closely at tau_t=0.04 (gap < 0.1 nats)']
   assert gap_verdict == 'supported' and gap_numbers.startswith(
