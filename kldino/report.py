@@ -262,6 +262,16 @@ def _seed_mean(members, tag):
   return curves[0][0][:length], np.mean([values[:length] for _, values in curves], axis=0)
 
 
+def _save_with_legend(figure, axes, path, *, width: float):
+  """The first panel's legend to the right of the panels (which keep `width` of the figure)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  figure.legend(handles, labels, loc='center right', fontsize=7)
+  figure.tight_layout(rect=(0, 0, width, 1))
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
 def _plot_seed_means(groups, path, curves, *, columns: int):
   """One panel per (tag, title) of `curves`: each setting's mean over its seeds."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -279,11 +289,7 @@ def _plot_seed_means(groups, path, curves, *, columns: int):
         plotted.setdefault(tag, {})[label] = curve[1].tolist()
     axis.set_title(title)
     axis.set_xlabel('step')
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  figure.legend(handles, labels, loc='center right', fontsize=7)
-  figure.tight_layout(rect=(0, 0, 0.78, 1))
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
+  _save_with_legend(figure, axes, path, width=0.78)
   return plotted
 
 
@@ -306,11 +312,7 @@ def _plot_curves(runs, path):
         plotted.setdefault(tag, {})[run.name] = values.tolist()
     axis.set_title(title)
     axis.set_xlabel('step')
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  figure.legend(handles, labels, loc='center right', fontsize=7)
-  figure.tight_layout(rect=(0, 0, 0.8, 1))
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
+  _save_with_legend(figure, axes, path, width=0.8)
   return plotted
 
 
