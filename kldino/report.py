@@ -45,6 +45,10 @@ CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
           ('prior_pass/empty_cluster_fraction', 'fraction of empty clusters'),
           ('prior_pass/jensen_gap', 'Jensen gap KL(prior || centered), nats'),
           ('prior_pass/prototype_mean_norm', '||w_bar|| (mean unit prototype)'))
+# The epochs at which the report tabulates the targets and the prototypes' spread, and what:
+# whether a run ends uniform or collapsed is decided in its first epochs.
+EARLY_EPOCHS = (1, 2, 5, 10, 20)
+EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[3:]
 
 
 @dataclasses.dataclass
@@ -62,8 +66,11 @@ class Run:
     return node
 
   def series(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
-    points = sorted(self.scalars.get(tag, []))
-    return (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
+    """(steps, values) of `tag`, one value a step: the last logged (a run evaluated again at a
+    step it had logged, its final one, logs it twice)."""
+    by_step = dict(self.scalars.get(tag, []))
+    steps = sorted(by_step)
+    return np.array(steps), np.array([by_step[step] for step in steps])
 
   @property
   def seed(self) -> int:
@@ -453,6 +460,17 @@ def _last_w_bar(run) -> float:
   return float(norms[-1]) if norms.size else float('nan')
 
 
+def _near_epoch(run, tag, epoch: int | None) -> float:
+  """`tag`'s value logged nearest to the end of `epoch` (None: its last); nan where unlogged."""
+  steps, values = run.series(tag)
+  if not steps.size:
+    return float('nan')
+  if epoch is None:
+    return float(values[-1])
+  steps_per_epoch = run.results['step'] / run.config['num_epochs']
+  return float(values[np.argmin(np.abs(steps - epoch * steps_per_epoch))])
+
+
 def _by_value(runs, key) -> dict:
   """value of `key` -> its runs, values ascending."""
   groups = {}
@@ -477,6 +495,23 @@ def _setting_rows(groups) -> list[str]:
                 f"{_mean(members, _result('effective_clusters')):.1f} | "
                 f'{_mean(members, _mean_gap):.4f} |')
   return rows
+
+
+def _early_rows(groups, tag: str, title: str) -> list[str]:
+  epochs = EARLY_EPOCHS + (None,)
+  rows = [
+      f'{title}, mean over seeds:', '',
+      '| setting | ' + ' | '.join(f'epoch {epoch}' for epoch in EARLY_EPOCHS) + ' | end |',
+      '| --- |' + ' --- |' * len(epochs)
+  ]
+  for label, members in groups.items():
+    cells = []
+    for epoch in epochs:
+      values = [_near_epoch(run, tag, epoch) for run in members]
+      logged = [value for value in values if not np.isnan(value)]
+      cells.append(f'{np.mean(logged):.3g}' if logged else '-')
+    rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return rows + ['']
 
 
 def _run_rows(runs) -> list[str]:
@@ -538,9 +573,13 @@ def write_report(study_dir: str) -> dict:
       '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '', '## k-NN during training',
       '', '![k-NN curves](knn_curves.png)', '',
       "## The teacher's targets during training (mean over seeds)", '',
-      '![training curves](training_curves.png)', '', '## Prior-pass diagnostics over training', '',
-      '![prior-pass curves](prior_pass_curves.png)', '',
-      '## Jensen gap against the teacher temperature', '',
+      '![training curves](training_curves.png)', '', '## The first epochs', ''
+  ]
+  for tag, title in EARLY_TAGS:
+    lines += _early_rows(groups, tag, title)
+  lines += [
+      '## Prior-pass diagnostics over training', '', '![prior-pass curves](prior_pass_curves.png)',
+      '', '## Jensen gap against the teacher temperature', '',
       '![gap vs temperature](gap_vs_temperature.png)', '', '## Every run', ''
   ]
   lines += _run_rows(runs) + ['']

@@ -489,11 +489,32 @@ def _baselines(trainer: Trainer) -> dict:
   return baselines
 
 
+def _finished_results(trainer: Trainer, eval_path: str) -> dict | None:
+  """The evaluation of a run that already ended in this workdir (its final checkpoint, and an
+  eval.json of that step), or None. Run again, such a run repeats nothing: a sweep that resumes
+  spends no time on its finished jobs and logs no second final evaluation."""
+  total = trainer.schedules.total_steps
+  if trainer.checkpointer.latest_step() != total:
+    return None
+  try:
+    results = files.read_json(eval_path)
+  except (FileNotFoundError, ValueError):
+    return None  # never written, or cut short: evaluate again
+  if results.get('step') != total or 'collapse' not in results:
+    return None  # written by --mode=eval, or by the collapse guard
+  # Restoring refuses a config the checkpoint does not fit, as resuming does.
+  return results if int(trainer.restore_or_init().step) == total else None
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
+  eval_path = os.path.join(workdir, 'eval.json')
+  if (results := _finished_results(trainer, eval_path)) is not None:
+    logging.info('the run already ended at step %d: its evaluation is %s', results['step'],
+                 eval_path)
+    return results
   checkpoint_lib.write_config_json(config, workdir)
   baselines = _baselines(trainer) if config.eval.baselines else {}
-  eval_path = os.path.join(workdir, 'eval.json')
   try:
     state = trainer.train()
   except guard_lib.CollapseStopped:

@@ -116,6 +116,31 @@ def test_sigterm_saves_exits_0_and_resumes_identically_a_second_run_meanwhile_re
   _assert_states_equal(_final_state(workdir), _final_state(reference))
 
 
+def _event_files(workdir):
+  return sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents*')))
+
+
+def test_a_finished_run_run_again_repeats_nothing(uninterrupted, tmp_path):
+  reference, reference_results = uninterrupted
+  workdir = str(tmp_path / 'finished')
+  shutil.copytree(reference, workdir)
+  events = {path: os.path.getsize(path) for path in _event_files(workdir)}
+  result = _run(workdir)
+  assert 'the run already ended at step' in result.stderr
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
+  # No second evaluation logged (nor any other event), no training.
+  assert {path: os.path.getsize(path) for path in _event_files(workdir)} == events
+  assert 'resuming from the checkpoint' in result.stderr and ' | loss ' not in result.stderr
+  # Its config still has to fit the checkpoint, as when resuming.
+  refused = subprocess.run(_command(workdir, '--config.model.num_prototypes=32'),
+                           cwd=REPO,
+                           capture_output=True,
+                           text=True,
+                           timeout=300)
+  assert refused.returncode == cli.EXIT_USAGE, refused.stderr[-3000:]
+  assert 'model.num_prototypes=16 (now 32)' in refused.stderr.strip().splitlines()[-1]
+
+
 @pytest.fixture
 def small_disk(tmp_path):
   """A 2 MB file system (tmpfs): room for about two checkpoints of configs/smoke.py."""

@@ -170,3 +170,33 @@ def test_knn_curves_average_the_seeds(tmp_path):
 def test_an_empty_study_is_refused(tmp_path):
   with pytest.raises(ValueError, match='no finished runs'):
     report.write_report(str(tmp_path))
+
+
+def test_first_epochs_table_takes_each_seeds_value_logged_nearest_the_epoch():
+  runs = [
+      _run('prior_0', 0, 0.9, 0.9),
+      _run('prior_1', 1, 0.9, 0.9),
+      _run('center', 0, 0.8, 0.8, normalization='center')
+  ]
+  for run in runs:
+    run.results['step'], run.config['num_epochs'] = 100, 10  # 10 steps an epoch
+  for offset, run in enumerate(runs[:2]):  # logged at steps 9, 19, ..., 99: value step / 10 + seed
+    run.scalars['target_entropy'] = [(step, step / 10 + offset) for step in range(9, 100, 10)]
+  rows = report._early_rows(report.settings(runs), 'target_entropy', 'targets')
+  assert rows[2] == '| setting | epoch 1 | epoch 2 | epoch 5 | epoch 10 | epoch 20 | end |'
+  # Epoch e ends at step 10 e: the nearest logged step is 10 e - 1 (epoch 20: the last, 99).
+  expected = [
+      np.mean([(min(10 * epoch, 100) - 1) / 10 + seed
+               for seed in (0, 1)])
+      for epoch in (1, 2, 5, 10, 20)
+  ] + [np.mean([9.9, 10.9])]
+  assert rows[4] == '| prior/sweep T=1 | ' + ' | '.join(f'{value:.3g}' for value in expected) + ' |'
+  assert rows[5] == '| center |' + ' - |' * 6  # never logged: no number
+
+
+def test_a_step_logged_twice_counts_once_with_its_last_value():
+  run = _run('prior', 0, 0.9, 0.9, knn_curve=(0.5, 0.7))
+  run.scalars[report.KNN_CURVE].append((20, 0.8))  # the final evaluation, logged again
+  steps, values = run.series(report.KNN_CURVE)
+  np.testing.assert_array_equal(steps, [10, 20])
+  np.testing.assert_array_equal(values, [0.5, 0.8])
