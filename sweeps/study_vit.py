@@ -1,15 +1,17 @@
 """The study of docs/method.md's claims on the digits ViT recipe (configs/study_digits_vit.py),
 with seeds: every normalisation with 3 seeds; the prior period T and the LayerNorm head with 2;
-the teacher temperature with 1; then, with seed 0, what would tell why Sinkhorn ends uniform on
+the teacher temperature with 1; and, with seed 0, what would tell why Sinkhorn ends uniform on
 this recipe (more Sinkhorn iterations, a warmer teacher, a 4x batch, DINO's head without batch
-norm). The points are ordered seed by seed, so that a study stopped
-part-way has every setting at the lower seeds; launch.sweep resumes it, and skips the runs
-already recorded in the study's runs.json (kldino/report.py).
+norm). Seed 0 runs first, with the Sinkhorn probes right after Sinkhorn and the LayerNorm heads
+before the prior periods, so that a study stopped part-way can already say why Sinkhorn and the
+LayerNorm head behave as they do; then seeds 1 and 2. launch.sweep resumes a study, and skips
+the runs already recorded in its runs.json (kldino/report.py).
 
     python -m launch.sweep --sweep=sweeps/study_vit.py --config=configs/study_digits_vit.py \
         --workdir_root=studies/digits_vit --report
 """
 PRIOR = {'objective.normalization': 'prior', 'objective.prior_source': 'sweep'}
+SINKHORN = {'objective.normalization': 'sinkhorn'}
 NORMALISATIONS = [
     PRIOR,
     {
@@ -23,9 +25,7 @@ NORMALISATIONS = [
     {
         'objective.normalization': 'center'
     },
-    {
-        'objective.normalization': 'sinkhorn'
-    },
+    SINKHORN,
     {
         'objective.normalization': 'teacher_bn'
     },
@@ -54,7 +54,6 @@ TEMPERATURES = [{
     'objective.warmup_teacher_temp': temp
 } for temp in (0.02, 0.07, 0.1)]
 
-SINKHORN = {'objective.normalization': 'sinkhorn'}
 SINKHORN_PROBES = [
     {
         **SINKHORN, 'objective.sinkhorn_iters': 10
@@ -73,10 +72,10 @@ SINKHORN_PROBES = [
 
 
 def get_sweep():
-  points = []
-  for seed in range(3):
-    settings = NORMALISATIONS + (PERIODS_AND_HEADS if seed < 2 else []) + (TEMPERATURES
-                                                                           if seed < 1 else [])
-    points += [{**point, 'seed': seed} for point in settings]
-  points += [{**point, 'seed': 0} for point in SINKHORN_PROBES]
+  after_sinkhorn = NORMALISATIONS.index(SINKHORN) + 1
+  seed_0 = (NORMALISATIONS[:after_sinkhorn] + SINKHORN_PROBES + NORMALISATIONS[after_sinkhorn:] +
+            PERIODS_AND_HEADS[::-1] + TEMPERATURES)
+  points = [{**point, 'seed': 0} for point in seed_0]
+  points += [{**point, 'seed': 1} for point in NORMALISATIONS + PERIODS_AND_HEADS[::-1]]
+  points += [{**point, 'seed': 2} for point in NORMALISATIONS]
   return {'list': points}
