@@ -54,19 +54,21 @@ TEMPERATURES = [{
     'objective.warmup_teacher_temp': temp
 } for temp in (0.02, 0.07, 0.1)]
 
+# In the order of what they discriminate: whether the batch holds fewer teacher rows than
+# prototypes (128 < K = 256), the head's batch norm, then the Sinkhorn iterations and temperature.
 SINKHORN_PROBES = [
+    {
+        **SINKHORN, 'batch_size': 256
+    },
+    {
+        **SINKHORN, 'model.head_norm': 'none'
+    },
     {
         **SINKHORN, 'objective.sinkhorn_iters': 10
     },
     {
         **SINKHORN, 'objective.teacher_temp': 0.07,
         'objective.warmup_teacher_temp': 0.07
-    },
-    {
-        **SINKHORN, 'batch_size': 256
-    },
-    {
-        **SINKHORN, 'model.head_norm': 'none'
     },
 ]
 
