@@ -49,6 +49,12 @@ CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
 # whether a run ends uniform or collapsed is decided in its first epochs.
 EARLY_EPOCHS = (1, 2, 5, 10, 20)
 EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[3:]
+# What could make Sinkhorn end uniform, each with the probe that changes it alone from the
+# default (a LABEL_EXTRAS key; sweeps/study_vit.py runs them).
+SINKHORN_CAUSES = (('batch_size', 'the batch holds fewer teacher views than prototypes'),
+                   ('model.head_norm', 'the batch norm inside the head'),
+                   ('objective.sinkhorn_iters', 'too few Sinkhorn iterations'),
+                   ('objective.teacher_temp', 'a teacher too cold for Sinkhorn'))
 
 
 @dataclasses.dataclass
@@ -452,12 +458,103 @@ def claims(runs) -> list[tuple[str, str, str]]:
                    f"{_spread(members, _result('linear_top1'))}, prior passes "
                    f'{100 * _mean(members, _prior_pass_cost):.1f}% of the run time'
                    for period, members in periods.items())))
+  found += _sinkhorn_claims(runs) + _layer_norm_head_claims(runs)
   return found
+
+
+def _only_differs_in(run, key: str | None) -> bool:
+  """Whether `run` has every LABEL_EXTRAS default but `key`'s (None: every default)."""
+  return all((run.value(extra) != default) == (extra == key) for extra, _, default in LABEL_EXTRAS)
+
+
+def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
+  """For each possible cause of Sinkhorn's uniform end, whether the probe that removes it
+  (everything else at the default) also removes the uniform end."""
+  sinkhorn = _find(runs, objective__normalization='sinkhorn')
+  default = [run for run in sinkhorn if _only_differs_in(run, None)]
+  found = []
+  for key, cause in SINKHORN_CAUSES:
+    probe = [run for run in sinkhorn if _only_differs_in(run, key)]
+    if not (default and probe):
+      continue
+    uniform = [run for run in probe if uniform_from_epoch(run) is not None]
+    verdict = ('not tested: Sinkhorn at the default did not end uniform' if any(
+        uniform_from_epoch(run) is None for run in default) else _share_verdict(
+            [run for run in probe if run not in uniform], probe))
+    found.append(
+        (f'Sinkhorn ends uniform because of {cause}', verdict, _end_states(default + probe)))
+  return found
+
+
+def _layer_norm_head_claims(runs) -> list[tuple[str, str, str]]:
+  """The LayerNorm head: `none` collapses to one cluster; the prior stops that but not the
+  uniform collapse."""
+  layer = _find(runs, model__head_norm='layer', objective__teacher_temp=0.04)
+  none = _find(layer, objective__normalization='none')
+  prior = _find(layer, objective__normalization='prior')
+  if not (none and prior):
+    return []
+  one_cluster = all(_one_cluster(run) for run in none)
+  uniform = [run for run in prior if uniform_from_epoch(run) is not None]
+  verdict = ('not supported: `none` did not collapse to one cluster'
+             if not one_cluster else 'not supported: the prior collapsed to one cluster' if any(
+                 _one_cluster(run) for run in prior) else _share_verdict(uniform, prior))
+  return [('with a LayerNorm head the prior stops the one-cluster collapse of `none` but not '
+           'the uniform collapse', verdict, _end_states(none + prior))]
 
 
 def _last_w_bar(run) -> float:
   _, norms = run.series('prior_pass/prototype_mean_norm')
   return float(norms[-1]) if norms.size else float('nan')
+
+
+def _steps_per_epoch(run) -> float:
+  return run.results['step'] / run.config['num_epochs']
+
+
+def uniform_from_epoch(run) -> float | None:
+  """The epoch from which the teacher stayed uniform to the end of the run (None: it did not end
+  uniform). Uniform as the collapse guard defines it (kldino/guard.py), with the run's own
+  thresholds: per-image entropy above guard.uniform_entropy * ln K and the teacher's cluster
+  mutual information below guard.uniform_mi."""
+  steps, entropy = run.series('teacher_entropy')
+  _, mutual_information = run.series('teacher_mi')
+  if not steps.size:
+    return None
+  threshold = run.value('guard.uniform_entropy') * np.log(run.value('model.num_prototypes'))
+  uniform = (entropy > threshold) & (mutual_information < run.value('guard.uniform_mi'))
+  if not uniform[-1]:
+    return None
+  not_uniform = np.flatnonzero(~uniform)
+  first = not_uniform[-1] + 1 if not_uniform.size else 0
+  return float(steps[first] / _steps_per_epoch(run))
+
+
+def _end_entropy_fraction(run) -> float:
+  """The teacher's per-image entropy at the end, as a fraction of its maximum ln K."""
+  _, entropy = run.series('teacher_entropy')
+  return float(entropy[-1] / np.log(run.value('model.num_prototypes'))) if entropy.size else \
+      float('nan')
+
+
+def _one_cluster(run) -> bool:
+  return (run.results['effective_clusters'] < run.value('guard.min_clusters') and
+          run.results['cluster_mi'] < COLLAPSE_MI)
+
+
+def _end_state(run) -> str:
+  """How a run ended: one cluster, uniform (from which epoch), or neither."""
+  if _one_cluster(run):
+    return 'one cluster'
+  epoch = uniform_from_epoch(run)
+  return 'healthy' if epoch is None else f'uniform from epoch {epoch:.0f}'
+
+
+def _end_states(runs) -> str:
+  return '; '.join(f"{label}: {', '.join(_end_state(run) for run in members)} (cluster_mi "
+                   f"{_spread(members, _result('cluster_mi'))}, k-NN "
+                   f"{_spread(members, _result('knn_top1'))})"
+                   for label, members in settings(runs).items())
 
 
 def _near_epoch(run, tag, epoch: int | None) -> float:
@@ -467,8 +564,7 @@ def _near_epoch(run, tag, epoch: int | None) -> float:
     return float('nan')
   if epoch is None:
     return float(values[-1])
-  steps_per_epoch = run.results['step'] / run.config['num_epochs']
-  return float(values[np.argmin(np.abs(steps - epoch * steps_per_epoch))])
+  return float(values[np.argmin(np.abs(steps - epoch * _steps_per_epoch(run)))])
 
 
 def _by_value(runs, key) -> dict:
@@ -511,6 +607,18 @@ def _early_rows(groups, tag: str, title: str) -> list[str]:
       logged = [value for value in values if not np.isnan(value)]
       cells.append(f'{np.mean(logged):.3g}' if logged else '-')
     rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return rows + ['']
+
+
+def _end_rows(groups) -> list[str]:
+  rows = [
+      '| setting | how each seed ended | teacher entropy at the end / ln K | cluster_mi |',
+      '| --- | --- | --- | --- |'
+  ]
+  for label, members in groups.items():
+    rows.append(f"| {label} | {', '.join(_end_state(run) for run in members)} | "
+                f'{_spread(members, _end_entropy_fraction)} | '
+                f"{_spread(members, _result('cluster_mi'))} |")
   return rows + ['']
 
 
@@ -577,6 +685,14 @@ def write_report(study_dir: str) -> dict:
   ]
   for tag, title in EARLY_TAGS:
     lines += _early_rows(groups, tag, title)
+  lines += [
+      '## How each run ended', '',
+      'One cluster: fewer effective clusters than guard.min_clusters and cluster_mi below '
+      f'{COLLAPSE_MI}; uniform: from that epoch to the end, the teacher\'s per-image entropy above '
+      'guard.uniform_entropy * ln K and its cluster MI below guard.uniform_mi (the collapse '
+      'guard\'s thresholds, kldino/guard.py).', ''
+  ]
+  lines += _end_rows(groups)
   lines += [
       '## Prior-pass diagnostics over training', '', '![prior-pass curves](prior_pass_curves.png)',
       '', '## Jensen gap against the teacher temperature', '',
