@@ -28,11 +28,14 @@ HEALTHY_MI = 0.7  # above: healthy
 CLOSE_GAP = 0.1  # nats: a Jensen gap this small means centering approximates the prior well
 RECORD = 'runs.json'
 # What a run's label names when the run differs from it: (config key, how, the default).
-LABEL_EXTRAS = (('model.prototypes', '{} prototypes',
-                 'learned'), ('model.head_norm', '{} head', 'batch'), ('objective.teacher_temp',
-                                                                       'tau_t={}', 0.04),
-                ('objective.sinkhorn_iters', '{} Sinkhorn iterations', 3), ('batch_size',
-                                                                            'batch {}', 64))
+LABEL_EXTRAS = (
+    ('model.prototypes', '{} prototypes', 'learned'),
+    ('model.num_prototypes', 'K={}', 256),
+    ('model.head_norm', '{} head', 'batch'),
+    ('objective.teacher_temp', 'tau_t={}', 0.04),
+    ('objective.sinkhorn_iters', '{} Sinkhorn iterations', 3),
+    ('batch_size', 'batch {}', 64),
+)
 KNN_CURVE = 'eval/knn_top1'
 PRIOR_PASS_SECONDS = 'prior_pass/seconds'
 # The train step's teacher-side metrics (kldino/objective.py target_diagnostics), to see how a
@@ -52,6 +55,7 @@ EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[3:]
 # What could make Sinkhorn end uniform, each with the probe that changes it alone from the
 # default (a LABEL_EXTRAS key; sweeps/study_vit.py runs them).
 SINKHORN_CAUSES = (('batch_size', 'the batch holds fewer teacher views than prototypes'),
+                   ('model.num_prototypes', 'more prototypes than the data has clusters'),
                    ('model.head_norm', 'the batch norm inside the head'),
                    ('objective.sinkhorn_iters', 'too few Sinkhorn iterations'),
                    ('objective.teacher_temp', 'a teacher too cold for Sinkhorn'))

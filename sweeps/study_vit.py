@@ -1,11 +1,11 @@
 """The study of docs/method.md's claims on the digits ViT recipe (configs/study_digits_vit.py),
 with seeds: every normalisation with 3 seeds; the prior period T and the LayerNorm head with 2;
 the teacher temperature with 1; and, with seed 0, what would tell why Sinkhorn ends uniform on
-this recipe (more Sinkhorn iterations, a warmer teacher, a 4x batch, DINO's head without batch
-norm). Seed 0 runs first, with the Sinkhorn probes right after Sinkhorn and the LayerNorm heads
-before the prior periods, so that a study stopped part-way can already say why Sinkhorn and the
-LayerNorm head behave as they do; then seeds 1 and 2. launch.sweep resumes a study, and skips
-the runs already recorded in its runs.json (kldino/report.py).
+this recipe (a 4x batch, DINO's head without batch norm, 64 prototypes, more Sinkhorn
+iterations, a warmer teacher). Seed 0 runs first, with the Sinkhorn probes right after Sinkhorn
+and the LayerNorm heads before the prior periods, so that a study stopped part-way can already
+say why Sinkhorn and the LayerNorm head behave as they do; then seeds 1 and 2. launch.sweep
+resumes a study, and skips the runs already recorded in its runs.json (kldino/report.py).
 
     python -m launch.sweep --sweep=sweeps/study_vit.py --config=configs/study_digits_vit.py \
         --workdir_root=studies/digits_vit --report
@@ -55,13 +55,18 @@ TEMPERATURES = [{
 } for temp in (0.02, 0.07, 0.1)]
 
 # In the order of what they discriminate: whether the batch holds fewer teacher rows than
-# prototypes (128 < K = 256), the head's batch norm, then the Sinkhorn iterations and temperature.
+# prototypes (128 < K = 256), the head's batch norm, whether K exceeds the clusters the data
+# fills (the prior pass finds half of the 256 empty), then the Sinkhorn iterations and
+# temperature.
 SINKHORN_PROBES = [
     {
         **SINKHORN, 'batch_size': 256
     },
     {
         **SINKHORN, 'model.head_norm': 'none'
+    },
+    {
+        **SINKHORN, 'model.num_prototypes': 64
     },
     {
         **SINKHORN, 'objective.sinkhorn_iters': 10
