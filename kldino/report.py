@@ -48,10 +48,10 @@ CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
           ('prior_pass/empty_cluster_fraction', 'fraction of empty clusters'),
           ('prior_pass/jensen_gap', 'Jensen gap KL(prior || centered), nats'),
           ('prior_pass/prototype_mean_norm', '||w_bar|| (mean unit prototype)'))
-# The epochs at which the report tabulates the targets and the prototypes' spread, and what:
-# whether a run ends uniform or collapsed is decided in its first epochs.
+# The epochs at which the report tabulates the targets, the empty clusters and the prototypes'
+# spread, and what: whether a run ends uniform or collapsed is decided in its first epochs.
 EARLY_EPOCHS = (1, 2, 5, 10, 20)
-EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[3:]
+EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[1:2] + CURVES[3:]
 # What could make Sinkhorn end uniform, each with the probe that changes it alone from the
 # default (a LABEL_EXTRAS key; sweeps/study_vit.py runs them).
 SINKHORN_CAUSES = (('batch_size', 'the batch holds fewer teacher views than prototypes'),
