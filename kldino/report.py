@@ -52,8 +52,9 @@ CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
 # spread, and what: whether a run ends uniform or collapsed is decided in its first epochs.
 EARLY_EPOCHS = (1, 2, 5, 10, 20)
 EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[1:2] + CURVES[3:]
-# What could make Sinkhorn end uniform, each with the probe that changes it alone from the
-# default (a LABEL_EXTRAS key; sweeps/study_vit.py runs them).
+END_FRACTION = 0.1  # how the runs end: their last tenth
+# What could make Sinkhorn collapse to uniform, each with the probe that changes it alone from
+# the default (a LABEL_EXTRAS key; sweeps/study_vit.py runs them).
 SINKHORN_CAUSES = (('batch_size', 'the batch holds fewer teacher views than prototypes'),
                    ('model.num_prototypes', 'more prototypes than the data has clusters'),
                    ('model.head_norm', 'the batch norm inside the head'),
@@ -472,8 +473,8 @@ def _only_differs_in(run, key: str | None) -> bool:
 
 
 def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
-  """For each possible cause of Sinkhorn's uniform end, whether the probe that removes it
-  (everything else at the default) also removes the uniform end."""
+  """For each possible cause of Sinkhorn's uniform collapse, whether the probe that removes it
+  (everything else at the default) also removes the collapse."""
   sinkhorn = _find(runs, objective__normalization='sinkhorn')
   default = [run for run in sinkhorn if _only_differs_in(run, None)]
   found = []
@@ -481,12 +482,11 @@ def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
     probe = [run for run in sinkhorn if _only_differs_in(run, key)]
     if not (default and probe):
       continue
-    uniform = [run for run in probe if uniform_from_epoch(run) is not None]
-    verdict = ('not tested: Sinkhorn at the default did not end uniform' if any(
-        uniform_from_epoch(run) is None for run in default) else _share_verdict(
-            [run for run in probe if run not in uniform], probe))
-    found.append(
-        (f'Sinkhorn ends uniform because of {cause}', verdict, _end_states(default + probe)))
+    verdict = ('not tested: Sinkhorn at the default did not collapse to uniform'
+               if not all(_collapsed(run, 'uniform') for run in default) else _share_verdict(
+                   [run for run in probe if not _collapsed(run, 'uniform')], probe))
+    found.append((f'Sinkhorn collapses to uniform because of {cause}', verdict,
+                  _collapse_states(default + probe)))
   return found
 
 
@@ -498,13 +498,13 @@ def _layer_norm_head_claims(runs) -> list[tuple[str, str, str]]:
   prior = _find(layer, objective__normalization='prior')
   if not (none and prior):
     return []
-  one_cluster = all(_one_cluster(run) for run in none)
-  uniform = [run for run in prior if uniform_from_epoch(run) is not None]
   verdict = ('not supported: `none` did not collapse to one cluster'
-             if not one_cluster else 'not supported: the prior collapsed to one cluster' if any(
-                 _one_cluster(run) for run in prior) else _share_verdict(uniform, prior))
+             if not all(_collapsed(run, 'one_cluster') for run in none) else
+             'not supported: the prior collapsed to one cluster' if any(
+                 _collapsed(run, 'one_cluster') for run in prior) else _share_verdict(
+                     [run for run in prior if _collapsed(run, 'uniform')], prior))
   return [('with a LayerNorm head the prior stops the one-cluster collapse of `none` but not '
-           'the uniform collapse', verdict, _end_states(none + prior))]
+           'the uniform collapse', verdict, _collapse_states(none + prior))]
 
 
 def _last_w_bar(run) -> float:
@@ -516,49 +516,39 @@ def _steps_per_epoch(run) -> float:
   return run.results['step'] / run.config['num_epochs']
 
 
-def uniform_from_epoch(run) -> float | None:
-  """The epoch from which the teacher stayed uniform to the end of the run (None: it did not end
-  uniform). Uniform as the collapse guard defines it (kldino/guard.py), with the run's own
-  thresholds: per-image entropy above guard.uniform_entropy * ln K and the teacher's cluster
-  mutual information below guard.uniform_mi."""
-  steps, entropy = run.series('teacher_entropy')
-  _, mutual_information = run.series('teacher_mi')
+def _collapsed(run, kind: str) -> bool:
+  """Whether the run's collapse guard (kldino/guard.py) saw this kind of collapse."""
+  return (run.results.get('collapse') or {}).get('kind') == kind
+
+
+def _collapse_state(run) -> str:
+  """What the collapse guard saw first, and at which epoch: it records the first collapse that
+  lasted guard.patience_epochs, whether or not the run recovered from it."""
+  collapse = run.results.get('collapse')
+  if not collapse:
+    return 'no collapse'
+  epoch = collapse['since_step'] / _steps_per_epoch(run)
+  return f"{collapse['kind'].replace('_', ' ')} from epoch {epoch:.0f}"
+
+
+def _collapse_states(runs) -> str:
+  return '; '.join(
+      f"{label}: {', '.join(_collapse_state(run) for run in members)} (cluster_mi "
+      f"{_spread(members, _result('cluster_mi'))}, k-NN {_spread(members, _result('knn_top1'))})"
+      for label, members in settings(runs).items())
+
+
+def _end_mean(run, tag) -> float:
+  """`tag`'s mean over the last END_FRACTION of the run's steps (one logged step is noisy)."""
+  steps, values = run.series(tag)
   if not steps.size:
-    return None
-  threshold = run.value('guard.uniform_entropy') * np.log(run.value('model.num_prototypes'))
-  uniform = (entropy > threshold) & (mutual_information < run.value('guard.uniform_mi'))
-  if not uniform[-1]:
-    return None
-  not_uniform = np.flatnonzero(~uniform)
-  first = not_uniform[-1] + 1 if not_uniform.size else 0
-  return float(steps[first] / _steps_per_epoch(run))
+    return float('nan')
+  return float(np.mean(values[steps >= (1 - END_FRACTION) * run.results['step']]))
 
 
 def _end_entropy_fraction(run) -> float:
   """The teacher's per-image entropy at the end, as a fraction of its maximum ln K."""
-  _, entropy = run.series('teacher_entropy')
-  return float(entropy[-1] / np.log(run.value('model.num_prototypes'))) if entropy.size else \
-      float('nan')
-
-
-def _one_cluster(run) -> bool:
-  return (run.results['effective_clusters'] < run.value('guard.min_clusters') and
-          run.results['cluster_mi'] < COLLAPSE_MI)
-
-
-def _end_state(run) -> str:
-  """How a run ended: one cluster, uniform (from which epoch), or neither."""
-  if _one_cluster(run):
-    return 'one cluster'
-  epoch = uniform_from_epoch(run)
-  return 'healthy' if epoch is None else f'uniform from epoch {epoch:.0f}'
-
-
-def _end_states(runs) -> str:
-  return '; '.join(f"{label}: {', '.join(_end_state(run) for run in members)} (cluster_mi "
-                   f"{_spread(members, _result('cluster_mi'))}, k-NN "
-                   f"{_spread(members, _result('knn_top1'))})"
-                   for label, members in settings(runs).items())
+  return _end_mean(run, 'teacher_entropy') / np.log(run.value('model.num_prototypes'))
 
 
 def _near_epoch(run, tag, epoch: int | None) -> float:
@@ -616,12 +606,13 @@ def _early_rows(groups, tag: str, title: str) -> list[str]:
 
 def _end_rows(groups) -> list[str]:
   rows = [
-      '| setting | how each seed ended | teacher entropy at the end / ln K | cluster_mi |',
-      '| --- | --- | --- | --- |'
+      '| setting | the collapse guard, each seed | teacher entropy / ln K | teacher MI (nats) | '
+      'cluster_mi |', '| --- | --- | --- | --- | --- |'
   ]
   for label, members in groups.items():
-    rows.append(f"| {label} | {', '.join(_end_state(run) for run in members)} | "
+    rows.append(f"| {label} | {', '.join(_collapse_state(run) for run in members)} | "
                 f'{_spread(members, _end_entropy_fraction)} | '
+                f"{_spread(members, lambda run: _end_mean(run, 'teacher_mi'))} | "
                 f"{_spread(members, _result('cluster_mi'))} |")
   return rows + ['']
 
@@ -690,11 +681,13 @@ def write_report(study_dir: str) -> dict:
   for tag, title in EARLY_TAGS:
     lines += _early_rows(groups, tag, title)
   lines += [
-      '## How each run ended', '',
-      'One cluster: fewer effective clusters than guard.min_clusters and cluster_mi below '
-      f'{COLLAPSE_MI}; uniform: from that epoch to the end, the teacher\'s per-image entropy above '
-      'guard.uniform_entropy * ln K and its cluster MI below guard.uniform_mi (the collapse '
-      'guard\'s thresholds, kldino/guard.py).', ''
+      '## Collapse', '',
+      'What the collapse guard (kldino/guard.py, the run\'s own thresholds) saw first, at the '
+      'epoch it began: one cluster (fewer than guard.min_clusters effective clusters per batch) '
+      'or uniform (per-image entropy above guard.uniform_entropy * ln K and the teacher\'s '
+      'cluster MI below guard.uniform_mi), lasting guard.patience_epochs; a run may recover '
+      f'after it. Then the teacher\'s train-step entropy and MI over the last {END_FRACTION:.0%} '
+      'of the run, and the final cluster_mi.', ''
   ]
   lines += _end_rows(groups)
   lines += [

@@ -223,62 +223,72 @@ def test_a_step_logged_twice_counts_once_with_its_last_value():
   np.testing.assert_array_equal(values, [0.5, 0.8])
 
 
-def _teacher(run, entropy_fraction, mutual_information):
-  """Logs the teacher's entropy (a fraction of ln 256) and MI at steps 10, 20, ..., 100."""
+def _teacher(run, entropy_fraction, mutual_information, collapse=None):
+  """Logs the teacher's entropy (a fraction of ln 256) and MI at steps 10, 20, ..., 100, and what
+  the collapse guard saw ({'kind', 'since_step'} or None)."""
   run.scalars['teacher_entropy'] = [
       (10 * (i + 1), fraction * np.log(256)) for i, fraction in enumerate(entropy_fraction)
   ]
   run.scalars['teacher_mi'] = [(10 * (i + 1), mi) for i, mi in enumerate(mutual_information)]
+  run.results['collapse'] = collapse
   return run
 
 
-def test_uniform_from_the_epoch_after_the_teacher_last_was_not():
-  # 10 steps an epoch; above 0.95 ln K with MI below 0.05 from step 30 on, but for step 60.
-  fractions = [0.5, 0.9, 0.97, 0.98, 0.99, 0.5, 0.99, 0.99, 0.99, 0.99]
-  run = _teacher(_run('sinkhorn', 0, 0.2, 0.2), fractions, [0.01] * 10)
-  assert report.uniform_from_epoch(run) == 7.0  # step 70, the first after the last dip
-  assert report._end_entropy_fraction(run) == pytest.approx(0.99)
-  # Flat per image but still informative about the image (MI above the guard's 0.05): not uniform.
-  assert report.uniform_from_epoch(_teacher(_run('a', 0, 0.2, 0.2), fractions, [0.2] * 10)) is None
-  # Uniform for a while, not at the end: it did not end uniform.
-  assert report.uniform_from_epoch(_teacher(_run('b', 0, 0.9, 0.9), [0.99] * 9 + [0.5],
-                                            [0.01] * 10)) is None
+UNIFORM = ([0.99] * 10, [0.01] * 10, {'kind': 'uniform', 'since_step': 30})
+HEALTHY = ([0.6] * 10, [1.0] * 10)
 
 
-def test_sinkhorn_causes_are_judged_by_whether_their_probe_ends_uniform():
-  uniform, healthy = ([0.99] * 10, [0.01] * 10), ([0.6] * 10, [1.0] * 10)
-  default = _teacher(_run('sinkhorn', 0, 0.2, 0.2, normalization='sinkhorn'), *uniform)
-  batch = _teacher(_run('sinkhorn_256', 0, 0.9, 0.9, normalization='sinkhorn'), *healthy)
+def test_collapse_is_what_the_guard_saw_and_the_end_is_the_last_tenth():
+  # 10 steps an epoch; the guard saw a uniform collapse from step 30; the run recovered partly.
+  fractions = [0.5, 0.9, 0.97, 0.98, 0.99, 0.99, 0.99, 0.99, 0.9, 0.96]
+  mutual_information = [1.0, 0.5, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.2, 0.1]
+  run = _teacher(_run('sinkhorn', 0, 0.2, 0.2, normalization='sinkhorn'), fractions,
+                 mutual_information, UNIFORM[2])
+  assert report._collapse_state(run) == 'uniform from epoch 3'
+  assert report._collapsed(run, 'uniform') and not report._collapsed(run, 'one_cluster')
+  # The last tenth of 100 steps: steps 90 and 100.
+  assert report._end_entropy_fraction(run) == pytest.approx(np.mean([0.9, 0.96]))
+  assert report._end_mean(run, 'teacher_mi') == pytest.approx(0.15)
+  rows = report._end_rows(report.settings([run]))
+  assert rows[2] == '| sinkhorn | uniform from epoch 3 | 0.9300 | 0.1500 | 1.5000 |'
+  assert report._collapse_state(_teacher(_run('prior', 0, 0.9, 0.9), *HEALTHY)) == 'no collapse'
+
+
+def test_sinkhorn_causes_are_judged_by_whether_their_probe_collapses():
+  default = _teacher(_run('sinkhorn', 0, 0.2, 0.2, normalization='sinkhorn'), *UNIFORM)
+  batch = _teacher(_run('sinkhorn_256', 0, 0.9, 0.9, normalization='sinkhorn'), *HEALTHY)
   batch.config['batch_size'] = 256
   no_norm = _teacher(_run('sinkhorn_none', 0, 0.2, 0.2, normalization='sinkhorn', head_norm='none'),
-                     *uniform)
-  prior = _teacher(_run('prior', 0, 0.9, 0.9), *healthy)  # not a Sinkhorn run: not a probe
+                     *UNIFORM)
+  prior = _teacher(_run('prior', 0, 0.9, 0.9), *HEALTHY)  # not a Sinkhorn run: not a probe
   verdicts = {
       claim: (verdict, numbers)
       for claim, verdict, numbers in report.claims([default, batch, no_norm, prior])
   }
-  verdict, numbers = verdicts[
-      'Sinkhorn ends uniform because of the batch holds fewer teacher views than prototypes']
+  verdict, numbers = verdicts['Sinkhorn collapses to uniform because of the batch holds fewer '
+                              'teacher views than prototypes']
   assert verdict == 'supported'
-  assert numbers.startswith('sinkhorn: uniform from epoch 1 (cluster_mi 1.5000, k-NN 0.2000); '
-                            'sinkhorn (batch 256): healthy')
-  verdict, _ = verdicts['Sinkhorn ends uniform because of the batch norm inside the head']
+  assert numbers == ('sinkhorn: uniform from epoch 3 (cluster_mi 1.5000, k-NN 0.2000); '
+                     'sinkhorn (batch 256): no collapse (cluster_mi 1.5000, k-NN 0.9000)')
+  verdict, _ = verdicts['Sinkhorn collapses to uniform because of the batch norm inside the head']
   assert verdict == 'not supported'
   assert not any('iterations' in claim for claim in verdicts)  # no probe: no row
-  default.scalars = _teacher(default, *healthy).scalars
+  _teacher(default, *HEALTHY)
   verdict, _ = report._sinkhorn_claims([default, batch])[0][1:]
   assert verdict.startswith('not tested')
 
 
 def test_layer_norm_head_claim_needs_one_cluster_for_none_and_uniform_for_the_prior():
   none = _teacher(_run('none', 0, 0.5, 0.5, normalization='none', head_norm='layer'), [0.0] * 10,
-                  [0.0] * 10)
-  none.results.update(effective_clusters=1.0, cluster_mi=1e-6)
-  prior = _teacher(_run('prior', 0, 0.3, 0.3, head_norm='layer'), [0.99] * 10, [0.01] * 10)
+                  [0.0] * 10, {
+                      'kind': 'one_cluster',
+                      'since_step': 20
+                  })
+  prior = _teacher(_run('prior', 0, 0.3, 0.3, head_norm='layer'), *UNIFORM)
   (claim, verdict, numbers), = report._layer_norm_head_claims([none, prior])
   assert claim.startswith('with a LayerNorm head the prior stops')
   assert verdict == 'supported'
-  assert 'none (layer head): one cluster' in numbers
-  assert 'prior/sweep T=1 (layer head): uniform from epoch 1' in numbers
-  prior.scalars = _teacher(prior, [0.6] * 10, [1.0] * 10).scalars  # a healthy prior run
+  assert 'none (layer head): one cluster from epoch 2' in numbers
+  assert 'prior/sweep T=1 (layer head): uniform from epoch 3' in numbers
+  _teacher(prior, *HEALTHY)
   assert report._layer_norm_head_claims([none, prior])[0][1] == 'not supported'
