@@ -53,13 +53,6 @@ CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
 EARLY_EPOCHS = (1, 2, 5, 10, 20)
 EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[1:2] + CURVES[3:]
 END_FRACTION = 0.1  # how the runs end: their last tenth
-# What could make Sinkhorn collapse to uniform, each with the probe that changes it alone from
-# the default (a LABEL_EXTRAS key; sweeps/study_vit.py runs them).
-SINKHORN_CAUSES = (('batch_size', 'the batch holds fewer teacher views than prototypes'),
-                   ('model.num_prototypes', 'more prototypes than the data has clusters'),
-                   ('model.head_norm', 'the batch norm inside the head'),
-                   ('objective.sinkhorn_iters', 'too few Sinkhorn iterations'),
-                   ('objective.teacher_temp', 'a teacher too cold for Sinkhorn'))
 
 
 @dataclasses.dataclass
@@ -473,20 +466,20 @@ def _only_differs_in(run, key: str | None) -> bool:
 
 
 def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
-  """For each possible cause of Sinkhorn's uniform collapse, whether the probe that removes it
-  (everything else at the default) also removes the collapse."""
+  """Whether each probe of Sinkhorn's uniform collapse (a Sinkhorn setting that changes one
+  LABEL_EXTRAS key from the default; sweeps/study_vit.py) avoids it."""
   sinkhorn = _find(runs, objective__normalization='sinkhorn')
   default = [run for run in sinkhorn if _only_differs_in(run, None)]
+  if not default:
+    return []
   found = []
-  for key, cause in SINKHORN_CAUSES:
-    probe = [run for run in sinkhorn if _only_differs_in(run, key)]
-    if not (default and probe):
-      continue
-    verdict = ('not tested: Sinkhorn at the default did not collapse to uniform'
-               if not all(_collapsed(run, 'uniform') for run in default) else _share_verdict(
-                   [run for run in probe if not _collapsed(run, 'uniform')], probe))
-    found.append((f'Sinkhorn collapses to uniform because of {cause}', verdict,
-                  _collapse_states(default + probe)))
+  for key, _, _ in LABEL_EXTRAS:
+    for label, probe in settings([run for run in sinkhorn if _only_differs_in(run, key)]).items():
+      verdict = ('not tested: Sinkhorn at the default did not collapse to uniform'
+                 if not all(_collapsed(run, 'uniform') for run in default) else _share_verdict(
+                     [run for run in probe if not _collapsed(run, 'uniform')], probe))
+      found.append((f'{label} avoids the uniform collapse of {default[0].label}', verdict,
+                    _collapse_states(default + probe)))
   return found
 
 

@@ -254,7 +254,7 @@ def test_collapse_is_what_the_guard_saw_and_the_end_is_the_last_tenth():
   assert report._collapse_state(_teacher(_run('prior', 0, 0.9, 0.9), *HEALTHY)) == 'no collapse'
 
 
-def test_sinkhorn_causes_are_judged_by_whether_their_probe_collapses():
+def test_each_sinkhorn_probe_is_judged_by_whether_it_collapses():
   default = _teacher(_run('sinkhorn', 0, 0.2, 0.2, normalization='sinkhorn'), *UNIFORM)
   batch = _teacher(_run('sinkhorn_256', 0, 0.9, 0.9, normalization='sinkhorn'), *HEALTHY)
   batch.config['batch_size'] = 256
@@ -265,14 +265,22 @@ def test_sinkhorn_causes_are_judged_by_whether_their_probe_collapses():
       claim: (verdict, numbers)
       for claim, verdict, numbers in report.claims([default, batch, no_norm, prior])
   }
-  verdict, numbers = verdicts['Sinkhorn collapses to uniform because of the batch holds fewer '
-                              'teacher views than prototypes']
+  verdict, numbers = verdicts['sinkhorn (batch 256) avoids the uniform collapse of sinkhorn']
   assert verdict == 'supported'
   assert numbers == ('sinkhorn: uniform from epoch 3 (cluster_mi 1.5000, k-NN 0.2000); '
                      'sinkhorn (batch 256): no collapse (cluster_mi 1.5000, k-NN 0.9000)')
-  verdict, _ = verdicts['Sinkhorn collapses to uniform because of the batch norm inside the head']
+  verdict, _ = verdicts['sinkhorn (none head) avoids the uniform collapse of sinkhorn']
   assert verdict == 'not supported'
   assert not any('iterations' in claim for claim in verdicts)  # no probe: no row
+  iterations = [
+      _teacher(_run(f'sinkhorn_{n}', 0, 0.5, 0.5, normalization='sinkhorn', sinkhorn_iters=n),
+               *state) for n, state in ((1, UNIFORM), (10, HEALTHY))
+  ]
+  verdicts = {claim: verdict for claim, verdict, _ in report.claims([default] + iterations)}
+  assert verdicts['sinkhorn (1 Sinkhorn iterations) avoids the uniform collapse of sinkhorn'] == \
+      'not supported'
+  assert verdicts['sinkhorn (10 Sinkhorn iterations) avoids the uniform collapse of sinkhorn'] == \
+      'supported'
   _teacher(default, *HEALTHY)
   verdict, _ = report._sinkhorn_claims([default, batch])[0][1:]
   assert verdict.startswith('not tested')
