@@ -53,6 +53,7 @@ CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
 EARLY_EPOCHS = (1, 2, 5, 10, 20)
 EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[1:2] + CURVES[3:]
 END_FRACTION = 0.1  # how the runs end: their last tenth
+NEAR_UNIFORM = 0.9  # a teacher's per-image entropy above this fraction of ln K: (near) uniform
 
 
 @dataclasses.dataclass
@@ -466,7 +467,7 @@ def _only_differs_in(run, key: str | None) -> bool:
 
 
 def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
-  """Whether each probe of Sinkhorn's uniform collapse (a Sinkhorn setting that changes one
+  """Whether each probe of Sinkhorn's uniform end (a Sinkhorn setting that changes one
   LABEL_EXTRAS key from the default; sweeps/study_vit.py) avoids it."""
   sinkhorn = _find(runs, objective__normalization='sinkhorn')
   default = [run for run in sinkhorn if _only_differs_in(run, None)]
@@ -475,10 +476,10 @@ def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
   found = []
   for key, _, _ in LABEL_EXTRAS:
     for label, probe in settings([run for run in sinkhorn if _only_differs_in(run, key)]).items():
-      verdict = ('not tested: Sinkhorn at the default did not collapse to uniform'
-                 if not all(_collapsed(run, 'uniform') for run in default) else _share_verdict(
-                     [run for run in probe if not _collapsed(run, 'uniform')], probe))
-      found.append((f'{label} avoids the uniform collapse of {default[0].label}', verdict,
+      verdict = ('not tested: Sinkhorn at the default did not end (near) uniform'
+                 if not all(_uniform(run) for run in default) else _share_verdict(
+                     [run for run in probe if not _uniform(run)], probe))
+      found.append((f'{label} avoids the (near) uniform end of {default[0].label}', verdict,
                     _collapse_states(default + probe)))
   return found
 
@@ -495,7 +496,7 @@ def _layer_norm_head_claims(runs) -> list[tuple[str, str, str]]:
              if not all(_collapsed(run, 'one_cluster') for run in none) else
              'not supported: the prior collapsed to one cluster' if any(
                  _collapsed(run, 'one_cluster') for run in prior) else _share_verdict(
-                     [run for run in prior if _collapsed(run, 'uniform')], prior))
+                     [run for run in prior if _uniform(run)], prior))
   return [('with a LayerNorm head the prior stops the one-cluster collapse of `none` but not '
            'the uniform collapse', verdict, _collapse_states(none + prior))]
 
@@ -524,9 +525,16 @@ def _collapse_state(run) -> str:
   return f"{collapse['kind'].replace('_', ' ')} from epoch {epoch:.0f}"
 
 
+def _uniform(run) -> bool:
+  """A uniform collapse as the guard saw it, or a teacher near uniform at the end (above
+  NEAR_UNIFORM * ln K: a run can sit just under the guard's threshold with its features lost)."""
+  return _collapsed(run, 'uniform') or _end_entropy_fraction(run) > NEAR_UNIFORM
+
+
 def _collapse_states(runs) -> str:
   return '; '.join(
-      f"{label}: {', '.join(_collapse_state(run) for run in members)} (cluster_mi "
+      f"{label}: {', '.join(_collapse_state(run) for run in members)}, teacher entropy at the "
+      f'end {_spread(members, _end_entropy_fraction)} ln K (cluster_mi '
       f"{_spread(members, _result('cluster_mi'))}, k-NN {_spread(members, _result('knn_top1'))})"
       for label, members in settings(runs).items())
 
