@@ -553,13 +553,17 @@ def _end_entropy_fraction(run) -> float:
 
 
 def _near_epoch(run, tag, epoch: int | None) -> float:
-  """`tag`'s value logged nearest to the end of `epoch` (None: its last); nan where unlogged."""
+  """`tag`'s value logged nearest to the end of `epoch` (None: its last); nan where unlogged or
+  where the nearest logged step is more than an epoch away (a large batch has few steps an
+  epoch, fewer than the steps between two logs)."""
   steps, values = run.series(tag)
   if not steps.size:
     return float('nan')
   if epoch is None:
     return float(values[-1])
-  return float(values[np.argmin(np.abs(steps - epoch * _steps_per_epoch(run)))])
+  distances = np.abs(steps - epoch * _steps_per_epoch(run))
+  nearest = np.argmin(distances)
+  return float(values[nearest]) if distances[nearest] <= _steps_per_epoch(run) else float('nan')
 
 
 def _by_value(runs, key) -> dict:

@@ -205,14 +205,18 @@ def test_first_epochs_table_takes_each_seeds_value_logged_nearest_the_epoch():
     run.scalars['target_entropy'] = [(step, step / 10 + offset) for step in range(9, 100, 10)]
   rows = report._early_rows(report.settings(runs), 'target_entropy', 'targets')
   assert rows[2] == '| setting | epoch 1 | epoch 2 | epoch 5 | epoch 10 | epoch 20 | end |'
-  # Epoch e ends at step 10 e: the nearest logged step is 10 e - 1 (epoch 20: the last, 99).
+  # Epoch e ends at step 10 e: the nearest logged step is 10 e - 1; the 10-epoch runs have no
+  # epoch 20 (its nearest step, 99, is 10 epochs away).
   expected = [
-      np.mean([(min(10 * epoch, 100) - 1) / 10 + seed
-               for seed in (0, 1)])
-      for epoch in (1, 2, 5, 10, 20)
-  ] + [np.mean([9.9, 10.9])]
-  assert rows[4] == '| prior/sweep T=1 | ' + ' | '.join(f'{value:.3g}' for value in expected) + ' |'
+      f'{np.mean([(10 * epoch - 1) / 10 + seed for seed in (0, 1)]):.3g}' for epoch in (1, 2, 5, 10)
+  ] + ['-', f'{np.mean([9.9, 10.9]):.3g}']
+  assert rows[4] == '| prior/sweep T=1 | ' + ' | '.join(expected) + ' |'
   assert rows[5] == '| center |' + ' - |' * 6  # never logged: no number
+  # 2 steps an epoch, logged every 10 steps: only epochs 5, 10 and 20 have a value within an epoch.
+  runs[0].results['step'], runs[0].config['num_epochs'] = 40, 20
+  runs[0].scalars['target_entropy'] = [(step, step / 10) for step in range(10, 41, 10)]
+  rows = report._early_rows(report.settings(runs[:1]), 'target_entropy', 'targets')
+  assert rows[4] == '| prior/sweep T=1 | - | - | 1 | 2 | 4 | 4 |'
 
 
 def test_a_step_logged_twice_counts_once_with_its_last_value():
