@@ -23,8 +23,10 @@ MODES = ('off', 'warn', 'stop')
 _FIXES = {
     'one_cluster': 'use an anti-collapse normalisation (--config.objective.normalization=prior '
                    'or center) or lower optim.lr',
-    'uniform': 'sharpen the targets (lower objective.teacher_temp / teacher_temp_end) or give '
-               'the head batch statistics (a head without them can settle on flat posteriors)',
+    'uniform': 'sharpen the targets (lower objective.teacher_temp / teacher_temp_end), give '
+               'the head batch statistics (a head without them can settle on flat posteriors), '
+               'or with sinkhorn use fewer prototypes (model.num_prototypes: its equipartition '
+               'flattens the targets when the teacher leaves most of them empty, docs/results.md)',
 }
 
 
