@@ -473,12 +473,13 @@ def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
   default = [run for run in sinkhorn if _only_differs_in(run, None)]
   if not default:
     return []
+  default_uniform = all(_uniform(run) for run in default)
   found = []
   for key, _, _ in LABEL_EXTRAS:
     for label, probe in settings([run for run in sinkhorn if _only_differs_in(run, key)]).items():
-      verdict = ('not tested: Sinkhorn at the default did not end (near) uniform'
-                 if not all(_uniform(run) for run in default) else _share_verdict(
-                     [run for run in probe if not _uniform(run)], probe))
+      verdict = (_share_verdict([run for run in probe if not _uniform(run)], probe)
+                 if default_uniform else
+                 'not tested: Sinkhorn at the default did not end (near) uniform')
       found.append((f'{label} avoids the (near) uniform end of {default[0].label}', verdict,
                     _collapse_states(default + probe)))
   return found
@@ -561,9 +562,10 @@ def _near_epoch(run, tag, epoch: int | None) -> float:
     return float('nan')
   if epoch is None:
     return float(values[-1])
-  distances = np.abs(steps - epoch * _steps_per_epoch(run))
+  steps_per_epoch = _steps_per_epoch(run)
+  distances = np.abs(steps - epoch * steps_per_epoch)
   nearest = np.argmin(distances)
-  return float(values[nearest]) if distances[nearest] <= _steps_per_epoch(run) else float('nan')
+  return float(values[nearest]) if distances[nearest] <= steps_per_epoch else float('nan')
 
 
 def _by_value(runs, key) -> dict:

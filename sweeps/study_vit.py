@@ -33,19 +33,20 @@ NORMALISATIONS = [
         'objective.normalization': 'none'
     },
 ]
-PERIODS_AND_HEADS = [
+# The LayerNorm heads first (what they show needs explaining), then the prior periods.
+HEADS_AND_PERIODS = [
     {
-        **PRIOR, 'objective.prior_every_epochs': 4
-    },
-    {
-        **PRIOR, 'objective.prior_every_epochs': 16
+        **PRIOR, 'model.head_norm': 'layer'
     },
     {
         'objective.normalization': 'none',
         'model.head_norm': 'layer'
     },
     {
-        **PRIOR, 'model.head_norm': 'layer'
+        **PRIOR, 'objective.prior_every_epochs': 16
+    },
+    {
+        **PRIOR, 'objective.prior_every_epochs': 4
     },
 ]
 # 0.04 is the default: the PRIOR runs above.
@@ -84,8 +85,8 @@ SINKHORN_PROBES = [
 def get_sweep():
   after_sinkhorn = NORMALISATIONS.index(SINKHORN) + 1
   seed_0 = (NORMALISATIONS[:after_sinkhorn] + SINKHORN_PROBES + NORMALISATIONS[after_sinkhorn:] +
-            PERIODS_AND_HEADS[::-1] + TEMPERATURES)
+            HEADS_AND_PERIODS + TEMPERATURES)
   points = [{**point, 'seed': 0} for point in seed_0]
-  points += [{**point, 'seed': 1} for point in NORMALISATIONS + PERIODS_AND_HEADS[::-1]]
+  points += [{**point, 'seed': 1} for point in NORMALISATIONS + HEADS_AND_PERIODS]
   points += [{**point, 'seed': 2} for point in NORMALISATIONS]
   return {'list': points}
