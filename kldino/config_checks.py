@@ -170,6 +170,8 @@ def _validate_guard(guard_config):
       f'guard.uniform_entropy={guard_config.uniform_entropy} must be in (0, 1): a fraction '
       'of log K')
   _require(guard_config.uniform_mi > 0, f'guard.uniform_mi={guard_config.uniform_mi} must be > 0')
+  _require(guard_config.constant_mi > 0,
+           f'guard.constant_mi={guard_config.constant_mi} must be > 0')
 
 
 def _validate_eval(config, num_devices: int):

@@ -1,13 +1,17 @@
 """The collapse guard: tells a collapsed run from the teacher's per-step statistics.
 
-The two ways a DINO-family run collapses (docs/method.md, "Collapse"), read from the teacher's
-posteriors p(k | x) over a batch, which the train step measures every step
-(kldino/objective.py:diagnostics):
+The ways a DINO-family run collapses, read from the teacher's posteriors p(k | x) over a batch,
+which the train step measures every step (kldino/objective.py:diagnostics). In each the teacher's
+posterior stops depending on the image; they differ in what the shared posterior looks like:
 
 * one cluster: every image goes to the same prototype. The batch's marginal mean_x p(k | x) has
   exp(H) -> 1 effective clusters (H = teacher_entropy + teacher_mi, the marginal's entropy).
 * uniform: every image's posterior is flat. The per-image entropy teacher_entropy -> log K and
   the mutual information teacher_mi between image and cluster -> 0.
+* constant: every image gets the same posterior, spread over some of the prototypes but neither
+  one of them nor all: teacher_mi -> 0 with neither condition above. The inverse prior keeps
+  such a teacher where it is: with p(k | x) the same for every x, the prior equals it and the
+  targets p / prior are the same for every image too (docs/results.md, the LayerNorm head).
 
 A kind counts once its condition has held at every logged step for `guard.patience_epochs`
 epochs: early steps, when the teacher is still near its initialisation, pass through it without
@@ -27,6 +31,9 @@ _FIXES = {
                'the head batch statistics (a head without them can settle on flat posteriors), '
                'or with sinkhorn use fewer prototypes (model.num_prototypes: its equipartition '
                'flattens the targets when the teacher leaves most of them empty, docs/results.md)',
+    'constant': 'give the head batch statistics (model.head_norm=batch: a head without them '
+                'starts with nearly the same posterior for every image, docs/results.md) or '
+                'sharpen the targets (lower objective.teacher_temp)',
 }
 
 
@@ -75,15 +82,18 @@ class CollapseGuard:
     self.min_clusters = guard_config.min_clusters
     self.uniform_entropy = guard_config.uniform_entropy * math.log(num_prototypes)
     self.uniform_mi = guard_config.uniform_mi
-    self.since = {'one_cluster': None, 'uniform': None}
+    self.constant_mi = guard_config.constant_mi
+    self.since = {'one_cluster': None, 'uniform': None, 'constant': None}
     self.collapse: Collapse | None = None
 
   def _holds(self, metrics: dict) -> dict[str, bool]:
+    """Which kind holds at this step; at most one does."""
+    one_cluster = _teacher_clusters(metrics) < self.min_clusters
+    flat = metrics['teacher_entropy'] > self.uniform_entropy
     return {
-        'one_cluster':
-            _teacher_clusters(metrics) < self.min_clusters,
-        'uniform': (metrics['teacher_entropy'] > self.uniform_entropy and
-                    metrics['teacher_mi'] < self.uniform_mi),
+        'one_cluster': one_cluster,
+        'uniform': flat and metrics['teacher_mi'] < self.uniform_mi,
+        'constant': metrics['teacher_mi'] < self.constant_mi and not (one_cluster or flat),
     }
 
   def observe(self, step: int, metrics: dict) -> Collapse | None:

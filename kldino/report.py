@@ -51,7 +51,11 @@ CURVES = (('prior_pass/effective_clusters', 'effective clusters (dataset)'),
 # The epochs at which the report tabulates the targets, the empty clusters and the prototypes'
 # spread, and what: whether a run ends uniform or collapsed is decided in its first epochs.
 EARLY_EPOCHS = (1, 2, 5, 10, 20)
-EARLY_TAGS = TRAIN_CURVES[:3] + CURVES[1:2] + CURVES[3:]
+EARLY_TAGS = TRAIN_CURVES + CURVES[1:2] + CURVES[3:]
+# Where a run starts: the prior pass before step 0 (the initial teacher on the whole dataset) and
+# the train step's first log. A head without batch statistics starts with nearly the same
+# posterior for every image (docs/results.md, the LayerNorm head).
+START_TAGS = CURVES[:2] + TRAIN_CURVES[3:] + TRAIN_CURVES[:1]
 END_FRACTION = 0.1  # how the runs end: their last tenth
 NEAR_UNIFORM = 0.9  # a teacher's per-image entropy above this fraction of ln K: (near) uniform
 
@@ -486,8 +490,8 @@ def _sinkhorn_claims(runs) -> list[tuple[str, str, str]]:
 
 
 def _layer_norm_head_claims(runs) -> list[tuple[str, str, str]]:
-  """The LayerNorm head: `none` collapses to one cluster; the prior stops that but not the
-  uniform collapse."""
+  """The LayerNorm head: `none` collapses to one cluster; the prior stops that, but its teacher
+  still ends independent of the image (cluster_mi below COLLAPSE_MI)."""
   layer = _find(runs, model__head_norm='layer', objective__teacher_temp=0.04)
   none = _find(layer, objective__normalization='none')
   prior = _find(layer, objective__normalization='prior')
@@ -497,9 +501,10 @@ def _layer_norm_head_claims(runs) -> list[tuple[str, str, str]]:
              if not all(_collapsed(run, 'one_cluster') for run in none) else
              'not supported: the prior collapsed to one cluster' if any(
                  _collapsed(run, 'one_cluster') for run in prior) else _share_verdict(
-                     [run for run in prior if _uniform(run)], prior))
-  return [('with a LayerNorm head the prior stops the one-cluster collapse of `none` but not '
-           'the uniform collapse', verdict, _collapse_states(none + prior))]
+                     [run for run in prior if run.results['cluster_mi'] < COLLAPSE_MI], prior))
+  return [('with a LayerNorm head the prior stops the one-cluster collapse of `none`, but its '
+           f'teacher still ends independent of the image (cluster_mi < {COLLAPSE_MI})', verdict,
+           _collapse_states(none + prior))]
 
 
 def _last_w_bar(run) -> float:
@@ -594,6 +599,12 @@ def _setting_rows(groups) -> list[str]:
   return rows
 
 
+def _cell(values) -> str:
+  """The mean of the seeds' values that were logged; '-' where none was."""
+  logged = [value for value in values if not np.isnan(value)]
+  return f'{np.mean(logged):.3g}' if logged else '-'
+
+
 def _early_rows(groups, tag: str, title: str) -> list[str]:
   epochs = EARLY_EPOCHS + (None,)
   rows = [
@@ -602,11 +613,24 @@ def _early_rows(groups, tag: str, title: str) -> list[str]:
       '| --- |' + ' --- |' * len(epochs)
   ]
   for label, members in groups.items():
-    cells = []
-    for epoch in epochs:
-      values = [_near_epoch(run, tag, epoch) for run in members]
-      logged = [value for value in values if not np.isnan(value)]
-      cells.append(f'{np.mean(logged):.3g}' if logged else '-')
+    cells = [_cell([_near_epoch(run, tag, epoch) for run in members]) for epoch in epochs]
+    rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return rows + ['']
+
+
+def _first_logged(run, tag) -> float:
+  _, values = run.series(tag)
+  return float(values[0]) if values.size else float('nan')
+
+
+def _start_rows(groups) -> list[str]:
+  """Each setting's first logged value of START_TAGS, mean over seeds."""
+  rows = [
+      '| setting | ' + ' | '.join(title for _, title in START_TAGS) + ' |',
+      '| --- |' + ' --- |' * len(START_TAGS)
+  ]
+  for label, members in groups.items():
+    cells = [_cell([_first_logged(run, tag) for run in members]) for tag, _ in START_TAGS]
     rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
   return rows + ['']
 
@@ -683,16 +707,22 @@ def write_report(study_dir: str) -> dict:
       '## Accuracy and collapse', '', '![accuracy](accuracy.png)', '', '## k-NN during training',
       '', '![k-NN curves](knn_curves.png)', '',
       "## The teacher's targets during training (mean over seeds)", '',
-      '![training curves](training_curves.png)', '', '## The first epochs', ''
+      '![training curves](training_curves.png)', '', '## The start', '',
+      'The first logged value, mean over seeds: for the prior pass\'s figures, the pass before '
+      'step 0 (the initial teacher over the whole dataset); for the train step\'s, its first log '
+      'step.', ''
   ]
+  lines += _start_rows(groups)
+  lines += ['## The first epochs', '']
   for tag, title in EARLY_TAGS:
     lines += _early_rows(groups, tag, title)
   lines += [
       '## Collapse', '',
       'What the collapse guard (kldino/guard.py, the run\'s own thresholds) saw first, at the '
-      'epoch it began: one cluster (fewer than guard.min_clusters effective clusters per batch) '
-      'or uniform (per-image entropy above guard.uniform_entropy * ln K and the teacher\'s '
-      'cluster MI below guard.uniform_mi), lasting guard.patience_epochs; a run may recover '
+      'epoch it began: one cluster (fewer than guard.min_clusters effective clusters per batch), '
+      'uniform (per-image entropy above guard.uniform_entropy * ln K and the teacher\'s cluster '
+      'MI below guard.uniform_mi) or constant (the same posterior for every image: MI below '
+      'guard.constant_mi, neither of the others), lasting guard.patience_epochs; a run may recover '
       f'after it. Then the teacher\'s train-step entropy and MI over the last {END_FRACTION:.0%} '
       'of the run, and the final cluster_mi.', ''
   ]

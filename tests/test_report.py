@@ -219,6 +219,20 @@ def test_first_epochs_table_takes_each_seeds_value_logged_nearest_the_epoch():
   assert rows[4] == '| prior/sweep T=1 | - | - | 1 | 2 | 4 | 4 |'
 
 
+def test_the_start_table_is_each_seeds_first_logged_value():
+  runs = [_run('prior_0', 0, 0.9, 0.9), _run('prior_1', 1, 0.9, 0.9)]
+  for seed, run in enumerate(runs):
+    run.scalars['prior_pass/effective_clusters'] = [(0, 100.0 + seed), (10, 50.0)]
+    run.scalars['teacher_mi'] = [(20, 2.0 + seed), (40, 1.0)]
+  runs[1].scalars['prior_pass/empty_cluster_fraction'] = [(0, 0.5), (10, 0.9)]
+  rows = report._start_rows(report.settings(runs))
+  assert rows[0] == ('| setting | effective clusters (dataset) | fraction of empty clusters | '
+                     "teacher's cluster mutual information (nats) | teacher's per-image entropy "
+                     '(nats) |')
+  # The mean of the seeds that logged it; no seed logged the teacher's entropy.
+  assert rows[2] == '| prior/sweep T=1 | 100 | 0.5 | 2.5 | - |'
+
+
 def test_a_step_logged_twice_counts_once_with_its_last_value():
   run = _run('prior', 0, 0.9, 0.9, knn_curve=(0.5, 0.7))
   run.scalars[report.KNN_CURVE].append((20, 0.8))  # the final evaluation, logged again
@@ -292,17 +306,27 @@ def test_each_sinkhorn_probe_is_judged_by_whether_it_collapses():
   assert verdict.startswith('not tested')
 
 
-def test_layer_norm_head_claim_needs_one_cluster_for_none_and_uniform_for_the_prior():
+def test_layer_norm_head_claim_needs_one_cluster_for_none_and_no_image_dependence_for_the_prior():
   none = _teacher(_run('none', 0, 0.5, 0.5, normalization='none', head_norm='layer'), [0.0] * 10,
                   [0.0] * 10, {
                       'kind': 'one_cluster',
                       'since_step': 20
                   })
-  prior = _teacher(_run('prior', 0, 0.3, 0.3, head_norm='layer'), *UNIFORM)
+  # The same posterior over 50 prototypes for every image: 0.71 ln K, MI 0.
+  prior = _teacher(_run('prior', 0, 0.3, 0.3, head_norm='layer'), [np.log(50) / np.log(256)] * 10,
+                   [0.0] * 10, {
+                       'kind': 'constant',
+                       'since_step': 30
+                   })
+  prior.results['cluster_mi'] = 1e-6
   (claim, verdict, numbers), = report._layer_norm_head_claims([none, prior])
   assert claim.startswith('with a LayerNorm head the prior stops')
   assert verdict == 'supported'
   assert 'none (layer head): one cluster from epoch 2' in numbers
-  assert 'prior/sweep T=1 (layer head): uniform from epoch 3' in numbers
-  _teacher(prior, *HEALTHY)
+  assert 'prior/sweep T=1 (layer head): constant from epoch 3' in numbers
+  assert 'teacher entropy at the end 0.7055 ln K (cluster_mi 0.0000' in numbers
+  prior.results['cluster_mi'] = 1.5  # its images differ at the end
   assert report._layer_norm_head_claims([none, prior])[0][1] == 'not supported'
+  prior.results['collapse'] = {'kind': 'one_cluster', 'since_step': 30}
+  assert report._layer_norm_head_claims(
+      [none, prior])[0][1].startswith('not supported: the prior collapsed to one cluster')
