@@ -461,8 +461,8 @@ def claims(runs) -> list[tuple[str, str, str]]:
                       objective__teacher_temp=0.04)
     if estimated and default:
       found.append((f"the dataset's prior (a prior pass) beats the prior estimated from the "
-                    f"{source} statistics",
-                    *_accuracy_comparison(estimated, default, (source, 'sweep'))))
+                    f"{source} statistics", *_accuracy_comparison(estimated, default,
+                                                                  (source, 'sweep'))))
   periods = _by_value(
       _find(runs,
             objective__normalization='prior',

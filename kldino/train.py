@@ -7,10 +7,12 @@ checkpoint every N steps -> final checkpoint -> evaluation of the teacher backbo
 A resumed run is the uninterrupted run: the state holds everything that changes (parameters,
 optimizer and normalisation state, step, RNG) and the batches of step s are a pure function of
 (seed, s). SIGTERM (one process) or JAX's preemption sync point (several) saves the step just taken,
-waits for the files, and stops with `Preempted`.
+waits for the files, and stops with `Preempted`; outside the steps (the baselines before them, the
+final evaluation after the last checkpoint) there is nothing to save and SIGTERM stops at once.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -506,6 +508,26 @@ def _finished_results(trainer: Trainer, eval_path: str) -> dict | None:
   return results if int(trainer.restore_or_init().step) == total else None
 
 
+@contextlib.contextmanager
+def _sigterm_stops_at_once(where: str):
+  """SIGTERM raises `Preempted` at once while the block runs: nothing is lost that the checkpoints
+  hold, and the run stops with the exit code of a preempted step (one process; several leave
+  SIGTERM to JAX's preemption service, as Trainer.train does)."""
+  if jax.process_count() > 1:
+    yield
+    return
+
+  def stop(signum, frame):
+    del signum, frame
+    raise checkpoint_lib.Preempted(f'stopped on request {where}')
+
+  previous_handler = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
   eval_path = os.path.join(workdir, 'eval.json')
@@ -514,7 +536,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  eval_path)
     return results
   checkpoint_lib.write_config_json(config, workdir)
-  baselines = _baselines(trainer) if config.eval.baselines else {}
+  with _sigterm_stops_at_once('during the baselines, before training: rerun the same command'):
+    baselines = _baselines(trainer) if config.eval.baselines else {}
   try:
     state = trainer.train()
   except guard_lib.CollapseStopped:
@@ -522,9 +545,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     write_eval_json({'collapse': collapse.record(), 'step': collapse.step, **baselines}, eval_path)
     raise
   collapse = trainer.guard.collapse
-  results = {
-      **trainer.evaluate(state.teacher, int(state.step)),
-      **baselines, 'collapse': collapse.record() if collapse else None
-  }
+  step = int(state.step)
+  logging.info('the final evaluation of step %d', step)
+  with _sigterm_stops_at_once(f'during the final evaluation; the checkpoint of step {step} is '
+                              'saved: rerun the same command to evaluate it'):
+    results = {
+        **trainer.evaluate(state.teacher, step),
+        **baselines, 'collapse': collapse.record() if collapse else None
+    }
   write_eval_json(results, eval_path)
   return results

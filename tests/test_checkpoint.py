@@ -97,16 +97,12 @@ def test_kill_9_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
   assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
 
 
-def test_sigterm_saves_exits_0_and_resumes_identically_a_second_run_meanwhile_refused(
-    uninterrupted, tmp_path):
+def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
+  # A second run on the workdir meanwhile is refused: tests/test_cli.py holds the same lock.
   reference, _ = uninterrupted
   workdir = str(tmp_path / 'preempted')
   process = _start_and_wait_for_step(workdir, 10)
-  second = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)  # the same command again, while the first runs: refused
-  assert second.returncode == cli.EXIT_USAGE, second.stderr[-3000:]
-  assert 'is in use by another kldino run' in second.stderr.strip().splitlines()[-1]
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signal.SIGTERM)  # at once: the run has 70-odd steps to go
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-3000:]
   assert 'stopped at step' in stderr
@@ -114,6 +110,32 @@ def test_sigterm_saves_exits_0_and_resumes_identically_a_second_run_meanwhile_re
   assert stopped_at in _steps(workdir) and stopped_at < TOTAL_STEPS
   _run(workdir)
   _assert_states_equal(_final_state(workdir), _final_state(reference))
+
+
+def test_sigterm_in_the_final_evaluation_exits_0_and_the_rerun_evaluates(uninterrupted, tmp_path):
+  reference, reference_results = uninterrupted
+  workdir = str(tmp_path / 'evaluating')
+  shutil.copytree(reference, workdir)
+  os.remove(os.path.join(workdir, 'eval.json'))  # trained to the end, not yet evaluated
+  process = subprocess.Popen(_command(workdir),
+                             cwd=REPO,
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             text=True)
+  seen = []
+  for line in process.stderr:
+    seen.append(line)
+    if f'the final evaluation of step {TOTAL_STEPS}' in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  stdout, stderr = process.communicate(timeout=300)
+  stderr = ''.join(seen) + stderr
+  assert process.returncode == 0, stderr[-3000:]
+  assert (f'stopped on request during the final evaluation; the checkpoint of step {TOTAL_STEPS}'
+          ' is saved') in stderr.strip().splitlines()[-1]
+  assert not stdout.strip() and not os.path.exists(os.path.join(workdir, 'eval.json'))
+  result = _run(workdir)
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
 
 
 def _event_files(workdir):

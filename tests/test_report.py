@@ -158,8 +158,7 @@ def test_seeds_form_one_setting_with_mean_range_and_separation():
   assert 'knn_top1: center 0.8250 (0.8000-0.8500, 2 seeds), prior 0.9200 (0.9000-0.9400, 2 ' \
          'seeds), separated by the seeds' in numbers
   assert 'linear_top1' in numbers and 'not separated by the seeds' in numbers
-  one_seed_verdict, one_seed = report._accuracy_comparison(runs[2:3], runs[:1],
-                                                           ('center', 'prior'))
+  one_seed_verdict, one_seed = report._accuracy_comparison(runs[2:3], runs[:1], ('center', 'prior'))
   assert 'one seed: not tested against seed noise' in one_seed and 'separated' not in one_seed
   assert one_seed_verdict == 'supported by one seed'  # center_0 0.80/0.94 below prior_0 0.90/0.95
   gap_verdict, gap_numbers = verdicts[
@@ -168,11 +167,13 @@ def test_seeds_form_one_setting_with_mean_range_and_separation():
       'mean Jensen gap over prior passes 0.0300 (0.0200-0.0400, 2 seeds)')
 
 
-@pytest.mark.parametrize('center_linear, verdict', [
-    ((0.90, 0.91), 'supported'),  # below prior's 0.93-0.95 on both, apart on both
-    ((0.90, 0.935), 'not separated by the seeds'),  # mean 0.9175 below 0.94, ranges overlap
-    ((0.95, 0.96), 'not supported'),  # above on linear
-])
+@pytest.mark.parametrize(
+    'center_linear, verdict',
+    [
+        ((0.90, 0.91), 'supported'),  # below prior's 0.93-0.95 on both, apart on both
+        ((0.90, 0.935), 'not separated by the seeds'),  # mean 0.9175 below 0.94, ranges overlap
+        ((0.95, 0.96), 'not supported'),  # above on linear
+    ])
 def test_an_accuracy_claim_is_supported_only_where_the_seeds_separate(center_linear, verdict):
   runs = [
       _run('prior_0', 0, 0.90, 0.95),
