@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 from typing import Any
 
 import jax
@@ -112,6 +113,26 @@ def check_compatible(saved_config: dict,
 
 class Preempted(RuntimeError):
   """A loop stopped on request (SIGTERM or a preemption notice) after saving a checkpoint."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_at_once(where: str):
+  """SIGTERM raises `Preempted` at once while the block runs: nothing is lost that the checkpoints
+  hold, and the run stops with the exit code of a preempted step (one process; several leave
+  SIGTERM to JAX's preemption service, as the training loops do)."""
+  if jax.process_count() > 1:
+    yield
+    return
+
+  def stop(signum, frame):
+    del signum, frame
+    raise Preempted(f'stopped on request {where}')
+
+  previous_handler = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
 
 
 class WriteFailed(RuntimeError):

@@ -12,7 +12,6 @@ final evaluation after the last checkpoint) there is nothing to save and SIGTERM
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -508,26 +507,6 @@ def _finished_results(trainer: Trainer, eval_path: str) -> dict | None:
   return results if int(trainer.restore_or_init().step) == total else None
 
 
-@contextlib.contextmanager
-def _sigterm_stops_at_once(where: str):
-  """SIGTERM raises `Preempted` at once while the block runs: nothing is lost that the checkpoints
-  hold, and the run stops with the exit code of a preempted step (one process; several leave
-  SIGTERM to JAX's preemption service, as Trainer.train does)."""
-  if jax.process_count() > 1:
-    yield
-    return
-
-  def stop(signum, frame):
-    del signum, frame
-    raise checkpoint_lib.Preempted(f'stopped on request {where}')
-
-  previous_handler = signal.signal(signal.SIGTERM, stop)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous_handler)
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
   eval_path = os.path.join(workdir, 'eval.json')
@@ -536,7 +515,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  eval_path)
     return results
   checkpoint_lib.write_config_json(config, workdir)
-  with _sigterm_stops_at_once('during the baselines, before training: rerun the same command'):
+  with checkpoint_lib.sigterm_stops_at_once(
+      'during the baselines, before training: rerun the same command'):
     baselines = _baselines(trainer) if config.eval.baselines else {}
   try:
     state = trainer.train()
@@ -547,8 +527,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   collapse = trainer.guard.collapse
   step = int(state.step)
   logging.info('the final evaluation of step %d', step)
-  with _sigterm_stops_at_once(f'during the final evaluation; the checkpoint of step {step} is '
-                              'saved: rerun the same command to evaluate it'):
+  with checkpoint_lib.sigterm_stops_at_once(
+      f'during the final evaluation; the checkpoint of step {step} is '
+      'saved: rerun the same command to evaluate it'):
     results = {
         **trainer.evaluate(state.teacher, step),
         **baselines, 'collapse': collapse.record() if collapse else None

@@ -119,3 +119,31 @@ def test_other_protocol_values_are_refused_in_one_line(uninterrupted):
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('kldino: ') and 'other eval.* values' in last and 'delete' in last
+
+
+def test_sigterm_while_scoring_exits_0_and_the_rerun_scores(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  workdir = str(tmp_path / 'scoring')
+  shutil.copytree(reference, workdir)
+  os.remove(os.path.join(workdir, 'linear_eval.json'))  # the heads trained, not yet scored
+  process = subprocess.Popen(_command(workdir),
+                             cwd=REPO,
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             text=True)
+  seen = []
+  for line in process.stderr:
+    seen.append(line)
+    if f'linear_eval: scoring the heads of step {TOTAL_STEPS}' in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  stdout, stderr = process.communicate(timeout=300)
+  stderr = ''.join(seen) + stderr
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'stopped on request while scoring the linear heads; the heads are saved' in \
+      stderr.strip().splitlines()[-1]
+  assert not stdout.strip() and not os.path.exists(os.path.join(workdir, 'linear_eval.json'))
+  rerun = _run(workdir)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  with open(os.path.join(reference, 'linear_eval.json')) as f:
+    assert json.loads(rerun.stdout.strip().splitlines()[-1]) == json.load(f)
