@@ -115,6 +115,11 @@ class Preempted(RuntimeError):
   """A loop stopped on request (SIGTERM or a preemption notice) after saving a checkpoint."""
 
 
+class _SigtermNow(BaseException):
+  """What the handler of sigterm_stops_at_once raises: a BaseException, as KeyboardInterrupt is,
+  so that no `except Exception` on the way (logging's own emit has one) swallows it."""
+
+
 @contextlib.contextmanager
 def sigterm_stops_at_once(where: str):
   """SIGTERM raises `Preempted` at once while the block runs: nothing is lost that the checkpoints
@@ -126,11 +131,13 @@ def sigterm_stops_at_once(where: str):
 
   def stop(signum, frame):
     del signum, frame
-    raise Preempted(f'stopped on request {where}')
+    raise _SigtermNow
 
   previous_handler = signal.signal(signal.SIGTERM, stop)
   try:
     yield
+  except _SigtermNow:
+    raise Preempted(f'stopped on request {where}') from None
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
 

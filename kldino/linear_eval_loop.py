@@ -216,9 +216,9 @@ def linear_eval(run, *, step: int | None, output: str | None) -> dict:
   loop = _Loop(run, backbone_step)
   started = time.time()
   state = loop.train(teacher)
-  logging.info('linear_eval: scoring the heads of step %d', loop.total_steps)
   with checkpoint_lib.sigterm_stops_at_once(
       'while scoring the linear heads; the heads are saved: rerun the same command to score them'):
+    logging.info('linear_eval: scoring the heads of step %d', loop.total_steps)
     results = loop.score(state['heads'], teacher)
   results.update(step=backbone_step,
                  linear_steps=loop.total_steps,

@@ -526,10 +526,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise
   collapse = trainer.guard.collapse
   step = int(state.step)
-  logging.info('the final evaluation of step %d', step)
   with checkpoint_lib.sigterm_stops_at_once(
       f'during the final evaluation; the checkpoint of step {step} is '
       'saved: rerun the same command to evaluate it'):
+    logging.info('the final evaluation of step %d', step)  # SIGTERM from here on stops at once
     results = {
         **trainer.evaluate(state.teacher, step),
         **baselines, 'collapse': collapse.record() if collapse else None

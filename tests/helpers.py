@@ -1,6 +1,9 @@
-"""Small configs, the repo's config files and random batches shared by the tests."""
+"""Small configs, the repo's config files, random batches and subprocess helpers shared by the
+tests."""
 import importlib
 import os
+import signal
+import subprocess
 
 import numpy as np
 
@@ -44,3 +47,21 @@ def random_batch(config, seed=0, channels=1):
       'local_crops':
           rng.standard_normal((b, config.aug.num_local, local, local, channels)).astype(np.float32),
   }
+
+
+def sigterm_at_log_line(command, marker: str):
+  """Runs `command` in the repo, sends SIGTERM as soon as a stderr line holds `marker`; returns
+  (exit code, stdout, all of stderr)."""
+  process = subprocess.Popen(command,
+                             cwd=REPO,
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             text=True)
+  seen = []
+  for line in process.stderr:
+    seen.append(line)
+    if marker in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  stdout, rest = process.communicate(timeout=300)
+  return process.returncode, stdout, ''.join(seen) + rest

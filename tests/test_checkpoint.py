@@ -19,6 +19,7 @@ from kldino import commands
 from kldino import export as export_lib
 from kldino.config_checks import ConfigError
 from kldino.train import Trainer
+from tests.helpers import sigterm_at_log_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 2 * (1347 // 32)  # configs/smoke.py on digits: 2 epochs of 42 steps
@@ -117,20 +118,9 @@ def test_sigterm_in_the_final_evaluation_exits_0_and_the_rerun_evaluates(uninter
   workdir = str(tmp_path / 'evaluating')
   shutil.copytree(reference, workdir)
   os.remove(os.path.join(workdir, 'eval.json'))  # trained to the end, not yet evaluated
-  process = subprocess.Popen(_command(workdir),
-                             cwd=REPO,
-                             stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE,
-                             text=True)
-  seen = []
-  for line in process.stderr:
-    seen.append(line)
-    if f'the final evaluation of step {TOTAL_STEPS}' in line:
-      process.send_signal(signal.SIGTERM)
-      break
-  stdout, stderr = process.communicate(timeout=300)
-  stderr = ''.join(seen) + stderr
-  assert process.returncode == 0, stderr[-3000:]
+  returncode, stdout, stderr = sigterm_at_log_line(_command(workdir),
+                                                   f'the final evaluation of step {TOTAL_STEPS}')
+  assert returncode == 0, stderr[-3000:]
   assert (f'stopped on request during the final evaluation; the checkpoint of step {TOTAL_STEPS}'
           ' is saved') in stderr.strip().splitlines()[-1]
   assert not stdout.strip() and not os.path.exists(os.path.join(workdir, 'eval.json'))

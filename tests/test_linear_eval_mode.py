@@ -15,6 +15,7 @@ import torch
 from configs.smoke import get_config as smoke_config
 from kldino import commands
 from kldino.torch_baseline import VisionTransformer
+from tests.helpers import sigterm_at_log_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 epochs of 1347 // 64 = 21 steps on digits; heads checkpointed every 5 steps.
@@ -126,20 +127,9 @@ def test_sigterm_while_scoring_exits_0_and_the_rerun_scores(uninterrupted, tmp_p
   workdir = str(tmp_path / 'scoring')
   shutil.copytree(reference, workdir)
   os.remove(os.path.join(workdir, 'linear_eval.json'))  # the heads trained, not yet scored
-  process = subprocess.Popen(_command(workdir),
-                             cwd=REPO,
-                             stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE,
-                             text=True)
-  seen = []
-  for line in process.stderr:
-    seen.append(line)
-    if f'linear_eval: scoring the heads of step {TOTAL_STEPS}' in line:
-      process.send_signal(signal.SIGTERM)
-      break
-  stdout, stderr = process.communicate(timeout=300)
-  stderr = ''.join(seen) + stderr
-  assert process.returncode == 0, stderr[-3000:]
+  returncode, stdout, stderr = sigterm_at_log_line(
+      _command(workdir), f'linear_eval: scoring the heads of step {TOTAL_STEPS}')
+  assert returncode == 0, stderr[-3000:]
   assert 'stopped on request while scoring the linear heads; the heads are saved' in \
       stderr.strip().splitlines()[-1]
   assert not stdout.strip() and not os.path.exists(os.path.join(workdir, 'linear_eval.json'))
