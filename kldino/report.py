@@ -229,12 +229,11 @@ def _separated(first, second, value) -> bool | None:
   return max(a) < min(b) or max(b) < min(a)
 
 
-def _separation(first, second, value) -> str:
-  separated = _separated(first, second, value)
-  if separated is None:
-    return 'one seed: not tested against seed noise'
-  return 'separated by the seeds' if separated else 'not separated by the seeds'
-
+_SEPARATION = {
+    None: 'one seed: not tested against seed noise',
+    True: 'separated by the seeds',
+    False: 'not separated by the seeds'
+}
 
 # --------------------------------------------------------------------------- plots
 
@@ -388,12 +387,12 @@ def _accuracy_comparison(first, second, names) -> tuple[str, str]:
   by the seeds', and a setting with one seed is only 'supported by one seed'."""
   below, separated, numbers = True, True, []
   for key in ('knn_top1', 'linear_top1'):
-    means = _mean(first, _result(key)), _mean(second, _result(key))
-    below &= means[0] < means[1]
-    separated &= _separated(first, second, _result(key)) is not False
-    numbers.append(f'{key}: {names[0]} {_spread(first, _result(key))}, {names[1]} '
-                   f'{_spread(second, _result(key))}, '
-                   f'{_separation(first, second, _result(key))}')
+    value = _result(key)
+    below &= _mean(first, value) < _mean(second, value)
+    key_separated = _separated(first, second, value)
+    separated &= key_separated is not False
+    numbers.append(f'{key}: {names[0]} {_spread(first, value)}, {names[1]} '
+                   f'{_spread(second, value)}, {_SEPARATION[key_separated]}')
   if not below:
     verdict = 'not supported'
   elif not separated:
