@@ -5,7 +5,7 @@
 
 The default shape is the `tiny32` preset's student MLP activation (2 x 64 crops of 65 tokens and
 6 x 64 of 17, hidden width 768). Needs the torch extra. Prints one JSON line with both times in
-ms per call (after one warm-up call each) and the XLA flags in effect (kldino/xla_env.py's).
+ms per call (after one warm-up call each) and the XLA flags in effect (kldino/runtime/xla_env.py's).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from kldino import xla_env
+from kldino.runtime import xla_env
 
 
 def _ms_per_call(run, calls: int) -> float:

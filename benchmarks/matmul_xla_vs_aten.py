@@ -1,5 +1,5 @@
-"""The `tiny32` step's matmul shapes under XLA:CPU (kldino/xla_env.py's flags) against PyTorch's
-(ATen) `torch.mm`, each alone, outside any train step.
+"""The `tiny32` step's matmul shapes under XLA:CPU (kldino/runtime/xla_env.py's flags) against
+PyTorch's (ATen) `torch.mm`, each alone, outside any train step.
 
     python benchmarks/matmul_xla_vs_aten.py [--calls=10]
 
@@ -18,7 +18,7 @@ import argparse
 import json
 import time
 
-from kldino import xla_env
+from kldino.runtime import xla_env
 
 # name -> (rows, contraction, columns) of [rows, contraction] @ [contraction, columns]
 SHAPES = {

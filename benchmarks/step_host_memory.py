@@ -6,7 +6,7 @@ kernel, minor page faults and the process's resident memory, call by call.
 XLA:CPU takes each call's temporary buffer from malloc and frees it when the call ends; whether
 the allocator maps it afresh (and the kernel zero-fills it) every call depends on glibc's
 tunables, which glibc reads at process start, so this script does not re-execute itself as
-kldino.bench does (kldino/host_memory.py): set GLIBC_TUNABLES on its command line. It times
+kldino.bench does (kldino/runtime/host_memory.py): set GLIBC_TUNABLES on its command line. It times
 `--calls` calls waiting for each ('blocking'), then `--calls` calls dispatched back to back as the
 training loop and kldino.bench issue them ('async'), and prints one JSON line per mode.
 """
@@ -18,7 +18,7 @@ import os
 import resource
 import time
 
-from kldino import xla_env
+from kldino.runtime import xla_env
 
 
 def _resident_gb() -> float:
@@ -50,7 +50,8 @@ def main():
     parser.error(f'--calls={args.calls} must be >= 1')
   xla_env.set_xla_flags()  # before JAX starts, as kldino.bench
   import jax  # pylint: disable=g-import-not-at-top
-  from kldino import bench, sharding  # pylint: disable=g-import-not-at-top
+  from kldino.tools import bench
+  from kldino.core import sharding  # pylint: disable=g-import-not-at-top
 
   config, channels = bench.preset_config(args.preset)
   run = bench.bench_train_step(config, channels, sharding.make_mesh(config.mesh), 1)['run']

@@ -16,7 +16,7 @@ epochs (0.934 / 0.953 over seeds 0-2, docs/input.md); with
 stops it at epoch 20 with guard.collapse=stop). The crops are bilinear: on whole-pixel windows
 DINO's bicubic crops reached k-NN 0.864 here and bilinear ones 0.900 (docs/input.md).
 """
-from kldino.defaults import base_config
+from kldino.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -20,7 +20,7 @@ bfloat16` for mixed precision, as configs/imagenet_scale.py does).
     python -m kldino.main --config=configs/imagenet_vit_s16.py --workdir=gs://BUCKET/run \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 """
-from kldino.defaults import base_config
+from kldino.config.defaults import base_config
 
 
 def get_config(arg=None):

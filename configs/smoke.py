@@ -3,7 +3,7 @@ an install and for the end-to-end tests, not for results.
 
     python -m kldino.main --config=configs/smoke.py --workdir=/tmp/kldino_smoke
 """
-from kldino.defaults import base_config
+from kldino.config.defaults import base_config
 
 
 def get_config(arg=None):

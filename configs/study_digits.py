@@ -5,7 +5,7 @@ prior pass every epoch in every run (effective clusters, empty clusters, Jensen 
     python -m launch.sweep --sweep=sweeps/study.py --config=configs/study_digits.py \
         --workdir_root=studies/digits --report
 """
-from kldino.defaults import base_config
+from kldino.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -21,19 +21,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from kldino import files
-from kldino.config_checks import ConfigError
-from kldino.defaults import RENAMED_KEYS
-from kldino.defaults import base_config
+from kldino.runtime import files
+from kldino.config.workdir import flat_dict, resume_refusal, upgrade
+from kldino.errors import ConfigError, WriteFailed
 
 FORMAT = 1
 # Keys that fix the parameters' shapes: a checkpoint written with other values cannot be loaded.
@@ -46,34 +43,8 @@ def directory(workdir: str) -> str:
   return os.path.join(files.absolute(workdir), 'checkpoints')
 
 
-def _flatten(config_dict: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in config_dict.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = tuple(value) if isinstance(value, list) else value
-  return flat
-
-
 def _selected(flat: dict, prefixes) -> dict:
   return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + '.') for p in prefixes)}
-
-
-def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
-  """The saved config on top of today's defaults: keys added since the save keep their default,
-  renamed keys take their new name, and lists written by JSON become tuples again where the
-  default is a tuple."""
-  config = base_config()
-  for key, value in _flatten(saved).items():
-    key = RENAMED_KEYS.get(key, key)
-    parent, _, leaf = key.rpartition('.')
-    node = config
-    for part in filter(None, parent.split('.')):
-      node = node[part]
-    if leaf in node:
-      node[leaf] = value
-  return config
 
 
 def _leaf_shapes(tree) -> dict:
@@ -92,7 +63,10 @@ def check_compatible(saved_config: dict,
                      for_training: bool = True):
   """Refuse a checkpoint whose parameters (or, to train on, data position) differ from what
   `config` builds. Evaluation may use any dataset; training must continue on the same batches."""
-  saved, current = _flatten(saved_config), _flatten(config.to_dict())
+  refusal = resume_refusal(saved_config) if for_training else None
+  if refusal:
+    raise ConfigError(f'the checkpoint at step {step} in {where} cannot be resumed: {refusal}')
+  saved, current = flat_dict(upgrade(saved_config).to_dict()), flat_dict(config.to_dict())
   checks = [(ARCHITECTURE_KEYS, 'its parameters have other shapes')]
   if for_training:
     checks.append((DATA_POSITION_KEYS, 'its data position means other batches'))
@@ -109,42 +83,6 @@ def check_compatible(saved_config: dict,
     logging.warning(
         'resuming step %d with changed config keys (the run will differ from an '
         'uninterrupted one): %s', step, ', '.join(changed))
-
-
-class Preempted(RuntimeError):
-  """A loop stopped on request (SIGTERM or a preemption notice) after saving a checkpoint."""
-
-
-class _SigtermNow(BaseException):
-  """What the handler of sigterm_stops_at_once raises: a BaseException, as KeyboardInterrupt is,
-  so that no `except Exception` on the way (logging's own emit has one) swallows it."""
-
-
-@contextlib.contextmanager
-def sigterm_stops_at_once(where: str):
-  """SIGTERM raises `Preempted` at once while the block runs: nothing is lost that the checkpoints
-  hold, and the run stops with the exit code of a preempted step (one process; several leave
-  SIGTERM to JAX's preemption service, as the training loops do)."""
-  if jax.process_count() > 1:
-    yield
-    return
-
-  def stop(signum, frame):
-    del signum, frame
-    raise _SigtermNow
-
-  previous_handler = signal.signal(signal.SIGTERM, stop)
-  try:
-    yield
-  except _SigtermNow:
-    raise Preempted(f'stopped on request {where}') from None
-  finally:
-    signal.signal(signal.SIGTERM, previous_handler)
-
-
-class WriteFailed(RuntimeError):
-  """A checkpoint could not be written (a full disk, a lost mount); the committed ones are
-  intact."""
 
 
 class Checkpointer:
@@ -211,10 +149,13 @@ class Checkpointer:
       cause = _short_cause(error)
       with contextlib.suppress(Exception):  # the steps on disk, without the failed one
         self.manager.reload()
+      latest = self.latest_step()
+      kept = (f'the newest committed checkpoint, step {latest}, is intact: free space (or fix '
+              'the mount) and rerun the same command to resume from it' if latest is not None else
+              'no checkpoint was committed yet, so there is nothing to resume: free space for at '
+              'least two checkpoints (or fix the mount) and rerun the same command')
       raise WriteFailed(
-          f'writing a checkpoint in {self.directory} failed ({cause}); the newest committed '
-          f'checkpoint, step {self.latest_step()}, is intact: free space (or fix the mount) '
-          'and rerun the same command to resume from it') from error
+          f'writing a checkpoint in {self.directory} failed ({cause}); {kept}') from error
 
   def _check_shapes(self, step: int, abstract_state):
     """Every array this run builds must be in the checkpoint with the same shape."""

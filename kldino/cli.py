@@ -2,7 +2,7 @@
 a config file that is missing or does not parse, `--config.KEY=VALUE` overrides of keys that do
 not exist (with the closest existing keys), flag values of the wrong type, a workdir that cannot
 be one, and a workdir in use by another run. Each ends the command with one line and the exit
-code of its kind (EXIT_*), never a stack trace.
+code of its kind (kldino/errors.py), never a stack trace.
 """
 from __future__ import annotations
 
@@ -15,24 +15,14 @@ import sys
 import tempfile
 import traceback
 
-from kldino import defaults
-
-# Exit codes, by kind of failure (README, "Exit codes").
-EXIT_USAGE = 2  # command line or config: a flag, a key, a value, a config file, the workdir
-EXIT_DATA = 3  # the dataset: missing, unprepared, empty, too many unreadable images
-EXIT_NUMERICS = 4  # a non-finite loss or gradient: the last good checkpoint is kept
-EXIT_WRITE = 5  # the workdir could not be written (a full disk): committed checkpoints kept
-EXIT_COLLAPSE = 6  # guard.collapse=stop saw a collapse: its step's checkpoint is saved
-# Preemption (SIGTERM) saves and exits 0: the same command resumes.
+from kldino import modes
+from kldino.config import workdir
+from kldino.errors import UsageError
 
 _LOCK_FILE = '.kldino.lock'
 
 
-class UsageError(Exception):
-  """A problem with what the user asked for; the message names it and the fix."""
-
-
-def fail(message: str, code: int = EXIT_USAGE):
+def fail(message: str, code: int = UsageError.exit_code):
   """Ends the command with `kldino: message` on stderr; the traceback too with --verbose."""
   if '--verbose' in sys.argv:
     traceback.print_exc()
@@ -116,7 +106,7 @@ def quiet_tracebacks():
 def check_output(path: str, *, directory: bool = False):
   """--output: its folder (or, with `directory`, itself) is made when missing and must be
   writable, before anything is computed; UsageError otherwise."""
-  if '://' in path:  # a bucket: written through etils.epath (kldino/files.py)
+  if '://' in path:  # a bucket: written through etils.epath (kldino/runtime/files.py)
     return
   folder = os.path.abspath(path) if directory else os.path.dirname(os.path.abspath(path))
   if directory and os.path.isfile(folder):
@@ -154,6 +144,9 @@ def load_config_file(spec: str):
     raise UsageError(f'--config={path}: no such file; pass the path of a config file with '
                      'get_config(), e.g. --config=configs/digits.py')
   module_spec = importlib.util.spec_from_file_location('_kldino_checked_config', path)
+  if module_spec is None:
+    raise UsageError(f'--config={path} is not a Python config file: pass a file with '
+                     'get_config(), e.g. --config=configs/digits.py, or a saved config.json')
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
@@ -192,13 +185,44 @@ def check_overrides(config, argv: list[str]):
     if not arg.startswith('--config.'):
       continue
     key = arg[len('--config.'):].split('=', 1)[0]
-    if key in defaults.RENAMED_KEYS:
-      raise UsageError(defaults.renamed_key_message(key))
+    if key in workdir.RENAMED_KEYS:
+      raise UsageError(workdir.renamed_key_message(key))
     if key not in keys:
       close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
       hint = (f'did you mean {" or ".join(close)}?'
-              if close else 'the keys and their defaults are in kldino/defaults.py')
+              if close else 'the keys and their defaults are in kldino/config/defaults.py')
       raise UsageError(f'unknown config key {key} (--config.{key}): {hint}')
+
+
+_WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'workdir.py')
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  values = _flag_values(argv, name)
+  return values[0] if values else None
+
+
+def _saved_config(arg: str, *, after_flag: bool) -> str:
+  """A --config argument naming a saved config.json, as the workdir config's argument."""
+  if arg.startswith('--config=') and arg.endswith('.json'):
+    return f'--config={_WORKDIR_CONFIG}:{arg.split("=", 1)[1]}'
+  return f'{_WORKDIR_CONFIG}:{arg}' if after_flag and arg.endswith('.json') else arg
+
+
+def with_workdir_config(argv: list[str]) -> list[str]:
+  """argv with `--config=<kldino>/config/workdir.py:DIR` when a mode that reads a checkpoint has
+  no --config (config overrides need a config flag that comes before them), and with
+  `--config=<kldino>/config/workdir.py:FILE.json` for `--config=FILE.json` (a saved config)."""
+  argv = [
+      _saved_config(arg, after_flag=index > 0 and argv[index - 1] == '--config')
+      for index, arg in enumerate(argv)
+  ]
+  configs = _flag_values(argv, 'config')
+  workdir, mode = _flag_value(argv, 'workdir'), _flag_value(argv, 'mode')
+  reads_workdir_config = mode in modes.MODES and modes.MODES.get(mode).reads_workdir_config
+  if configs or not reads_workdir_config or not workdir:
+    return argv
+  return [argv[0], f'--config={_WORKDIR_CONFIG}:{workdir}', *argv[1:]]
 
 
 def check_command_line(argv: list[str], default_config: str | None = None):

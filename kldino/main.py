@@ -4,16 +4,10 @@
 
 trains (resuming from DIR's latest checkpoint if there is one), then evaluates the teacher
 backbone; the last stdout line is the evaluation JSON (also written to DIR/eval.json). Log lines
-go to stderr. The other modes (kldino/commands.py) read a checkpoint of DIR:
-
-    --mode=eval     [--step=N] [--output=FILE.json] [--config.data.name=... ...]
-    --mode=linear_eval [--step=N] [--output=FILE.json]   (DINO's linear evaluation)
-    --mode=features [--step=N] [--split=test | --inputs=X.npy] [--output=F.npy]
-    --mode=export   [--step=N] [--output=FILE.npz]
-    --mode=import   --import_from=FILE.pth --config=CONFIG   (writes DIR's step-0 checkpoint)
-    --mode=preview  --output=OUT [--split=S] [--num_images=N]  (the input as the model sees it)
-
-and print one JSON line saying what they wrote. Without --config they use DIR/config.json.
+go to stderr. `--mode=NAME` does something else with the same config and workdir: the modes are
+registered in kldino/modes/__init__.py and listed by `--help`; each prints one JSON line saying
+what it wrote. The modes that read a checkpoint use DIR/config.json when no --config is given.
+A failure ends in one line and the exit code of its kind (kldino/errors.py).
 """
 from __future__ import annotations
 
@@ -27,31 +21,45 @@ from absl import logging
 from ml_collections import config_flags
 
 from kldino import cli
-from kldino import host_memory
-from kldino import xla_env
+from kldino import errors
+from kldino import modes
+from kldino.runtime import host_memory
+from kldino.runtime import xla_env
+
+# What each flag of the modes is; which modes take it comes from their registrations.
+_MODE_FLAGS = {
+    'step': 'the checkpoint step (default: the latest readable one)',
+    'split': 'the split (default: data.eval_split)',
+    'num_images': 'how many images of the split',
+    'inputs': 'a .npy of float32 NHWC images, already preprocessed (no augmentation, no resizing)',
+    'import_from': 'an official DINO .pth file',
+}
+
+
+def _takers(flag: str) -> str:
+  return ', '.join(name for name in modes.MODES if flag in modes.MODES.get(name).flags)
+
+
+def _flag_help(flag: str) -> str:
+  return f'{_takers(flag)}: {_MODE_FLAGS[flag]}.'
+
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config()).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs, checkpoints and eval.json.')
-_MODE = flags.DEFINE_enum('mode', 'train', [
-    'train', 'eval', 'linear_eval', 'features', 'export', 'import', 'preview', 'attention', 'plan'
-], 'What to do.')
-_STEP = flags.DEFINE_integer(
-    'step', None, 'eval/features/export: the checkpoint step '
-    '(default: the latest readable one).')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', modes.MODES.names(), 'What to do. ' +
+    '; '.join(f'{name}: {modes.MODES.get(name).summary}' for name in modes.MODES) + '.')
 _OUTPUT = flags.DEFINE_string(
-    'output', None, 'eval: JSON path (default DIR/eval.json); '
-    'linear_eval: JSON path (default DIR/linear_eval.json); '
-    'features: .npy path; export: .npz path.')
-_SPLIT = flags.DEFINE_string(
-    'split', None, 'features, preview, attention: the split (default '
-    'data.eval_split).')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'preview, attention: how many images of the '
-                                   'split.')
-_INPUTS = flags.DEFINE_string(
-    'inputs', None, 'features, attention: a .npy of float32 NHWC '
-    'images, already '
-    'preprocessed (no augmentation, no resizing).')
-_IMPORT_FROM = flags.DEFINE_string('import_from', None, 'import: an official DINO .pth file.')
+    'output', None, '; '.join(f'{name}: {modes.MODES.get(name).output}' for name in modes.MODES
+                              if modes.MODES.get(name).output) + '.')
+_MODE_VALUES = {
+    'step': flags.DEFINE_integer('step', None, _flag_help('step')),
+    'split': flags.DEFINE_string('split', None, _flag_help('split')),
+    'num_images': flags.DEFINE_integer('num_images', 8, _flag_help('num_images'), lower_bound=1),
+    'inputs': flags.DEFINE_string('inputs', None, _flag_help('inputs')),
+    'import_from': flags.DEFINE_string('import_from', None, _flag_help('import_from')),
+    'output': _OUTPUT,
+}
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-process: HOST:PORT of '
     'process 0 (default: auto-detect TPU VMs and SLURM).')
@@ -60,86 +68,61 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one,
 flags.DEFINE_bool('verbose', False, 'On failure, print the stack trace before the one-line '
                   'message.')
 
-# Modes that write into the workdir hold its lock (kldino/cli.py) while they run.
-_WRITING_MODES = ('train', 'linear_eval', 'import')
-# Modes that read a checkpoint take the run's own config when no --config is given.
-_WORKDIR_CONFIG_MODES = ('eval', 'linear_eval', 'features', 'export', 'attention')
-_WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workdir_config.py')
 
-
-def _flag_value(argv, name):
-  for index, arg in enumerate(argv):
-    if arg.startswith(f'--{name}='):
-      return arg.split('=', 1)[1]
-    if arg == f'--{name}' and index + 1 < len(argv):
-      return argv[index + 1]
-  return None
-
-
-def _with_workdir_config(argv):
-  """argv with `--config=<kldino>/workdir_config.py:DIR` when a checkpoint mode has no --config
-  (config overrides need a config flag that comes before them)."""
-  has_config = any(arg == '--config' or arg.startswith('--config=') for arg in argv)
-  workdir = _flag_value(argv, 'workdir')
-  if has_config or _flag_value(argv, 'mode') not in _WORKDIR_CONFIG_MODES or not workdir:
-    return argv
-  return [argv[0], f'--config={_WORKDIR_CONFIG}:{workdir}', *argv[1:]]
-
-
-def _mode_kwargs(mode):
-  if mode == 'import':
-    if not _IMPORT_FROM.value:
-      cli.fail('--mode=import needs --import_from=FILE.pth')
-    return {'import_from': _IMPORT_FROM.value}
-  if mode == 'preview':
-    if not _OUTPUT.value:
-      cli.fail('--mode=preview needs --output=DIR (where the PNGs and index.json go)')
-    if _NUM_IMAGES.value < 1:
-      cli.fail(f'--num_images={_NUM_IMAGES.value} must be >= 1')
-    return {'output': _OUTPUT.value, 'split': _SPLIT.value, 'num_images': _NUM_IMAGES.value}
-  if mode == 'attention':
-    if not _OUTPUT.value:
-      cli.fail('--mode=attention needs --output=DIR (where attention.npy and the PNGs go)')
-    if _NUM_IMAGES.value < 1:
-      cli.fail(f'--num_images={_NUM_IMAGES.value} must be >= 1')
-    if _INPUTS.value and _SPLIT.value:
-      cli.fail('--mode=attention takes --inputs=X.npy or --split=S, not both')
-    return {
-        'step': _STEP.value,
-        'output': _OUTPUT.value,
-        'split': _SPLIT.value,
-        'num_images': _NUM_IMAGES.value,
-        'inputs': _INPUTS.value
-    }
-  kwargs = {'step': _STEP.value, 'output': _OUTPUT.value}
-  if mode == 'features':
-    kwargs.update(split=_SPLIT.value, inputs=_INPUTS.value)
-  return kwargs
-
-
-def _plan(config):
-  """--mode=plan (kldino/plan.py): the table and the JSON line on stdout; a plan that does not
-  fit ends with the line naming the fix, exit 2."""
-  devices = config.hardware.devices
-  assert 'jax' not in sys.modules, 'jax was imported before --mode=plan could set its flags'
-  xla_env.set_plan_flags(devices)
-  if devices:  # the config's devices, simulated on this CPU
-    os.environ['JAX_PLATFORMS'] = 'cpu'
-  import jax  # pylint: disable=g-import-not-at-top
-  from kldino import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from kldino.config_checks import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
+def _check_command(mode: modes.Mode):
+  """What the mode needs from the command line, before anything loads."""
+  if _CONFIG.value is None:
+    cli.fail(f'--mode={mode.name} needs --config=FILE' +
+             (' (or the --workdir of a training run)' if mode.reads_workdir_config else ''))
+  if mode.needs_workdir and not _WORKDIR.value:
+    cli.fail(f'--mode={mode.name} needs --workdir=DIR')
+  for flag in mode.required:
+    if _MODE_VALUES[flag].value is None:
+      if flag == 'output':
+        value, what = 'DIR' if mode.output_is_folder else 'FILE', mode.output
+      else:
+        value, what = 'FILE', _MODE_FLAGS[flag]
+      cli.fail(f'--mode={mode.name} needs --{flag}={value} ({what})')
   try:
-    validate_config(config,
-                    num_devices=devices or jax.device_count(),
-                    num_processes=config.hardware.hosts if devices else jax.process_count())
-    plan = plan_lib.make_plan(config)
-  except (ConfigError, ValueError) as error:
+    if mode.needs_workdir:
+      cli.check_workdir(_WORKDIR.value)
+    if _OUTPUT.value and mode.output:
+      cli.check_output(_OUTPUT.value, directory=mode.output_is_folder)
+  except errors.UsageError as error:
     cli.fail(str(error))
-  print(plan_lib.table(plan))
-  print(json.dumps(plan, sort_keys=True), flush=True)
-  fix = plan_lib.fix(plan, config)
-  if fix:
-    cli.fail(f'does not fit: {fix}')
+
+
+def _run_mode(mode: modes.Mode) -> dict:
+  """The mode's result; its failures end the command in one line with their exit code."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    lock = (cli.lock_workdir(_WORKDIR.value)
+            if mode.writes_workdir and jax.process_index() == 0 else None)
+  except errors.UsageError as error:
+    cli.fail(str(error))
+  try:
+    run = mode.load()
+    return run(_CONFIG.value, _WORKDIR.value,
+               **{flag: _MODE_VALUES[flag].value for flag in mode.flags})
+  except errors.Preempted as error:  # saved: one line, and 0 (SIGTERM) or 130 (Ctrl-C)
+    print(f'kldino: {error}', file=sys.stderr, flush=True)
+    sys.exit(error.exit_code)
+  except errors.KldinoError as error:
+    cli.fail(str(error), error.exit_code)
+  except KeyboardInterrupt:
+    cli.fail(
+        'interrupted (Ctrl-C); the committed checkpoints are intact: rerun the same command '
+        'to go on', errors.Interrupted.exit_code)
+  except Exception as error:  # pylint: disable=broad-except
+    if not cli.disk_full(error):
+      raise
+    cli.fail(
+        f'no space left on the device of --workdir={_WORKDIR.value} ({type(error).__name__})'
+        ': free space and rerun the same command; committed checkpoints are intact',
+        errors.WriteFailed.exit_code)
+  finally:
+    if lock is not None:
+      lock.close()
 
 
 def main(argv):
@@ -148,77 +131,33 @@ def main(argv):
   xla_env.set_xla_flags()  # before JAX's backend starts
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}: flags are --name=value')
-  if _MODE.value == 'plan':
-    if _CONFIG.value is None:
-      cli.fail('--mode=plan needs --config=FILE (and no --workdir)')
-    return _plan(_CONFIG.value)
-  if _CONFIG.value is None or not _WORKDIR.value:
-    cli.fail('--config=FILE and --workdir=DIR are required')
-  try:
-    cli.check_workdir(_WORKDIR.value)
-    if _OUTPUT.value:
-      cli.check_output(_OUTPUT.value, directory=_MODE.value in ('preview', 'attention'))
-  except cli.UsageError as error:
-    cli.fail(str(error))
-  host_memory.reexec_with_huge_pages()  # before JAX allocates anything (kldino/host_memory.py)
-  logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', ''))
-  # Imported here so that --help and flag errors answer before TensorFlow and JAX load.
-  from kldino import distributed  # pylint: disable=g-import-not-at-top
-  try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except ValueError as error:
-    cli.fail(str(error))
-  import jax  # pylint: disable=g-import-not-at-top
-  from kldino import train  # pylint: disable=g-import-not-at-top
-  from kldino.config_checks import ConfigError, DataError  # pylint: disable=g-import-not-at-top
-  from kldino.checkpoint import Preempted, WriteFailed  # pylint: disable=g-import-not-at-top
-  from kldino.guard import CollapseStopped  # pylint: disable=g-import-not-at-top
-  from kldino.data.unreadable import TooManyUnreadable  # pylint: disable=g-import-not-at-top
+  mode = modes.MODES.get(_MODE.value)
+  _check_command(mode)
+  assert 'jax' not in sys.modules, 'jax was imported before the mode could set its flags'
+  if mode.before_jax:
+    mode.before_jax(_CONFIG.value)
+  if not mode.single_process:
+    host_memory.reexec_with_huge_pages()  # before JAX allocates (kldino/runtime/host_memory.py)
+    logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', ''))
+    # Imported here so that --help and flag errors answer before TensorFlow and JAX load.
+    from kldino.runtime import distributed  # pylint: disable=g-import-not-at-top
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as error:
+      cli.fail(str(error))
   logging.vlog(1, 'config:\n%s', _CONFIG.value)  # all of it is in WORKDIR/config.json too
-  mode = _MODE.value
-  try:
-    lock = (cli.lock_workdir(_WORKDIR.value)
-            if mode in _WRITING_MODES and jax.process_index() == 0 else None)
-  except cli.UsageError as error:
-    cli.fail(str(error))
-  try:
-    if mode == 'train':
-      results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    else:
-      from kldino import commands  # pylint: disable=g-import-not-at-top
-      results = commands.MODES.get(mode)(_CONFIG.value, _WORKDIR.value, **_mode_kwargs(mode))
-  except (DataError, TooManyUnreadable) as error:
-    cli.fail(str(error), cli.EXIT_DATA)
-  except ConfigError as error:
-    cli.fail(str(error))
-  except train.Collapsed as error:
-    cli.fail(str(error), cli.EXIT_NUMERICS)
-  except CollapseStopped as error:
-    cli.fail(str(error), cli.EXIT_COLLAPSE)
-  except Preempted as error:
-    print(f'kldino: {error}', file=sys.stderr, flush=True)
-    return
-  except WriteFailed as error:
-    cli.fail(str(error), cli.EXIT_WRITE)
-  except Exception as error:  # pylint: disable=broad-except
-    if not cli.disk_full(error):
-      raise
-    cli.fail(
-        f'no space left on the device of --workdir={_WORKDIR.value} ({type(error).__name__})'
-        ': free space and rerun the same command; committed checkpoints are intact', cli.EXIT_WRITE)
-  finally:
-    if lock is not None:
-      lock.close()
+  results = _run_mode(mode)
+  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:  # one JSON line per run, not one per process
     print(json.dumps(results, sort_keys=True), flush=True)
 
 
 def run():
   """The `kldino` console script."""
-  sys.argv = _with_workdir_config(sys.argv)
+  sys.argv = cli.with_workdir_config(sys.argv)
   try:
     cli.check_command_line(sys.argv)
-  except cli.UsageError as error:
+  except errors.UsageError as error:
     cli.fail(str(error))
   app.run(main, flags_parser=cli.parse_flags)
 

@@ -4,8 +4,8 @@ A `Run` holds the checked config, the device mesh, the model's static structure,
 shardings of its parameters, and the workdir's checkpointer. The data source and the schedules
 are made on first use, so that the modes that read no dataset (import, export, features of
 given arrays) need nothing but the config and the weights. Training (kldino/train.py) builds its
-optimizer and jitted step on top of a Run; evaluation (kldino/evaluate/) and the other modes
-(kldino/commands.py) use a Run alone.
+program (kldino/core/program.py) on top of a Run; evaluation (kldino/evaluate/) and the other
+modes (kldino/modes/) use a Run alone.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from kldino import checkpoint as checkpoint_lib
-from kldino import forward
-from kldino import objective
-from kldino import schedules as schedules_lib
-from kldino import sharding
-from kldino import step as step_lib
-from kldino.config_checks import ConfigError, DataError, validate_config
+from kldino.models import forward
+from kldino.core import objective
+from kldino.core import schedules as schedules_lib
+from kldino.core import sharding
+from kldino.core import step as step_lib
+from kldino.config.checks import validate_config
+from kldino.errors import ConfigError, DataError
 from kldino.data import datasets, pipeline
 
 
@@ -86,14 +87,15 @@ class Run:
   @property
   def feature_options(self) -> dict:
     """DINO's linear-evaluation features (eval.n_last_blocks, eval.avgpool_patchtokens), as
-    kldino/forward.py:backbone_features takes them."""
+    kldino/models/forward.py:backbone_features takes them."""
     return {
         'n_last_blocks': self.config.eval.n_last_blocks,
         'avgpool_patchtokens': self.config.eval.avgpool_patchtokens
     }
 
   def feature_dim(self, **feature_options) -> int:
-    """The width of the backbone's features (kldino/forward.py:backbone_features), from shapes."""
+    """The width of the backbone's features (kldino/models/forward.py:backbone_features), from
+    shapes."""
     size = self.config.data.image_size
     images = jax.ShapeDtypeStruct((1, size, size, self.in_channels), jnp.float32)
     features = jax.eval_shape(

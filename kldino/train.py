@@ -6,87 +6,90 @@ checkpoint every N steps -> final checkpoint -> evaluation of the teacher backbo
 
 A resumed run is the uninterrupted run: the state holds everything that changes (parameters,
 optimizer and normalisation state, step, RNG) and the batches of step s are a pure function of
-(seed, s). SIGTERM (one process) or JAX's preemption sync point (several) saves the step just taken,
-waits for the files, and stops with `Preempted`; outside the steps (the baselines before them, the
-final evaluation after the last checkpoint) there is nothing to save and SIGTERM stops at once.
+(seed, s). SIGTERM or Ctrl-C (one process) or JAX's preemption sync point (several) saves the step
+just taken, waits for the files, and stops (kldino/runtime/signals.py); outside the steps (the
+baselines before them, the final evaluation after the last checkpoint) there is nothing to save
+and either stops at once.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 import os
-import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from kldino import attention_maps
 from kldino import checkpoint as checkpoint_lib
-from kldino import files
-from kldino import forward
-from kldino import guard as guard_lib
-from kldino import objective
-from kldino import optim
-from kldino import preview
 from kldino import run as run_lib
-from kldino import sharding
-from kldino import step as step_lib
-from kldino import prior_pass
-from kldino.config_checks import ConfigError
+from kldino.core import guard as guard_lib
+from kldino.core import prior_pass
+from kldino.core import program as program_lib
+from kldino.core import sharding
 from kldino.data import pipeline
-from kldino.evaluate.evaluators import Evaluators
+from kldino.errors import CollapseStopped, ConfigError, NonFiniteLoss
+from kldino.evaluate import pictures
+from kldino.evaluate.evaluators import Evaluators, evaluate, write_eval_json
+from kldino.models import forward
 from kldino.models.vit import VIT_SIZES
+from kldino.runtime import files
+from kldino.runtime import host_memory
+from kldino.runtime import signals
 
 # Examples whose crops (first batch) and attention maps (evaluations) TensorBoard shows.
 _PICTURES = 4
 
 
-class Collapsed(RuntimeError):
-  """Training stopped: the loss is not finite."""
-
-
 def check_finite(metrics: list, first_step: int, latest_checkpoint: int | None):
-  """Collapsed naming the first step of `metrics` (host values of steps first_step, ...) whose
+  """NonFiniteLoss naming the first step of `metrics` (host values of steps first_step, ...) whose
   loss or gradient was not finite; the train step kept the state before it."""
   for offset, step_metrics in enumerate(metrics):
     if not step_metrics['finite']:
       kept = (f'the last checkpoint (step {latest_checkpoint}) is intact'
               if latest_checkpoint is not None else 'no checkpoint was written')
-      raise Collapsed(f'non-finite loss or gradient at step {first_step + offset}; {kept}: '
-                      'lower optim.lr (or check the data) and rerun')
+      raise NonFiniteLoss(f'non-finite loss or gradient at step {first_step + offset}; {kept}: '
+                          'lower optim.lr (or check the data) and rerun')
 
 
 class Trainer:
-  """A Run (kldino/run.py) plus what training adds: the optimizer, the jitted init, train step and
-  prior pass, and the metric writer."""
+  """A Run (kldino/run.py) plus what training adds: the program (kldino/core/program.py), the
+  evaluators, the collapse guard and the metric writer."""
 
   def __init__(self, config, workdir: str):
     self.run = run_lib.Run(config, workdir)
     self.config = config
     self.workdir = workdir
-    self.schedules = self.run.schedules  # reads the dataset's size: fails early on bad data
-    self.normalization = self.run.normalization
-    optimizer = optim.make_optimizer(config.optim, self.schedules)
-    init_fn = step_lib.make_init_fn(config, self.run.in_channels, optimizer)
-    self.init, self.state_shardings = step_lib.jit_init(init_fn, self.mesh,
-                                                        config.mesh.fsdp_min_size)
-    self.train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(self.graphdef, config, self.schedules, optimizer),
-        self.state_shardings, self.mesh)
-    standardise = self.normalization.standardise_teacher_embedding
-    self.prior_accumulate, self.gap_accumulate, self.drift_accumulate = prior_pass.jit_pass_fns(
-        self.graphdef, standardise, self.state_shardings.teacher, self.mesh)
+    # The steps per epoch read the dataset's size: a bad dataset fails here, early.
+    self.program = program_lib.build(config, self.run.graphdef, self.run.in_channels, self.run.mesh,
+                                     self.run.steps_per_epoch)
+    self.schedules = self.program.schedules
     self.evaluators = Evaluators(self.run)
     self.guard = guard_lib.CollapseGuard(config.guard, config.model.num_prototypes,
                                          self.schedules.steps_per_epoch)
-    self.abstract_state = jax.tree.map(
-        lambda leaf, leaf_sharding:
-        jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf_sharding),
-        jax.eval_shape(init_fn, 0), self.state_shardings)
+
+  @functools.cached_property
+  def train_step(self):
+    """The program's train step, compiled ahead of the first batch (its memory is then known)."""
+    batch = program_lib.abstract_train_batch(self.config, self.run.in_channels, self.mesh)
+    return self.program.train_step.lower(self.program.abstract_state, batch).compile()
+
+  def check_host_memory(self):
+    """Refuses, before the first step, a run whose input batches and (on a CPU, whose devices'
+    memory is the host's) train step cannot fit the host's memory."""
+    parts = {'input batches': pipeline.host_batch_bytes(self.config, jax.process_count())}
+    if jax.local_devices()[0].platform == 'cpu':
+      memory = self.train_step.memory_analysis()
+      per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+                    memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+      devices = jax.local_device_count()
+      parts[f'the train step on {devices} CPU device{"s" if devices > 1 else ""}'] = (per_device *
+                                                                                      devices)
+    host_memory.check_fits(
+        parts, 'lower batch_size or the crops (aug.global_size, aug.local_size, '
+        'aug.num_local), or set model.remat=True')
 
   # The Run's parts, under the names the loop uses.
   source = property(lambda self: self.run.source)
@@ -110,9 +113,9 @@ class Trainer:
 
   def restore_or_init(self, step: int | None = None):
     """The latest readable checkpoint (or `step`), else a fresh state."""
-    state, meta = self.checkpointer.restore(self.abstract_state, self.config, step=step)
+    state, meta = self.checkpointer.restore(self.program.abstract_state, self.config, step=step)
     if state is None:
-      return self.init(self.config.seed)
+      return self.program.init(self.config.seed)
     step = int(state.step)
     # An imported checkpoint (step 0, written without reading a dataset) records no epoch size.
     if meta['steps_per_epoch'] not in (None, self.schedules.steps_per_epoch):
@@ -141,120 +144,37 @@ class Trainer:
     except checkpoint_lib.WriteFailed:
       pass
 
-  def _stop_requested(self, step: int) -> bool:
-    # Several processes must stop at the same step: JAX's preemption sync point agrees on one.
-    return self._sigterm_received or self.checkpointer.reached_preemption(step)
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint after the current step')
-    self._sigterm_received = True
-
   # --------------------------------------------------------------------------- prior pass
 
   def _prior_pass_batches(self):
-    return pipeline.eval_batches(self.source,
-                                 self.config.data.train_split,
-                                 self.config,
-                                 batch_size=self.config.prior_pass_batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+    local = pipeline.eval_batches(self.source,
+                                  self.config.data.train_split,
+                                  self.config,
+                                  batch_size=self.config.prior_pass_batch_size,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    return (sharding.global_batch(batch, self.mesh) for batch in local)
 
   def run_prior_pass(self, state, epoch: int):
-    """Re-estimate Q(k) with the current teacher over the whole training set (eq. 15), at the
-    mean teacher temperature of the steps it will serve (kldino/prior_pass.py:period_temperatures),
-    then measure the Jensen gap with it (over `objective.gap_examples` examples, 0: all) and,
-    during a temperature warm-up, how far the targets drift from those of the exact prior."""
-    # The last train steps may still be queued: wait for them, or the pass's time includes them.
-    jax.block_until_ready(state.teacher)
-    start = time.time()
-    step = int(state.step)
-    period_end = min(
-        step + self.config.objective.prior_every_epochs * self.schedules.steps_per_epoch,
-        self.schedules.total_steps)
-    temps = prior_pass.period_temperatures(self.schedules.teacher_temp, step, period_end)
-    replicated = sharding.replicated(self.mesh)  # as the jitted outputs: one compile, not two
-    sums = jax.device_put(prior_pass.init_sums(self.config.model.num_prototypes, len(temps)),
-                          replicated)
-    for batch in self._prior_pass_batches():
-      sums = self.prior_accumulate(sums, state.teacher, sharding.global_batch(batch, self.mesh),
-                                   temps)
-    eps = self.config.objective.prior_eps
-    summary = prior_pass.summarise(sums, eps)
-    gap_sums = jax.device_put(prior_pass.init_gap_sums(), replicated)
-    drift_sums = jax.device_put(prior_pass.init_drift_sums(), replicated)
-    log_priors = jnp.stack(
-        [prior_pass.summarise(sums, eps, row)['log_prior'] for row in range(len(temps))])
-    gap_examples = self.config.objective.gap_examples
-    gap_batches = -(-gap_examples // self.config.prior_pass_batch_size) if gap_examples else None
-    for batch in itertools.islice(self._prior_pass_batches(), gap_batches):
-      batch = sharding.global_batch(batch, self.mesh)
-      gap_sums = self.gap_accumulate(gap_sums, state.teacher, batch, temps[0], summary['log_prior'],
-                                     summary['mean_logits'])
-      if len(temps) > 1:
-        drift_sums = self.drift_accumulate(drift_sums, state.teacher, batch, temps, log_priors)
-    # The head's own unit prototypes, so that the 'centered' mode is measured as it is used.
-    unit = forward.unit_prototypes(self.graphdef, state.teacher)
-    drift_count = jnp.maximum(drift_sums['count'], 1.0)
-    pass_metrics = {
-        'prior_pass/effective_clusters':
-            summary['effective_clusters'],
-        'prior_pass/prior_entropy':
-            summary['prior_entropy'],
-        'prior_pass/empty_cluster_fraction':
-            summary['empty_cluster_fraction'],
-        'prior_pass/jensen_gap':
-            gap_sums['gap_sum'] / gap_sums['count'],
-        'prior_pass/prototype_mean_norm':
-            jnp.linalg.norm(jnp.mean(unit, axis=1)),
-        'prior_pass/examples':
-            summary['count'],
-        'prior_pass/teacher_temp':
-            temps[0],
-        # KL(targets with the exact prior || targets with the one used), per image, at the
-        # period's first and last steps; and at its last step for a prior measured at the first
-        # step's temperature. All 0 when the temperature is constant over the period.
-        'prior_pass/prior_temp_drift':
-            jnp.maximum(drift_sums['first'], drift_sums['last']) / drift_count,
-        'prior_pass/prior_temp_drift_if_first_temp':
-            drift_sums['first_temp'] / drift_count,
-    }
-    pass_metrics = {k: float(v) for k, v in jax.device_get(pass_metrics).items()}
-    pass_metrics['prior_pass/seconds'] = time.time() - start  # after device_get: the real duration
-    self.writer.write_scalars(step, pass_metrics)
-    self.writer.write_histograms(
-        step, {
-            'prior_pass/prior': np.exp(np.asarray(jax.device_get(summary['log_prior']))),
-            'prior_pass/prototype_usage': np.asarray(jax.device_get(sums['assignments']))
-        })
-    logging.info(
-        'prior pass before epoch %d: %d examples, effective clusters %.1f, '
-        'empty %.1f%%, Jensen gap %.4f, tau_t %.4f (drift %.2e), %.1fs', epoch,
-        pass_metrics['prior_pass/examples'], pass_metrics['prior_pass/effective_clusters'],
-        100 * pass_metrics['prior_pass/empty_cluster_fraction'],
-        pass_metrics['prior_pass/jensen_gap'], pass_metrics['prior_pass/teacher_temp'],
-        pass_metrics['prior_pass/prior_temp_drift'], pass_metrics['prior_pass/seconds'])
-    if not self._prior_update_due(epoch):  # a diagnostic pass: measured, not used
+    """A prior pass before `epoch` (kldino/core/prior_pass.py:measure): its figures to the log
+    and TensorBoard, its prior into the state when it is due to set it."""
+    result = prior_pass.measure(self.program.prior_pass,
+                                state.teacher,
+                                self._prior_pass_batches,
+                                config=self.config,
+                                schedules=self.schedules,
+                                mesh=self.mesh,
+                                step=int(state.step),
+                                unit_prototypes=forward.unit_prototypes(
+                                    self.graphdef, state.teacher))
+    self.writer.write_scalars(int(state.step), result.scalars)
+    self.writer.write_histograms(int(state.step), result.histograms)
+    logging.info('%s', prior_pass.describe(result.scalars, epoch))
+    if not prior_pass.update_due(self.config.objective, epoch):  # a diagnostic pass: measured
       return state
-    norm_state = {**state.norm_state, 'log_prior': summary['log_prior']}
-    return state.replace(norm_state=jax.device_put(norm_state, self.state_shardings.norm_state))
-
-  def _prior_update_due(self, epoch: int) -> bool:
-    objective_config = self.config.objective
-    if not objective.uses_prior_pass(objective_config):
-      return False
-    if epoch == 0:
-      return objective_config.prior_init == 'sweep'
-    # The EMA source only takes its initial value from a pass; `sweep` re-estimates every T.
-    return (objective_config.prior_source == 'sweep' and
-            epoch % objective_config.prior_every_epochs == 0)
-
-  def _prior_pass_due(self, epoch: int) -> bool:
-    """A pass sets the prior, or (eval.prior_pass_diagnostics) only measures the teacher's cluster
-    statistics every T epochs, for any normalisation: the study compares them all."""
-    diagnostic = (self.config.eval.prior_pass_diagnostics and
-                  epoch % self.config.objective.prior_every_epochs == 0)
-    return self._prior_update_due(epoch) or diagnostic
+    norm_state = {**state.norm_state, 'log_prior': result.log_prior}
+    return state.replace(
+        norm_state=jax.device_put(norm_state, self.program.state_shardings.norm_state))
 
   # --------------------------------------------------------------------------- epochs
 
@@ -285,7 +205,7 @@ class Trainer:
     """guard.collapse=stop: the collapsed step's checkpoint, then CollapseStopped."""
     self.save(state, collapse.step, force=True)
     self.checkpointer.wait()
-    raise guard_lib.CollapseStopped(
+    raise CollapseStopped(
         f'{collapse.message()}; stopped (guard.collapse=stop) with the checkpoint of step '
         f'{collapse.step} saved: rerun with --config.guard.collapse=warn to train on')
 
@@ -304,12 +224,11 @@ class Trainer:
       return
     self.guard.collapse = collapse
     if self.guard.mode == 'stop' and recorded['step'] == step:
-      raise guard_lib.CollapseStopped(
-          f'the run stopped collapsed at step {step} (eval.json): '
-          f'{self.guard.collapse.kind.replace("_", "-")} collapse; rerun with '
-          '--config.guard.collapse=warn to train on, or start a new --workdir')
+      raise CollapseStopped(f'the run stopped collapsed at step {step} (eval.json): '
+                            f'{self.guard.collapse.kind.replace("_", "-")} collapse; rerun with '
+                            '--config.guard.collapse=warn to train on, or start a new --workdir')
 
-  def train_epoch(self, state, epoch: int, start_step: int = 0):
+  def train_epoch(self, state, epoch: int, stop: signals.StopRequests, start_step: int = 0):
     """Steps [start_step, steps_per_epoch) of an epoch, saving checkpoints on the way."""
     config = self.config
     pending, images, window_start = [], 0, time.time()
@@ -334,11 +253,12 @@ class Trainer:
         pending, images, window_start = [], 0, time.time()
         if collapse is not None and self.guard.mode == 'stop':
           self._stop_collapsed(state, collapse)
-      if self._stop_requested(step):
+      # Several processes stop at the same step: JAX's preemption sync point agrees on one.
+      if stop.requested or self.checkpointer.reached_preemption(step):
         self.save(state, step, force=True)
         self.checkpointer.wait()
-        raise checkpoint_lib.Preempted(f'stopped at step {step} on request; the checkpoint is '
-                                       'saved: rerun the same command to resume')
+        raise stop.stopped(f'stopped at step {step} on request; the checkpoint is saved: rerun '
+                           'the same command to resume')
       if self.checkpointer.should_save(step):
         pending = jax.device_get(pending)  # a checkpoint only of finite states
         check_finite(pending, step - len(pending) + 1, self.checkpointer.latest_step())
@@ -358,31 +278,30 @@ class Trainer:
     logging.info('%d parameters in the student; %d steps per epoch, %d epochs, %d devices',
                  sum(x.size for x in jax.tree.leaves(state.student)), spe, config.num_epochs,
                  jax.device_count())
-    self._sigterm_received = False
-    # One process: SIGTERM is ours. Several: JAX's preemption service receives it and the sync
-    # point (reached_preemption) makes every process stop at the same step.
-    previous_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
-                        if jax.process_count() == 1 else None)
     try:
-      for epoch in range(start // spe, config.num_epochs):
-        start_step = start - epoch * spe if epoch == start // spe else 0
-        if start_step == 0 and self._prior_pass_due(epoch):
-          state = self.run_prior_pass(state, epoch)
-        state = self.train_epoch(state, epoch, start_step)
-        if epoch + 1 < config.num_epochs:
-          periodic = self.evaluate(state.teacher, (epoch + 1) * spe, epochs_done=epoch + 1)
-          if periodic:
-            logging.info('epoch %d: %s', epoch, periodic)
-      final_step = max(start, self.schedules.total_steps)
-      if self.checkpointer.latest_step() != final_step:
-        self.save(state, final_step, force=True)
-      self.checkpointer.wait()
+      with signals.StopRequests('a checkpoint') as stop:
+        state = self._epochs(state, start, stop)
     except BaseException:
       self._settle_checkpoints()
       raise
-    finally:
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
+    return state
+
+  def _epochs(self, state, start: int, stop: signals.StopRequests):
+    """The epochs from step `start` to the end, and the final checkpoint."""
+    config, spe = self.config, self.schedules.steps_per_epoch
+    for epoch in range(start // spe, config.num_epochs):
+      start_step = start - epoch * spe if epoch == start // spe else 0
+      if start_step == 0 and prior_pass.pass_due(config, epoch):
+        state = self.run_prior_pass(state, epoch)
+      state = self.train_epoch(state, epoch, stop, start_step)
+      if epoch + 1 < config.num_epochs:
+        periodic = self.evaluate(state.teacher, (epoch + 1) * spe, epochs_done=epoch + 1)
+        if periodic:
+          logging.info('epoch %d: %s', epoch, periodic)
+    final_step = max(start, self.schedules.total_steps)
+    if self.checkpointer.latest_step() != final_step:
+      self.save(state, final_step, force=True)
+    self.checkpointer.wait()
     return state
 
   # --------------------------------------------------------------------------- pictures
@@ -398,7 +317,7 @@ class Trainer:
         step, {
             f'input/{key}':
                 np.stack([
-                    preview.to_uint8(view, mean, std)
+                    pictures.to_uint8(view, mean, std)
                     for view in first[key][:_PICTURES].reshape(-1, *first[key].shape[2:])
                 ]) for key in ('global_crops', 'local_crops') if first[key].shape[1]
         })
@@ -416,24 +335,24 @@ class Trainer:
     images = np.stack([view['eval'] for view in views])
     replicated = sharding.replicated(self.mesh)
     attention = jax.jit(lambda teacher, batch: forward.cls_attention(self.graphdef, teacher, batch),
-                        in_shardings=(self.state_shardings.teacher, replicated),
+                        in_shardings=(self.program.state_shardings.teacher, replicated),
                         out_shardings=replicated)
     return images, attention
 
   def _write_attention(self, teacher, step: int):
-    """The teacher's attention maps of a fixed eval batch (kldino/attention_maps.py), ViTs only."""
+    """The teacher's attention maps of a fixed eval batch (kldino/evaluate/pictures.py), ViTs
+    only."""
     if self.config.model.name not in VIT_SIZES:
       return
     images, attention = self._attention_inputs
     maps = np.asarray(jax.device_get(attention(teacher, images)))
     side = images.shape[1] // self.config.model.patch_size
     mean, std = self.config.data.mean, self.config.data.std
-    pictures = [
-        np.asarray(
-            attention_maps.picture(preview.to_uint8(image, mean, std), image_maps, (side, side)))
+    drawn = [
+        np.asarray(pictures.picture(pictures.to_uint8(image, mean, std), image_maps, (side, side)))
         for image, image_maps in zip(images, maps)
     ]
-    self.writer.write_images(step, {'attention/teacher': np.stack(pictures)})
+    self.writer.write_images(step, {'attention/teacher': np.stack(drawn)})
 
   # --------------------------------------------------------------------------- evaluation
 
@@ -454,27 +373,6 @@ class Trainer:
     return results
 
 
-def evaluate(evaluators: Evaluators,
-             params,
-             step: int,
-             teacher_temp: float,
-             *,
-             epochs_done: int | None = None) -> dict:
-  """The evaluation JSON of `params` at `step`: the evaluators' fields, the step and tau_t."""
-  if epochs_done is None:
-    results = evaluators.final(params, teacher_temp)
-  else:
-    results = evaluators.periodic(params, teacher_temp, epochs_done)
-  if results:
-    results.update(step=int(step), teacher_temp=teacher_temp)
-  return results
-
-
-def write_eval_json(results: dict, path: str):
-  if jax.process_index() == 0:
-    files.write_json(path, results)
-
-
 def _baselines(trainer: Trainer) -> dict:
   """The same probes on raw pixels and on the backbone at initialisation, for comparison."""
   pixels = Evaluators(trainer.run, features='pixels', types=('knn', 'feature_probe'))
@@ -483,7 +381,7 @@ def _baselines(trainer: Trainer) -> dict:
       for k, v in pixels.final(None, 1.0).items()
       if k in ('knn_top1', 'linear_top1')
   }
-  init = trainer.evaluate(trainer.init(trainer.config.seed).teacher, 0)
+  init = trainer.evaluate(trainer.program.init(trainer.config.seed).teacher, 0)
   baselines.update(
       {f'init_{k}': init[k] for k in ('knn_top1', 'linear_top1', 'cluster_mi') if k in init})
   logging.info('baselines: %s', baselines)
@@ -514,21 +412,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info('the run already ended at step %d: its evaluation is %s', results['step'],
                  eval_path)
     return results
+  trainer.check_host_memory()
   checkpoint_lib.write_config_json(config, workdir)
-  with checkpoint_lib.sigterm_stops_at_once(
-      'during the baselines, before training: rerun the same command'):
+  with signals.stops_at_once('during the baselines, before training: rerun the same command'):
     baselines = _baselines(trainer) if config.eval.baselines else {}
   try:
     state = trainer.train()
-  except guard_lib.CollapseStopped:
+  except CollapseStopped:
     collapse = trainer.guard.collapse
     write_eval_json({'collapse': collapse.record(), 'step': collapse.step, **baselines}, eval_path)
     raise
   collapse = trainer.guard.collapse
   step = int(state.step)
-  with checkpoint_lib.sigterm_stops_at_once(
-      f'during the final evaluation; the checkpoint of step {step} is '
-      'saved: rerun the same command to evaluate it'):
+  with signals.stops_at_once(f'during the final evaluation; the checkpoint of step {step} is '
+                             'saved: rerun the same command to evaluate it'):
     logging.info('the final evaluation of step %d', step)  # SIGTERM from here on stops at once
     results = {
         **trainer.evaluate(state.teacher, step),

@@ -14,9 +14,9 @@ and optionally 'fixed': {KEY: value, ...}, applied to every job. KEYs are config
 The local runner runs the jobs one after the other (a failed job does not stop the others) and
 writes WORKDIR_ROOT/summary.json with every job's evaluation; rerunning the sweep resumes each job
 from its checkpoints (a finished job is only evaluated again), and skips a job recorded in
-WORKDIR_ROOT/runs.json (the study's record, kldino/report.py) that has no workdir here: a study
-committed part-way continues on another machine. The TPU VM runner gives job i the
-VM `--name`-i; the SLURM runner gives it the job name `--job_name`-NAME.
+WORKDIR_ROOT/runs.json (the study's record, kldino/tools/report.py) that has no workdir here: a
+study committed part-way continues on another machine. The TPU VM runner gives job i the VM
+`--name`-i; the SLURM runner gives it the job name `--job_name`-NAME.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import re
 import sys
 from typing import NamedTuple
 
-from kldino import cli
-from kldino import report
+from kldino import errors
+from kldino.tools import report
 from launch.common import execute, kldino_command
 
 RUNNERS = ('local', 'tpu_vm', 'slurm')
@@ -146,7 +146,7 @@ def run_local(sweep_jobs: list[Job], job_commands: list[list[str]], workdir_root
     returncode = execute([command], dry_run=False)
     eval_path = os.path.join(job.workdir, 'eval.json')
     # A job stopped by the collapse guard has an eval.json too: its "collapse" and step.
-    if returncode in (0, cli.EXIT_COLLAPSE) and os.path.isfile(eval_path):
+    if returncode in (0, errors.CollapseStopped.exit_code) and os.path.isfile(eval_path):
       with open(eval_path) as f:
         summary[job.name] = {'overrides': list(job.overrides), **json.load(f)}
     else:

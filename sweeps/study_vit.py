@@ -5,7 +5,7 @@ this recipe (a 4x batch, DINO's head without batch norm, 64 prototypes, one and 
 iterations, a warmer teacher). Seed 0 runs first, with the Sinkhorn probes right after Sinkhorn
 and the LayerNorm heads before the prior periods, so that a study stopped part-way can already
 say why Sinkhorn and the LayerNorm head behave as they do; then seeds 1 and 2. launch.sweep
-resumes a study, and skips the runs already recorded in its runs.json (kldino/report.py).
+resumes a study, and skips the runs already recorded in its runs.json (kldino/tools/report.py).
 
     python -m launch.sweep --sweep=sweeps/study_vit.py --config=configs/study_digits_vit.py \
         --workdir_root=studies/digits_vit --report

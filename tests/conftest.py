@@ -1,5 +1,5 @@
-"""Eight simulated CPU devices for every test, kldino's XLA flags (kldino/xla_env.py, as its entry
-points set them), and one compilation cache for all of them (set before JAX is imported
+"""Eight simulated CPU devices for every test, kldino's XLA flags (kldino/runtime/xla_env.py, as its
+entry points set them), and one compilation cache for all of them (set before JAX is imported
 anywhere, and inherited by the processes the tests start)."""
 import os
 import sys
@@ -17,6 +17,6 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kldino import xla_env  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kldino.runtime import xla_env  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 xla_env.set_xla_flags()

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 
-from kldino.defaults import base_config
+from kldino.config.defaults import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,8 +49,8 @@ def random_batch(config, seed=0, channels=1):
   }
 
 
-def sigterm_at_log_line(command, marker: str):
-  """Runs `command` in the repo, sends SIGTERM as soon as a stderr line holds `marker`; returns
+def signal_at_log_line(command, marker: str, signum=signal.SIGTERM):
+  """Runs `command` in the repo, sends `signum` as soon as a stderr line holds `marker`; returns
   (exit code, stdout, all of stderr)."""
   process = subprocess.Popen(command,
                              cwd=REPO,
@@ -61,7 +61,7 @@ def sigterm_at_log_line(command, marker: str):
   for line in process.stderr:
     seen.append(line)
     if marker in line:
-      process.send_signal(signal.SIGTERM)
+      process.send_signal(signum)
       break
   stdout, rest = process.communicate(timeout=300)
   return process.returncode, stdout, ''.join(seen) + rest

@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kldino import bench
+from kldino.runtime import hardware
+from kldino.tools import bench
 from tests.helpers import REPO, config_module
 
 
@@ -25,7 +26,7 @@ def test_flops_come_from_xla_cost_analysis_over_all_devices():
                                                jax.ShapeDtypeStruct((32, 16),
                                                                     jnp.float32)).compile()
   assert jax.device_count() == 8
-  assert bench._flops(compiled, 8) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+  assert hardware.program_flops(compiled, 8) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
 
 
 def test_time_counts_the_page_faults_of_fresh_host_buffers():

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 
 from configs.smoke import get_config as smoke_config
-from kldino import cli
-from kldino import commands
-from kldino import export as export_lib
-from kldino.config_checks import ConfigError
+from kldino import errors
+from kldino.modes import eval as eval_mode
+from kldino.modes import export as export_mode
+from kldino.modes import features as features_mode
+from kldino.modes import export as export_lib
+from kldino.errors import ConfigError
 from kldino.train import Trainer
-from tests.helpers import sigterm_at_log_line
+from tests.helpers import signal_at_log_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 2 * (1347 // 32)  # configs/smoke.py on digits: 2 epochs of 42 steps
@@ -118,8 +120,8 @@ def test_sigterm_in_the_final_evaluation_exits_0_and_the_rerun_evaluates(uninter
   workdir = str(tmp_path / 'evaluating')
   shutil.copytree(reference, workdir)
   os.remove(os.path.join(workdir, 'eval.json'))  # trained to the end, not yet evaluated
-  returncode, stdout, stderr = sigterm_at_log_line(_command(workdir),
-                                                   f'the final evaluation of step {TOTAL_STEPS}')
+  returncode, stdout, stderr = signal_at_log_line(_command(workdir),
+                                                  f'the final evaluation of step {TOTAL_STEPS}')
   assert returncode == 0, stderr[-3000:]
   assert (f'stopped on request during the final evaluation; the checkpoint of step {TOTAL_STEPS}'
           ' is saved') in stderr.strip().splitlines()[-1]
@@ -149,39 +151,87 @@ def test_a_finished_run_run_again_repeats_nothing(uninterrupted, tmp_path):
                            capture_output=True,
                            text=True,
                            timeout=300)
-  assert refused.returncode == cli.EXIT_USAGE, refused.stderr[-3000:]
+  assert refused.returncode == errors.UsageError.exit_code, refused.stderr[-3000:]
   assert 'model.num_prototypes=16 (now 32)' in refused.stderr.strip().splitlines()[-1]
 
 
+_PAGE = 4096  # tmpfs allocates whole pages for each file's data
+
+
+def _disk_bytes(path):
+  """What the files under `path` take on a tmpfs."""
+  return sum(-(-os.path.getsize(os.path.join(root, name)) // _PAGE) * _PAGE
+             for root, _, names in os.walk(path)
+             for name in names)
+
+
+def _mount_tmpfs(disk, size_bytes):
+  return subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', f'size={-(-size_bytes // 1024)}k', 'tmpfs',
+       str(disk)],
+      capture_output=True,
+      check=False).returncode == 0
+
+
 @pytest.fixture
-def small_disk(tmp_path):
-  """A 2 MB file system (tmpfs): room for about two checkpoints of configs/smoke.py."""
+def small_disk(uninterrupted, tmp_path):
+  """A file system (tmpfs) with room for the run's files and one and a half checkpoints, sized
+  from the uninterrupted run: the first checkpoint commits, the second cannot, whatever the
+  device count, orbax's layout or the page size. Yields (the disk, a size that holds the run)."""
+  reference, _ = uninterrupted
+  steps = [os.path.join(reference, 'checkpoints', str(step)) for step in _steps(reference)]
+  checkpoint = max(_disk_bytes(step) for step in steps)
+  others = _disk_bytes(reference) - sum(_disk_bytes(step) for step in steps)
   disk = tmp_path / 'disk'
   disk.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs',
-                     str(disk)],
-                    capture_output=True,
-                    check=False).returncode:
+  if not _mount_tmpfs(disk, others + checkpoint * 3 // 2):
     pytest.skip('mounting a small tmpfs needs root (CAP_SYS_ADMIN)')
-  yield disk
+  yield disk, 2 * _disk_bytes(reference)
   subprocess.run(['umount', str(disk)], check=False)
 
 
 def test_full_disk_stops_with_one_line_and_resumes_identically(uninterrupted, small_disk):
   reference, reference_results = uninterrupted
-  workdir = str(small_disk / 'run')
+  disk, room = small_disk
+  workdir = str(disk / 'run')
   result = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert result.returncode == cli.EXIT_WRITE, result.stderr[-3000:]
+  assert result.returncode == errors.WriteFailed.exit_code, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr and 'Exception in thread' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
   assert line.startswith('kldino: ') and ('No space left on device' in line or 'no space' in line)
   committed = _steps(workdir)
-  assert committed and max(committed) < TOTAL_STEPS
-  subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)], check=True)
+  assert committed and max(committed) < TOTAL_STEPS, line
+  assert f'step {max(committed)}, is intact' in line or 'no space left' in line
+  subprocess.run(['mount', '-o', f'remount,size={-(-room // 1024)}k', str(disk)], check=True)
   result = _run(workdir)
   assert f'resuming from the checkpoint at step {max(committed)}' in result.stderr
   _assert_states_equal(_final_state(workdir), _final_state(reference))
   assert json.loads(result.stdout.strip().splitlines()[-1]) == reference_results
+
+
+def test_a_disk_full_before_the_first_checkpoint_says_nothing_was_committed(
+    uninterrupted, tmp_path):
+  """A disk with no room for one checkpoint: the line says nothing was committed and what to
+  free."""
+  reference, _ = uninterrupted
+  steps = [os.path.join(reference, 'checkpoints', str(step)) for step in _steps(reference)]
+  others = _disk_bytes(reference) - sum(_disk_bytes(step) for step in steps)
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if not _mount_tmpfs(disk, others + min(_disk_bytes(step) for step in steps) // 4):
+    pytest.skip('mounting a small tmpfs needs root (CAP_SYS_ADMIN)')
+  try:
+    result = subprocess.run(_command(str(disk / 'run')),
+                            cwd=REPO,
+                            capture_output=True,
+                            text=True,
+                            timeout=600)
+  finally:
+    subprocess.run(['umount', str(disk)], check=False)
+  assert result.returncode == errors.WriteFailed.exit_code, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert 'step None' not in line
+  assert 'no checkpoint was committed yet' in line, line
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
@@ -238,7 +288,7 @@ def test_fsdp_sharded_state_restores_replicated_and_back(tmp_path):
   sharded_config = smoke_config()
   sharded_config.mesh.fsdp = 8
   trainer = Trainer(sharded_config, str(tmp_path))
-  state = trainer.init(0)
+  state = trainer.program.init(0)
   assert any(
       len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
       for leaf in jax.tree.leaves(state.student))
@@ -255,16 +305,13 @@ def test_features_and_export_agree(uninterrupted, tmp_path):
   images = np.random.default_rng(0).standard_normal((11, 16, 16, 1)).astype(np.float32)
   inputs = str(tmp_path / 'x.npy')
   np.save(inputs, images)
-  dumped = commands.dump_features(config,
-                                  reference,
-                                  step=None,
-                                  output=str(tmp_path / 'f.npy'),
-                                  split=None,
-                                  inputs=inputs)
-  exported = commands.export_teacher(config,
-                                     reference,
-                                     step=None,
-                                     output=str(tmp_path / 'backbone.npz'))
+  dumped = features_mode.run(config,
+                             reference,
+                             step=None,
+                             output=str(tmp_path / 'f.npy'),
+                             split=None,
+                             inputs=inputs)
+  exported = export_mode.run(config, reference, step=None, output=str(tmp_path / 'backbone.npz'))
   assert dumped['step'] == exported['step'] == TOTAL_STEPS
   backbone, meta = export_lib.load_backbone(exported['export'])
   assert meta['feature_dim'] == dumped['feature_dim'] == 32
@@ -272,12 +319,12 @@ def test_features_and_export_agree(uninterrupted, tmp_path):
                              np.load(dumped['features']),
                              atol=1e-5,
                              rtol=1e-5)
-  split = commands.dump_features(config,
-                                 reference,
-                                 step=None,
-                                 output=str(tmp_path / 't.npy'),
-                                 split='test',
-                                 inputs=None)
+  split = features_mode.run(config,
+                            reference,
+                            step=None,
+                            output=str(tmp_path / 't.npy'),
+                            split='test',
+                            inputs=None)
   labels = np.load(split['labels'])
   assert np.load(split['features']).shape == (450, 32) and labels.shape == (450,)
   assert set(labels.tolist()) == set(range(10))
@@ -288,11 +335,6 @@ def test_bad_inputs_are_refused_in_one_line(uninterrupted, tmp_path):
   bad = str(tmp_path / 'bad.npy')
   np.save(bad, np.zeros((2, 16, 16, 3), np.float64))
   with pytest.raises(ConfigError, match=r'float32 \[N, H, W, 1\]'):
-    commands.dump_features(smoke_config(),
-                           reference,
-                           step=None,
-                           output=None,
-                           split=None,
-                           inputs=bad)
+    features_mode.run(smoke_config(), reference, step=None, output=None, split=None, inputs=bad)
   with pytest.raises(ConfigError, match='no checkpoint at step 5'):
-    commands.evaluate_checkpoint(smoke_config(), reference, step=5, output=None)
+    eval_mode.run(smoke_config(), reference, step=5, output=None)

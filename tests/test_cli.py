@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kldino import cli
+from kldino import errors
 from tests.helpers import REPO, config_module
 
 
@@ -41,20 +42,20 @@ def _one_line(result) -> str:
 ])
 def test_bad_flags_and_keys_end_in_one_line(tmp_path, args, fragment):
   result = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', *args)
-  assert result.returncode == cli.EXIT_USAGE
+  assert result.returncode == errors.UsageError.exit_code
   assert fragment in _one_line(result)
 
 
 def test_bad_config_files_name_the_file_and_line(tmp_path):
   broken = tmp_path / 'broken.py'
-  broken.write_text('from kldino.defaults import base_config\n\ndef get_config(:\n')
+  broken.write_text('from kldino.config.defaults import base_config\n\ndef get_config(:\n')
   empty = tmp_path / 'empty.py'
   empty.write_text('x = 1\n')
   cases = [(str(tmp_path / 'missing.py'), 'missing.py: no such file'),
            (str(broken), 'broken.py does not parse: line 3'), (str(empty), 'has no get_config()')]
   for config, fragment in cases:
     result = _main(f'--config={config}', f'--workdir={tmp_path / "run"}')
-    assert result.returncode == cli.EXIT_USAGE
+    assert result.returncode == errors.UsageError.exit_code
     assert fragment in _one_line(result)
 
 
@@ -64,10 +65,10 @@ def test_workdirs_that_cannot_be_one(tmp_path):
   for workdir, fragment in ((a_file, 'is a file, not a directory'), (a_file / 'below',
                                                                      'cannot be created')):
     result = _main('--config=configs/smoke.py', f'--workdir={workdir}')
-    assert result.returncode == cli.EXIT_USAGE
+    assert result.returncode == errors.UsageError.exit_code
     assert fragment in _one_line(result)
   result = _main('--mode=eval', f'--workdir={tmp_path / "no_run"}')
-  assert result.returncode == cli.EXIT_USAGE
+  assert result.returncode == errors.UsageError.exit_code
   assert 'config.json does not exist' in _one_line(result)
 
 
@@ -75,7 +76,7 @@ def test_unknown_keys_suggest_the_closest():
   config = cli.load_config_file(os.path.join(REPO, 'configs', 'smoke.py'))
   assert 'optim.lr' in cli.config_keys(config) and 'aug.xla_min_size' in cli.config_keys(config)
   cli.check_overrides(config, ['--config.optim.lr=1', '--workdir=x'])
-  with pytest.raises(cli.UsageError, match='did you mean data.eval_resize'):
+  with pytest.raises(errors.UsageError, match='did you mean data.eval_resize'):
     cli.check_overrides(config, ['--config.data.eval_resise=3'])
 
 
@@ -90,10 +91,10 @@ def test_a_second_run_on_a_workdir_is_refused_until_the_first_ends(tmp_path):
                             text=True)
   try:
     assert holder.stdout.readline().strip() == 'locked'
-    with pytest.raises(cli.UsageError, match='is in use by another kldino run'):
+    with pytest.raises(errors.UsageError, match='is in use by another kldino run'):
       cli.lock_workdir(str(tmp_path))
     result = _main('--config=configs/smoke.py', f'--workdir={tmp_path}')
-    assert result.returncode == cli.EXIT_USAGE
+    assert result.returncode == errors.UsageError.exit_code
     assert 'is in use by another kldino run' in _one_line(result)
   finally:
     holder.send_signal(signal.SIGKILL)
@@ -112,7 +113,7 @@ def test_a_non_finite_loss_stops_with_exit_4_and_only_finite_checkpoints(tmp_pat
       '--config.checkpoint_every_steps=1', '--config.log_every_steps=5'
   ]
   result = _main('--config=configs/smoke.py', f'--workdir={tmp_path}', *overrides)
-  assert result.returncode == cli.EXIT_NUMERICS
+  assert result.returncode == errors.NonFiniteLoss.exit_code
   line = _one_line(result)
   assert 'non-finite loss or gradient at step' in line and 'lower optim.lr' in line
   assert 'Exception in thread' not in result.stderr
@@ -154,12 +155,13 @@ def test_checkpoint_modes_refuse_bad_inputs_in_one_line(tmp_path):
   ]
   for args, fragment in cases:
     result = _main(*args)
-    assert result.returncode == cli.EXIT_USAGE, (args, result.stderr[-2000:])
+    assert result.returncode == errors.UsageError.exit_code, (args, result.stderr[-2000:])
     assert fragment in _one_line(result), args
 
 
 def test_remote_workdirs_keep_their_scheme():
-  from kldino import checkpoint, files  # pylint: disable=import-outside-toplevel
+  from kldino import checkpoint
+  from kldino.runtime import files  # pylint: disable=import-outside-toplevel
   assert checkpoint.directory('gs://bucket/runs/a/') == 'gs://bucket/runs/a/checkpoints'
   assert files.absolute('relative/run') == os.path.join(os.getcwd(), 'relative/run')
   cli.check_workdir('gs://bucket/runs/a')  # checked by the checkpointer, not on the local disk

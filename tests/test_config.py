@@ -6,10 +6,13 @@ import sys
 import jax
 import pytest
 
-from kldino import optim, schedules, step
-from kldino.checkpoint import config_from_dict
-from kldino.config_checks import ConfigError, validate_config
-from kldino.defaults import base_config
+from kldino.core import optim
+from kldino.core import schedules
+from kldino.core import step
+from kldino.config.workdir import upgrade as config_from_dict
+from kldino.config.checks import validate_config
+from kldino.errors import ConfigError
+from kldino.config.defaults import base_config
 from tests.helpers import config_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

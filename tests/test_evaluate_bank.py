@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kldino import sharding
+from kldino.core import sharding
 from kldino.evaluate import bank as bank_lib
 
 ROWS_PER_PROCESS = 8

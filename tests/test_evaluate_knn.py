@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from kldino import sharding
+from kldino.core import sharding
 from kldino.evaluate import knn_accuracies, knn_accuracy, knn_predict, knn_predictions
 
 NUM_CLASSES = 7

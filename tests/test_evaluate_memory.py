@@ -58,7 +58,7 @@ def measure():
   """Evaluate a fresh teacher; print the results and the resident memory before and after."""
   _register_random_source()
   import jax  # pylint: disable=g-import-not-at-top
-  from kldino import optim, schedules, step  # pylint: disable=g-import-not-at-top
+  from kldino.core import program as program_lib  # pylint: disable=g-import-not-at-top
   from kldino.evaluate.evaluators import Evaluators  # pylint: disable=g-import-not-at-top
   from kldino.run import Run  # pylint: disable=g-import-not-at-top
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
@@ -72,9 +72,7 @@ def measure():
   config.eval.knn_k = (10, 20)
   del config.evals['linear_probe']  # the feature probe gathers features to the host by design
   run = Run(config, tempfile.mkdtemp())
-  optimizer = optim.make_optimizer(config.optim, schedules.make_schedules(config, 1))
-  init, _ = step.jit_init(step.make_init_fn(config, 1, optimizer), run.mesh, 1)
-  teacher = init(0).teacher
+  teacher = program_lib.build(config, run.graphdef, 1, run.mesh, 1).init(0).teacher
   evaluators = Evaluators(run)
   before = peak_rss()
   results = evaluators.final(teacher, 0.04)

@@ -1,8 +1,8 @@
 """Named evaluators from config.evals: the registry, the choice of entries, and their refusals."""
 import pytest
 
-from kldino import optim, schedules, step
-from kldino.config_checks import ConfigError
+from kldino.core import program as program_lib
+from kldino.errors import ConfigError
 from kldino.evaluate import evaluators as evaluators_lib
 from kldino.registry import Registry
 from kldino.run import Run
@@ -26,9 +26,7 @@ def _config():
 
 
 def _teacher(run):
-  optimizer = optim.make_optimizer(run.config.optim, schedules.make_schedules(run.config, 1))
-  init, _ = step.jit_init(step.make_init_fn(run.config, run.in_channels, optimizer), run.mesh, 1)
-  return init(0).teacher
+  return program_lib.build(run.config, run.graphdef, run.in_channels, run.mesh, 1).init(0).teacher
 
 
 def test_unknown_type_is_refused_before_anything_runs(tmp_path):

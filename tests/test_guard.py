@@ -1,5 +1,5 @@
-"""The collapse guard (kldino/guard.py): the three kinds from synthetic per-step statistics, the
-patience, and the loop's wiring: warn records, stop saves, exits 6 and is not undone by a rerun,
+"""The collapse guard (kldino/core/guard.py): the three kinds from synthetic per-step statistics,
+the patience, and the loop's wiring: warn records, stop saves, exits 6 and is not undone by a rerun,
 and the sweep runner's summary keeps the record."""
 import json
 import math
@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from kldino import cli
-from kldino import guard
-from kldino.config_checks import ConfigError, validate_config
+from kldino import errors
+from kldino.core import guard
+from kldino.config.checks import validate_config
+from kldino.errors import ConfigError
 from launch import sweep
 from tests.helpers import REPO, config_module
 
@@ -90,7 +91,7 @@ def test_bad_guard_settings_are_refused():
                                ('patience_epochs', 0, 'must be >= 1'),
                                ('min_clusters', 1.0, 'must be > 1'), ('uniform_entropy', 1.5,
                                                                       'must be in (0, 1)'),
-                               ('constant_mi', 0.0, 'guard.constant_mi=0.0 must be > 0')):
+                               ('constant_mi', -0.1, 'guard.constant_mi=-0.1 must be >= 0')):
     config = config_module('digits').get_config()
     config.guard[key] = value
     with pytest.raises(ConfigError, match=fragment.replace('(', r'\(').replace(')', r'\)')):
@@ -119,7 +120,7 @@ def test_stop_saves_exits_6_and_a_rerun_does_not_train_on(tmp_path):
   from kldino.run import Run  # pylint: disable=import-outside-toplevel
   workdir = tmp_path / 'run'
   result = _main(workdir, '--config.guard.collapse=stop')
-  assert result.returncode == cli.EXIT_COLLAPSE, result.stderr[-2000:]
+  assert result.returncode == errors.CollapseStopped.exit_code, result.stderr[-2000:]
   line = result.stderr.strip().splitlines()[-1]
   assert line.startswith('kldino: one-cluster collapse at step 60, every logged step since '
                          'step 10') and 'checkpoint of step 60 saved' in line, line
@@ -128,7 +129,7 @@ def test_stop_saves_exits_6_and_a_rerun_does_not_train_on(tmp_path):
   assert record['collapse']['kind'] == 'one_cluster' and record['step'] == 60
   assert Run(config_module('smoke').get_config(), str(workdir)).checkpointer.latest_step() == 60
   again = _main(workdir, '--config.guard.collapse=stop')
-  assert again.returncode == cli.EXIT_COLLAPSE
+  assert again.returncode == errors.CollapseStopped.exit_code
   assert 'stopped collapsed at step 60' in again.stderr.strip().splitlines()[-1]
   # warn trains on to the end, evaluates, and keeps the record of the collapse.
   resumed = _main(workdir, '--config.guard.collapse=warn')
@@ -143,11 +144,11 @@ def test_the_sweep_summary_keeps_a_stopped_jobs_collapse(tmp_path):
   collapse = {'kind': 'uniform', 'step': 7}
   write_and_exit = ('import json, os, sys; os.makedirs(sys.argv[1], exist_ok=True); '
                     'json.dump({"collapse": %r, "step": 7}, open(sys.argv[1] + "/eval.json", '
-                    '"w")); sys.exit(%d)' % (collapse, cli.EXIT_COLLAPSE))
+                    '"w")); sys.exit(%d)' % (collapse, errors.CollapseStopped.exit_code))
   commands = [[sys.executable, '-c', write_and_exit, jobs[0].workdir],
               [sys.executable, '-c', 'import sys; sys.exit(3)']]
   assert sweep.run_local(jobs, commands, str(tmp_path)) == 1
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary['collapsed']['collapse'] == collapse
-  assert summary['collapsed']['returncode'] == cli.EXIT_COLLAPSE
+  assert summary['collapsed']['returncode'] == errors.CollapseStopped.exit_code
   assert summary['broken'] == {'overrides': [], 'returncode': 3}

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from kldino import host_memory
+from kldino.runtime import host_memory
 
 GLIBC = ('glibc', '2.36')
 
@@ -48,7 +48,7 @@ def test_a_process_reexecutes_itself_once_with_the_tunable(tmp_path):
       import os, sys
       with open({str(log)!r}, 'a') as f:
         f.write(repr((sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))) + '\\n')
-      from kldino import host_memory
+      from kldino.runtime import host_memory
       host_memory.reexec_with_huge_pages()
       print('done')
   '''))

@@ -9,12 +9,15 @@ import torch
 from flax import nnx
 
 from configs.smoke import get_config as smoke_config
-from kldino import commands
-from kldino import convert_dino
-from kldino.config_checks import ConfigError
+from kldino.modes import attention as attention_mode
+from kldino.modes import export as export_mode
+from kldino.modes import features as features_mode
+from kldino.modes import import_dino as import_mode
+from kldino.modes import import_dino as convert_dino
+from kldino.errors import ConfigError
 from kldino.models.registry import build_backbone
 from kldino.train import Trainer
-from kldino.torch_baseline import VisionTransformer
+from kldino.tools.torch_baseline import VisionTransformer
 from tests.torch_vit import linear_eval_features
 
 IMAGE, PATCH, DIM, DEPTH, HEADS, CHANNELS = 16, 4, 32, 2, 2, 1  # vit_nano, as configs/smoke.py
@@ -117,7 +120,7 @@ def imported_workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('pth') / 'dino_checkpoint.pth')
   torch.save({'teacher': prefixed, 'student': prefixed, 'epoch': 3}, path)
   workdir = str(tmp_path_factory.mktemp('imported'))
-  written = commands.import_dino(smoke_config(), workdir, import_from=path)
+  written = import_mode.run(smoke_config(), workdir, import_from=path)
   return model, workdir, written, path
 
 
@@ -128,12 +131,12 @@ def test_import_mode_writes_a_step0_checkpoint_that_features_and_training_use(
   images = _images(seed=3, count=7)
   inputs = str(tmp_path / 'inputs.npy')
   np.save(inputs, images)
-  result = commands.dump_features(smoke_config(),
-                                  workdir,
-                                  step=None,
-                                  output=str(tmp_path / 'f.npy'),
-                                  split=None,
-                                  inputs=inputs)
+  result = features_mode.run(smoke_config(),
+                             workdir,
+                             step=None,
+                             output=str(tmp_path / 'f.npy'),
+                             split=None,
+                             inputs=inputs)
   np.testing.assert_allclose(np.load(result['features']),
                              _torch_features(model, images),
                              atol=1e-5,
@@ -151,11 +154,11 @@ def test_import_mode_writes_a_step0_checkpoint_that_features_and_training_use(
 def test_import_refuses_the_wrong_architecture_and_a_used_workdir(imported_workdir, tmp_path):
   _, workdir, _, path = imported_workdir
   with pytest.raises(ConfigError, match='already has checkpoints'):
-    commands.import_dino(smoke_config(), workdir, import_from=path)
+    import_mode.run(smoke_config(), workdir, import_from=path)
   config = smoke_config()
   config.model.name = 'vit_micro'
   with pytest.raises(ConfigError, match='shape'):
-    commands.import_dino(config, str(tmp_path / 'other'), import_from=path)
+    import_mode.run(config, str(tmp_path / 'other'), import_from=path)
 
 
 def test_import_export_and_array_features_read_no_dataset(tmp_path):
@@ -168,21 +171,18 @@ def test_import_export_and_array_features_read_no_dataset(tmp_path):
   config.data.name = 'imagenet2012'
   config.data.data_dir = str(tmp_path / 'no_tfds_here')
   workdir = str(tmp_path / 'run')
-  commands.import_dino(config, workdir, import_from=path)
-  exported = commands.export_teacher(config,
-                                     workdir,
-                                     step=None,
-                                     output=str(tmp_path / 'backbone.npz'))
+  import_mode.run(config, workdir, import_from=path)
+  exported = export_mode.run(config, workdir, step=None, output=str(tmp_path / 'backbone.npz'))
   with np.load(exported['export']) as arrays:
     np.testing.assert_array_equal(arrays['norm/scale'], model.state_dict()['norm.weight'].numpy())
   images = _images(seed=5, count=3)
   np.save(str(tmp_path / 'x.npy'), images)
-  result = commands.dump_features(config,
-                                  workdir,
-                                  step=None,
-                                  output=str(tmp_path / 'f.npy'),
-                                  split=None,
-                                  inputs=str(tmp_path / 'x.npy'))
+  result = features_mode.run(config,
+                             workdir,
+                             step=None,
+                             output=str(tmp_path / 'f.npy'),
+                             split=None,
+                             inputs=str(tmp_path / 'x.npy'))
   np.testing.assert_allclose(np.load(result['features']),
                              _torch_features(model, images),
                              atol=1e-5,
@@ -198,12 +198,12 @@ def test_features_mode_gives_dinos_linear_eval_features(imported_workdir, tmp_pa
   config.eval.n_last_blocks, config.eval.avgpool_patchtokens = n_last_blocks, avgpool
   images = _images(seed=6, count=4)
   np.save(str(tmp_path / 'x.npy'), images)
-  result = commands.dump_features(config,
-                                  workdir,
-                                  step=None,
-                                  output=str(tmp_path / 'f.npy'),
-                                  split=None,
-                                  inputs=str(tmp_path / 'x.npy'))
+  result = features_mode.run(config,
+                             workdir,
+                             step=None,
+                             output=str(tmp_path / 'f.npy'),
+                             split=None,
+                             inputs=str(tmp_path / 'x.npy'))
   with torch.no_grad():
     expected = linear_eval_features(model,
                                     torch.from_numpy(images).permute(0, 3, 1, 2), n_last_blocks,
@@ -225,13 +225,13 @@ def test_attention_mode_gives_the_official_last_block_attention(imported_workdir
   """--mode=attention of imported DINO weights: the softmax weights from CLS to each patch of the
   last block equal the PyTorch model's get_last_selfattention()[:, :, 0, 1:] to 1e-5; the 60 %
   mass masks equal DINO's; one PNG per image and the index."""
-  from kldino import attention_maps  # pylint: disable=import-outside-toplevel
+  from kldino.evaluate import pictures  # pylint: disable=import-outside-toplevel
   model, workdir, _, _ = imported_workdir
   images = _images(seed=5, count=3)
   inputs = str(tmp_path / 'inputs.npy')
   np.save(inputs, images)
   output = str(tmp_path / 'attention')
-  written = commands.attention(smoke_config(),
+  written = attention_mode.run(smoke_config(),
                                workdir,
                                step=None,
                                output=output,
@@ -244,12 +244,12 @@ def test_attention_mode_gives_the_official_last_block_attention(imported_workdir
   attention = np.load(written['attention'])
   assert attention.dtype == np.float32 and attention.shape == (3, HEADS, (IMAGE // PATCH)**2)
   np.testing.assert_allclose(attention, expected.numpy(), atol=1e-5)
-  np.testing.assert_array_equal(attention_maps.mass_threshold(attention, 0.6),
+  np.testing.assert_array_equal(pictures.mass_threshold(attention, 0.6),
                                 _dino_threshold(expected, 0.6).numpy())
   assert sorted(os.listdir(output)) == ['0.png', '1.png', '2.png', 'attention.npy', 'index.json']
   # A split: its first images in evaluation order, with their files and labels.
   split_output = str(tmp_path / 'split')
-  written = commands.attention(smoke_config(),
+  written = attention_mode.run(smoke_config(),
                                workdir,
                                step=None,
                                output=split_output,
@@ -265,7 +265,7 @@ def test_attention_mode_refuses_a_convnet(tmp_path):
   config = smoke_config()
   config.model.name = 'convnet_small'
   with pytest.raises(ConfigError, match='model.name=convnet_small has none'):
-    commands.attention(config,
+    attention_mode.run(config,
                        str(tmp_path),
                        step=None,
                        output=str(tmp_path / 'a'),

@@ -208,9 +208,9 @@ def test_local_runner_runs_a_sweep_and_summarises(tmp_path):
       assert json.load(f)['seed'] == seed
   assert summary['seed-0']['knn_top1'] != summary['seed-1']['knn_top1'] or (
       summary['seed-0']['cluster_mi'] != summary['seed-1']['cluster_mi'])
-  # The study's record (kldino/report.py) stands in for the workdirs on another machine: the
+  # The study's record (kldino/tools/report.py) stands in for the workdirs on another machine: the
   # report is regenerated from it alone, and a rerun of the sweep skips the recorded jobs.
-  from kldino import report  # pylint: disable=g-import-not-at-top
+  from kldino.tools import report  # pylint: disable=g-import-not-at-top
   report.write_report(root)
   with open(os.path.join(root, 'report.md')) as f:
     first_report = f.read()

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from configs.smoke import get_config as smoke_config
-from kldino import commands
-from kldino.torch_baseline import VisionTransformer
-from tests.helpers import sigterm_at_log_line
+from kldino.modes import import_dino as import_mode
+from kldino.tools.torch_baseline import VisionTransformer
+from tests.helpers import signal_at_log_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 epochs of 1347 // 64 = 21 steps on digits; heads checkpointed every 5 steps.
@@ -35,7 +35,7 @@ def imported(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('pth') / 'vit.pth')
   torch.save(model.state_dict(), path)
   workdir = str(tmp_path_factory.mktemp('imported'))
-  commands.import_dino(smoke_config(), workdir, import_from=path)
+  import_mode.run(smoke_config(), workdir, import_from=path)
   return workdir
 
 
@@ -127,7 +127,7 @@ def test_sigterm_while_scoring_exits_0_and_the_rerun_scores(uninterrupted, tmp_p
   workdir = str(tmp_path / 'scoring')
   shutil.copytree(reference, workdir)
   os.remove(os.path.join(workdir, 'linear_eval.json'))  # the heads trained, not yet scored
-  returncode, stdout, stderr = sigterm_at_log_line(
+  returncode, stdout, stderr = signal_at_log_line(
       _command(workdir), f'linear_eval: scoring the heads of step {TOTAL_STEPS}')
   assert returncode == 0, stderr[-3000:]
   assert 'stopped on request while scoring the linear heads; the heads are saved' in \

@@ -4,13 +4,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from kldino.models import (BACKBONES, DINOModel, ResNet, ViT, build_backbone, build_model,
                            register_backbone, validate_model_config)
+from kldino.config.defaults import base_config
 from kldino.models.convnet import CONVNET_SIZES
 from kldino.models.layers import drop_path, gelu
 from kldino.models.vit import Attention
@@ -29,18 +29,8 @@ def micro_vit(drop_path_rate=0.0, seed=0):
 
 
 def model_config(**overrides):
-  config = ml_collections.ConfigDict(
-      dict(name='convnet_small',
-           patch_size=4,
-           stem='patch',
-           drop_path=0.1,
-           num_prototypes=16,
-           head_hidden_dim=32,
-           head_bottleneck_dim=8,
-           head_num_layers=3,
-           head_norm='batch',
-           prototypes='learned',
-           prototype_init_std=1.0))
+  config = base_config().model
+  config.update(name='convnet_small', num_prototypes=16, head_hidden_dim=32, head_bottleneck_dim=8)
   config.update(overrides)
   return config
 
@@ -288,7 +278,8 @@ def test_conv_stem_gives_the_patch_grid_and_refuses_other_patch_sizes():
 
 @pytest.mark.parametrize('name', ['vit_nano', 'convnet_small'])
 def test_remat_gives_the_same_features_and_gradients(name):
-  from kldino import forward, step as step_lib  # pylint: disable=g-import-not-at-top
+  from kldino.models import forward
+  from kldino.core import step as step_lib  # pylint: disable=g-import-not-at-top
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(name=name)
   plain, params = step_lib.build_graphdef(config, 1)

@@ -4,12 +4,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from kldino import optim
+from kldino.config.workdir import upgrade
+from kldino.core import optim
 from kldino.models import DINOHead, MaskedBatchNorm, build_model, validate_model_config
 from kldino.models.head import init_prototypes
 from kldino.models.layers import l2_normalize
@@ -135,9 +135,9 @@ def test_bad_arguments(overrides, message):
 
 
 def test_the_prototype_norm_is_not_fused_into_the_logits_matmul():
-  """kldino/xla_env.py (set by the entry points and tests/conftest.py) turns XLA:CPU's reduction
-  fusions off: a prototype column norm fused
-  into the matmul was recomputed per tile (3.8 s of a 5.3 s ViT-S/16 prior-pass batch)."""
+  """kldino/runtime/xla_env.py (set by the entry points and tests/conftest.py) turns XLA:CPU's
+  reduction fusions off: a prototype column norm fused into the matmul was recomputed per tile (3.8
+  s of a 5.3 s ViT-S/16 prior-pass batch)."""
   import re  # pylint: disable=g-import-not-at-top
   prototypes = jnp.ones((32, 4096))
   z = jnp.ones((16, 32))
@@ -327,19 +327,22 @@ def test_gain_scales_the_cosines():
 
 
 def old_model_config(**overrides):
-  """A model config written before head_init and norm_last_layer existed."""
-  config = ml_collections.ConfigDict(
-      dict(name='convnet_small',
-           patch_size=4,
-           stem='patch',
-           drop_path=0.1,
-           num_prototypes=16,
-           head_hidden_dim=32,
-           head_bottleneck_dim=8,
-           head_num_layers=3,
-           head_norm='batch',
-           prototypes='learned',
-           prototype_init_std=1.0))
+  """A model config written before head_init and norm_last_layer existed, as kldino reads it
+  (kldino/config/workdir.py:upgrade)."""
+  config = upgrade({
+      'model':
+          dict(name='convnet_small',
+               patch_size=4,
+               stem='patch',
+               drop_path=0.1,
+               num_prototypes=16,
+               head_hidden_dim=32,
+               head_bottleneck_dim=8,
+               head_num_layers=3,
+               head_norm='batch',
+               prototypes='learned',
+               prototype_init_std=1.0)
+  }).model
   config.update(overrides)
   return config
 

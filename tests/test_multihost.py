@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs.smoke import get_config as smoke_config
-from kldino import distributed
+from kldino.runtime import distributed
 from kldino.train import Trainer
 from tests.test_train import write_folder
 

@@ -4,7 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kldino import objective
+from kldino.core import objective
+from kldino.models.layers import masked_standardise
 
 RNG = np.random.default_rng(0)
 
@@ -119,12 +120,12 @@ def test_sinkhorn_log_space_does_not_overflow_at_low_temperature():
   np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
 
 
-def test_standardise_over_batch_with_mask():
+def test_masked_standardise_over_batch():
   z = RNG.standard_normal((10, 4)).astype(np.float32) * 3 + 1
   mask = np.array([True] * 7 + [False] * 3)
   real = z[mask]
   expected = (real - real.mean(0)) / np.sqrt(real.var(0) + 1e-5)
-  got = objective.standardise_over_batch(jnp.asarray(z), jnp.asarray(mask))
+  got = masked_standardise(jnp.asarray(z), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(got)[mask], expected, rtol=1e-4, atol=1e-5)
 
 

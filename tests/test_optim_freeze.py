@@ -13,7 +13,8 @@ import optax
 import pytest
 import torch
 
-from kldino import optim, schedules as schedules_lib
+from kldino.core import optim
+from kldino.core import schedules as schedules_lib
 from tests.helpers import tiny_config
 from tests.test_step import run_steps
 

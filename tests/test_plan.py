@@ -1,11 +1,11 @@
-"""--mode=plan (kldino/plan.py): the state and step memory per device of simulated hardware, the
-refusal of a plan that does not fit with the fix, and the fix then fitting."""
+"""--mode=plan (kldino/modes/plan.py): the state and step memory per device of simulated hardware,
+the refusal of a plan that does not fit with the fix, and the fix then fitting."""
 import json
 import os
 import subprocess
 import sys
 
-from kldino import cli
+from kldino import errors
 from tests.helpers import REPO
 
 _SMOKE = [
@@ -49,7 +49,7 @@ def test_plan_measures_the_state_and_refuses_what_does_not_fit_with_the_fix():
   between = (remat['step_memory_bytes_per_device'] + roomy['step_memory_bytes_per_device']) / 2
   memory = f'--config.hardware.memory_gib={between / 0.9 / 2**30}'
   refused, _ = _plan(memory)
-  assert refused.returncode == cli.EXIT_USAGE
+  assert refused.returncode == errors.UsageError.exit_code
   line = refused.stderr.strip().splitlines()[-1]
   assert line.startswith('kldino: does not fit: vit_nano at batch 64 needs') and line.endswith(
       'set --config.model.remat=True (the activations are most of it)'), line

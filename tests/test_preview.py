@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from configs.smoke import get_config as smoke_config
-from kldino import commands
+from kldino.modes import preview as preview_mode
 from kldino.data import datasets, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ def _png(path):
 
 def test_preview_of_digits_equals_the_evaluation_pipeline(tmp_path):
   config = smoke_config()
-  written = commands.preview(config,
+  written = preview_mode.run(config,
                              str(tmp_path),
                              output=str(tmp_path / 'p'),
                              split='test',
@@ -60,7 +60,7 @@ def test_preview_of_a_jpeg_folder_names_the_files(tmp_path):
                      eval_split='val',
                      mean=(0.5, 0.5, 0.5),
                      std=(0.25, 0.25, 0.25))
-  commands.preview(config, str(tmp_path), output=str(tmp_path / 'p'), split=None, num_images=5)
+  preview_mode.run(config, str(tmp_path), output=str(tmp_path / 'p'), split=None, num_images=5)
   index = json.loads((tmp_path / 'p' / 'index.json').read_text())
   assert sorted(entry['file'] for entry in index) == sorted(files)
   for entry in index:
@@ -81,4 +81,4 @@ def test_preview_needs_an_output_folder(tmp_path):
                           check=False)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
-      'kldino: --mode=preview needs --output=DIR (where the PNGs and index.json go)')
+      'kldino: --mode=preview needs --output=DIR (the folder for the PNGs and index.json)')

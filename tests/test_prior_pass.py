@@ -3,7 +3,12 @@ import jax
 import numpy as np
 import pytest
 
-from kldino import forward, optim, prior_pass, schedules, sharding, step
+from kldino.core import program as program_lib
+from kldino.models import forward
+from kldino.core import prior_pass
+from kldino.core import schedules
+from kldino.core import sharding
+from kldino.core import step
 from tests.helpers import tiny_config
 
 
@@ -25,13 +30,10 @@ def padded_batches(images, batch_size):
 def test_prior_pass_counts_each_example_once(num_examples, batch_size):
   config = tiny_config(head_norm='layer')  # per-image head, so batch size does not matter
   mesh = sharding.make_mesh(config.mesh)  # 8 devices
-  scheds = schedules.make_schedules(config, 10)
   graphdef, _ = step.build_graphdef(config, in_channels=1)
-  init, shardings = step.jit_init(
-      step.make_init_fn(config, 1, optim.make_optimizer(config.optim, scheds)), mesh,
-      config.mesh.fsdp_min_size)
-  teacher = init(0).teacher
-  accumulate, _, _ = prior_pass.jit_pass_fns(graphdef, False, shardings.teacher, mesh)
+  program = program_lib.build(config, graphdef, 1, mesh, 10)
+  teacher = program.init(0).teacher
+  accumulate = program.prior_pass.accumulate
   images = np.random.default_rng(0).standard_normal((num_examples, 16, 16, 1)).astype(np.float32)
   temp = 0.07
   sums = prior_pass.init_sums(config.model.num_prototypes)
@@ -72,13 +74,9 @@ def test_prior_rows_and_drift_equal_numpy():
   config = tiny_config(head_norm='layer')
   mesh = sharding.make_mesh(config.mesh)
   graphdef, _ = step.build_graphdef(config, in_channels=1)
-  init, shardings = step.jit_init(
-      step.make_init_fn(config, 1,
-                        optim.make_optimizer(config.optim, schedules.make_schedules(config, 10))),
-      mesh, config.mesh.fsdp_min_size)
-  teacher = init(0).teacher
-  accumulate, _, drift_accumulate = prior_pass.jit_pass_fns(graphdef, False, shardings.teacher,
-                                                            mesh)
+  program = program_lib.build(config, graphdef, 1, mesh, 10)
+  teacher = program.init(0).teacher
+  accumulate, _, drift_accumulate = program.prior_pass
   images = np.random.default_rng(2).standard_normal((21, 16, 16, 1)).astype(np.float32)
   temps = np.asarray([0.05, 0.04, 0.07], np.float32)
   sums = prior_pass.init_sums(config.model.num_prototypes, len(temps))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kldino import profiling
+from kldino.tools import profiling
 from kldino.models.layers import l2_normalize
 
 

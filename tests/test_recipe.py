@@ -8,8 +8,9 @@ DataAugmentationDINO, utils.py, vision_transformer.py's DINOHead, eval_knn.py, e
 import numpy as np
 import pytest
 
-from kldino import objective, schedules
-from kldino.config_checks import validate_config
+from kldino.core import objective
+from kldino.core import schedules
+from kldino.config.checks import validate_config
 from tests.helpers import config_module
 
 STEPS_PER_EPOCH = 1_281_167 // 512

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kldino import report
+from kldino.tools import report
 from kldino import train
 from tests.helpers import tiny_config
 from tests.test_train import write_folder

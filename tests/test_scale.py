@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kldino import forward
-from kldino import optim
-from kldino import schedules
-from kldino import sharding
-from kldino import step
-from kldino.config_checks import validate_config
+from kldino.core import program as program_lib
+from kldino.models import forward
+from kldino.core import optim
+from kldino.core import schedules
+from kldino.core import sharding
+from kldino.core import step
+from kldino.config.checks import validate_config
 from tests.helpers import config_module, tiny_config
 
 SCALE = config_module('imagenet_scale')
@@ -68,14 +69,12 @@ def test_fsdp_on_8_devices_holds_an_eighth_of_the_state():
   config.mesh.fsdp = 8
   train_step, _, abstract_state, _, batch = _abstract_train_step(config, 8, 0)
   mesh = sharding.make_mesh(config.mesh)
-  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  jitted = step.jit_train_step(train_step, shardings, mesh)
-  state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                       abstract_state, shardings)
+  graphdef, _ = step.build_graphdef(config, in_channels=3)
+  program = program_lib.build(config, graphdef, 3, mesh, 1000)
   batch = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(
           leaf.shape, leaf.dtype, sharding=sharding.batch_sharding(mesh)), batch)
-  memory = jitted.lower(state, batch).compile().memory_analysis()
+  memory = program.train_step.lower(program.abstract_state, batch).compile().memory_analysis()
   replicated_per_device = _state_bytes(abstract_state)  # ViT-S/16 + K=65536 head: ~704 MB
   assert replicated_per_device > 600e6
   # Arguments per device: the state shard plus 1 image of the batch.

@@ -3,7 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from kldino import optim, schedules, sharding, step
+from kldino.core import program as program_lib
+from kldino.core import sharding
+from kldino.core import step
 from tests.helpers import random_batch, tiny_config
 
 STEPS_PER_EPOCH = 10
@@ -13,14 +15,10 @@ def run_steps(config, devices, num_steps=2, fsdp=1):
   config = config.copy_and_resolve_references()
   config.mesh.fsdp = fsdp
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  scheds = schedules.make_schedules(config, STEPS_PER_EPOCH)
-  optimizer = optim.make_optimizer(config.optim, scheds)
   graphdef, _ = step.build_graphdef(config, in_channels=1)
-  init, shardings = step.jit_init(step.make_init_fn(config, 1, optimizer), mesh,
-                                  config.mesh.fsdp_min_size)
-  train_step = step.jit_train_step(step.make_train_step(graphdef, config, scheds, optimizer),
-                                   shardings, mesh)
-  state = init(config.seed)
+  program = program_lib.build(config, graphdef, 1, mesh, STEPS_PER_EPOCH)
+  train_step, shardings = program.train_step, program.state_shardings
+  state = program.init(config.seed)
   initial = jax.device_get(state)
   metrics = []
   for i in range(num_steps):

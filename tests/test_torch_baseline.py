@@ -1,18 +1,18 @@
-"""The bench's PyTorch baseline (kldino/torch_baseline.py) is kldino's train step: from the same
-parameters and batch, one step of each gives the same loss, gradients, student and teacher."""
+"""The bench's PyTorch baseline (kldino/tools/torch_baseline.py) is kldino's train step: from the
+same parameters and batch, one step of each gives the same loss, gradients, student and teacher."""
 import jax
 import numpy as np
 import pytest
 import torch
 
-from kldino import bench
-from kldino import convert_dino
-from kldino import optim
-from kldino import schedules as schedules_lib
-from kldino import sharding
-from kldino import step as step_lib
-from kldino import torch_baseline
-from kldino.defaults import base_config
+from kldino.core import program as program_lib
+from kldino.tools import bench
+from kldino.modes import import_dino as convert_dino
+from kldino.core import optim
+from kldino.core import sharding
+from kldino.core import step as step_lib
+from kldino.tools import torch_baseline
+from kldino.config.defaults import base_config
 
 CHANNELS = 3
 
@@ -71,18 +71,15 @@ def _leaves(tree) -> dict:
 def test_one_step_equals_kldinos(normalization, freeze_epochs):
   config = _config(normalization, freeze_epochs)
   baseline = torch_baseline.TorchDinoStep(config, CHANNELS, seed=3)
-  schedules = schedules_lib.make_schedules(config, steps_per_epoch=100)
-  optimizer = optim.make_optimizer(config.optim, schedules)
   graphdef, template = step_lib.build_graphdef(config, CHANNELS)
   params = _kldino_params(baseline.student, template)
   assert jax.tree.structure(params) == jax.tree.structure(template)
   mesh = sharding.make_mesh(config.mesh)
-  init, shardings = step_lib.jit_init(step_lib.make_init_fn(config, CHANNELS, optimizer), mesh,
-                                      config.mesh.fsdp_min_size)
-  state = init(0)
+  program = program_lib.build(config, graphdef, CHANNELS, mesh, steps_per_epoch=100)
+  schedules, train_step = program.schedules, program.train_step
+  optimizer = optim.make_optimizer(config.optim, schedules)
+  state = program.init(0)
   state = state.replace(student=params, teacher=params, opt_state=optimizer.init(params))
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, config, schedules, optimizer), shardings, mesh)
   crops = bench.random_crops(config, CHANNELS)
   state, metrics = train_step(state, jax.device_put(crops, sharding.batch_sharding(mesh)))
 
@@ -136,10 +133,10 @@ def test_configs_it_does_not_build_are_named():
 
 
 def test_profile_breaks_the_step_down_by_kind_and_layer_backward_included():
-  """kldino/torch_profiling.py: the step's op time by kind sums to its busy time, the matmuls are
-  the largest kind, and the backward ops count for the forward layers that made them: almost no
+  """kldino/tools/torch_profiling.py: the step's op time by kind sums to its busy time, the matmuls
+  are the largest kind, and the backward ops count for the forward layers that made them: almost no
   time is left without a source line (without the sequence-number link, backward would be)."""
-  from kldino import torch_profiling  # pylint: disable=g-import-not-at-top
+  from kldino.tools import torch_profiling  # pylint: disable=g-import-not-at-top
   config = _config('prior', freeze_epochs=0)
   step = torch_baseline.TorchDinoStep(config, CHANNELS)
   crops = {

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from kldino import cli
+from kldino import errors
 from kldino.data import augment, datasets, pipeline, unreadable
 from tests.helpers import REPO
 from tests.test_data_fullres import jpeg, jpeg_config, smooth_image
@@ -136,7 +136,7 @@ def test_the_command_line_stops_with_exit_3_and_one_line(tmp_path):
                           env={
                               **os.environ, 'JAX_PLATFORMS': 'cpu'
                           })
-  assert result.returncode == cli.EXIT_DATA, result.stderr[-2000:]
+  assert result.returncode == errors.DataError.exit_code, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr and 'Exception in thread' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
   assert line.startswith('kldino: 1 of the 16 images of split') and bad['train'].pop() in line

@@ -10,12 +10,12 @@ import torch
 from flax import nnx
 
 from configs.smoke import get_config as smoke_config
-from kldino import convert_dino
-from kldino import forward
-from kldino import step
+from kldino.modes import import_dino as convert_dino
+from kldino.models import forward
+from kldino.core import step
 from kldino.models.registry import build_backbone
 from tests.helpers import tiny_config
-from kldino.torch_baseline import VisionTransformer
+from kldino.tools.torch_baseline import VisionTransformer
 from tests.torch_vit import linear_eval_features
 
 IMAGE, PATCH, DIM, DEPTH, HEADS, CHANNELS = 16, 4, 32, 2, 2, 1  # vit_nano, as configs/smoke.py

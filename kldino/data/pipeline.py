@@ -60,6 +60,15 @@ def num_shards(data_config, process_count: int) -> int:
   return shards
 
 
+def host_batch_bytes(config, process_count: int) -> int:
+  """Bytes of the training batches a host holds at once: data.prefetch batches ahead, the one
+  being made, and the two the loop sends ahead to the devices (core/sharding.py), float32."""
+  aug = config.aug
+  pixels = 2 * aug.global_size**2 + aug.num_local * aug.local_size**2
+  example_bytes = pixels * len(config.data.mean) * 4
+  return (config.batch_size // process_count) * example_bytes * (config.data.prefetch + 3)
+
+
 def steps_per_epoch(num_train_examples: int, global_batch: int, shards: int) -> int:
   """Steps that every process runs in an epoch; the remainder of the data is dropped."""
   return (num_train_examples // shards) // _local_batch(global_batch, shards)

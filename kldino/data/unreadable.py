@@ -19,12 +19,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from kldino.errors import TooManyUnreadable
+
 RECENT = 16
 _NAMED = 5  # unreadable images named in warnings and errors, per split
-
-
-class TooManyUnreadable(ValueError):
-  """More of a split's images failed to decode than data.max_corrupt_fraction allows."""
 
 
 @dataclasses.dataclass

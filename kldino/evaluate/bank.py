@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kldino import objective
+from kldino.core import objective
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,12 +2,12 @@
 
     config.evals.knn = {'type': 'knn', 'every_epochs': 0, 'final': True}
 
-Each entry names a registered evaluator type, how often it runs during training (`every_epochs`,
-0: not during training) and whether it runs at the end of training and in `--mode=eval`
-(`final`). Options are the `eval.*` keys (kldino/defaults.py). An evaluator is built once per run,
-`Evaluator(banks, run)`, and `evaluator.run(params)` returns its JSON fields. The evaluators of
-one evaluation share the split's feature bank (kldino/evaluate/bank.py): each split is passed
-through the backbone once, whatever the number of evaluators.
+Each entry names a registered evaluator type, how often it runs during training (`every_epochs`, 0:
+not during training) and whether it runs at the end of training and in `--mode=eval` (`final`).
+Options are the `eval.*` keys (kldino/config/defaults.py). An evaluator is built once per run,
+`Evaluator(banks, run)`, and `evaluator.run(params)` returns its JSON fields. The evaluators of one
+evaluation share the split's feature bank (kldino/evaluate/bank.py): each split is passed through
+the backbone once, whatever the number of evaluators.
 
     knn           weighted k-NN on device against the sharded train bank: knn_top1 (k = 20, or the
                   only k), knn_top1_k{K} for each k of eval.knn_k
@@ -15,21 +15,22 @@ through the backbone once, whatever the number of evaluators.
                   reduced on device in the feature pass
     feature_probe the quick linear probe (softmax regression on un-augmented features gathered to
                   the host, kldino/evaluate/linear.py): linear_top1. DINO's linear evaluation
-                  protocol is --mode=linear_eval (kldino/linear_eval_loop.py).
+                  protocol is --mode=linear_eval (kldino/modes/linear_eval.py).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from kldino import forward
-from kldino import sharding
-from kldino.config_checks import ConfigError
+from kldino.models import forward
+from kldino.core import sharding
+from kldino.errors import ConfigError
 from kldino.data import pipeline
 from kldino.evaluate import bank as bank_lib
 from kldino.evaluate.knn import knn_accuracies
 from kldino.evaluate.linear import linear_probe
 from kldino.registry import Registry
+from kldino.runtime import files
 
 EVALUATORS = Registry('evaluator', key='evals.<name>.type')
 # The feature probe gathers both splits' features to every host: refuse it beyond this size.
@@ -46,9 +47,9 @@ class SplitBanks:
   """Feature banks of one set of parameters, one per split, computed when first asked for.
 
   `features='teacher'` gives the teacher backbone's features (`feature_options` as
-  kldino/forward.py:backbone_features takes them; default: CLS after the final norm) and, with
-  `cluster_stats`, the eval split's cluster statistics in the same pass; `features='pixels'` the
-  flattened evaluation views (the raw-pixel baseline). `clear()` frees the banks.
+  kldino/models/forward.py:backbone_features takes them; default: CLS after the final norm) and,
+  with `cluster_stats`, the eval split's cluster statistics in the same pass; `features='pixels'`
+  the flattened evaluation views (the raw-pixel baseline). `clear()` frees the banks.
   """
 
   def __init__(self,
@@ -262,3 +263,26 @@ class Evaluators:
         if item[1].every_epochs and epochs_done % item[1].every_epochs == 0
     ]
     return self._run_entries(params, teacher_temp, due) if due else {}
+
+
+def evaluate(evaluators: Evaluators,
+             params,
+             step: int,
+             teacher_temp: float,
+             *,
+             epochs_done: int | None = None) -> dict:
+  """The evaluation JSON of `params` at `step`: the final evaluators' fields (or, with
+  `epochs_done`, those of the periodic ones due then; {} if none), the step and tau_t."""
+  if epochs_done is None:
+    results = evaluators.final(params, teacher_temp)
+  else:
+    results = evaluators.periodic(params, teacher_temp, epochs_done)
+  if results:
+    results.update(step=int(step), teacher_temp=teacher_temp)
+  return results
+
+
+def write_eval_json(results: dict, path: str):
+  """The evaluation JSON at `path`, written by process 0."""
+  if jax.process_index() == 0:
+    files.write_json(path, results)

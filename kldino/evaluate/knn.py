@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kldino import sharding
+from kldino.core import sharding
 
 _AXES = sharding.BATCH_AXES
 

@@ -41,17 +41,10 @@ def _require(condition: bool, message: str):
     raise ValueError(message)
 
 
-def _compute_dtype(model_config) -> str:
-  # Model configs written before the key existed compute in float32.
-  return model_config.get('compute_dtype', 'float32')
-
-
 def _head_options(model_config) -> dict:
-  # Model configs written before these keys existed used LeCun-normal MLP kernels, normal
-  # prototypes of std prototype_init_std, and unit prototypes (no gain): build what they built.
-  return dict(init=model_config.get('head_init', 'lecun'),
-              prototype_init_std=float(model_config.get('prototype_init_std', 1.0)),
-              norm_last_layer=bool(model_config.get('norm_last_layer', True)))
+  return dict(init=model_config.head_init,
+              prototype_init_std=float(model_config.prototype_init_std),
+              norm_last_layer=bool(model_config.norm_last_layer))
 
 
 def validate_model_config(model_config, *, image_sizes=()):
@@ -81,7 +74,7 @@ def validate_model_config(model_config, *, image_sizes=()):
       "model.norm_last_layer=False (a learned gain per prototype) needs "
       f"model.prototypes='learned', not '{model_config.prototypes}': 'fixed' prototypes "
       "must not change and 'centered' ones must stay unit vectors")
-  compute_dtype = _compute_dtype(model_config)
+  compute_dtype = model_config.compute_dtype
   _require(
       compute_dtype in COMPUTE_DTYPES,
       f"unknown model.compute_dtype '{compute_dtype}': choose one of "
@@ -104,7 +97,7 @@ def build_backbone(model_config, *, in_channels: int, image_size: int, rngs: nnx
                                                   in_channels=in_channels,
                                                   image_size=image_size,
                                                   stem=model_config.stem,
-                                                  remat=model_config.get('remat', False),
+                                                  remat=model_config.remat,
                                                   rngs=rngs)
 
 
@@ -136,4 +129,4 @@ def build_model(model_config, *, in_channels: int, image_size: int, rngs: nnx.Rn
                   prototypes=model_config.prototypes,
                   **_head_options(model_config),
                   rngs=rngs)
-  return DINOModel(backbone, head, _compute_dtype(model_config))
+  return DINOModel(backbone, head, model_config.compute_dtype)

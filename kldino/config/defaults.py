@@ -1,0 +1,180 @@
+"""The complete set of config keys with their defaults; experiment files in configs/ override.
+
+Every key can be overridden on the command line: `--config.objective.normalization=center`.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_epochs = 60
+  config.batch_size = 64  # global, over all devices and hosts
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 500  # and always at the end and on SIGTERM / preemption
+  config.keep_checkpoints = 3
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'digits'  # 'digits', 'folder', or any TFDS name
+  config.data.path = ''  # root of an ImageFolder tree, for name='folder'
+  config.data.data_dir = ''  # TFDS data_dir ('' = TFDS default)
+  config.data.train_split = 'train'
+  config.data.eval_split = 'test'
+  config.data.image_size = 16  # the evaluation view's size (a centre crop); training crops
+  # are cut from the full-resolution image (small fixed-size
+  # images, the 8x8 digits, are upscaled to this first)
+  config.data.eval_resize = 0  # evaluation: shorter side resized to this, then the centre
+  # image_size crop (DINO: 256 for 224); 0: image_size * 256 / 224
+  # rounded (18 for the 16x16 view of the 8x8 digits)
+  config.data.mean = (0.5,)  # per channel, after scaling to [0, 1]
+  config.data.std = (0.5,)
+  config.data.shuffle_buffer = 4096
+  config.data.shards = 0  # training data shards (0: one per process); fixing it makes
+  # the batches independent of the number of processes
+  config.data.prefetch = 2
+  config.data.max_corrupt_fraction = 0.001  # images that cannot be decoded are skipped (and named
+  # in a warning); more than this fraction of a split stops the run
+
+  config.aug = ml_collections.ConfigDict()
+  config.aug.global_size = 16
+  config.aug.local_size = 8
+  config.aug.num_local = 6
+  config.aug.global_scale = (0.4, 1.0)
+  config.aug.local_scale = (0.1, 0.4)
+  config.aug.flip = False  # mirrored digits are other digits
+  config.aug.color_jitter = (0.4, 0.4, 0.0, 0.0)  # brightness, contrast, saturation, hue
+  config.aug.color_jitter_prob = 0.8
+  config.aug.grayscale_prob = 0.0
+  config.aug.blur_prob = (1.0, 0.1, 0.5)  # global 1, global 2, locals
+  config.aug.blur_sigma = (0.1, 1.0)
+  config.aug.solarize_prob = 0.2  # on global 2 only
+  config.aug.crop_interpolation = 'bicubic'  # the crops' resize: DINO's bicubic, or bilinear
+  config.aug.xla_min_size = 64  # global crops of at least this size are augmented on whole
+  # batches by XLA (~7 ms per image for DINO's 224/96 crops
+  # instead of ~60, after ~20 s of compilation); smaller ones
+  # example by example in tf.data (kldino/data/augment.py)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'convnet_small'
+  config.model.patch_size = 4  # ViT only
+  config.model.stem = 'patch'  # ViT only: 'patch' (linear, as DINO) or 'conv' (3x3 convs)
+  config.model.drop_path = 0.1
+  config.model.compute_dtype = 'float32'  # the backbone's arithmetic: 'float32' or 'bfloat16'
+  config.model.remat = False  # recompute each block's activations in the backward pass
+  config.model.num_prototypes = 256
+  config.model.head_hidden_dim = 512
+  config.model.head_bottleneck_dim = 32
+  config.model.head_num_layers = 3
+  config.model.head_norm = 'batch'  # 'none' (DINO), 'batch' or 'layer' inside the head MLP
+  config.model.prototypes = 'learned'  # 'learned', 'fixed' or 'centered'
+  # The head's init. 'dino' is DINO's (the ImageNet recipes): MLP kernels normal(0, .02) (DINO's
+  # trunc_normal_, whose +-2 bounds never bite) and zero biases. 'lecun' (this digits default):
+  # LeCun-normal kernels, which keep the logits' spread at init comparable with tau_t on small
+  # data, where DINO's init leaves the centered targets nearly uniform.
+  config.model.head_init = 'lecun'  # 'dino' or 'lecun'
+  # The raw prototype directions (only their unit columns enter the logits, but their norm sets
+  # the step of each update): 0 = DINO's, nn.Linear's uniform(+-1/sqrt(head_bottleneck_dim));
+  # > 0 = a normal with this std (the digits runs: 1.0).
+  config.model.prototype_init_std = 1.0
+  # DINO's --norm_last_layer: True = the prototypes' norm is fixed at 1 (logits are cosines);
+  # False = a learnable gain g_k per prototype, init 1 (DINO's weight_g), logits g_k cos(z, w_k);
+  # needs prototypes='learned'. Frozen with the prototypes (optim.freeze_prototypes_epochs), as
+  # DINO freezes its whole last layer.
+  config.model.norm_last_layer = True
+
+  config.objective = ml_collections.ConfigDict()
+  config.objective.normalization = 'prior'  # prior | center | sinkhorn | teacher_bn | none
+  config.objective.prior_source = 'sweep'  # sweep (the prior pass over the dataset) | batch | ema
+  config.objective.prior_every_epochs = 1  # T
+  config.objective.prior_init = 'sweep'  # sweep (a prior pass before step 0) | uniform
+  config.objective.prior_eps = 1e-6  # floor of Q(k) before renormalising
+  config.objective.prior_momentum = 0.9  # source=ema
+  config.objective.gap_examples = 10_000  # Jensen gap in a prior pass: first N examples (0: all)
+  config.objective.center_momentum = 0.9
+  config.objective.sinkhorn_iters = 3
+  config.objective.student_temp = 0.1
+  config.objective.teacher_temp = 0.04
+  config.objective.warmup_teacher_temp = 0.04
+  config.objective.warmup_teacher_temp_epochs = 0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 2e-3  # per 256 images; scaled by batch_size / 256
+  config.optim.min_lr = 1e-6
+  config.optim.warmup_epochs = 5
+  config.optim.weight_decay = 0.04
+  config.optim.weight_decay_end = 0.4
+  config.optim.clip_grad = 3.0
+  config.optim.clip_mode = 'per_param'  # 'per_param' (DINO) or 'global'
+  config.optim.freeze_prototypes_epochs = 1
+  config.optim.teacher_momentum = 0.99
+  config.optim.teacher_momentum_end = 1.0
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.fsdp = 1  # devices per FSDP group; the rest is data parallel
+  config.mesh.fsdp_min_size = 2**16  # parameters smaller than this stay replicated
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.knn_k = (20,)  # one k or several, e.g. (10, 20, 100, 200): knn_top1_k{K} each
+  config.eval.knn_temperature = 0.07
+  config.eval.batch_size = 256
+  config.eval.probe_epochs = 100  # the quick feature probe (evals type feature_probe)
+  config.eval.baselines = False  # also probe raw pixels and the backbone at initialisation
+  config.eval.prior_pass_diagnostics = False  # prior passes measure any normalisation
+  # Features of --mode=linear_eval and --mode=features (DINO's linear evaluation): the CLS token
+  # of each of the last n blocks through the final norm, concatenated; with avgpool (n = 1) also
+  # the mean of the last block's patch tokens, interleaved with the CLS token as DINO does.
+  config.eval.n_last_blocks = 1
+  config.eval.avgpool_patchtokens = False
+  # --mode=linear_eval (DINO's protocol): SGD momentum 0.9, no weight decay, lr x batch / 256
+  # with a per-epoch cosine to 0; one head per lr of linear_lrs (linear_lr when empty), trained
+  # together from one backbone pass; the best head on the eval split is reported.
+  config.eval.linear_lr = 1e-3
+  config.eval.linear_lrs = ()
+  config.eval.linear_epochs = 100
+  config.eval.linear_batch_size = 1024  # global (DINO: 128 per GPU on 8 GPUs)
+  config.eval.linear_crop_scale = (0.08, 1.0)  # RandomResizedCrop of the training views
+
+  # Named evaluators (kldino/evaluate/evaluators.py): type, every_epochs during training (0: not
+  # during training), final (at the end of training and in --mode=eval).
+  config.evals = ml_collections.ConfigDict({
+      'knn': {
+          'type': 'knn',
+          'every_epochs': 0,
+          'final': True
+      },
+      'clusters': {
+          'type': 'clusters',
+          'every_epochs': 0,
+          'final': True
+      },
+      'linear_probe': {
+          'type': 'feature_probe',
+          'every_epochs': 0,
+          'final': True
+      },
+  })
+  config.prior_pass_batch_size = 256
+
+  # The hardware --mode=plan plans for (kldino/modes/plan.py); devices 0: this machine.
+  config.hardware = ml_collections.ConfigDict()
+  config.hardware.name = ''  # the accelerator type, e.g. 'v5p-128' (TPU: picks the VM image)
+  config.hardware.kind = ''  # 'tpu' | 'gpu'
+  config.hardware.devices = 0
+  config.hardware.hosts = 1
+  config.hardware.memory_gib = 0.0  # per device
+  config.hardware.peak_tflops = 0.0  # bf16 per device
+  config.hardware.mfu = 0.35  # assumed for the plan's time
+
+  # The collapse guard (kldino/core/guard.py): 'warn' logs one line and records the collapse in
+  # eval.json; 'stop' also saves a checkpoint and exits with code 6 (docs/failures.md). A kind
+  # counts when it holds at every logged step for patience_epochs epochs.
+  config.guard = ml_collections.ConfigDict()
+  config.guard.collapse = 'warn'  # 'off', 'warn' or 'stop'
+  config.guard.patience_epochs = 3
+  config.guard.min_clusters = 1.5  # one cluster: the teacher's batch marginal has fewer
+  config.guard.uniform_entropy = 0.95  # uniform: per-image entropy above this fraction of log K
+  config.guard.uniform_mi = 0.05  # ... and image-cluster mutual information below (nats)
+  # constant: the same posterior for every image (MI below this, nats), neither of the above;
+  # healthy runs of the digits study keep MI above 0.46 after their first epoch (docs/results.md)
+  config.guard.constant_mi = 0.05
+  return config

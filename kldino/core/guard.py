@@ -1,0 +1,115 @@
+"""The collapse guard: tells a collapsed run from the teacher's per-step statistics.
+
+The ways a DINO-family run collapses, read from the teacher's posteriors p(k | x) over a batch,
+which the train step measures every step (kldino/core/objective.py:diagnostics). In each the
+teacher's posterior stops depending on the image; they differ in what the shared posterior looks
+like:
+
+* one cluster: every image goes to the same prototype. The batch's marginal mean_x p(k | x) has
+  exp(H) -> 1 effective clusters (H = teacher_entropy + teacher_mi, the marginal's entropy).
+* uniform: every image's posterior is flat. The per-image entropy teacher_entropy -> log K and
+  the mutual information teacher_mi between image and cluster -> 0.
+* constant: every image gets the same posterior, spread over some of the prototypes but neither
+  one of them nor all: teacher_mi -> 0 with neither condition above. The inverse prior keeps
+  such a teacher where it is: with p(k | x) the same for every x, the prior equals it and the
+  targets p / prior are the same for every image too (docs/results.md, the LayerNorm head).
+
+A kind counts once its condition has held at every logged step for `guard.patience_epochs`
+epochs: early steps, when the teacher is still near its initialisation, pass through it without
+tripping it. Thresholds and their justification: kldino/config/defaults.py (guard) and
+docs/failures.md.
+Host-side and pure: the loop (kldino/train.py) feeds it and acts on what it returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+MODES = ('off', 'warn', 'stop')
+_FIXES = {
+    'one_cluster': 'use an anti-collapse normalisation (--config.objective.normalization=prior '
+                   'or center) or lower optim.lr',
+    'uniform': 'sharpen the targets (lower objective.teacher_temp / teacher_temp_end), give '
+               'the head batch statistics (a head without them can settle on flat posteriors), '
+               'or with sinkhorn use fewer prototypes (model.num_prototypes: its equipartition '
+               'flattens the targets when the teacher leaves most of them empty, docs/results.md)',
+    'constant': 'give the head batch statistics (model.head_norm=batch: a head without them '
+                'starts with nearly the same posterior for every image, docs/results.md) or '
+                'sharpen the targets (lower objective.teacher_temp)',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collapse:
+  """A detected collapse: its kind, the step it was detected at, the first step of the run of
+  collapsed steps, and the numbers at detection."""
+  kind: str
+  step: int
+  since_step: int
+  teacher_clusters: float
+  teacher_entropy: float
+  teacher_mi: float
+  num_prototypes: int
+
+  def record(self) -> dict:
+    """eval.json's "collapse" (and the sweep runner's summary.json)."""
+    return dataclasses.asdict(self)
+
+  def message(self) -> str:
+    evidence = (f'the teacher has {self.teacher_clusters:.2f} effective clusters of '
+                f'{self.num_prototypes} per batch, per-image entropy {self.teacher_entropy:.3f} '
+                f'(log K = {math.log(self.num_prototypes):.3f}) and cluster MI '
+                f'{self.teacher_mi:.3f} nats')
+    return (f'{self.kind.replace("_", "-")} collapse at step {self.step}, every logged step '
+            f'since step {self.since_step}: {evidence}; {_FIXES[self.kind]}')
+
+
+def _teacher_clusters(metrics: dict) -> float:
+  """exp of the entropy of the batch's mean teacher posterior: H(mean p) = MI + mean H(p)."""
+  return math.exp(metrics['teacher_entropy'] + metrics['teacher_mi'])
+
+
+class CollapseGuard:
+  """Feed it each logged step's averaged metrics (`observe`); it returns a Collapse the first
+  time one is established, None otherwise, and remembers the first (`collapse`)."""
+
+  def __init__(self, guard_config, num_prototypes: int, steps_per_epoch: int):
+    self.mode = guard_config.collapse
+    self.num_prototypes = num_prototypes
+    self.patience_steps = guard_config.patience_epochs * steps_per_epoch
+    self.min_clusters = guard_config.min_clusters
+    self.uniform_entropy = guard_config.uniform_entropy * math.log(num_prototypes)
+    self.uniform_mi = guard_config.uniform_mi
+    self.constant_mi = guard_config.constant_mi
+    self.since = {'one_cluster': None, 'uniform': None, 'constant': None}
+    self.collapse: Collapse | None = None
+
+  def _holds(self, metrics: dict) -> dict[str, bool]:
+    """Which kind holds at this step; at most one does."""
+    one_cluster = _teacher_clusters(metrics) < self.min_clusters
+    flat = metrics['teacher_entropy'] > self.uniform_entropy
+    return {
+        'one_cluster': one_cluster,
+        'uniform': flat and metrics['teacher_mi'] < self.uniform_mi,
+        'constant': metrics['teacher_mi'] < self.constant_mi and not (one_cluster or flat),
+    }
+
+  def observe(self, step: int, metrics: dict) -> Collapse | None:
+    if self.mode == 'off' or self.collapse is not None:
+      return None
+    for kind, holds in self._holds(metrics).items():
+      if not holds:
+        self.since[kind] = None
+        continue
+      if self.since[kind] is None:
+        self.since[kind] = step
+      if step - self.since[kind] >= self.patience_steps:
+        self.collapse = Collapse(kind=kind,
+                                 step=step,
+                                 since_step=self.since[kind],
+                                 teacher_clusters=_teacher_clusters(metrics),
+                                 teacher_entropy=float(metrics['teacher_entropy']),
+                                 teacher_mi=float(metrics['teacher_mi']),
+                                 num_prototypes=self.num_prototypes)
+        return self.collapse
+    return None
