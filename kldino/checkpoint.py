@@ -1,20 +1,13 @@
 """Checkpoints that lose nothing: the whole train state, where the data stood, and the config.
 
-Layout, one orbax step directory per checkpoint:
-
-    WORKDIR/checkpoints/<step>/state   the TrainState pytree (student, teacher, optimizer state,
-                                       normalisation state, step, RNG), written by orbax
-    WORKDIR/checkpoints/<step>/meta    JSON: {'config': ..., 'epoch', 'step_in_epoch',
-                                       'steps_per_epoch', 'data_shards', 'format'}
-
-Orbax writes each step into a temporary directory and renames it when the save commits, so a crash
-during a save leaves no step behind. A committed step that cannot be read (a disk error, a file
-truncated by hand) is moved to WORKDIR/checkpoints_unreadable/ and the previous one is used. A
-checkpoint of another architecture is refused before anything is read.
-
-The training data are a pure function of (seed, epoch, step in epoch) (data/pipeline.py), so the
-data position is the step; `meta` records it explicitly so that a changed batch size or dataset,
-which would move it, is caught instead of resuming at the wrong place.
+One orbax step directory per checkpoint: WORKDIR/checkpoints/<step>/state (the TrainState) and
+.../meta (JSON: the config, epoch, step_in_epoch, steps_per_epoch, data_shards, format). A save
+commits by renaming, so a crash leaves no step behind; a committed step that cannot be read is
+moved to WORKDIR/checkpoints_unreadable/ and the previous one used; a checkpoint whose
+architecture or data position does not fit the config (read through its upgrades,
+kldino/config/workdir.py) is refused before anything is read. The data are a pure function of
+(seed, epoch, step in epoch), so the step is the data position; `meta` records it so that a
+changed batch size or dataset is caught. docs/checkpoints.md says what is checked.
 """
 from __future__ import annotations
 

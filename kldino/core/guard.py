@@ -1,24 +1,13 @@
 """The collapse guard: tells a collapsed run from the teacher's per-step statistics.
 
-The ways a DINO-family run collapses, read from the teacher's posteriors p(k | x) over a batch,
-which the train step measures every step (kldino/core/objective.py:diagnostics). In each the
-teacher's posterior stops depending on the image; they differ in what the shared posterior looks
-like:
-
-* one cluster: every image goes to the same prototype. The batch's marginal mean_x p(k | x) has
-  exp(H) -> 1 effective clusters (H = teacher_entropy + teacher_mi, the marginal's entropy).
-* uniform: every image's posterior is flat. The per-image entropy teacher_entropy -> log K and
-  the mutual information teacher_mi between image and cluster -> 0.
-* constant: every image gets the same posterior, spread over some of the prototypes but neither
-  one of them nor all: teacher_mi -> 0 with neither condition above. The inverse prior keeps
-  such a teacher where it is: with p(k | x) the same for every x, the prior equals it and the
-  targets p / prior are the same for every image too (docs/results.md, the LayerNorm head).
-
-A kind counts once its condition has held at every logged step for `guard.patience_epochs`
-epochs: early steps, when the teacher is still near its initialisation, pass through it without
-tripping it. Thresholds and their justification: kldino/config/defaults.py (guard) and
-docs/failures.md.
-Host-side and pure: the loop (kldino/train.py) feeds it and acts on what it returns.
+Three kinds, read from the teacher's posteriors p(k | x) over a batch (the train step's
+diagnostics, kldino/core/objective.py): one cluster (the batch marginal has exp(H) -> 1 effective
+clusters), uniform (each posterior flat: teacher_entropy -> log K and teacher_mi -> 0) and
+constant (one posterior shared by every image over some prototypes: teacher_mi -> 0 with neither
+of the others; the inverse prior keeps such a teacher where it is, docs/results.md). A kind counts
+once its condition has held at every logged step for `guard.patience_epochs` epochs. Thresholds:
+kldino/config/defaults.py (guard) and docs/failures.md. Host-side and pure: the loop
+(kldino/train.py) feeds it and acts on what it returns.
 """
 from __future__ import annotations
 

@@ -1,57 +1,16 @@
-"""DINO multi-crop augmentation in TensorFlow, a pure function of (image, seed).
+"""DINO's multi-crop augmentation in TensorFlow, a pure function of (image, seed).
 
-Only stateless random ops are used, so the crops of an example depend on nothing but its seed:
-not on the batch it lands in, the number of processes, or a resumed run. Views are float32 in
-[0, 1], [H, W, C] with C = 1 or 3; saturation, hue and grayscale act only on colour images.
-
-Images. An image is given as its encoded bytes (a scalar tf.string: JPEG, PNG or GIF) or
-decoded (uint8 in [0, 255], or float32 in [0, 1], [H, W, C]). Crops are cut from the image at
-its own resolution, as DINO's torchvision transforms do: each crop window is RandomResizedCrop's
-(`crop_windows`), sampled in pixels of the image's height and width, and the window is resized
-to the view's size, bicubic with antialiasing (tf.image.resize(antialias=True), the closest to
-PIL's resize, which widens its filter when it shrinks); the crops of a uint8 image are rounded
-to uint8, as PIL's are.
-
-Decoding. A JPEG that gives one view (the linear evaluation's) decodes only that view's window
-(tf.image.decode_and_crop_jpeg, as big_vision's inception crop); one that gives several views
-is decoded whole once and cropped. Measured on 500x375 / 333x500 JPEGs of 76 kB (quality 90)
-on one core of an AMD EPYC: DINO's 10 crops (2 at scale 0.4-1, 8 at 0.05-0.4) take 13.3 ms as
-10 partial decodes and 4.0 ms as one full decode (4.4 ms) + 10 slices, since a partial decode
-still entropy-decodes every row above the window's bottom and the windows add up to ~3 images;
-one crop of scale 0.4-1 takes 1.9 ms partially decoded and 2.8 ms fully. Any other format is
-decoded whole.
-
-Small images. Images of at most SMALL_IMAGE_PIXELS whose size is known when the pipeline is
-built (the embedded 8x8 digits) are handled apart: one whose shorter side is below `min_size`
-(the pipeline passes data.image_size) is first upscaled, bicubic, to a shorter side of
-`min_size` (aspect ratio kept, the long side as torchvision's Resize computes it) and rounded
-back to its dtype, as if it had been decoded at that size: the digits are cropped from 16x16
-copies (image_size 16). Its crop windows are RandomResizedCrop's draws not rounded to pixels, so
-that a window can start and end anywhere, and each is sampled on tf.image.crop_and_resize's grid
-(its first and last samples on its edges' pixel centres) with the crop's kernel: on an 8x8 image
-a whole pixel of the upscale is a sixteenth of the digit, and whole-pixel windows resized as
-PIL resizes measured 3 points of k-NN below these over three seeds (docs/input.md). The crops
-are matmuls with the sampling weights (a few ops for all views instead of a few per view, which
-dominate on tiny images). Any other image is cropped at its own pixels, as torchvision does,
-however small.
-
-Two stages. Multi-crop is cut in two: `multi_crop_views` (decode, crop windows, resize: ops on
-images of any size, run per example in tf.data) and the augmentation (per view, in DINO's order:
-flip -> colour jitter (p) -> grayscale (p) -> Gaussian blur (p) -> solarisation (p, global view
-2 only) -> (x - mean) / std), each view's jitter and blur run only when its coin says so.
-`augment_example` runs it op by op on one example, in tf.data; `augment_views` on whole batches
-of fixed-size crops, compiled by XLA, which fuses the hundreds of small ops into a few loops:
-DINO's 2 x 224 + 8 x 96 views take ~7 ms per image instead of ~60 op by op, for ~20 s of
-compilation per process. The compiled program is called directly on whole batches, outside
-tf.data: XLA programs called from a tf.data function ran 1.7x slower, and their conditionals
-10x slower (TF 2.21). The pipeline uses it for crops of at least `aug.xla_min_size` pixels
-(kldino/data/pipeline.py). Both paths run the same ops, but XLA's Philox streams are not TF's
-CPU kernels': the same seed draws other jitter, blur and coin values on each (each path is
-deterministic and independent of the batch). `multi_crop` runs both stages on one image, op
-by op.
-
-`linear_train_view` is the linear evaluation's training view (random resized crop, flip) and
-`center_view` the un-augmented view of evaluation (shorter side resized, centre crop).
+Only stateless random ops: an example's views depend on its seed alone, not on its batch, the
+number of processes or a resumed run. Views are float32 [H, W, C] in [0, 1], C = 1 or 3.
+Two stages: `multi_crop_views` decodes the image (a JPEG that gives one view decodes only its
+window) and cuts torchvision's RandomResizedCrop windows at the image's own resolution, resized
+bicubic with antialiasing (small images of known size, the 8x8 digits, are upscaled to
+`min_size` first and cropped by sub-pixel windows); the augmentation then runs per view in DINO's
+order (flip, colour jitter, grayscale, blur, solarisation, normalisation), op by op in tf.data
+(`augment_example`) or on whole batches compiled by XLA (`augment_views`, for crops of at least
+aug.xla_min_size, kldino/data/pipeline.py). `linear_train_view` is the linear evaluation's
+training view and `center_view` the evaluation view. Why it is cut this way, with the
+measurements: docs/input.md ("How the views are cut").
 """
 from __future__ import annotations
 

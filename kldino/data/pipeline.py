@@ -1,28 +1,15 @@
 """Host batches: augmented multi-crop batches for training, padded and masked ones for evaluation.
 
-Training order is a pure function of (seed, epoch, data shards): the training split is cut into
-`data.shards` contiguous shards (default: one per process), each shuffled with a seed from
-(seed, epoch) and contributing batch_size / shards examples to every global batch; each example
-is augmented with a seed from (seed, epoch, index). A process reads only the shards it owns, so a
-resumed run (`start_step`) sees exactly the batches an uninterrupted run would have, and with a
-fixed `data.shards` so does a run on another number of processes (e.g. 1 process with shards=2
-sees the global batches of 2 processes).
-The linear evaluation's training batches (`linear_train_batches`) are made the same way, with
-one crop-and-flip view and the label of each example in place of the multi-crop views.
-Evaluation reads every example of a split exactly once over all processes; every process yields
-the same number of batches (padding masked out) so that collectives never wait on a process.
-
-Examples are read as the source stores them, encoded (JPEG, PNG bytes) when it can hand them
-over so, and decoded only when a view is made (kldino/data/augment.py): crops are cut from the
-image at its own resolution, and the shuffle buffer (at most `data.shuffle_buffer` examples)
-and the cache hold small encoded bytes. A shard whose stored bytes fit in `_CACHE_BYTES` is
-cached in memory: a small dataset is read once per run instead of once per epoch and per prior pass.
-Multi-crop batches are made in two stages (augment's docstring): each example's crops in
-tf.data, then their augmentation, for crops of at least `aug.xla_min_size` pixels on whole
-batches by an XLA program in a pool of threads, for smaller ones (the digits) in tf.data too.
-
-The evaluation view is DINO's Resize(data.eval_resize) + CenterCrop(data.image_size)
-(augment.center_view; eval_resize 0: round(image_size * 256 / 224)).
+Training batches are a pure function of (seed, epoch, data shards): the split is cut into
+`data.shards` contiguous shards (default one per process), each shuffled per epoch and giving
+batch_size / shards examples to every global batch, each example augmented with a seed from
+(seed, epoch, index); a resumed run (`start_step`) sees the batches of an uninterrupted one, and
+with a fixed data.shards so does a run on another number of processes. The linear evaluation's
+batches (`linear_train_batches`) are made the same way with one crop-and-flip view. Evaluation
+reads every example exactly once over all processes, every process yielding as many batches
+(padding masked out). Examples stay encoded until a view is cut (kldino/data/augment.py); a small
+shard is cached in memory. The evaluation view is DINO's Resize(data.eval_resize) +
+CenterCrop(data.image_size). How batches are made and how fast: docs/input.md.
 """
 from __future__ import annotations
 

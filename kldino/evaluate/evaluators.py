@@ -2,20 +2,12 @@
 
     config.evals.knn = {'type': 'knn', 'every_epochs': 0, 'final': True}
 
-Each entry names a registered evaluator type, how often it runs during training (`every_epochs`, 0:
-not during training) and whether it runs at the end of training and in `--mode=eval` (`final`).
-Options are the `eval.*` keys (kldino/config/defaults.py). An evaluator is built once per run,
-`Evaluator(banks, run)`, and `evaluator.run(params)` returns its JSON fields. The evaluators of one
-evaluation share the split's feature bank (kldino/evaluate/bank.py): each split is passed through
-the backbone once, whatever the number of evaluators.
-
-    knn           weighted k-NN on device against the sharded train bank: knn_top1 (k = 20, or the
-                  only k), knn_top1_k{K} for each k of eval.knn_k
-    clusters      cluster_mi and effective_clusters of the teacher's posterior on the eval split,
-                  reduced on device in the feature pass
-    feature_probe the quick linear probe (softmax regression on un-augmented features gathered to
-                  the host, kldino/evaluate/linear.py): linear_top1. DINO's linear evaluation
-                  protocol is --mode=linear_eval (kldino/modes/linear_eval.py).
+Each entry names a registered type (EVALUATORS: knn, clusters, feature_probe), how often it runs
+during training (`every_epochs`, 0: not) and whether it runs at the end and in --mode=eval
+(`final`); options are the `eval.*` keys. An evaluator is built once per run,
+`Evaluator(banks, run)`, and `evaluator.run(params)` returns its JSON fields. The evaluators of
+one evaluation share each split's feature bank (kldino/evaluate/bank.py): a split goes through
+the backbone once. What each reports: docs/evaluation.md.
 """
 from __future__ import annotations
 

@@ -2,28 +2,11 @@
 
 Features are L2-normalised, similarities are cosines, the k most similar bank rows vote for their
 labels with weight exp(sim / temperature), and the class with the largest summed vote wins.
-
-The feature bank stays sharded over the device mesh: its rows are split over all devices
-(`sharding.batch_sharding`), rows marked invalid (padding) never vote, and no device or host ever
-holds more than its own block of the bank. The queries are sharded the same way (host queries
-are padded and sharded first). One jitted `shard_map` computation does all the work; for every
-query chunk, each device
-
-1. all-gathers its `m` rows of the chunk with every other device's, so that all devices hold the
-   same chunk of `m * devices` queries (m <= ceil(query_chunk / devices));
-2. scores that chunk against its own bank rows, at most `bank_chunk` rows at a time, keeping the
-   best max(ks) (similarity, label) pairs of every query across bank chunks;
-3. exchanges those lists with one all-to-all, so that each device receives, from every device,
-   the lists of its own `m` queries, and merges them into the global top max(ks);
-4. votes with the first k pairs of that sorted list, for every k in `ks`.
-
-Predictions stay sharded like the queries until the end, where only they (int32, one row per k)
-are replicated. Similarities are float32 matmuls at full precision. Every loop has static shapes
-(the last query or bank chunk of a device starts early, overlapping the previous one, instead of
-being padded), so the computation compiles once per input shape.
-
-`knn_predict` and `knn_accuracy` take host numpy arrays; they put them on a mesh over the
-process's local devices and run the same computation.
+The bank stays sharded over the mesh (no device or host holds more than its block; padding rows
+never vote): one jitted `shard_map` gathers each chunk of queries on every device, scores it
+against the device's own rows, merges the devices' top max(ks) lists with one all-to-all and
+votes for every k of `ks` (docs/evaluation.md, "The sharded k-NN"). Shapes are static, so it
+compiles once per input shape. `knn_predict` and `knn_accuracy` take host numpy arrays.
 """
 from __future__ import annotations
 

@@ -1,21 +1,12 @@
 """DINO's linear evaluation protocol as pure functions: heads, optimiser, train and eval steps.
 
-The protocol of the official DINO linear evaluation (eval_linear.py), for a frozen backbone:
-  * a linear classifier on the frozen features, Linear(F, C), its weight drawn from N(0, 0.01^2)
-    (standard deviation 0.01) and its bias zero;
-  * cross-entropy loss, the mean over the batch;
-  * SGD with momentum 0.9 in PyTorch's form (buf = momentum * buf + grad; p -= lr * buf; no
-    dampening, no Nesterov) and no weight decay;
-  * lr = base_lr * global_batch / 256, annealed by CosineAnnealingLR(T_max=epochs, eta_min=0)
-    that DINO steps once per epoch, so the lr is constant within an epoch:
-    lr_e = lr * (1 + cos(pi * e / epochs)) / 2 in epoch e (0-based);
-  * top-1 and top-5 accuracy on the eval split (top-5 counts a label among the 5 largest logits).
-As in DINOv2's linear evaluation, several heads, one per base learning rate, are trained at once
-on the features of one backbone pass: their parameters are stacked along a leading head axis H.
-Each head's gradient is that of its own mean cross-entropy, so the heads train independently.
-
-Batches are {'image', 'label', 'mask'}; rows with mask False (padding) count in no loss, gradient
-or accuracy. Nothing here does I/O or chooses shardings: the caller jits the steps.
+As DINO's eval_linear.py: a Linear(F, C) head on frozen features (weight N(0, 0.01^2), bias 0),
+the batch-mean cross-entropy, SGD with momentum 0.9 in PyTorch's form and no weight decay, lr =
+base_lr * global_batch / 256 annealed by a cosine stepped once per epoch (constant within an
+epoch), top-1 and top-5 on the eval split. As DINOv2's, several heads, one per base lr, train at
+once on one backbone pass, stacked along a leading head axis, each on its own loss. Batches are
+{'image', 'label', 'mask'}; masked rows (padding) count nowhere. No I/O and no shardings here: the
+caller (kldino/modes/linear_eval.py) jits the steps. The protocol in full: docs/evaluation.md.
 """
 from __future__ import annotations
 

@@ -1,19 +1,13 @@
 """`--mode=export`: a checkpoint's teacher backbone as one portable file, for downstream use
 without kldino's train state.
 
-Format (`np.load(path)` reads it; no pickle):
-
-* one float32 array per backbone parameter, named by its path with '/' separators, exactly the
-  names of kldino's parameter tree below `backbone/`, e.g. `cls_token`, `pos_embed`,
-  `patch_embed/kernel`, `blocks/0/attn/qkv/kernel`, `norm/scale`
-  (ViT; ResNets: `stem/...`, `stages/...`). Layouts are flax's: linear kernels [in, out],
-  convolution kernels [kh, kw, in, out] for NHWC images, qkv outputs ordered [3, heads, head_dim].
-* `__meta__`: a 0-d string array holding JSON:
-  {"format": 1, "model": {config.model}, "in_channels": C, "image_size": S, "feature_dim": D,
-   "step": N, "data": {"mean": [...], "std": [...]}}.
-  Features are the backbone's output on images normalised as (x / 255 - mean) / std, NHWC.
-
-`load_backbone(path)` rebuilds the backbone module from the file alone.
+Format (`np.load(path)` reads it; no pickle): one float32 array per backbone parameter named by
+its path below `backbone/` with '/' separators (`cls_token`, `patch_embed/kernel`,
+`blocks/0/attn/qkv/kernel`, ...; flax layouts: linear kernels [in, out], convolution kernels
+[kh, kw, in, out], qkv outputs [3, heads, head_dim]), and `__meta__`, a JSON string: {"format": 1,
+"model": {config.model}, "in_channels", "image_size", "feature_dim", "step", "data": {"mean",
+"std"}}. Features are the backbone's output on NHWC images normalised as (x / 255 - mean) / std.
+`load_backbone(path)` rebuilds the backbone module from the file alone (docs/checkpoints.md).
 """
 from __future__ import annotations
 

@@ -1,27 +1,11 @@
 """`--mode=import`: official DINO (PyTorch) ViT weights -> the workdir's step-0 checkpoint, whose
 student and teacher backbones hold them (the head is freshly initialised; no dataset is read).
 
-The mapping, for a state dict of `vision_transformer.VisionTransformer` (after stripping the
-`module.` and `backbone.` prefixes of DINO's training checkpoints):
-
-    PyTorch key                       shape (PyTorch)       kldino path                        layout change
-    cls_token                         [1, 1, D]             backbone/cls_token                 none
-    pos_embed                         [1, 1 + n, D]         backbone/pos_embed                 none
-    patch_embed.proj.weight           [D, C, p, p]          backbone/patch_embed/kernel        -> [p, p, C, D]
-    patch_embed.proj.bias             [D]                   backbone/patch_embed/bias          none
-    blocks.{i}.norm1.weight / .bias   [D]                   backbone/blocks/{i}/norm1/scale / bias
-    blocks.{i}.attn.qkv.weight        [3D, D]               backbone/blocks/{i}/attn/qkv/kernel -> [D, 3D]
-    blocks.{i}.attn.qkv.bias          [3D]                  backbone/blocks/{i}/attn/qkv/bias   none
-    blocks.{i}.attn.proj.weight/.bias [D, D] / [D]          backbone/blocks/{i}/attn/proj/...   kernel -> [D, D]^T
-    blocks.{i}.norm2.weight / .bias   [D]                   backbone/blocks/{i}/norm2/scale / bias
-    blocks.{i}.mlp.fc1.weight/.bias   [4D, D] / [4D]        backbone/blocks/{i}/mlp/fc1/...     kernel -> [D, 4D]
-    blocks.{i}.mlp.fc2.weight/.bias   [D, 4D] / [D]         backbone/blocks/{i}/mlp/fc2/...     kernel -> [4D, D]
-    norm.weight / norm.bias           [D]                   backbone/norm/scale / bias
-
-Linear weights are [out, in] in PyTorch and kernels [in, out] in flax; the patch convolution is
-OIHW in PyTorch and HWIO in flax (kldino's images are NHWC). The qkv output features keep
-PyTorch's [3, heads, head_dim] order, which kldino's attention reshapes the same way. Keys of the
-DINO projection head (`head.*`) are not part of the backbone and are skipped.
+The state dict of DINO's `vision_transformer.VisionTransformer` (the `module.` and `backbone.`
+prefixes of its training checkpoints stripped, the `head.*` keys skipped) maps key by key onto
+kldino's ViT: linear weights [out, in] become kernels [in, out], the OIHW patch convolution an
+HWIO kernel, and the qkv features keep PyTorch's [3, heads, head_dim] order. The table of keys:
+docs/checkpoints.md ("Import mapping").
 """
 from __future__ import annotations
 

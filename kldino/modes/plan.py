@@ -2,24 +2,14 @@
 
     python -m kldino.main --mode=plan --config=configs/imagenet_scale.py:vit_b16,v5p-128
 
-The hardware is the config's (`hardware.*`: devices, hosts, memory and peak bf16 FLOP/s per
-device; configs/imagenet_scale.py sets them per accelerator), or this machine when
-hardware.devices is 0. The train step and the prior pass are compiled for that many devices
-without allocating anything: the entry point (kldino/main.py) gives JAX as many simulated CPU
-devices and XLA:CPU's memory-minimising scheduler (kldino/runtime/xla_env.py:set_plan_flags), and
-the programs are lowered on abstract arrays with the run's shardings. From them:
-
-* the state per device (student, teacher, optimizer moments; sharded leaves count their shard);
-* the train step's memory per device: XLA's memory analysis of the partitioned step (arguments +
-  outputs + temporaries - donated buffers), as XLA:CPU assigns the buffers: an estimate of what a
-  TPU or GPU compiler assigns for the same program;
-* FLOPs per step and per image (XLA's cost analysis), and of a prior pass over the dataset;
-* the step time at an assumed MFU (hardware.mfu) of the peak, the epoch with its share of prior
-  passes, and the run.
-
-It fits when the step's memory is at most FIT_FRACTION of a device's; when it does not, the plan
-names one fix (kldino/modes/plan.py:fix): shard the state further (mesh.fsdp), rematerialise the
-blocks (model.remat), or halve the batch.
+The hardware is the config's (`hardware.*`), or this machine when hardware.devices is 0. The train
+step and the prior pass are compiled for that many simulated CPU devices (the entry point sets
+them, kldino/runtime/xla_env.py:set_plan_flags) on abstract arrays with the run's shardings,
+allocating nothing; from them come the state and the step's memory per device (XLA's analysis),
+the FLOPs per step, image and prior pass, and the times at an assumed MFU (hardware.mfu). It fits
+when the step's memory is at most FIT_FRACTION of a device's; otherwise `fix` names one change
+(mesh.fsdp, model.remat or the batch). How the figures are made and what they were on each
+config: docs/plan.md.
 """
 from __future__ import annotations
 

@@ -4,23 +4,13 @@ to the machine's peak.
     python -m kldino.bench --preset=tiny32 [--steps=10] [--json]
     python -m kldino.bench --preset=input --config=CONFIG [--config.KEY=VALUE ...] [--json]
 
-Measured after warm-up (compilation and two runs), over `--steps` runs with no host
-synchronisation inside the timed loop: the train step (time, images/s where an image counts with
-all its crops, FLOP/s from XLA's cost analysis, MFU), the prior pass (images/s, MFU, and its
-time as a fraction of a training epoch with T = 1: both parts, the prior and the Jensen
-gap), the input pipeline alone (multi-crop batches of the embedded digits resized to the preset's
-image size), and memory (XLA's analysis of the compiled step, and the process's peak RSS).
-
-The peak is kldino/runtime/hardware.py's: on CPU measured in the same run, on GPU/TPU a table.
-Presets use random inputs for the step and the prior pass, float32, and exactly the shapes below, so
-that they can be compared with the official DINO implementation.
-
-`--preset=input` measures the host input pipeline alone on a config's own data: the training
-batches the trainer reads (pipeline.train_batches: read, decode, multi-crop augmentation,
-batching, normalisation), over as many epochs as the timed batches need, after warm-up (the
-first batches, which also compile the augmentation and fill a small dataset's cache).
-`input_images_per_sec` counts an image with all its crops; `input_cpu_ms_per_image` is the
-process's CPU time (all threads) per image, which does not depend on what else the machine runs.
+Measured after warm-up, over `--steps` runs with no host synchronisation inside the timed loop:
+the train step (time, images/s counting an image with all its crops, FLOP/s from XLA's cost
+analysis, MFU against kldino/runtime/hardware.py's peak), the prior pass (images/s, MFU, its share
+of an epoch at T = 1), the input pipeline and memory. Presets use random inputs, float32, and the
+shapes of PRESETS, to compare with the official DINO (`--baseline=torch`). `--preset=input`
+measures a config's training input alone on its own data. What each figure means and the
+measurements: docs/performance.md and docs/input.md.
 """
 from __future__ import annotations
 

@@ -1,19 +1,13 @@
 """The PyTorch baseline of `python -m kldino.bench --baseline=torch`: kldino's train step written
-the way the official DINO trains (eager PyTorch, main_dino.py's order of operations), so that
-the benchmark can put kldino's step next to what its users would otherwise run, in one process.
+the way the official DINO trains (eager PyTorch, main_dino.py's order of operations), so that the
+benchmark puts kldino's step next to what its users would otherwise run, in one process.
 
-One step, as kldino/core/step.py's: the teacher (backbone + head) on the global crops without
-gradients -> targets (the config's normalisation: `prior`, softmax(t / tau_t - log Q), or
-`center`, DINO's centering) -> the student on every crop, one backbone call per resolution and
-the head on all of them (DINO's MultiCropWrapper) -> the multi-crop cross-entropy -> backward ->
-each parameter's gradient clipped to `optim.clip_grad` (DINO's clip_gradients) -> the prototypes'
-gradient dropped while they are frozen (DINO's cancel_gradients_last_layer) -> AdamW with DINO's
-two parameter groups (no weight decay on biases and norms) -> the teacher's EMA update.
-
-The modules keep the official DINO names (`vision_transformer.VisionTransformer`: pre-norm
-blocks, fused qkv with bias, exact GELU, LayerNorm eps 1e-6, the CLS token after the final norm;
-`DINOHead`: `mlp`, `last_layer` as weight_g / weight_v), so that kldino/modes/import_dino.py reads
-their state dicts as it reads DINO's checkpoints. Needs the `torch` extra.
+One step as kldino/core/step.py's: the teacher on the global crops -> targets (`prior` or
+`center`) -> the student on every crop (one backbone call per resolution, DINO's
+MultiCropWrapper) -> the multi-crop cross-entropy -> backward -> each parameter's gradient
+clipped -> the prototypes' gradient dropped while frozen -> AdamW with DINO's two parameter
+groups -> the teacher's EMA. The modules keep the official DINO names, so that
+kldino/modes/import_dino.py reads their state dicts as DINO's. Needs the `torch` extra.
 """
 from __future__ import annotations
 
