@@ -133,8 +133,10 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}: flags are --name=value')
   mode = modes.MODES.get(_MODE.value)
   _check_command(mode)
-  assert 'jax' not in sys.modules, 'jax was imported before the mode could set its flags'
   if mode.before_jax:
+    if 'jax' in sys.modules:
+      cli.fail(f'--mode={mode.name} sets JAX\'s flags before JAX loads, but the config file '
+               'imported it: import jax inside functions of the config, not at its top')
     mode.before_jax(_CONFIG.value)
   if not mode.single_process:
     host_memory.reexec_with_huge_pages()  # before JAX allocates (kldino/runtime/host_memory.py)

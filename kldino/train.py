@@ -253,12 +253,10 @@ class Trainer:
         pending, images, window_start = [], 0, time.time()
         if collapse is not None and self.guard.mode == 'stop':
           self._stop_collapsed(state, collapse)
-      # Several processes stop at the same step: JAX's preemption sync point agrees on one.
-      if stop.requested or self.checkpointer.reached_preemption(step):
-        self.save(state, step, force=True)
-        self.checkpointer.wait()
-        raise stop.stopped(f'stopped at step {step} on request; the checkpoint is saved: rerun '
-                           'the same command to resume')
+      stop.after_step(
+          step, self.checkpointer, lambda: self.save(state, step, force=True),
+          f'stopped at step {step} on request; the checkpoint is saved: rerun the same command to '
+          'resume')
       if self.checkpointer.should_save(step):
         pending = jax.device_get(pending)  # a checkpoint only of finite states
         check_finite(pending, step - len(pending) + 1, self.checkpointer.latest_step())

@@ -155,11 +155,10 @@ class _Loop:
           state = {'heads': heads, 'opt_state': opt_state}
           if step % self.config.log_every_steps == 0 or step == self.total_steps:
             self._log(step, losses, started, start)
-          if stop.requested or self.checkpointer.reached_preemption(step):
-            self.save(state, step, force=True)
-            self.checkpointer.wait()
-            raise stop.stopped(f'linear_eval stopped at step {step} on request; the heads are '
-                               'saved: rerun the same command to resume')
+          stop.after_step(
+              step, self.checkpointer, lambda: self.save(state, step, force=True),
+              f'linear_eval stopped at step {step} on request; the heads are saved: rerun the '
+              'same command to resume')
           if self.checkpointer.should_save(step):
             self.save(state, step)
       if self.checkpointer.latest_step() != self.total_steps:

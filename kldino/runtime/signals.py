@@ -1,17 +1,18 @@
 """Stopping on SIGTERM or Ctrl-C without losing work, for every loop that checkpoints (training,
 --mode=linear_eval).
 
-Inside a loop (`StopRequests`), the first SIGTERM or Ctrl-C (SIGINT) is only noted: the loop
-finishes its step, saves, and raises what `stopped()` returns (Preempted, exit 0, for SIGTERM;
-Interrupted, exit 130, for Ctrl-C), whose one line says to rerun the same command. A second
-Ctrl-C stops at once. Outside the steps, where there is nothing to save (`stops_at_once`), either
-signal raises at once. With several processes, SIGTERM belongs to JAX's preemption service (the
-loops poll its sync point) and both helpers leave the handlers alone.
+Inside a loop (`StopRequests`), the first SIGTERM or Ctrl-C (SIGINT) is only noted: at the end
+of its step the loop calls `after_step`, which saves, waits for the files and raises Preempted
+(exit 0) for SIGTERM or Interrupted (exit 130) for Ctrl-C, whose one line says to rerun the same
+command. A second Ctrl-C stops at once. Outside the steps, where there is nothing to save
+(`stops_at_once`), either signal raises at once. With several processes, SIGTERM belongs to
+JAX's preemption service (`after_step` polls its sync point) and the handlers are left alone.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+from typing import Callable
 
 import jax
 from absl import logging
@@ -40,7 +41,7 @@ def _handlers(handler):
 
 class StopRequests:
   """A context manager: while it is active, SIGTERM and Ctrl-C ask the loop to stop after its
-  current step (`requested`); `saving` says in the log what the loop will save."""
+  current step (`after_step`); `saving` says in the log what the loop will save."""
 
   def __init__(self, saving: str):
     self.saving = saving
@@ -56,13 +57,15 @@ class StopRequests:
                     signal.Signals(signum).name, self.saving,
                     ' (Ctrl-C again stops at once)' if signum == signal.SIGINT else '')
 
-  @property
-  def requested(self) -> bool:
-    return self.signum is not None
-
-  def stopped(self, message: str) -> Preempted:
-    """The error to raise once the loop has saved: Interrupted after Ctrl-C, else Preempted."""
-    return _error(self.signum if self.signum is not None else signal.SIGTERM, message)
+  def after_step(self, step: int, checkpointer, save: Callable[[], None], message: str):
+    """At the end of the loop's `step`: on a request, or at JAX's preemption sync point (where
+    several processes agree on the step to stop at), `save()`, wait for the checkpointer's files
+    and raise Interrupted (after Ctrl-C) or Preempted with `message`."""
+    if self.signum is None and not checkpointer.reached_preemption(step):
+      return
+    save()
+    checkpointer.wait()
+    raise _error(self.signum if self.signum is not None else signal.SIGTERM, message)
 
   def __enter__(self):
     self._handlers = _handlers(self._note)
