@@ -1,2 +1,1 @@
-"""Configs: every key with its default, the checks run before anything expensive, and the config
-of an existing workdir with its upgrades."""
+"""Configs: every key with its default, the cheap checks, a workdir's config and its upgrades."""

@@ -1,2 +1,1 @@
-"""The method's math: the objective and its normalisations, the train step and the program that
-builds it, the prior pass, the optimizer, the schedules, the collapse guard and the sharding."""
+"""The method's math: objective, train step and its builder, prior pass, optimizer, guard, mesh."""

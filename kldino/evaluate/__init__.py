@@ -1,5 +1,4 @@
-"""Evaluation of frozen features: feature banks, weighted k-NN, the quick linear probe, DINO's
-linear-evaluation protocol, and the named evaluators that combine them."""
+"""Evaluation of frozen features: banks, k-NN, probes, DINO's linear protocol, named evaluators."""
 from kldino.evaluate.bank import FeatureBank, build_bank, host_features
 from kldino.evaluate.knn import knn_accuracies, knn_accuracy, knn_predict, knn_predictions
 from kldino.evaluate.linear import linear_probe

@@ -1,11 +1,4 @@
-"""The --modes of `python -m kldino.main`: one registration each, one module each.
-
-A registration says what the entry point (kldino/main.py) needs to know before loading anything:
-which flags the mode takes (and needs), what `--output` is for it, whether it writes the workdir
-(and holds its lock) and whether it reads the workdir's own config. The mode's module,
-kldino/modes/<module>.py, defines `run(config, workdir, **flags) -> dict`, the JSON line printed.
-Registering imports nothing heavy: `--help` and flag errors answer before JAX or TensorFlow load.
-"""
+"""The --modes of `python -m kldino.main`: one registration each (MODES), one module each."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +13,11 @@ MODES = Registry('mode', key='--mode')
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
+  """What the entry point (kldino/main.py) needs to know of a mode before loading anything: the
+  flags it takes (and needs), what `--output` is for it, whether it writes the workdir (and holds
+  its lock) and whether it reads the workdir's own config. Its module, kldino/modes/<module>.py,
+  defines `run(config, workdir, **flags) -> dict`, the JSON line printed. Registering imports
+  nothing heavy: `--help` and flag errors answer before JAX or TensorFlow load."""
   name: str
   summary: str  # one line for --help
   module: str = ''  # kldino/modes/<module>.py (default: the name)

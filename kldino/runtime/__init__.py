@@ -1,2 +1,1 @@
-"""Where the process runs: multi-process start-up, XLA flags, host memory, signals, the
-hardware's peak, files on disks and in buckets."""
+"""Where the process runs: processes, XLA flags, host memory, signals, peak FLOP/s, files."""
