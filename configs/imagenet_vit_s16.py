@@ -2,9 +2,9 @@
 
 Every value is the official run's: `python -m torch.distributed.launch --nproc_per_node=8
 main_dino.py --arch vit_small` (README, "Vanilla DINO training"), i.e. main_dino.py's argparse
-defaults on 8 GPUs x 64 images (tests/test_recipe.py checks each against its source): AdamW, lr
-5e-4 per 256 images (1e-3 at batch 512) after a 10-epoch linear warmup, cosine to 1e-6; weight
-decay 0.04 -> 0.4 (cosine); teacher momentum 0.996 -> 1 (cosine); teacher temperature 0.04
+defaults on 8 GPUs x 64 images (tests/configs/test_recipe.py checks each against its source):
+AdamW, lr 5e-4 per 256 images (1e-3 at batch 512) after a 10-epoch linear warmup, cosine to 1e-6;
+weight decay 0.04 -> 0.4 (cosine); teacher momentum 0.996 -> 1 (cosine); teacher temperature 0.04
 throughout (warmup_teacher_temp = teacher_temp = 0.04, no warmup epochs); student temperature
 0.1; each parameter's gradient clipped to norm 3.0; the last layer frozen in epoch 0; drop path
 0.1; 2 x 224 crops of scale (0.4, 1) and 8 x 96 of scale (0.05, 0.4) with DataAugmentationDINO's

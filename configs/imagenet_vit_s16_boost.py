@@ -11,10 +11,10 @@ performance") changes, its full command being `python run_with_submitit.py --arc
 * run_with_submitit.py's defaults, 2 nodes x 8 GPUs x 64 images: a global batch of 1024, so the
   peak lr is 5e-4 x 1024 / 256 = 2e-3 (the lr per 256 images is unchanged).
 
-Everything else is the 100-epoch recipe's (tests/test_recipe.py checks both). The README reports
-73.3% k-NN / 76.0% linear for this run with centering (`--config.objective.normalization=center`).
-The 800-epoch ViT-S/16 checkpoint DINO published has its args only outside the repository, so it
-is not reproduced here.
+Everything else is the 100-epoch recipe's (tests/configs/test_recipe.py checks both). The README
+reports 73.3% k-NN / 76.0% linear for this run with centering
+(`--config.objective.normalization=center`). The 800-epoch ViT-S/16 checkpoint DINO published has
+its args only outside the repository, so it is not reproduced here.
 
     python -m kldino.main --config=configs/imagenet_vit_s16_boost.py --workdir=gs://BUCKET/run \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
