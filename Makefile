@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/digits
 CONFIG ?= configs/digits.py
 
-.PHONY: install pretrain test lint clean
+.PHONY: install pretrain test test-unit lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: $(VENV)/.installed-lint
 # others' compilations (tests/conftest.py).
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The unit tests only: everything but tests/e2e/ (which trains or starts processes).
+test-unit: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --dist loadfile tests --ignore=tests/e2e
 
 clean:
 	rm -rf $(VENV) workdirs
