@@ -68,7 +68,7 @@ def decode(encoded, num_channels: int) -> tf.Tensor:
 
   JPEGs with the accurate integer IDCT, as PIL (DINO's loader) decodes them: TF's default, the
   fast IDCT, differs from PIL by up to 4 levels on photographs and wraps around (255 levels) on
-  hard edges; the accurate one gives PIL's pixels exactly (measured, tests/test_data_fullres.py).
+  hard edges; the accurate one gives PIL's pixels exactly (measured, tests/data/test_augment.py).
   decode_jpeg decodes PNG and GIF too, as decode_image does."""
   image = tf.io.decode_jpeg(encoded, channels=num_channels, dct_method=_DCT_METHOD)
   return tf.ensure_shape(image, [None, None, num_channels])

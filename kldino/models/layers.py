@@ -18,7 +18,7 @@ def gelu(x: jax.Array) -> jax.Array:
   which XLA:CPU expands into a branchy rational approximation several times the cost of erf's;
   with erf (and drop path as a multiply) the tiny32 train step ran 5.89 -> 5.50 s
   (docs/performance.md). The two differ only for x < -5, where 1 + erf(x / sqrt 2) cancels, by
-  < 1e-6 absolute (tests/test_models.py).
+  < 1e-6 absolute (tests/models/test_layers.py).
   """
   return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
 
