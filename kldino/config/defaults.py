@@ -61,6 +61,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.drop_path = 0.1
   config.model.compute_dtype = 'float32'  # the backbone's arithmetic: 'float32' or 'bfloat16'
   config.model.remat = False  # recompute each block's activations in the backward pass
+  # DINOv2's ViT options (kldino/models/vit.py); the defaults are DINO's ViT.
+  config.model.layerscale = 0.0  # LayerScale's init value on each residual branch (0: none)
+  config.model.ffn = 'mlp'  # 'mlp' or 'swiglu' (DINOv2's fused SwiGLU width)
+  config.model.num_registers = 0  # register tokens after CLS (DINOv2 _reg models: 4)
+  config.model.mask_token = False  # a learned token for masked patches (iBOT)
+  config.model.drop_path_uniform = False  # the same drop path rate in every block (DINOv2)
+  config.model.pos_interpolation = 'jax'  # 'jax' or 'torch' (DINO's, DINOv2's resize)
+  config.model.interpolate_offset = 0.0  # 'torch': DINOv2's scale-factor offset (0.1)
+  config.model.interpolate_antialias = False  # 'torch': antialias when shrinking (DINOv2 _reg)
   config.model.num_prototypes = 256
   config.model.head_hidden_dim = 512
   config.model.head_bottleneck_dim = 32

@@ -179,11 +179,11 @@ CONVNET_SIZES = {
 def _register_convnet(name: str, size: dict):
 
   @register_backbone(name)
-  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs):
-    del patch_size, image_size, stem  # convolutions take any size; the stem is fixed
-    return ResNet(drop_path_rate=drop_path_rate,
+  def build(model_config, *, in_channels, image_size, rngs):
+    del image_size  # convolutions take any size
+    return ResNet(drop_path_rate=model_config.drop_path,
                   in_channels=in_channels,
-                  remat=remat,
+                  remat=model_config.remat,
                   model_name=name,
                   rngs=rngs,
                   **size)

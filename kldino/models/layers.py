@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -82,3 +83,40 @@ def run_blocks(blocks, x, drop_key, *, remat: bool):
 @nnx.remat
 def _rematted_call(block, x, key):
   return block(x, drop_key=key)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel with parameter a (PyTorch: -0.75, or -0.5 antialiased)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((x - 5) * x + 8) * x * a - 4 * a
+  return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(in_size: int,
+                   out_size: int,
+                   scale: float | None = None,
+                   antialias: bool = False) -> np.ndarray:
+  """[out_size, in_size] float32 weights of torch.nn.functional.interpolate(mode='bicubic',
+  align_corners=False) along one axis: `scale` is its scale_factor (None: out_size / in_size),
+  which sets where the samples fall. Without antialias, Keys' kernel a = -0.75 on the four nearest
+  pixels, indices clamped at the border; with it (and when shrinking, the kernel widened by the
+  shrink factor), a = -0.5 over the pixels the kernel covers, renormalised, as PIL resizes."""
+  source_step = 1.0 / scale if scale else in_size / out_size
+  weights = np.zeros((out_size, in_size), np.float64)
+  for out_index in range(out_size):
+    if antialias:
+      support = 2.0 * max(source_step, 1.0)
+      center = source_step * (out_index + 0.5)
+      low = max(int(center - support + 0.5), 0)
+      high = min(int(center + support + 0.5), in_size)
+      taps = np.arange(low, high)
+      tap_weights = _cubic((taps - center + 0.5) / max(source_step, 1.0), -0.5)
+      weights[out_index, taps] = tap_weights / tap_weights.sum()
+    else:
+      source = (out_index + 0.5) * source_step - 0.5
+      floor = math.floor(source)
+      for offset in range(-1, 3):
+        tap = min(max(floor + offset, 0), in_size - 1)
+        weights[out_index, tap] += _cubic(np.asarray(source - floor - offset), -0.75)
+  return weights.astype(np.float32)

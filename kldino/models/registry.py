@@ -14,19 +14,20 @@ from kldino.registry import Registry
 
 
 class BackboneEntry(NamedTuple):
-  # build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs) -> module with
+  # build(model_config, *, in_channels, image_size, rngs) -> module with
   # __call__(images, *, drop_key=None) -> [B, num_features] and attribute num_features.
   build: Callable[..., nnx.Module]
   uses_patches: bool  # whether model.patch_size must divide the image sizes
+  validate: Callable | None  # model_config -> None, ValueError naming a bad option of the kind
 
 
 BACKBONES = Registry('backbone', key='model.name')  # name -> BackboneEntry
 
 
-def register_backbone(name: str, *, uses_patches: bool = False):
+def register_backbone(name: str, *, uses_patches: bool = False, validate: Callable | None = None):
 
   def register(build):
-    BACKBONES.register(name)(BackboneEntry(build, uses_patches))
+    BACKBONES.register(name)(BackboneEntry(build, uses_patches, validate))
     return build
 
   return register
@@ -81,6 +82,8 @@ def validate_model_config(model_config, *, image_sizes=()):
       f"{', '.join(COMPUTE_DTYPES)}")
   _require(0.0 <= model_config.drop_path < 1.0,
            f'model.drop_path={model_config.drop_path} must be in [0, 1)')
+  if entry.validate is not None:
+    entry.validate(model_config)
   if entry.uses_patches:
     patch_size = model_config.patch_size
     _require(patch_size >= 1, f'model.patch_size={patch_size} must be >= 1')
@@ -92,12 +95,9 @@ def validate_model_config(model_config, *, image_sizes=()):
 
 
 def build_backbone(model_config, *, in_channels: int, image_size: int, rngs: nnx.Rngs):
-  return _backbone_entry(model_config.name).build(patch_size=model_config.patch_size,
-                                                  drop_path_rate=model_config.drop_path,
+  return _backbone_entry(model_config.name).build(model_config,
                                                   in_channels=in_channels,
                                                   image_size=image_size,
-                                                  stem=model_config.stem,
-                                                  remat=model_config.remat,
                                                   rngs=rngs)
 
 

@@ -1,11 +1,15 @@
-"""Vision Transformer (as in DINO): patch embedding, CLS token, pre-norm blocks, final LayerNorm."""
+"""Vision Transformer (as in DINO): patch embedding, CLS token, pre-norm blocks, final LayerNorm;
+with DINOv2's options (dinov2/models/vision_transformer.py): LayerScale, the SwiGLU feed-forward,
+register tokens, a mask token for masked patches, and PyTorch's interpolation of the position
+embeddings with DINOv2's offset and antialiasing."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldino.models.layers import block_key, drop_path, gelu, linear_drop_rates, run_blocks
+from kldino.models.layers import (bicubic_matrix, block_key, drop_path, gelu, linear_drop_rates,
+                                  run_blocks)
 from kldino.models.registry import register_backbone
 
 # DINO's init for linears and tokens: trunc_normal_(std=.02, a=-2, b=2), zero biases. Its bounds
@@ -15,6 +19,11 @@ _token_init = nnx.initializers.normal(0.02)
 _patch_init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 _NORM_EPS = 1e-6
 VIT_STEMS = ('patch', 'conv')
+FFNS = ('mlp', 'swiglu')
+# model.pos_interpolation: 'jax' resizes the position table with jax.image's bicubic (Keys a = -0.5,
+# by sizes); 'torch' as torch.nn.functional.interpolate does in DINO and DINOv2 (a = -0.75, by the
+# scale factor of model.interpolate_offset, and model.interpolate_antialias).
+POS_INTERPOLATIONS = ('jax', 'torch')
 
 
 def _linear(fan_in: int, fan_out: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -59,21 +68,63 @@ class MLP(nnx.Module):
     return self.fc2(gelu(self.fc1(x)))
 
 
-class Block(nnx.Module):
-  """Pre-norm transformer block; each residual branch has its own stochastic depth draw."""
+def swiglu_hidden_dim(hidden_dim: int) -> int:
+  """DINOv2's fused SwiGLU width for an MLP of `hidden_dim`: 2/3 of it, rounded up to 8."""
+  return (int(hidden_dim * 2 / 3) + 7) // 8 * 8
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_rate: float, *,
+
+class SwiGLU(nnx.Module):
+  """DINOv2's SwiGLUFFNFused: w12 -> (x1, x2) -> silu(x1) * x2 -> w3."""
+
+  def __init__(self, dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
+    width = swiglu_hidden_dim(hidden_dim)
+    self.w12 = _linear(dim, 2 * width, rngs)
+    self.w3 = _linear(width, dim, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate, value = jnp.split(self.w12(x), 2, axis=-1)
+    return self.w3(jax.nn.silu(gate) * value)
+
+
+class LayerScale(nnx.Module):
+  """A learned per-channel gain on a residual branch, initialised to `init_value` (CaiT, DINOv2)."""
+
+  def __init__(self, dim: int, init_value: float):
+    self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; each residual branch has its own stochastic depth draw and, with
+  `layerscale` > 0, its own LayerScale."""
+
+  def __init__(self,
+               dim: int,
+               num_heads: int,
+               mlp_ratio: float,
+               drop_rate: float,
+               *,
+               layerscale: float = 0.0,
+               ffn: str = 'mlp',
                rngs: nnx.Rngs):
     self.norm1 = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
     self.attn = Attention(dim, num_heads, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
-    self.mlp = MLP(dim, int(dim * mlp_ratio), rngs=rngs)
+    self.mlp = (SwiGLU if ffn == 'swiglu' else MLP)(dim, int(dim * mlp_ratio), rngs=rngs)
+    self.ls1 = LayerScale(dim, layerscale) if layerscale else None
+    self.ls2 = LayerScale(dim, layerscale) if layerscale else None
     self.drop_rate = drop_rate
 
   def __call__(self, tokens: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
     attn_key, mlp_key = block_key(drop_key, 0), block_key(drop_key, 1)
-    tokens = tokens + drop_path(self.attn(self.norm1(tokens)), self.drop_rate, attn_key)
-    return tokens + drop_path(self.mlp(self.norm2(tokens)), self.drop_rate, mlp_key)
+    attended = self.attn(self.norm1(tokens))
+    attended = self.ls1(attended) if self.ls1 is not None else attended
+    tokens = tokens + drop_path(attended, self.drop_rate, attn_key)
+    transformed = self.mlp(self.norm2(tokens))
+    transformed = self.ls2(transformed) if self.ls2 is not None else transformed
+    return tokens + drop_path(transformed, self.drop_rate, mlp_key)
 
 
 class ConvStem(nnx.Module):
@@ -113,7 +164,9 @@ class ViT(nnx.Module):
   """images [B, H, W, C] -> CLS token after the final LayerNorm [B, dim].
 
   Position embeddings are learned for the (image_size / patch_size)^2 grid and resized
-  bicubically to other grids (local crops); the CLS position is kept as is.
+  bicubically to other grids (local crops, `pos_interpolation`); the CLS position is kept as is.
+  Register tokens (no position embedding) follow the CLS token inside the blocks and are left
+  out of every output; with `mask_token`, `masks` [B, h * w] replace masked patches by it.
   """
 
   def __init__(self,
@@ -128,6 +181,14 @@ class ViT(nnx.Module):
                image_size: int,
                stem: str = 'patch',
                remat: bool = False,
+               layerscale: float = 0.0,
+               ffn: str = 'mlp',
+               num_registers: int = 0,
+               mask_token: bool = False,
+               drop_path_uniform: bool = False,
+               pos_interpolation: str = 'jax',
+               interpolate_offset: float = 0.0,
+               interpolate_antialias: bool = False,
                rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}: '
@@ -137,6 +198,10 @@ class ViT(nnx.Module):
     self.grid_size = image_size // patch_size
     self.num_features = dim
     self.remat = remat
+    self.num_registers = num_registers
+    self.pos_interpolation = pos_interpolation
+    self.interpolate_offset = interpolate_offset
+    self.interpolate_antialias = interpolate_antialias
     if stem not in VIT_STEMS:
       raise ValueError(f"unknown ViT stem '{stem}': choose one of {', '.join(VIT_STEMS)}")
     if stem == 'conv':
@@ -151,9 +216,16 @@ class ViT(nnx.Module):
                                   rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, dim)))
     self.pos_embed = nnx.Param(_token_init(rngs.params(), (1, 1 + self.grid_size**2, dim)))
+    # DINOv2's inits: registers normal(1e-6), the mask token zeros.
+    self.register_tokens = (nnx.Param(1e-6 * jax.random.normal(rngs.params(),
+                                                               (1, num_registers, dim)))
+                            if num_registers else None)
+    self.mask_token = nnx.Param(jnp.zeros((1, dim))) if mask_token else None
+    rates = [drop_path_rate] * depth if drop_path_uniform else linear_drop_rates(
+        drop_path_rate, depth)
     self.blocks = nnx.List([
-        Block(dim, num_heads, mlp_ratio, rate, rngs=rngs)
-        for rate in linear_drop_rates(drop_path_rate, depth)
+        Block(dim, num_heads, mlp_ratio, rate, layerscale=layerscale, ffn=ffn, rngs=rngs)
+        for rate in rates
     ])
     self.norm = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
 
@@ -164,10 +236,18 @@ class ViT(nnx.Module):
       return table
     cls_position, patch_positions = table[:, :1], table[0, 1:]
     grid = patch_positions.reshape(self.grid_size, self.grid_size, -1)
-    # No antialiasing (as DINO): a pure interpolation of the learned table, also when shrinking.
-    resized = jax.image.resize(grid, (grid_height, grid_width, grid.shape[-1]),
-                               method='bicubic',
-                               antialias=False)
+    if self.pos_interpolation == 'torch':
+      matrices = [
+          bicubic_matrix(self.grid_size, size, (size + self.interpolate_offset) /
+                         self.grid_size if self.interpolate_offset else None,
+                         self.interpolate_antialias) for size in (grid_height, grid_width)
+      ]
+      resized = jnp.einsum('oh,hwc,pw->opc', *matrices[:1], grid.astype(jnp.float32),
+                           matrices[1]).astype(grid.dtype)
+    else:  # no antialiasing (as DINO): a pure interpolation of the table, also when shrinking
+      resized = jax.image.resize(grid, (grid_height, grid_width, grid.shape[-1]),
+                                 method='bicubic',
+                                 antialias=False)
     return jnp.concatenate([cls_position, resized.reshape(1, -1, grid.shape[-1])], axis=1)
 
   def _check_images(self, images: jax.Array):
@@ -179,14 +259,29 @@ class ViT(nnx.Module):
       raise ValueError(f'image size {height}x{width} is not a multiple of patch_size='
                        f'{self.patch_size}: resize or crop the images to a multiple')
 
-  def _embed(self, images: jax.Array) -> jax.Array:
-    """images -> tokens [B, 1 + h * w, dim] entering the first block (CLS first)."""
+  def _embed(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
+    """images -> tokens [B, 1 + registers + h * w, dim] entering the first block (CLS first,
+    then the registers, then the patches, masked ones replaced by the mask token)."""
     self._check_images(images)
     patches = self.patch_embed(images)
     batch, grid_height, grid_width, dim = patches.shape
+    patches = patches.reshape(batch, -1, dim)
+    if masks is not None:
+      if self.mask_token is None:
+        raise ValueError('masked patches need the mask token: set model.mask_token=True')
+      patches = jnp.where(masks[..., None], self.mask_token[...].astype(patches.dtype), patches)
     cls_tokens = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim))
-    tokens = jnp.concatenate([cls_tokens, patches.reshape(batch, -1, dim)], axis=1)
-    return tokens + self.position_embedding(grid_height, grid_width)
+    tokens = jnp.concatenate([cls_tokens, patches], axis=1)
+    tokens = tokens + self.position_embedding(grid_height, grid_width)
+    if self.register_tokens is None:
+      return tokens
+    registers = jnp.broadcast_to(self.register_tokens[...].astype(tokens.dtype),
+                                 (batch, self.num_registers, dim))
+    return jnp.concatenate([tokens[:, :1], registers, tokens[:, 1:]], axis=1)
+
+  @property
+  def _first_patch(self) -> int:
+    return 1 + self.num_registers
 
   def block_outputs(self, images: jax.Array) -> list[jax.Array]:
     """The token sequences [B, 1 + h * w, dim] after each block, first block first, before the
@@ -205,12 +300,23 @@ class ViT(nnx.Module):
     for block in self.blocks[:-1]:
       tokens = block(tokens)
     last = self.blocks[-1]
-    return last.attn.weights(last.norm1(tokens))[:, :, 0, 1:]
+    return last.attn.weights(last.norm1(tokens))[:, :, 0, self._first_patch:]
 
   def __call__(self, images: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
     tokens = run_blocks(self.blocks, self._embed(images), drop_key, remat=self.remat)
     # The final norm is per token, so normalising only the CLS token gives the same result.
     return self.norm(tokens[:, 0])
+
+  def tokens(self,
+             images: jax.Array,
+             *,
+             masks: jax.Array | None = None,
+             drop_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(CLS [B, dim], patches [B, h * w, dim]) after the final LayerNorm, the registers left out;
+    `masks` [B, h * w] (bool) put the mask token at masked patches (iBOT's student)."""
+    tokens = run_blocks(self.blocks, self._embed(images, masks), drop_key, remat=self.remat)
+    normed = self.norm(tokens)
+    return normed[:, 0], normed[:, self._first_patch:]
 
   def _check_feature_options(self, n_last_blocks: int, avgpool_patchtokens: bool):
     depth = len(self.blocks)
@@ -247,7 +353,7 @@ class ViT(nnx.Module):
     if not avgpool_patchtokens:
       return jnp.concatenate([self.norm(tokens[:, 0]) for tokens in last], axis=-1)
     normed = self.norm(last[-1])
-    pooled = jnp.stack([normed[:, 0], jnp.mean(normed[:, 1:], axis=1)], axis=-1)
+    pooled = jnp.stack([normed[:, 0], jnp.mean(normed[:, self._first_patch:], axis=1)], axis=-1)
     return pooled.reshape(normed.shape[0], -1)
 
 
@@ -262,16 +368,45 @@ VIT_SIZES = {
 }
 
 
+def validate_vit_options(model_config):
+  """The ViT options of `config.model`; ValueError naming the key and the choices."""
+  checks = [
+      (model_config.ffn in FFNS, f"unknown model.ffn '{model_config.ffn}': choose one of "
+       f"{', '.join(FFNS)}"),
+      (model_config.pos_interpolation in POS_INTERPOLATIONS,
+       f"unknown model.pos_interpolation '{model_config.pos_interpolation}': choose one of "
+       f"{', '.join(POS_INTERPOLATIONS)}"),
+      (model_config.layerscale
+       >= 0, f'model.layerscale={model_config.layerscale} must be >= 0 (0: no LayerScale)'),
+      (model_config.num_registers
+       >= 0, f'model.num_registers={model_config.num_registers} must be >= 0'),
+      (0 <= model_config.interpolate_offset < 1,
+       f'model.interpolate_offset={model_config.interpolate_offset} must be in [0, 1) (DINOv2: '
+       '0.1)'),
+  ]
+  for holds, message in checks:
+    if not holds:
+      raise ValueError(message)
+
+
 def _register_vit(name: str, size: dict):
 
-  @register_backbone(name, uses_patches=True)
-  def build(*, patch_size, drop_path_rate, in_channels, image_size, stem, remat, rngs):
-    return ViT(patch_size=patch_size,
-               drop_path_rate=drop_path_rate,
+  @register_backbone(name, uses_patches=True, validate=validate_vit_options)
+  def build(model_config, *, in_channels, image_size, rngs):
+    return ViT(patch_size=model_config.patch_size,
+               drop_path_rate=model_config.drop_path,
                in_channels=in_channels,
-               remat=remat,
+               remat=model_config.remat,
                image_size=image_size,
-               stem=stem,
+               stem=model_config.stem,
+               layerscale=model_config.layerscale,
+               ffn=model_config.ffn,
+               num_registers=model_config.num_registers,
+               mask_token=model_config.mask_token,
+               drop_path_uniform=model_config.drop_path_uniform,
+               pos_interpolation=model_config.pos_interpolation,
+               interpolate_offset=model_config.interpolate_offset,
+               interpolate_antialias=model_config.interpolate_antialias,
                rngs=rngs,
                **size)
 

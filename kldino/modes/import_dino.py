@@ -21,8 +21,13 @@ from kldino.core import program as program_lib
 from kldino.errors import ConfigError
 from kldino.run import Run
 
-_BLOCK = re.compile(r'^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)'
-                    r'\.(weight|bias)$')
+# DINO's and DINOv2's block keys; DINOv2's training checkpoints chunk the blocks for FSDP
+# (blocks.<chunk>.<index>.*), its hub files do not.
+_BLOCK = re.compile(
+    r'^blocks\.(?:\d+\.)?(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|'
+    r'mlp\.w12|mlp\.w3|ls1|ls2)\.(weight|bias|gamma)$')
+# DINOv2's tokens, in kldino's layout already.
+_TOKENS = ('cls_token', 'pos_embed', 'register_tokens', 'mask_token')
 _SKIPPED_PREFIXES = ('head.',)
 _STRIPPED_PREFIXES = ('module.', 'backbone.')
 
@@ -55,7 +60,7 @@ def _linear(weight: np.ndarray) -> np.ndarray:
 
 def _target(key: str, value: np.ndarray) -> tuple[tuple, np.ndarray]:
   """(kldino path, array in kldino's layout) of one PyTorch tensor."""
-  if key in ('cls_token', 'pos_embed'):
+  if key in _TOKENS:
     return (key,), value
   if key == 'patch_embed.proj.weight':
     return ('patch_embed', 'kernel'), np.ascontiguousarray(value.transpose(2, 3, 1, 0))
@@ -66,11 +71,14 @@ def _target(key: str, value: np.ndarray) -> tuple[tuple, np.ndarray]:
   match = _BLOCK.match(key)
   if match is None:
     raise ValueError(f"unexpected key '{key}' in the DINO state dict: only ViT backbone keys "
-                     '(cls_token, pos_embed, patch_embed.*, blocks.*, norm.*) can be imported')
+                     '(cls_token, pos_embed, register_tokens, mask_token, patch_embed.*, '
+                     'blocks.*, norm.*) can be imported')
   index, module, kind = match.groups()
   path = ('blocks', int(index), *module.split('.'))
   if module.startswith('norm'):
     return (*path, 'scale' if kind == 'weight' else 'bias'), value
+  if kind == 'gamma':  # LayerScale
+    return (*path, 'gamma'), value
   return (*path,
           'kernel' if kind == 'weight' else 'bias'), (_linear(value) if kind == 'weight' else value)
 

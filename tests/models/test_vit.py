@@ -14,7 +14,7 @@ from flax import nnx
 
 from configs.smoke import get_config as smoke_config
 from kldino.modes import import_dino as convert_dino
-from kldino.models import ViT, build_backbone, build_model, forward
+from kldino.models import ViT, build_backbone, build_model, forward, validate_model_config
 from kldino.core import step
 from kldino.models.vit import Attention
 from tests.helpers import tiny_config
@@ -276,3 +276,92 @@ def test_conv_stem_gives_the_patch_grid_and_refuses_other_patch_sizes():
                 in_channels=1,
                 image_size=12,
                 rngs=nnx.Rngs(0))
+
+
+# DINOv2's options against tests/torch_dinov2.py: (ffn, LayerScale init, registers,
+# interpolation offset, antialias); other resolutions than the table's grid exercise the resize.
+DINOV2_OPTIONS = [
+    ('swiglu', 0.5, 4, 0.1, False),  # the shape of DINOv2's ViT-g with registers
+    ('mlp', 1e-5, 0, 0.1, False),  # DINOv2's ViT-S/B/L hub models
+    ('mlp', 1.0, 4, 0.0, True),  # the _reg hub models: antialias, no offset
+]
+DINOV2_PATCH, DINOV2_IMAGE = 7, 28
+
+
+def _dinov2_pair(ffn, layerscale, registers, offset, antialias):
+  """The PyTorch DINOv2 ViT with random parameters and kldino's ViT holding the same ones."""
+  from tests import torch_dinov2  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  reference = torch_dinov2.DinoVisionTransformer(img_size=DINOV2_IMAGE,
+                                                 patch_size=DINOV2_PATCH,
+                                                 in_chans=CHANNELS,
+                                                 dim=32,
+                                                 depth=2,
+                                                 num_heads=2,
+                                                 ffn=ffn,
+                                                 init_values=layerscale,
+                                                 num_register_tokens=registers,
+                                                 interpolate_offset=offset,
+                                                 interpolate_antialias=antialias).eval()
+  with torch.no_grad():  # every parameter away from its init, LayerScale's gains included
+    for parameter in reference.parameters():
+      parameter.add_(0.05 * torch.randn_like(parameter))
+  config = model_config(name='vit_nano',
+                        patch_size=DINOV2_PATCH,
+                        ffn=ffn,
+                        layerscale=layerscale,
+                        num_registers=registers,
+                        mask_token=True,
+                        pos_interpolation='torch',
+                        interpolate_offset=offset,
+                        interpolate_antialias=antialias)
+  backbone = build_backbone(config, in_channels=CHANNELS, image_size=DINOV2_IMAGE, rngs=nnx.Rngs(0))
+  state = nnx.state(backbone, nnx.Param)
+  state_dict = {key: value.detach().numpy() for key, value in reference.state_dict().items()}
+  nnx.replace_by_pure_dict(state, convert_dino.convert(state_dict, nnx.to_pure_dict(state)))
+  nnx.update(backbone, state)
+  return reference, backbone
+
+
+@nnx.jit
+def _tokens(backbone, x, masks):
+  return backbone.tokens(x, masks=masks)
+
+
+@pytest.mark.parametrize('options', DINOV2_OPTIONS)
+@pytest.mark.parametrize('size', [DINOV2_IMAGE, 42, 14])
+def test_dinov2_options_give_dinov2s_tokens(options, size):
+  """CLS and patch tokens (registers left out) equal DINOv2's to 1e-5, at the table's grid, on a
+  larger one and on a smaller one (the position table interpolated), with masked patches too."""
+  reference, backbone = _dinov2_pair(*options)
+  rng = np.random.default_rng(size)
+  pixels = rng.standard_normal((3, size, size, CHANNELS)).astype(np.float32)
+  masks = rng.random((3, (size // DINOV2_PATCH)**2)) < 0.4
+  attention = None
+  for mask in (None, masks):
+    with torch.no_grad():
+      expected = reference.forward_features(
+          torch.from_numpy(pixels).permute(0, 3, 1, 2),
+          None if mask is None else torch.from_numpy(mask))
+    cls, patches = _tokens(backbone, jnp.asarray(pixels),
+                           None if mask is None else jnp.asarray(mask))
+    assert _max_abs_error(cls, expected['x_norm_clstoken'].numpy()) < 1e-5
+    assert _max_abs_error(patches, expected['x_norm_patchtokens'].numpy()) < 1e-5
+    attention = expected['last_attention'] if attention is None else attention
+  np.testing.assert_allclose(np.asarray(backbone.cls_attention(jnp.asarray(pixels))),
+                             attention[:, :, 0, 1 + options[2]:].numpy(),
+                             atol=1e-5)
+
+
+def test_dinov2_options_are_checked_and_drop_path_can_be_uniform():
+  with pytest.raises(ValueError, match="unknown model.ffn 'geglu': choose one of mlp, swiglu"):
+    validate_model_config(model_config(name='vit_nano', ffn='geglu'))
+  with pytest.raises(ValueError, match='model.interpolate_offset=1.5 must be in'):
+    validate_model_config(model_config(name='vit_nano', interpolate_offset=1.5))
+  uniform = build_backbone(model_config(name='vit_micro', drop_path=0.3, drop_path_uniform=True),
+                           in_channels=1,
+                           image_size=16,
+                           rngs=nnx.Rngs(0))
+  assert [block.drop_rate for block in uniform.blocks] == [0.3] * 4
+  with pytest.raises(ValueError, match='model.mask_token=True'):
+    _backbone().tokens(jnp.zeros((1, IMAGE, IMAGE, CHANNELS)), masks=jnp.ones((1, 16), bool))
