@@ -162,3 +162,38 @@ class DinoVisionTransformer(nn.Module):
         'x_norm_patchtokens': x_norm[:, self.num_register_tokens + 1:],
         'last_attention': self.blocks[-1].attn.last_weights,
     }
+
+
+# DINOv2's losses (dinov2/loss/ibot_patch_loss.py, koleo_loss.py), one process.
+
+
+def ibot_patch_loss_masked(student_masked, teacher_masked, masks, student_temp):
+  """iBOTPatchLoss.forward_masked: student and teacher rows of the masked patches, in the order
+  of masks.flatten().nonzero(); masks [crops, patches]."""
+  loss = torch.sum(teacher_masked * F.log_softmax(student_masked / student_temp, dim=-1), dim=-1)
+  weights = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+  return -(loss * weights).sum() / masks.shape[0]
+
+
+def sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=3):
+  """iBOTPatchLoss.sinkhorn_knopp_teacher on the masked patches' logits."""
+  q = torch.exp(teacher_output.float() / teacher_temp).t()
+  count, prototypes = q.shape[1], q.shape[0]
+  q /= torch.sum(q)
+  for _ in range(n_iterations):
+    q /= torch.sum(q, dim=1, keepdim=True)
+    q /= prototypes
+    q /= torch.sum(q, dim=0, keepdim=True)
+    q /= count
+  q *= count
+  return q.t()
+
+
+def koleo_loss(student_output, eps=1e-8):
+  """KoLeoLoss.forward."""
+  student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
+  dots = torch.mm(student_output, student_output.t())
+  dots.view(-1)[::(student_output.shape[0] + 1)].fill_(-1)
+  nearest = torch.max(dots, dim=1).indices
+  distances = nn.PairwiseDistance(2, eps=eps)(student_output, student_output[nearest])
+  return -torch.log(distances + eps).mean()

@@ -1,9 +1,11 @@
-"""Teacher normalisations, the multi-crop cross-entropy and the collapse diagnostics.
+"""Teacher normalisations, the losses (DINO's multi-crop cross-entropy, iBOT's masked-patch
+cross-entropy, KoLeo) and the collapse diagnostics.
 
 Every normalisation of docs/method.md ("Teacher normalisations") lives here, behind one registry
-keyed by `objective.normalization` (and `objective.prior_source` for `prior`). Everything is a pure
-function of arrays; batch statistics are means over axis 0 of arrays that, under `jax.jit` with a
-batch-sharded input, span the *global* batch (the compiler inserts the all-reduce).
+keyed by `objective.normalization` (and `objective.prior_source` for `prior`); the patch targets
+choose theirs from the same registry. Everything is a pure function of arrays; batch statistics
+are means over axis 0 (over the rows marked `valid`, when given) of arrays that, under `jax.jit`
+with a batch-sharded input, span the *global* batch (the compiler inserts the all-reduce).
 
 Equation numbers refer to Kittler, Awais, Atito (2026), "Information theoretic underpinning of
 self-supervised learning by clustering".
@@ -43,26 +45,44 @@ def centered_targets(teacher_logits, center, teacher_temp):
   return jax.nn.softmax((teacher_logits - center) / teacher_temp, axis=-1)
 
 
-def sinkhorn_targets(teacher_logits, teacher_temp, num_iters):
-  """Sinkhorn-Knopp on exp(t / tau) over the batch, in log space (no overflow at tau=0.04).
+def _valid_rows(teacher_logits, valid):
+  """(valid [N] bool, their count) of a batch whose rows are all valid when `valid` is None."""
+  if valid is None:
+    return jnp.ones(teacher_logits.shape[:1], bool), teacher_logits.shape[0]
+  return valid, jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
 
-  Alternately makes every prototype carry 1/K of the mass and every image 1/B of it; the result
-  is returned with rows (images) summing to one. Each prototype step divides by the batch prior:
-  an iterated inverse-prior normalisation.
+
+def sinkhorn_targets(teacher_logits, teacher_temp, num_iters, valid=None):
+  """Sinkhorn-Knopp on exp(t / tau) over the batch's valid rows, in log space (no overflow at
+  tau=0.04).
+
+  Alternately makes every prototype carry 1/K of the mass and every row 1/B of it; the result
+  is returned with rows (images) summing to one, invalid rows zero. Each prototype step divides
+  by the batch prior: an iterated inverse-prior normalisation.
   """
-  batch, num_prototypes = teacher_logits.shape
-  log_q = teacher_logits / teacher_temp
+  num_prototypes = teacher_logits.shape[1]
+  valid, batch = _valid_rows(teacher_logits, valid)
+  rows = valid[:, None]
+  log_q = jnp.where(rows, teacher_logits / teacher_temp, -jnp.inf)
   log_q = log_q - jax.nn.logsumexp(log_q)
   for _ in range(num_iters):
     log_q = log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True) - jnp.log(num_prototypes)
-    log_q = log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - jnp.log(batch)
+    row_sums = jax.nn.logsumexp(jnp.where(rows, log_q, 0.0), axis=1, keepdims=True)
+    log_q = jnp.where(rows, log_q - row_sums - jnp.log(batch), -jnp.inf)
   return jnp.exp(log_q + jnp.log(batch))
 
 
-def batch_log_prior(teacher_logits, teacher_temp, eps):
-  """Q(k) estimated on the (global) batch: Self-Classifier's marginal."""
+def batch_log_prior(teacher_logits, teacher_temp, eps, valid=None):
+  """Q(k) estimated on the (global) batch's valid rows: Self-Classifier's marginal."""
+  valid, count = _valid_rows(teacher_logits, valid)
   probs = jax.nn.softmax(teacher_logits / teacher_temp, axis=-1)
-  return regularised_log_prior(jnp.sum(probs, axis=0), probs.shape[0], eps)
+  return regularised_log_prior(jnp.sum(jnp.where(valid[:, None], probs, 0.0), axis=0), count, eps)
+
+
+def batch_mean(teacher_logits, valid=None):
+  """The mean of the batch's valid rows."""
+  valid, count = _valid_rows(teacher_logits, valid)
+  return jnp.sum(jnp.where(valid[:, None], teacher_logits, 0.0), axis=0) / count
 
 
 # ----------------------------------------------------------------------------- registry
@@ -80,20 +100,21 @@ class Normalization:
   """A teacher normalisation bound to its objective config: how the teacher's logits become
   targets, and how its state evolves.
 
-  targets(teacher_logits [N, K], state, teacher_temp) -> targets [N, K]
-  update(state, teacher_logits, teacher_temp) -> state, after the loss (as DINO's center).
+  targets(teacher_logits [N, K], state, teacher_temp, valid=None) -> targets [N, K]
+  update(state, teacher_logits, teacher_temp, valid=None) -> state, after the loss (as DINO's
+  center). `valid` [N] marks the rows that count in batch statistics (None: all).
   """
   standardise_teacher_embedding = False  # teacher_bn: batch statistics on the teacher's z
 
   def __init__(self, objective_config):
     self.config = objective_config
 
-  def targets(self, teacher_logits, state, teacher_temp):
-    del state
+  def targets(self, teacher_logits, state, teacher_temp, valid=None):
+    del state, valid
     return jax.nn.softmax(teacher_logits / teacher_temp, axis=-1)
 
-  def update(self, state, teacher_logits, teacher_temp):
-    del teacher_logits, teacher_temp
+  def update(self, state, teacher_logits, teacher_temp, valid=None):
+    del teacher_logits, teacher_temp, valid
     return state
 
 
@@ -107,7 +128,8 @@ PRIOR_SOURCES = Registry('prior source', key='objective.prior_source')
 class DatasetPrior(Normalization):
   """Q(k) from the prior pass over the dataset (eq. 15), held in the state between passes."""
 
-  def targets(self, teacher_logits, state, teacher_temp):
+  def targets(self, teacher_logits, state, teacher_temp, valid=None):
+    del valid
     return prior_normalised_targets(teacher_logits, state['log_prior'], teacher_temp)
 
 
@@ -115,9 +137,9 @@ class DatasetPrior(Normalization):
 class BatchPrior(Normalization):
   """Q(k) of the global batch itself."""
 
-  def targets(self, teacher_logits, state, teacher_temp):
+  def targets(self, teacher_logits, state, teacher_temp, valid=None):
     del state
-    log_prior = batch_log_prior(teacher_logits, teacher_temp, self.config.prior_eps)
+    log_prior = batch_log_prior(teacher_logits, teacher_temp, self.config.prior_eps, valid)
     return prior_normalised_targets(teacher_logits, log_prior, teacher_temp)
 
 
@@ -125,8 +147,9 @@ class BatchPrior(Normalization):
 class EmaPrior(DatasetPrior):
   """Q(k) as a running mean of the batches' priors (its first value from a prior pass)."""
 
-  def update(self, state, teacher_logits, teacher_temp):
-    batch_prior = jnp.exp(batch_log_prior(teacher_logits, teacher_temp, self.config.prior_eps))
+  def update(self, state, teacher_logits, teacher_temp, valid=None):
+    batch_prior = jnp.exp(
+        batch_log_prior(teacher_logits, teacher_temp, self.config.prior_eps, valid))
     momentum = self.config.prior_momentum
     prior = momentum * jnp.exp(state['log_prior']) + (1 - momentum) * batch_prior
     return {**state, 'log_prior': jnp.log(prior / jnp.sum(prior))}
@@ -141,13 +164,14 @@ def _prior(objective_config) -> Normalization:
 class Centered(Normalization):
   """DINO's centering: the Jensen approximation of the prior (eq. 17-23)."""
 
-  def targets(self, teacher_logits, state, teacher_temp):
+  def targets(self, teacher_logits, state, teacher_temp, valid=None):
+    del valid
     return centered_targets(teacher_logits, state['center'], teacher_temp)
 
-  def update(self, state, teacher_logits, teacher_temp):
+  def update(self, state, teacher_logits, teacher_temp, valid=None):
     del teacher_temp
     momentum = self.config.center_momentum
-    center = momentum * state['center'] + (1 - momentum) * jnp.mean(teacher_logits, axis=0)
+    center = momentum * state['center'] + (1 - momentum) * batch_mean(teacher_logits, valid)
     return {**state, 'center': center}
 
 
@@ -155,9 +179,9 @@ class Centered(Normalization):
 class Sinkhorn(Normalization):
   """SwAV's and DINOv2's equipartition of the global batch."""
 
-  def targets(self, teacher_logits, state, teacher_temp):
+  def targets(self, teacher_logits, state, teacher_temp, valid=None):
     del state
-    return sinkhorn_targets(teacher_logits, teacher_temp, self.config.sinkhorn_iters)
+    return sinkhorn_targets(teacher_logits, teacher_temp, self.config.sinkhorn_iters, valid)
 
 
 @NORMALIZATIONS.register('teacher_bn')
@@ -199,6 +223,28 @@ def multicrop_cross_entropy(targets, student_logits, student_temp):
   same_view = jnp.eye(num_global, num_views, dtype=bool)
   num_pairs = num_global * num_views - num_global
   return jnp.sum(jnp.where(same_view, 0.0, ce)) / num_pairs
+
+
+def masked_patch_cross_entropy(patch_targets, student_patch_logits, weights, num_crops,
+                               student_temp):
+  """iBOT's patch loss as DINOv2's (dinov2/loss/ibot_patch_loss.py): the cross-entropy of each
+  masked patch [U, K] weighted by 1 / its crop's number of masked patches (`weights` [U], 0 for
+  padding rows), summed over the patches and divided by the number of global crops: the mean
+  over crops of each crop's mean over its masked patches, crops without masks counting 0."""
+  log_student = jax.nn.log_softmax(student_patch_logits / student_temp, axis=-1)
+  cross_entropy = -jnp.sum(patch_targets * log_student, axis=-1)
+  return jnp.sum(weights * cross_entropy) / num_crops
+
+
+def koleo(embeddings, eps=1e-8):
+  """DINOv2's KoLeo regulariser (Sablayrolles et al. 2018; dinov2/loss/koleo_loss.py) of the
+  rows of `embeddings` [N, D]: -mean log of each L2-normalised row's distance to its nearest
+  other row (the Kozachenko-Leonenko entropy estimator up to constants)."""
+  unit = embeddings / jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), eps)
+  dots = jnp.where(jnp.eye(unit.shape[0], dtype=bool), -1.0, unit @ unit.T)
+  nearest = unit[jnp.argmax(dots, axis=1)]
+  distances = jnp.linalg.norm(unit - nearest + eps, axis=-1)  # torch's PairwiseDistance(eps)
+  return -jnp.mean(jnp.log(distances + eps))
 
 
 def entropy(probs, axis=-1):

@@ -1,4 +1,5 @@
 """Every normalisation against an independent numpy implementation of its formula."""
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -186,3 +187,80 @@ def test_jensen_approximation_is_close_when_prior_is_the_dataset_marginal():
 def test_unknown_normalisation_is_refused(overrides, fragment):
   with pytest.raises(ValueError, match=fragment):
     objective.get_normalization(objective_config(**overrides))
+
+
+# DINOv2's losses against tests/torch_dinov2.py's transcriptions.
+
+
+def _masked_patches(seed=3, crops=6, patches=10, prototypes=12):
+  rng = np.random.default_rng(seed)
+  masks = rng.random((crops, patches)) < 0.3
+  masks[0] = False  # a crop without masks counts 0 in the mean over crops
+  count = int(masks.sum())
+  student = rng.standard_normal((count, prototypes)).astype(np.float32)
+  teacher = rng.standard_normal((count, prototypes)).astype(np.float32)
+  return masks, student, teacher
+
+
+def test_masked_patch_cross_entropy_equals_dinov2s_with_padding_rows():
+  import torch  # pylint: disable=import-outside-toplevel
+  from tests import torch_dinov2  # pylint: disable=import-outside-toplevel
+  masks, student, teacher = _masked_patches()
+  targets = np.asarray(jax.nn.softmax(teacher / 0.04, axis=-1))
+  expected = torch_dinov2.ibot_patch_loss_masked(torch.from_numpy(student),
+                                                 torch.from_numpy(targets), torch.from_numpy(masks),
+                                                 0.1)
+  weights = np.repeat(1 / np.maximum(masks.sum(1), 1), masks.sum(1))
+  pad = 5  # the static upper bound's rows beyond the masked patches: weight 0
+  got = objective.masked_patch_cross_entropy(
+      jnp.asarray(np.concatenate([targets,
+                                  np.full((pad, targets.shape[1]), 1e3, np.float32)])),
+      jnp.asarray(np.concatenate([student, np.zeros((pad, student.shape[1]), np.float32)])),
+      jnp.asarray(np.concatenate([weights, np.zeros(pad)]).astype(np.float32)), masks.shape[0], 0.1)
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
+def test_sinkhorn_over_the_valid_rows_equals_dinov2s_patch_sinkhorn():
+  import torch  # pylint: disable=import-outside-toplevel
+  from tests import torch_dinov2  # pylint: disable=import-outside-toplevel
+  _, _, teacher = _masked_patches()
+  expected = torch_dinov2.sinkhorn_knopp_teacher(torch.from_numpy(teacher), 0.5).numpy()
+  padded = np.concatenate([teacher, RNG.standard_normal((4, teacher.shape[1])) * 50])
+  valid = np.arange(len(padded)) < len(teacher)
+  got = np.asarray(
+      objective.sinkhorn_targets(jnp.asarray(padded, jnp.float32), 0.5, 3, jnp.asarray(valid)))
+  np.testing.assert_allclose(got[:len(teacher)], expected, rtol=1e-4, atol=1e-6)
+  assert np.isfinite(got).all() and (got[len(teacher):] == 0).all()
+  # All rows valid: the same as without `valid`.
+  np.testing.assert_allclose(objective.sinkhorn_targets(jnp.asarray(teacher), 0.5, 3),
+                             objective.sinkhorn_targets(jnp.asarray(teacher), 0.5, 3,
+                                                        jnp.ones(len(teacher), bool)),
+                             rtol=1e-6)
+
+
+def test_koleo_equals_dinov2s_and_its_gradient_too():
+  import torch  # pylint: disable=import-outside-toplevel
+  from tests import torch_dinov2  # pylint: disable=import-outside-toplevel
+  embeddings = RNG.standard_normal((16, 8)).astype(np.float32)
+  reference = torch.from_numpy(embeddings).requires_grad_()
+  expected = torch_dinov2.koleo_loss(reference)
+  expected.backward()
+  got, gradient = jax.value_and_grad(objective.koleo)(jnp.asarray(embeddings))
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gradient), reference.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['center', 'prior'])
+def test_batch_statistics_count_only_valid_rows(name):
+  config = objective_config(normalization=name, prior_source='batch')
+  normalization = objective.get_normalization(config)
+  logits = RNG.standard_normal((6, 5)).astype(np.float32)
+  padded = np.concatenate([logits, RNG.standard_normal((3, 5)).astype(np.float32) * 30])
+  valid = jnp.arange(9) < 6
+  state = objective.init_norm_state(5)
+  np.testing.assert_allclose(normalization.targets(jnp.asarray(padded), state, 0.1, valid)[:6],
+                             normalization.targets(jnp.asarray(logits), state, 0.1),
+                             rtol=1e-5)
+  np.testing.assert_allclose(normalization.update(state, jnp.asarray(padded), 0.1, valid)['center'],
+                             normalization.update(state, jnp.asarray(logits), 0.1)['center'],
+                             rtol=1e-5)
