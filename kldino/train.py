@@ -54,6 +54,17 @@ def check_finite(metrics: list, first_step: int, latest_checkpoint: int | None):
                           'lower optim.lr (or check the data) and rerun')
 
 
+def _dinov2_terms(averaged: dict) -> str:
+  """The console line's part for iBOT and KoLeo ('' without them)."""
+  terms = ''
+  if 'ibot_loss' in averaged:
+    terms += (f" | ibot {averaged['ibot_loss']:.4f} patch H {averaged['patch_teacher_entropy']:.3f}"
+              f" clusters {averaged['patch_batch_effective_clusters']:.1f}")
+  if 'koleo_loss' in averaged:
+    terms += f" | koleo {averaged['koleo_loss']:.4f}"
+  return terms
+
+
 class Trainer:
   """A Run (kldino/run.py) plus what training adds: the program (kldino/core/program.py), the
   evaluators, the collapse guard and the metric writer."""
@@ -64,7 +75,7 @@ class Trainer:
     self.workdir = workdir
     # The steps per epoch read the dataset's size: a bad dataset fails here, early.
     self.program = program_lib.build(config, self.run.graphdef, self.run.in_channels, self.run.mesh,
-                                     self.run.steps_per_epoch)
+                                     self.run.steps_per_epoch, self.run.data_shards)
     self.schedules = self.program.schedules
     self.evaluators = Evaluators(self.run)
     self.guard = guard_lib.CollapseGuard(config.guard, config.model.num_prototypes,
@@ -170,9 +181,12 @@ class Trainer:
     self.writer.write_scalars(int(state.step), result.scalars)
     self.writer.write_histograms(int(state.step), result.histograms)
     logging.info('%s', prior_pass.describe(result.scalars, epoch))
-    if not prior_pass.update_due(self.config.objective, epoch):  # a diagnostic pass: measured
-      return state
-    norm_state = {**state.norm_state, 'log_prior': result.log_prior}
+    objective_config, norm_state = self.config.objective, dict(state.norm_state)
+    if prior_pass.update_due(objective_config, epoch):  # else a diagnostic pass: measured only
+      norm_state['log_prior'] = result.log_prior
+    if result.patch_log_prior is not None and prior_pass.update_due(
+        objective_config, epoch, objective_config.patch_normalization):
+      norm_state['patch'] = {**norm_state['patch'], 'log_prior': result.patch_log_prior}
     return state.replace(
         norm_state=jax.device_put(norm_state, self.program.state_shardings.norm_state))
 
@@ -192,10 +206,11 @@ class Trainer:
     eta = (total - step) * elapsed / max(step - self._first_step, 1)
     logging.info(
         'step %d/%d epoch %d | loss %.4f kl %.4f | teacher H %.3f target H %.3f | '
-        'clusters %.1f (prior %.1f) | lr %.2e | %.1f img/s | ETA %s', step, total, epoch,
+        'clusters %.1f (prior %.1f)%s | lr %.2e | %.1f img/s | ETA %s', step, total, epoch,
         averaged['loss'], averaged['kl'], averaged['teacher_entropy'], averaged['target_entropy'],
-        averaged['batch_effective_clusters'], averaged['prior_effective_clusters'], averaged['lr'],
-        averaged['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+        averaged['batch_effective_clusters'], averaged['prior_effective_clusters'],
+        _dinov2_terms(averaged), averaged['lr'], averaged['images_per_sec'],
+        time.strftime('%H:%M:%S', time.gmtime(eta)))
     collapse = self.guard.observe(step, averaged)
     if collapse is not None and self.guard.mode == 'warn':  # stop ends with the line itself
       logging.warning('%s', collapse.message())

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from kldino.config.defaults import base_config
+from kldino.data import masking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,14 +42,27 @@ def tiny_config(**model_overrides):
 
 
 def random_batch(config, seed=0, channels=1):
+  """A training batch of normal noise; with iBOT, the masks of a data shard's batch too."""
   rng = np.random.default_rng(seed)
   b, g, local = config.batch_size, config.aug.global_size, config.aug.local_size
-  return {
+  batch = {
       'global_crops':
           rng.standard_normal((b, 2, g, g, channels)).astype(np.float32),
       'local_crops':
           rng.standard_normal((b, config.aug.num_local, local, local, channels)).astype(np.float32),
   }
+  if masking.used(config.objective):
+    batch['masks'] = masking.training_masks(config, epoch=0, step=seed, shard=0, rows=b)
+  return batch
+
+
+def dinov2_config(**objective_overrides):
+  """tiny_config with DINOv2's objective: iBOT with its mask token, KoLeo."""
+  config = tiny_config(mask_token=True, layerscale=0.1, num_registers=2)
+  config.objective.ibot.loss_weight = 1.0
+  config.objective.koleo_weight = 0.1
+  config.objective.update(objective_overrides)
+  return config
 
 
 def write_folder(root, per_class_train=12, per_class_test=4):

@@ -7,6 +7,7 @@ from kldino.config import workdir
 from kldino.errors import ConfigError
 from kldino.core import guard
 from kldino.core import objective
+from kldino.core import schedules
 from kldino.models import validate_model_config
 
 
@@ -77,7 +78,8 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
            f'model.num_prototypes={config.model.num_prototypes} must be >= 2')
   _require(config.eval.knn_temperature > 0,
            f'eval.knn_temperature={config.eval.knn_temperature} must be > 0')
-  _validate_optim(config.optim)
+  _validate_optim(config)
+  _validate_dinov2(config)
   _validate_aug(config)
   _validate_eval(config, num_devices)
   _validate_guard(config.guard)
@@ -92,7 +94,56 @@ def _positive_finite(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def _validate_optim(optim_config):
+def _validate_dinov2(config):
+  """DINOv2's terms: iBOT, its patch normalisation and masks, KoLeo."""
+  objective_config, ibot = config.objective, config.objective.ibot
+  try:
+    objective.get_patch_normalization(objective_config)
+  except ValueError as error:
+    raise ConfigError(
+        str(error).replace('objective.normalization', 'objective.patch_normalization')) from None
+  _require(ibot.loss_weight >= 0, f'objective.ibot.loss_weight={ibot.loss_weight} must be >= 0 '
+           '(0: no iBOT)')
+  if ibot.loss_weight > 0:
+    _require(
+        config.model.name.startswith('vit'),
+        f'objective.ibot.loss_weight={ibot.loss_weight} masks patches: model.name='
+        f'{config.model.name} has none; use a vit_* model or set the weight to 0')
+    _require(
+        config.model.mask_token, 'iBOT (objective.ibot.loss_weight > 0) needs the mask token: set '
+        '--config.model.mask_token=True')
+  _require(
+      0 <= ibot.mask_sample_probability <= 1,
+      f'objective.ibot.mask_sample_probability={ibot.mask_sample_probability} must be in '
+      '[0, 1]')
+  low, high = ibot.mask_ratio_min_max
+  _require(
+      0 <= low <= high <= 1,
+      f'objective.ibot.mask_ratio_min_max={tuple(ibot.mask_ratio_min_max)} must satisfy '
+      '0 <= low <= high <= 1')
+  group = objective_config.koleo_group_size
+  _require(objective_config.koleo_weight >= 0,
+           f'objective.koleo_weight={objective_config.koleo_weight} must be >= 0 (0: no KoLeo)')
+  _require(
+      group == 0 or (group >= 2 and config.batch_size % group == 0),
+      f'objective.koleo_group_size={group} must be 0 (the whole batch) or >= 2 and divide '
+      f'batch_size={config.batch_size}')
+
+
+def _validate_optim(config):
+  optim_config = config.optim
+  _require(
+      optim_config.lr_scaling in schedules.LR_SCALINGS,
+      f"unknown optim.lr_scaling '{optim_config.lr_scaling}': choose one of "
+      f"{', '.join(schedules.LR_SCALINGS)}")
+  _require(0 < optim_config.layerwise_decay <= 1,
+           f'optim.layerwise_decay={optim_config.layerwise_decay} must be in (0, 1] (1: none)')
+  _require(optim_config.patch_embed_lr_mult > 0,
+           f'optim.patch_embed_lr_mult={optim_config.patch_embed_lr_mult} must be > 0')
+  _require(
+      optim_config.layerwise_decay == 1 or config.model.name.startswith('vit'),
+      f'optim.layerwise_decay={optim_config.layerwise_decay} decays by ViT block: model.name='
+      f'{config.model.name} has none; use a vit_* model or set it to 1')
   _require(_positive_finite(optim_config.lr),
            f'optim.lr={optim_config.lr} must be finite and > 0 (per 256 images)')
   _require(

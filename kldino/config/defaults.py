@@ -105,9 +105,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.objective.teacher_temp = 0.04
   config.objective.warmup_teacher_temp = 0.04
   config.objective.warmup_teacher_temp_epochs = 0
+  # DINOv2's terms (docs/method.md): iBOT's masked-patch loss on the global crops (loss_weight 0:
+  # off; needs model.mask_token) with DINOv2's block masks, and KoLeo on the student's CLS.
+  config.objective.ibot = ml_collections.ConfigDict()
+  config.objective.ibot.loss_weight = 0.0
+  config.objective.ibot.separate_head = False  # False: the DINO head also gives patch logits
+  config.objective.ibot.mask_sample_probability = 0.5  # the share of global crops masked
+  config.objective.ibot.mask_ratio_min_max = (0.1, 0.5)  # their masked shares, spread
+  # The patch targets' normalisation, from the same registry as the image targets' (with the
+  # same prior_source, prior_every_epochs, ...): a prior over patch prototypes, center, sinkhorn.
+  config.objective.patch_normalization = 'prior'
+  config.objective.koleo_weight = 0.0  # DINOv2: 0.1
+  config.objective.koleo_group_size = 0  # images per KoLeo group (0: the global batch)
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 2e-3  # per 256 images; scaled by batch_size / 256
+  config.optim.lr = 2e-3  # per 256 images; scaled by batch_size / 256 (optim.lr_scaling)
+  config.optim.lr_scaling = 'linear_wrt_256'  # or DINOv2's 'sqrt_wrt_1024' (lr per 1024 images)
+  config.optim.layerwise_decay = 1.0  # DINOv2's layer-wise lr decay (0.9); 1: none
+  config.optim.patch_embed_lr_mult = 1.0  # DINOv2's lr multiplier of the patch embedding (0.2)
   config.optim.min_lr = 1e-6
   config.optim.warmup_epochs = 5
   config.optim.weight_decay = 0.04

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kldino.data import masking
 from kldino.registry import Registry
 
 # ----------------------------------------------------------------------------- cluster prior
@@ -88,12 +89,17 @@ def batch_mean(teacher_logits, valid=None):
 # ----------------------------------------------------------------------------- registry
 
 
-def init_norm_state(num_prototypes: int) -> dict:
-  """One state for every normalisation, so that checkpoints have one shape whatever the switch."""
-  return {
+def init_norm_state(num_prototypes: int, patches: bool = False) -> dict:
+  """One state for every normalisation, so that checkpoints have one shape whatever the switch;
+  with `patches` (iBOT) the patch targets' own under 'patch'."""
+  state = {
       'log_prior': uniform_log_prior(num_prototypes),
       'center': jnp.zeros((num_prototypes,), jnp.float32),
   }
+  return {**state, 'patch': dict(state)} if patches else state
+
+
+uses_ibot = masking.used
 
 
 class Normalization:
@@ -199,10 +205,25 @@ def get_normalization(objective_config) -> Normalization:
   return NORMALIZATIONS.get(objective_config.normalization)(objective_config)
 
 
+def get_patch_normalization(objective_config) -> Normalization:
+  """The normalisation of iBOT's patch targets (objective.patch_normalization), from the same
+  registry and with the same options as the image targets'."""
+  patch_config = objective_config.copy_and_resolve_references()
+  patch_config.normalization = objective_config.patch_normalization
+  return get_normalization(patch_config)
+
+
+def prior_from_pass(objective_config, normalization: str) -> bool:
+  """Whether `normalization` (the image or the patch targets') takes its prior from a pass."""
+  return normalization == 'prior' and objective_config.prior_source in ('sweep', 'ema')
+
+
 def uses_prior_pass(objective_config) -> bool:
-  """The prior pass sets the prior of source 'sweep' every T epochs, and the first one of 'ema'."""
-  return objective_config.normalization == 'prior' and objective_config.prior_source in ('sweep',
-                                                                                         'ema')
+  """The prior pass sets the prior of source 'sweep' every T epochs, and the first one of 'ema',
+  for the image targets and (with iBOT) for the patch targets."""
+  return prior_from_pass(objective_config, objective_config.normalization) or (
+      uses_ibot(objective_config) and
+      prior_from_pass(objective_config, objective_config.patch_normalization))
 
 
 # ----------------------------------------------------------------------------- loss
@@ -251,21 +272,27 @@ def entropy(probs, axis=-1):
   return -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-30)), axis=axis)
 
 
-def cluster_mutual_information(probs):
-  """I(x; k) = H(mean_x p(k|x)) - mean_x H(p(k|x)), in nats (0 = collapse)."""
-  return entropy(jnp.mean(probs, axis=0)) - jnp.mean(entropy(probs))
+def _valid_mean(values, valid, count):
+  return jnp.sum(jnp.where(valid, values, 0.0)) / count
 
 
-def target_diagnostics(teacher_logits, targets, teacher_temp):
-  """Per-step diagnostics of the teacher side (all over the global batch)."""
+def cluster_mutual_information(probs, valid=None):
+  """I(x; k) = H(mean_x p(k|x)) - mean_x H(p(k|x)) over the valid rows, in nats (0 = collapse)."""
+  valid, count = _valid_rows(probs, valid)
+  return entropy(batch_mean(probs, valid)) - _valid_mean(entropy(probs), valid, count)
+
+
+def target_diagnostics(teacher_logits, targets, teacher_temp, valid=None):
+  """Per-step diagnostics of the teacher side (all over the global batch's valid rows)."""
   teacher_probs = jax.nn.softmax(teacher_logits / teacher_temp, axis=-1)
-  target_prior_entropy = entropy(jnp.mean(targets, axis=0))
+  valid, count = _valid_rows(teacher_logits, valid)
+  target_prior_entropy = entropy(batch_mean(targets, valid))
   return {
-      'teacher_entropy': jnp.mean(entropy(teacher_probs)),
-      'target_entropy': jnp.mean(entropy(targets)),
+      'teacher_entropy': _valid_mean(entropy(teacher_probs), valid, count),
+      'target_entropy': _valid_mean(entropy(targets), valid, count),
       'batch_prior_entropy': target_prior_entropy,
       'batch_effective_clusters': jnp.exp(target_prior_entropy),
-      'teacher_mi': cluster_mutual_information(teacher_probs),
+      'teacher_mi': cluster_mutual_information(teacher_probs, valid),
   }
 
 

@@ -50,10 +50,51 @@ def _key_name(entry):
 
 def is_prototype_path(path) -> bool:
   """Whether a parameter (a key path of the parameter tree) is one DINO freezes with the last
-  layer: `head/prototypes`, `head/prototype_gain`, any `head/prototype*` (or below it)."""
+  layer: `head/prototypes`, `head/prototype_gain`, any `head/prototype*` (or below it), and the
+  same of iBOT's separate `patch_head` (DINOv2 freezes both heads' last layers)."""
   names = [_key_name(entry) for entry in path]
-  return (len(names) >= 2 and names[0] == 'head' and isinstance(names[1], str) and
+  return (len(names) >= 2 and names[0] in ('head', 'patch_head') and isinstance(names[1], str) and
           names[1].startswith('prototype'))
+
+
+# The backbone's parameters before its first block (DINOv2's layer 0 of the layer-wise decay).
+_EMBEDDINGS = ('patch_embed', 'pos_embed', 'cls_token', 'register_tokens', 'mask_token')
+
+
+def lr_multipliers(params, layerwise_decay: float, patch_embed_lr_mult: float):
+  """DINOv2's per-parameter lr multiplier (dinov2/utils/param_groups.py): layerwise_decay **
+  (depth + 1 - layer), where the layer is 0 for the ViT's embeddings and tokens, i + 1 for block
+  i and depth + 1 for the rest (the final norm, the heads); times patch_embed_lr_mult for the
+  patch embedding."""
+  names = lambda path: [_key_name(entry) for entry in path]
+  paths = [names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  depth = 1 + max(
+      (int(path[2]) for path in paths if path[:2] == ['backbone', 'blocks']), default=-1)
+
+  def multiplier(path, _):
+    path = names(path)
+    layer = depth + 1
+    if path[0] == 'backbone' and path[1] in _EMBEDDINGS:
+      layer = 0
+    elif path[:2] == ['backbone', 'blocks']:
+      layer = int(path[2]) + 1
+    scale = layerwise_decay**(depth + 1 - layer)
+    return scale * (patch_embed_lr_mult if path[:2] == ['backbone', 'patch_embed'] else 1.0)
+
+  return jax.tree_util.tree_map_with_path(multiplier, params)
+
+
+def scale_by_lr_multipliers(layerwise_decay: float,
+                            patch_embed_lr_mult: float) -> optax.GradientTransformation:
+  """The updates (weight decay included, as DINOv2's parameter groups scale both) times each
+  parameter's lr_multipliers."""
+
+  def update(updates, state, params=None):
+    del params
+    factors = lr_multipliers(updates, layerwise_decay, patch_embed_lr_mult)
+    return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def freeze_labels(params):
@@ -125,8 +166,11 @@ def make_optimizer(optim_config, schedules) -> optax.GradientTransformationExtra
       }, freeze_labels),
       optax.add_decayed_weights(schedules.weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(schedules.learning_rate),
-      cancel_frozen_prototypes(),  # no weight decay on a frozen parameter either
   ]
+  if optim_config.layerwise_decay != 1.0 or optim_config.patch_embed_lr_mult != 1.0:
+    transforms.append(
+        scale_by_lr_multipliers(optim_config.layerwise_decay, optim_config.patch_embed_lr_mult))
+  transforms.append(cancel_frozen_prototypes())  # no weight decay on a frozen parameter either
   return optax.chain(*transforms)
 
 

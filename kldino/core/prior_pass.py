@@ -21,16 +21,24 @@ from kldino.core import objective
 from kldino.core import sharding
 
 
-def init_sums(num_prototypes: int, num_temps: int = 1) -> dict:
-  """Zero sums; `prob_sum` has one row per teacher temperature the pass measures Q at."""
+def init_sums(num_prototypes: int, num_temps: int = 1, patches: bool = False) -> dict:
+  """Zero sums; `prob_sum` has one row per teacher temperature the pass measures Q at. With
+  `patches` (iBOT), the patch prior's too: `patch_prob_sum` [temps, K] and `patch_count` over
+  every patch of every image."""
   # Separate buffers: the accumulator is donated, and one buffer cannot be donated twice.
-  return {
+  sums = {
       'prob_sum': jnp.zeros((num_temps, num_prototypes), jnp.float32)
   } | {
       name: jnp.zeros((num_prototypes,), jnp.float32) for name in ('logit_sum', 'assignments')
   } | {
       'count': jnp.zeros((), jnp.float32)
   }
+  if patches:
+    sums |= {
+        'patch_prob_sum': jnp.zeros((num_temps, num_prototypes), jnp.float32),
+        'patch_count': jnp.zeros((), jnp.float32)
+    }
+  return sums
 
 
 def period_temperatures(teacher_temp, first_step: int, end_step: int) -> np.ndarray:
@@ -49,29 +57,52 @@ def period_temperatures(teacher_temp, first_step: int, end_step: int) -> np.ndar
   return np.asarray([temps.mean(), temps[0], temps[-1]], np.float32)
 
 
-def make_accumulate(graphdef, standardise: bool):
+def _prob_sums(logits, weight, teacher_temps):
+  """[n, K]: the weighted sums of softmax(logits / t) over the rows, one per temperature."""
+  return jnp.stack([
+      jnp.sum(weight * jax.nn.softmax(logits / temp, axis=-1), axis=0)
+      for temp in jnp.atleast_1d(teacher_temps)
+  ])
+
+
+def make_accumulate(graphdef, standardise: bool, patch_standardise: bool | None = None):
   """(sums, teacher_params, batch, teacher_temps [n]) -> sums, adding one masked batch; Q is
-  measured at each of the n temperatures (one row of `prob_sum` each)."""
+  measured at each of the n temperatures (one row of `prob_sum` each). With `patch_standardise`
+  not None (iBOT: the patch normalisation's), the same teacher forward also adds every patch's
+  posterior to the patch prior's sums (the seed's prior over patch prototypes)."""
 
   def accumulate(sums, teacher_params, batch, teacher_temps):
     mask = batch['mask']
     weight = mask.astype(jnp.float32)[:, None]
-    logits = forward.teacher_logits(graphdef,
-                                    teacher_params,
-                                    batch['image'],
-                                    mask=mask,
-                                    standardise=standardise)
-    prob_sums = [
-        jnp.sum(weight * jax.nn.softmax(logits / temp, axis=-1), axis=0)
-        for temp in jnp.atleast_1d(teacher_temps)
-    ]
+    if patch_standardise is None:
+      logits = forward.teacher_logits(graphdef,
+                                      teacher_params,
+                                      batch['image'],
+                                      mask=mask,
+                                      standardise=standardise)
+      patch_sums = {}
+    else:
+      logits, patch_logits = forward.teacher_image_outputs(graphdef,
+                                                           teacher_params,
+                                                           batch['image'],
+                                                           mask=mask,
+                                                           standardise=standardise,
+                                                           patch_standardise=patch_standardise)
+      patch_weight = jnp.repeat(weight, patch_logits.shape[0] // weight.shape[0], axis=0)
+      patch_sums = {
+          'patch_prob_sum':
+              sums['patch_prob_sum'] + _prob_sums(patch_logits, patch_weight, teacher_temps),
+          'patch_count':
+              sums['patch_count'] + jnp.sum(patch_weight),
+      }
     # Hard assignments by scatter-add: a [B, K] one-hot would cost as much as the softmax.
     assignments = sums['assignments'].at[jnp.argmax(logits, axis=-1)].add(weight[:, 0])
     return {
-        'prob_sum': sums['prob_sum'] + jnp.stack(prob_sums),
+        'prob_sum': sums['prob_sum'] + _prob_sums(logits, weight, teacher_temps),
         'logit_sum': sums['logit_sum'] + jnp.sum(weight * logits, axis=0),
         'assignments': assignments,
         'count': sums['count'] + jnp.sum(weight),
+        **patch_sums,
     }
 
   return accumulate
@@ -141,7 +172,13 @@ class PassFns(NamedTuple):
   drift_accumulate: Callable  # (sums, teacher, batch, temps, log_priors) -> sums
 
 
-def jit_pass_fns(graphdef, standardise, teacher_shardings, mesh) -> PassFns:
+def jit_pass_fns(graphdef,
+                 standardise,
+                 teacher_shardings,
+                 mesh,
+                 patch_standardise: bool | None = None) -> PassFns:
+  """The jitted pass functions; with `patch_standardise` not None (iBOT), `accumulate` measures
+  the patch prior too."""
   replicated = sharding.replicated(mesh)
   batch = sharding.batch_sharding(mesh)
   jitted = lambda fn, num_scalars: jax.jit(fn,
@@ -149,7 +186,7 @@ def jit_pass_fns(graphdef, standardise, teacher_shardings, mesh) -> PassFns:
                                                          *[replicated] * num_scalars),
                                            out_shardings=replicated,
                                            donate_argnums=(0,))
-  return PassFns(accumulate=jitted(make_accumulate(graphdef, standardise), 1),
+  return PassFns(accumulate=jitted(make_accumulate(graphdef, standardise, patch_standardise), 1),
                  gap_accumulate=jitted(make_gap_accumulate(graphdef, standardise), 3),
                  drift_accumulate=jitted(make_drift_accumulate(graphdef, standardise), 2))
 
@@ -161,7 +198,7 @@ def summarise(sums: dict, eps: float, row: int = 0) -> dict:
   prob_sum = sums['prob_sum'][row]
   log_prior = objective.regularised_log_prior(prob_sum, count, eps)
   prior_entropy = objective.entropy(prob_sum / count)
-  return {
+  summary = {
       'log_prior': log_prior,
       'mean_logits': sums['logit_sum'] / count,
       'prior_entropy': prior_entropy,
@@ -169,11 +206,22 @@ def summarise(sums: dict, eps: float, row: int = 0) -> dict:
       'empty_cluster_fraction': jnp.mean(sums['assignments'] == 0),
       'count': count,
   }
+  if 'patch_prob_sum' in sums:  # the prior over patch prototypes, of every patch
+    patch_sum, patch_count = sums['patch_prob_sum'][row], sums['patch_count']
+    patch_entropy = objective.entropy(patch_sum / patch_count)
+    summary |= {
+        'patch_log_prior': objective.regularised_log_prior(patch_sum, patch_count, eps),
+        'patch_prior_entropy': patch_entropy,
+        'patch_effective_clusters': jnp.exp(patch_entropy),
+    }
+  return summary
 
 
-def update_due(objective_config, epoch: int) -> bool:
-  """Whether the pass before `epoch` sets the prior the steps use."""
-  if not objective.uses_prior_pass(objective_config):
+def update_due(objective_config, epoch: int, normalization: str | None = None) -> bool:
+  """Whether the pass before `epoch` sets a prior the steps use: the image targets' (or those of
+  `normalization`, the patch targets')."""
+  normalization = normalization or objective_config.normalization
+  if not objective.prior_from_pass(objective_config, normalization):
     return False
   if epoch == 0:
     return objective_config.prior_init == 'sweep'
@@ -187,11 +235,15 @@ def pass_due(config, epoch: int) -> bool:
   to measure the teacher's cluster statistics every T epochs, for any normalisation."""
   diagnostic = (config.eval.prior_pass_diagnostics and
                 epoch % config.objective.prior_every_epochs == 0)
-  return update_due(config.objective, epoch) or diagnostic
+  objective_config = config.objective
+  patch_update = objective.uses_ibot(objective_config) and update_due(
+      objective_config, epoch, objective_config.patch_normalization)
+  return update_due(objective_config, epoch) or patch_update or diagnostic
 
 
 class PassResult(NamedTuple):
   log_prior: jax.Array  # [K], measured at the period's mean teacher temperature
+  patch_log_prior: jax.Array | None  # [K] over every patch (iBOT), or None
   scalars: dict  # prior_pass/* host floats
   histograms: dict  # prior_pass/prior and prior_pass/prototype_usage, host arrays
 
@@ -211,7 +263,9 @@ def measure(fns: PassFns, teacher, batches: Callable[[], Iterable[dict]], *, con
                    schedules.total_steps)
   temps = period_temperatures(schedules.teacher_temp, step, period_end)
   replicated = sharding.replicated(mesh)  # as the jitted outputs: one compile, not two
-  sums = jax.device_put(init_sums(config.model.num_prototypes, len(temps)), replicated)
+  sums = jax.device_put(
+      init_sums(config.model.num_prototypes, len(temps), objective.uses_ibot(config.objective)),
+      replicated)
   for batch in batches():
     sums = fns.accumulate(sums, teacher, batch, temps)
   eps = config.objective.prior_eps
@@ -250,13 +304,18 @@ def measure(fns: PassFns, teacher, batches: Callable[[], Iterable[dict]], *, con
       'prior_pass/prior_temp_drift_if_first_temp':
           drift_sums['first_temp'] / drift_count,
   }
+  if 'patch_log_prior' in summary:
+    scalars |= {
+        'prior_pass/patch_effective_clusters': summary['patch_effective_clusters'],
+        'prior_pass/patch_prior_entropy': summary['patch_prior_entropy'],
+    }
   scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
   scalars['prior_pass/seconds'] = time.time() - start  # after device_get: the real duration
   histograms = {
       'prior_pass/prior': np.exp(np.asarray(jax.device_get(summary['log_prior']))),
       'prior_pass/prototype_usage': np.asarray(jax.device_get(sums['assignments']))
   }
-  return PassResult(summary['log_prior'], scalars, histograms)
+  return PassResult(summary['log_prior'], summary.get('patch_log_prior'), scalars, histograms)
 
 
 def describe(scalars: dict, epoch: int) -> str:
@@ -265,5 +324,7 @@ def describe(scalars: dict, epoch: int) -> str:
           f"effective clusters {scalars['prior_pass/effective_clusters']:.1f}, empty "
           f"{100 * scalars['prior_pass/empty_cluster_fraction']:.1f}%, Jensen gap "
           f"{scalars['prior_pass/jensen_gap']:.4f}, tau_t {scalars['prior_pass/teacher_temp']:.4f} "
-          f"(drift {scalars['prior_pass/prior_temp_drift']:.2e}), "
+          f"(drift {scalars['prior_pass/prior_temp_drift']:.2e}), " +
+          (f"patch clusters {scalars['prior_pass/patch_effective_clusters']:.1f}, "
+           if 'prior_pass/patch_effective_clusters' in scalars else '') +
           f"{scalars['prior_pass/seconds']:.1f}s")

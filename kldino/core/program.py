@@ -33,20 +33,30 @@ class Program:
 
 def abstract_train_batch(config, in_channels: int, mesh) -> dict:
   """The train step's batch as abstract arrays sharded over `mesh` (to compile without data):
-  global_crops [B, 2, G, G, C] and local_crops [B, L, l, l, C], float32."""
+  global_crops [B, 2, G, G, C] and local_crops [B, L, l, l, C], float32; with iBOT, masks
+  [B, 2, patches] bool."""
   aug, batch = config.aug, config.batch_size
   shapes = {
-      'global_crops': (batch, 2, aug.global_size, aug.global_size, in_channels),
-      'local_crops': (batch, aug.num_local, aug.local_size, aug.local_size, in_channels)
+      'global_crops': ((batch, 2, aug.global_size, aug.global_size, in_channels), jnp.float32),
+      'local_crops': (
+          (batch, aug.num_local, aug.local_size, aug.local_size, in_channels), jnp.float32)
   }
+  if objective.uses_ibot(config.objective):
+    shapes['masks'] = ((batch, 2, (aug.global_size // config.model.patch_size)**2), jnp.bool_)
   return {
-      name: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding.batch_sharding(mesh))
-      for name, shape in shapes.items()
+      name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
+      for name, (shape, dtype) in shapes.items()
   }
 
 
-def build(config, graphdef, in_channels: int, mesh, steps_per_epoch: int) -> Program:
-  """The program of `config` with `steps_per_epoch` (the schedules' unit) on `mesh`."""
+def build(config,
+          graphdef,
+          in_channels: int,
+          mesh,
+          steps_per_epoch: int,
+          data_shards: int = 1) -> Program:
+  """The program of `config` with `steps_per_epoch` (the schedules' unit) on `mesh`, reading the
+  data in `data_shards` shards (each masks its own images for iBOT)."""
   schedules = schedules_lib.make_schedules(config, steps_per_epoch)
   optimizer = optim.make_optimizer(config.optim, schedules)
   init_fn = step_lib.make_init_fn(config, in_channels, optimizer)
@@ -55,15 +65,19 @@ def build(config, graphdef, in_channels: int, mesh, steps_per_epoch: int) -> Pro
   abstract_state = jax.tree.map(
       lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(
           leaf.shape, leaf.dtype, sharding=leaf_sharding), shape_state, state_shardings)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, config, schedules, optimizer),
+  train_step = jax.jit(step_lib.make_train_step(graphdef, config, schedules, optimizer,
+                                                data_shards),
                        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
   standardise = objective.get_normalization(config.objective).standardise_teacher_embedding
+  patch_standardise = (objective.get_patch_normalization(
+      config.objective).standardise_teacher_embedding
+                       if objective.uses_ibot(config.objective) else None)
   return Program(schedules=schedules,
                  init=jax.jit(init_fn, static_argnums=0, out_shardings=state_shardings),
                  state_shardings=state_shardings,
                  abstract_state=abstract_state,
                  train_step=train_step,
                  prior_pass=prior_pass.jit_pass_fns(graphdef, standardise, state_shardings.teacher,
-                                                    mesh))
+                                                    mesh, patch_standardise))

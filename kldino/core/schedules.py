@@ -6,6 +6,7 @@ host value is fed per step).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax.numpy as jnp
@@ -45,10 +46,17 @@ class Schedules:
   steps_per_epoch: int
 
 
+# optim.lr_scaling: how optim.lr scales with the global batch.
+LR_SCALINGS = {
+    'linear_wrt_256': lambda batch: batch / 256.0,  # DINO's: optim.lr is per 256 images
+    'sqrt_wrt_1024': lambda batch: math.sqrt(batch / 1024.0),  # DINOv2's and DINOv3's
+}
+
+
 def make_schedules(config, steps_per_epoch: int) -> Schedules:
   optim, objective = config.optim, config.objective
   total_steps = config.num_epochs * steps_per_epoch
-  peak_lr = optim.lr * config.batch_size / 256.0  # DINO's linear scaling rule
+  peak_lr = optim.lr * LR_SCALINGS[optim.lr_scaling](config.batch_size)
   warmup_steps = min(optim.warmup_epochs * steps_per_epoch, total_steps)
   learning_rate = optax.warmup_cosine_decay_schedule(init_value=0.0,
                                                      peak_value=peak_lr,

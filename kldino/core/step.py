@@ -1,8 +1,9 @@
 """The train state and the jitted train step.
 
 One step: teacher logits of the global views -> normalised targets -> multi-crop cross-entropy of
-the student -> AdamW update -> EMA teacher -> normalisation-state update -> metrics. The program
-builder (kldino/core/program.py) jits it with explicit shardings over the mesh, donating its state.
+the student (with iBOT, also the masked patches' targets and cross-entropy; with KoLeo, its term)
+-> AdamW update -> EMA teacher -> normalisation-state update -> metrics. The program builder
+(kldino/core/program.py) jits it with explicit shardings over the mesh, donating its state.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flax import nnx
 from kldino.models import forward
 from kldino.core import objective
 from kldino.core import optim
+from kldino.data import masking
 from kldino.models import build_model
 
 
@@ -30,10 +32,18 @@ class TrainState:
   rng: jax.Array  # root key; step s uses fold_in(rng, s), so resuming needs no RNG state
 
 
+def _separate_patch_head(config) -> bool:
+  return objective.uses_ibot(config.objective) and config.objective.ibot.separate_head
+
+
 def build_graphdef(config, in_channels: int):
   """The model's static structure and abstract parameters, without allocating anything."""
-  abstract_model = nnx.eval_shape(lambda: build_model(
-      config.model, in_channels=in_channels, image_size=config.aug.global_size, rngs=nnx.Rngs(0)))
+  abstract_model = nnx.eval_shape(
+      lambda: build_model(config.model,
+                          in_channels=in_channels,
+                          image_size=config.aug.global_size,
+                          rngs=nnx.Rngs(0),
+                          separate_patch_head=_separate_patch_head(config)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   return graphdef, nnx.to_pure_dict(abstract_params)
 
@@ -46,45 +56,96 @@ def make_init_fn(config, in_channels: int, optimizer):
     model = build_model(config.model,
                         in_channels=in_channels,
                         image_size=config.aug.global_size,
-                        rngs=nnx.Rngs(params=model_key))
+                        rngs=nnx.Rngs(params=model_key),
+                        separate_patch_head=_separate_patch_head(config))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return TrainState(step=jnp.zeros((), jnp.int32),
                       student=params,
                       teacher=params,
                       opt_state=optimizer.init(params),
-                      norm_state=objective.init_norm_state(config.model.num_prototypes),
+                      norm_state=objective.init_norm_state(config.model.num_prototypes,
+                                                           patches=objective.uses_ibot(
+                                                               config.objective)),
                       rng=step_key)
 
   return init
 
 
-def make_train_step(graphdef, config, schedules, optimizer):
-  normalization = objective.get_normalization(config.objective)
-  standardise = normalization.standardise_teacher_embedding
+def _koleo_term(global_cls, group_size: int):
+  """KoLeo of the student's global-crop CLS [B, G, D]: per crop (never between the two crops of
+  one image) and per group of `group_size` images (0: the whole batch), summed over crops."""
+  batch, views, dim = global_cls.shape
+  groups = global_cls.reshape(-1, group_size or batch, views, dim)
+  per_group = jax.vmap(jax.vmap(objective.koleo, in_axes=1))(groups)  # [groups, views]
+  return jnp.sum(jnp.mean(per_group, axis=0))
+
+
+def make_train_step(graphdef, config, schedules, optimizer, data_shards: int = 1):
   objective_config = config.objective
+  normalization = objective.get_normalization(objective_config)
+  standardise = normalization.standardise_teacher_embedding
+  ibot = objective.uses_ibot(objective_config)
+  patch_normalization = objective.get_patch_normalization(objective_config) if ibot else None
+  patch_bound = masking.step_bound(config, data_shards) if ibot else 0
   frozen_steps = config.optim.freeze_prototypes_epochs * schedules.steps_per_epoch
   fixed_prototypes = config.model.prototypes == 'fixed'
+
+  def teacher_side(state, batch, teacher_temp, patches):
+    """(image targets [B, G, K] and their flat teacher logits; patch targets [U, K] and logits)."""
+    if ibot:
+      teacher_logits, patch_logits = forward.teacher_view_outputs(
+          graphdef,
+          state.teacher,
+          batch['global_crops'],
+          patches,
+          standardise=standardise,
+          patch_standardise=patch_normalization.standardise_teacher_embedding)
+      patch_logits = jax.lax.stop_gradient(patch_logits)
+      patch_targets = patch_normalization.targets(patch_logits, state.norm_state['patch'],
+                                                  teacher_temp, patches[1])
+    else:
+      teacher_logits = forward.teacher_view_logits(graphdef,
+                                                   state.teacher,
+                                                   batch['global_crops'],
+                                                   standardise=standardise)
+      patch_logits = patch_targets = None
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    targets = normalization.targets(flat, state.norm_state, teacher_temp)
+    return targets.reshape(teacher_logits.shape), flat, patch_targets, patch_logits
+
+  def losses(student_params, batch, targets, patch_targets, patches, drop_key):
+    """The total loss and its terms."""
+    if not ibot:
+      student_logits = forward.student_view_logits(graphdef, student_params, batch['global_crops'],
+                                                   batch['local_crops'], drop_key)
+      dino = objective.multicrop_cross_entropy(targets, student_logits,
+                                               objective_config.student_temp)
+      return dino, {}
+    student_logits, patch_logits, global_cls = forward.student_view_outputs(
+        graphdef, student_params, batch['global_crops'], batch['local_crops'], batch['masks'],
+        patches, drop_key)
+    dino = objective.multicrop_cross_entropy(targets, student_logits, objective_config.student_temp)
+    patch = objective.masked_patch_cross_entropy(patch_targets, patch_logits, patches[2],
+                                                 targets.shape[0] * targets.shape[1],
+                                                 objective_config.student_temp)
+    terms = {'ibot_loss': patch}
+    total = dino + objective_config.ibot.loss_weight * patch
+    if objective_config.koleo_weight:
+      terms['koleo_loss'] = _koleo_term(global_cls, objective_config.koleo_group_size)
+      total = total + objective_config.koleo_weight * terms['koleo_loss']
+    return total, {'dino_loss': dino, **terms}
 
   def train_step(state: TrainState, batch):
     step = state.step
     teacher_temp = schedules.teacher_temp(step)
-    teacher_logits = jax.lax.stop_gradient(
-        forward.teacher_view_logits(graphdef,
-                                    state.teacher,
-                                    batch['global_crops'],
-                                    standardise=standardise))
-    batch_size, num_global, num_prototypes = teacher_logits.shape
-    flat_teacher_logits = teacher_logits.reshape(batch_size * num_global, num_prototypes)
-    targets = normalization.targets(flat_teacher_logits, state.norm_state, teacher_temp)
+    patches = forward.masked_patches(batch['masks'], patch_bound) if ibot else None
+    targets, flat_teacher_logits, patch_targets, patch_logits = teacher_side(
+        state, batch, teacher_temp, patches)
     drop_key = jax.random.fold_in(state.rng, step)
-
-    def loss_fn(student_params):
-      student_logits = forward.student_view_logits(graphdef, student_params, batch['global_crops'],
-                                                   batch['local_crops'], drop_key)
-      return objective.multicrop_cross_entropy(targets.reshape(teacher_logits.shape),
-                                               student_logits, objective_config.student_temp)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.student)
+    (loss, terms), grads = jax.value_and_grad(losses,
+                                              has_aux=True)(state.student, batch, targets,
+                                                            patch_targets, patches, drop_key)
     # DINO cancels the prototypes' gradient in epoch 0 (PyTorch's AdamW then skips them: no
     # step count, moments or weight decay; kldino/core/optim.py); 'fixed' prototypes never learn.
     frozen = jnp.logical_or(fixed_prototypes, step < frozen_steps)
@@ -94,12 +155,23 @@ def make_train_step(graphdef, config, schedules, optimizer):
     momentum = schedules.teacher_momentum(step)
     teacher = optax.incremental_update(student, state.teacher, 1.0 - momentum)
     norm_state = normalization.update(state.norm_state, flat_teacher_logits, teacher_temp)
-
-    diagnostics = objective.target_diagnostics(flat_teacher_logits, targets, teacher_temp)
+    flat_targets = targets.reshape(flat_teacher_logits.shape)
+    diagnostics = objective.target_diagnostics(flat_teacher_logits, flat_targets, teacher_temp)
+    if ibot:
+      norm_state = {
+          **norm_state, 'patch':
+              patch_normalization.update(state.norm_state['patch'], patch_logits, teacher_temp,
+                                         patches[1])
+      }
+      diagnostics.update({
+          f'patch_{name}': value for name, value in objective.target_diagnostics(
+              patch_logits, patch_targets, teacher_temp, patches[1]).items()
+      })
     prior_entropy = objective.entropy(jnp.exp(norm_state['log_prior']))
     metrics = {
         'loss': loss,
-        'kl': loss - diagnostics['target_entropy'],
+        'kl': terms.get('dino_loss', loss) - diagnostics['target_entropy'],
+        **terms,
         **diagnostics,
         'prior_effective_clusters': jnp.exp(prior_entropy),
         'grad_norm': optax.tree.norm(grads),

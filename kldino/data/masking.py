@@ -84,3 +84,35 @@ def max_masked(count: int, num_patches: int, *, probability: float,
   (DINOv2's `upperbound`): a static size for the masked patches of a batch."""
   bounds = _ratio_bounds(count, probability, ratio_min_max)
   return int(sum(int(num_patches * high) for high in bounds[1:]))
+
+
+def used(objective_config) -> bool:
+  """Whether the objective has iBOT's masked-patch term, which the masks are for."""
+  return objective_config.ibot.loss_weight > 0
+
+
+def _grid(config) -> tuple[int, int]:
+  side = config.aug.global_size // config.model.patch_size
+  return side, side
+
+
+def training_masks(config, *, epoch: int, step: int, shard: int, rows: int) -> np.ndarray:
+  """bool [rows, 2, h * w]: the masks of one data shard's `rows` images of a training step (one
+  per global crop), a pure function of (seed, epoch, step in epoch, shard) as the crops are."""
+  ibot = config.objective.ibot
+  rng = np.random.default_rng([config.seed, epoch, step, shard])
+  masks = batch_masks(rng,
+                      2 * rows,
+                      _grid(config),
+                      probability=ibot.mask_sample_probability,
+                      ratio_min_max=tuple(ibot.mask_ratio_min_max))
+  return masks.reshape(rows, 2, -1)
+
+
+def step_bound(config, shards: int) -> int:
+  """The most patches a global training batch can mask (each shard's bound, added up)."""
+  ibot, (height, width) = config.objective.ibot, _grid(config)
+  return shards * max_masked(2 * config.batch_size // shards,
+                             height * width,
+                             probability=ibot.mask_sample_probability,
+                             ratio_min_max=tuple(ibot.mask_ratio_min_max))

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from kldino.data import augment
+from kldino.data import masking
 from kldino.data import unreadable
 from kldino.data.datasets import Source, shard_range
 
@@ -343,7 +344,7 @@ def train_batches(source: Source,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, steps_per_epoch) of an epoch: {'global_crops': float32 [b, 2, G, G, C],
   'local_crops': float32 [b, L, l, l, C]}, b = batch_size / process_count, the rows of this
-  process's shards side by side (shard order).
+  process's shards side by side (shard order); with iBOT, 'masks': bool [b, 2, patches].
 
   Each example's crops are cut in tf.data (augment.multi_crop_views: decode, crop windows of the
   full-resolution image, resize) and augmented on whole batches (augment.augment_views), both
@@ -364,12 +365,37 @@ def train_batches(source: Source,
                            process_count=process_count)
   batches = (_augmented(batches, config)
              if _batch_augmented(config) else batches.as_numpy_iterator())
-  return _checked_epoch(batches,
-                        source,
-                        config,
-                        batch_size=config.batch_size,
-                        start_step=start_step,
-                        process_count=process_count)
+  batches = _checked_epoch(batches,
+                           source,
+                           config,
+                           batch_size=config.batch_size,
+                           start_step=start_step,
+                           process_count=process_count)
+  if not masking.used(config.objective):
+    return batches
+  return _with_masks(batches,
+                     config,
+                     epoch=epoch,
+                     start_step=start_step,
+                     process_index=process_index,
+                     process_count=process_count)
+
+
+def _with_masks(batches: Iterator[dict], config, *, epoch: int, start_step: int, process_index: int,
+                process_count: int) -> Iterator[dict]:
+  """The batches with iBOT's masks [b, 2, patches] (masking.training_masks), each data shard's
+  rows masked from (seed, epoch, step, shard): the same masks on any number of processes."""
+  shards = num_shards(config.data, process_count)
+  per_process = shards // process_count
+  rows = _local_batch(config.batch_size, shards)
+  for step, batch in enumerate(batches, start=start_step):
+    yield {
+        **batch, 'masks':
+            np.concatenate([
+                masking.training_masks(config, epoch=epoch, step=step, shard=shard, rows=rows)
+                for shard in range(process_index * per_process, (process_index + 1) * per_process)
+            ])
+    }
 
 
 def linear_steps_per_epoch(source: Source,

@@ -89,3 +89,98 @@ def student_view_logits(graphdef, params, global_crops, local_crops, drop_key):
   batch, views = features.shape[:2]
   embedding = model.head.embed(features.reshape(batch * views, -1))
   return model.head.logits(embedding).reshape(batch, views, -1)
+
+
+# iBOT: the masked patches of the global crops, gathered to a static number of rows.
+
+
+def masked_patches(masks, size: int):
+  """(index [size], valid [size], weights [size]) of the masked patches of `masks` [B, G, N]
+  flattened batch-major: the first `size` of them (the upper bound of masking.max_masked) padded
+  with row 0 and marked invalid, and DINOv2's weight of each, 1 / its crop's masked patches."""
+  flat = masks.reshape(-1)
+  index = jnp.nonzero(flat, size=size, fill_value=0)[0]
+  valid = jnp.arange(size) < jnp.sum(flat)
+  per_crop = masks.reshape(-1, masks.shape[-1])
+  crop_weight = 1.0 / jnp.maximum(jnp.sum(per_crop, axis=-1), 1).astype(jnp.float32)
+  weights = jnp.repeat(crop_weight, masks.shape[-1])[index]
+  return index, valid, jnp.where(valid, weights, 0.0)
+
+
+def _tokens(model, images, masks=None, drop_key=None):
+  """(CLS [N, D], patches [N, P, D]) of the backbone, in float32."""
+  cls, patches = model.backbone.tokens(images.astype(model.compute_dtype),
+                                       masks=masks,
+                                       drop_key=drop_key)
+  return cls.astype(jnp.float32), patches.astype(jnp.float32)
+
+
+def _patch_logits(model, patches, index, valid, standardise=False):
+  """Logits [size, K] of the gathered patches by the patch head (its batch statistics over the
+  valid rows)."""
+  head = model.patch_head if model.patch_head is not None else model.head
+  embedding = head.embed(patches.reshape(-1, patches.shape[-1])[index], valid)
+  if standardise:
+    embedding = masked_standardise(embedding, valid)
+  return head.logits(embedding)
+
+
+def teacher_image_outputs(graphdef,
+                          params,
+                          images,
+                          *,
+                          mask=None,
+                          standardise=False,
+                          patch_standardise=False):
+  """The teacher on un-augmented images [N, H, W, C] (the prior pass): (CLS logits [N, K], the
+  logits of every patch [N * P, K]); `mask` [N] excludes padding rows from batch statistics."""
+  model = _merge(graphdef, params)
+  cls, tokens = _tokens(model, images)
+  embedding = model.head.embed(cls, mask)
+  if standardise:
+    embedding = masked_standardise(embedding, mask)
+  patch_mask = None if mask is None else jnp.repeat(mask, tokens.shape[1])
+  head = model.patch_head if model.patch_head is not None else model.head
+  patch_embedding = head.embed(tokens.reshape(-1, tokens.shape[-1]), patch_mask)
+  if patch_standardise:
+    patch_embedding = masked_standardise(patch_embedding, patch_mask)
+  return model.head.logits(embedding), head.logits(patch_embedding)
+
+
+def teacher_view_outputs(graphdef,
+                         params,
+                         global_crops,
+                         patches,
+                         *,
+                         standardise=False,
+                         patch_standardise=False):
+  """The teacher on the unmasked global crops [B, G, H, W, C]: (CLS logits [B, G, K], the masked
+  patches' logits [size, K]); `patches` = masked_patches(...)."""
+  model = _merge(graphdef, params)
+  images, batch, views = _flatten_views(global_crops)
+  cls, tokens = _tokens(model, images)
+  embedding = model.head.embed(cls)
+  if standardise:
+    embedding = masked_standardise(embedding)
+  cls_logits = model.head.logits(embedding).reshape(batch, views, -1)
+  index, valid, _ = patches
+  return cls_logits, _patch_logits(model, tokens, index, valid, patch_standardise)
+
+
+def student_view_outputs(graphdef, params, global_crops, local_crops, masks, patches, drop_key):
+  """The student with the mask token at the global crops' masked patches: (CLS logits of all
+  views, global first [B, G + L, K], the masked patches' logits [size, K], the global crops'
+  backbone CLS [B, G, D] for KoLeo)."""
+  model = _merge(graphdef, params)
+  global_key, local_key = jax.random.split(drop_key)
+  images, batch, views = _flatten_views(global_crops)
+  cls, tokens = _tokens(model, images, masks.reshape(batch * views, -1), global_key)
+  features = [cls.reshape(batch, views, -1)]
+  if local_crops.shape[1]:
+    local_images, _, local_views = _flatten_views(local_crops)
+    features.append(_backbone(model, local_images, local_key).reshape(batch, local_views, -1))
+  features = jnp.concatenate(features, axis=1)
+  embedding = model.head.embed(features.reshape(-1, features.shape[-1]))
+  cls_logits = model.head.logits(embedding).reshape(batch, features.shape[1], -1)
+  index, valid, _ = patches
+  return cls_logits, _patch_logits(model, tokens, index, valid), cls.reshape(batch, views, -1)

@@ -105,28 +105,43 @@ COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 class DINOModel(nnx.Module):
-  """The student (and, with EMA parameters, the teacher): `backbone` then `head`.
+  """The student (and, with EMA parameters, the teacher): `backbone` then `head`, and iBOT's
+  `patch_head` for the masked patches when it is not the same head (None: `head` serves both).
 
   `compute_dtype` is the backbone's arithmetic (forward.py casts its parameters and images);
   parameters stay float32, and the head, the objective and the optimizer run in float32.
   """
 
-  def __init__(self, backbone: nnx.Module, head: DINOHead, compute_dtype: str = 'float32'):
+  def __init__(self,
+               backbone: nnx.Module,
+               head: DINOHead,
+               compute_dtype: str = 'float32',
+               patch_head: DINOHead | None = None):
     self.backbone = backbone
     self.head = head
+    self.patch_head = patch_head
     self.compute_dtype = compute_dtype
 
 
-def build_model(model_config, *, in_channels: int, image_size: int, rngs: nnx.Rngs) -> DINOModel:
+def build_model(model_config,
+                *,
+                in_channels: int,
+                image_size: int,
+                rngs: nnx.Rngs,
+                separate_patch_head: bool = False) -> DINOModel:
+  """The backbone and the DINO head; with `separate_patch_head` (objective.ibot.separate_head)
+  a second head of the same shape for iBOT's patch targets."""
   validate_model_config(model_config, image_sizes=(image_size,))
   backbone = build_backbone(model_config, in_channels=in_channels, image_size=image_size, rngs=rngs)
-  head = DINOHead(backbone.num_features,
-                  hidden_dim=model_config.head_hidden_dim,
-                  bottleneck_dim=model_config.head_bottleneck_dim,
-                  num_layers=model_config.head_num_layers,
-                  num_prototypes=model_config.num_prototypes,
-                  norm=model_config.head_norm,
-                  prototypes=model_config.prototypes,
-                  **_head_options(model_config),
-                  rngs=rngs)
-  return DINOModel(backbone, head, model_config.compute_dtype)
+  make_head = lambda: DINOHead(backbone.num_features,
+                               hidden_dim=model_config.head_hidden_dim,
+                               bottleneck_dim=model_config.head_bottleneck_dim,
+                               num_layers=model_config.head_num_layers,
+                               num_prototypes=model_config.num_prototypes,
+                               norm=model_config.head_norm,
+                               prototypes=model_config.prototypes,
+                               **_head_options(model_config),
+                               rngs=rngs)
+  head = make_head()
+  return DINOModel(backbone, head, model_config.compute_dtype,
+                   make_head() if separate_patch_head else None)

@@ -37,14 +37,38 @@ from kldino.config.defaults import base_config
     ('aug.blur_sigma', (2.0, 0.1), 'aug.blur_sigma=(2.0, 0.1) must satisfy 0 < low <= high'),
     ('sweep_batch_size', 128, 'config key sweep_batch_size is now prior_pass_batch_size'),
     ('eval.sweep_diagnostics', True, 'eval.sweep_diagnostics is now eval.prior_pass_diagnostics'),
+    ('objective.patch_normalization', 'centre',
+     "unknown objective.patch_normalization 'centre': choose one of"),
+    ('objective.ibot.loss_weight', 1.0, 'masks patches: model.name=convnet_small has none'),
+    ('objective.ibot.mask_ratio_min_max', (0.5, 0.1), 'must satisfy 0 <= low <= high <= 1'),
+    ('objective.ibot.mask_sample_probability', 1.5, 'must be in [0, 1]'),
+    ('objective.koleo_group_size', 24, 'objective.koleo_group_size=24 must be 0'),
+    ('optim.lr_scaling', 'sqrt', "unknown optim.lr_scaling 'sqrt': choose one of"),
+    ('optim.layerwise_decay', 0.9, 'decays by ViT block: model.name=convnet_small has none'),
+    ('optim.patch_embed_lr_mult', 0.0, 'optim.patch_embed_lr_mult=0.0 must be > 0'),
+    ('model.ffn', 'geglu', "unknown model.ffn 'geglu'"),
 ])
 def test_bad_values_are_refused_with_one_line(key, value, fragment):
   config = base_config()
   if key == 'eval.avgpool_patchtokens':
     config.eval.n_last_blocks = 4
+  if key == 'model.ffn':
+    config.model.name = 'vit_nano'
   section, _, name = key.rpartition('.')
-  (config[section] if section else config)[name] = value
+  node = config
+  for part in filter(None, section.split('.')):
+    node = node[part]
+  node[name] = value
   with pytest.raises(ConfigError) as error:
     validate_config(config, num_devices=8)
   assert fragment in str(error.value)
   assert '\n' not in str(error.value)
+
+
+def test_ibot_needs_the_mask_token():
+  config = base_config()
+  config.model.name, config.objective.ibot.loss_weight = 'vit_nano', 1.0
+  with pytest.raises(ConfigError, match='set --config.model.mask_token=True'):
+    validate_config(config, num_devices=8)
+  config.model.mask_token = True
+  validate_config(config, num_devices=8)

@@ -15,7 +15,8 @@ import torch
 
 from kldino.core import optim
 from kldino.core import schedules as schedules_lib
-from tests.helpers import tiny_config
+from kldino.core import step
+from tests.helpers import dinov2_config, tiny_config
 from tests.core.test_step import run_steps
 
 NUM_STEPS = 12
@@ -228,3 +229,49 @@ def test_train_step_holds_the_prototypes_adam_state_while_frozen():
   assert np.any(rest.mu['backbone']['cls_token'])
   assert not np.allclose(initial.student['backbone']['cls_token'],
                          state.student['backbone']['cls_token'])
+
+
+def dinov2_lr_decay_rate(name, lr_decay_rate, num_layers):
+  """dinov2/utils/param_groups.py:get_vit_lr_decay_rate for a name of kldino's tree (DINOv2's
+  dots for kldino's slashes)."""
+  layer_id = num_layers + 1
+  if name.startswith('backbone'):
+    if any(f'.{token}' in name
+           for token in ('pos_embed', 'patch_embed', 'mask_token', 'cls_token', 'register_tokens')):
+      layer_id = 0
+    elif '.blocks.' in name:
+      layer_id = int(name[name.find('.blocks.'):].split('.')[2]) + 1
+  return lr_decay_rate**(num_layers + 1 - layer_id)
+
+
+def test_layerwise_decay_and_patch_embed_multiplier_are_dinov2s():
+  config = dinov2_config()
+  config.objective.ibot.separate_head = True
+  _, params = step.build_graphdef(config, in_channels=1)
+  factors = optim.lr_multipliers(params, 0.9, 0.2)
+  for path, factor in jax.tree_util.tree_leaves_with_path(factors):
+    name = '.'.join(str(optim._key_name(entry)) for entry in path)  # pylint: disable=protected-access
+    expected = dinov2_lr_decay_rate(name, 0.9, 2) * (0.2 if 'patch_embed' in name else 1.0)
+    assert factor == pytest.approx(expected), name
+  assert factors['head']['prototypes'] == 1.0 and factors['backbone']['blocks'][0]['norm1'][
+      'scale'] == pytest.approx(0.81)
+
+
+def test_sqrt_scaling_and_the_multipliers_reach_the_update():
+  config = tiny_config()
+  config.optim.update(lr_scaling='sqrt_wrt_1024', warmup_epochs=0, layerwise_decay=0.5)
+  config.batch_size = 256
+  schedules = schedules_lib.make_schedules(config, 10)
+  assert float(schedules.learning_rate(0)) == pytest.approx(config.optim.lr * 0.5)
+  _, params = step.build_graphdef(config, in_channels=1)
+  params = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), params)
+  optimizer = optim.make_optimizer(config.optim, schedules)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  # Adam's first step is lr * sign(grad); block 0 of 2 decays by 0.5 ** 2.
+  np.testing.assert_allclose(updates['backbone']['blocks'][0]['attn']['qkv']['kernel'],
+                             -0.25 * config.optim.lr * 0.5,
+                             rtol=1e-3)
+  np.testing.assert_allclose(updates['head']['layers'][0]['kernel'],
+                             -config.optim.lr * 0.5,
+                             rtol=1e-3)

@@ -9,7 +9,7 @@ from kldino.core import prior_pass
 from kldino.core import schedules
 from kldino.core import sharding
 from kldino.core import step
-from tests.helpers import tiny_config
+from tests.helpers import dinov2_config, tiny_config
 
 
 def np_softmax(x):
@@ -108,3 +108,28 @@ def test_prior_rows_and_drift_equal_numpy():
   np.testing.assert_allclose(drift['last'], kl(temps[2], 2, 0), rtol=1e-3, atol=1e-6)
   np.testing.assert_allclose(drift['first_temp'], kl(temps[2], 2, 1), rtol=1e-3, atol=1e-6)
   assert drift['first_temp'] > drift['last'] > 0
+
+
+@pytest.mark.parametrize('devices', [1, 8])
+def test_the_patch_prior_counts_every_patch_of_each_image_once(devices):
+  """iBOT's patch prior (the seed's prior over patch prototypes): one teacher forward adds every
+  patch of every real image, none of the padding, on 1 device as on 8."""
+  config = dinov2_config(patch_normalization='prior')
+  config.model.head_norm = 'layer'  # per-token head: the batch does not change the logits
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:devices])
+  graphdef, _ = step.build_graphdef(config, in_channels=1)
+  program = program_lib.build(config, graphdef, 1, mesh, 10)
+  teacher = program.init(0).teacher
+  images = np.random.default_rng(4).standard_normal((21, 16, 16, 1)).astype(np.float32)
+  sums = prior_pass.init_sums(config.model.num_prototypes, patches=True)
+  for batch in padded_batches(images, 16):
+    sums = program.prior_pass.accumulate(sums, teacher, sharding.global_batch(batch, mesh), 0.07)
+  sums = jax.device_get(sums)
+  _, patch_logits = jax.jit(lambda p, x: forward.teacher_image_outputs(graphdef, p, x))(
+      jax.device_get(teacher), images)
+  patch_probs = np_softmax(np.asarray(patch_logits) / 0.07)
+  assert sums['patch_count'] == 21 * 16 and sums['count'] == 21
+  np.testing.assert_allclose(sums['patch_prob_sum'][0], patch_probs.sum(0), rtol=1e-4, atol=1e-4)
+  summary = prior_pass.summarise(sums, eps=1e-6)
+  prior = np.maximum(patch_probs.mean(0), 1e-6)
+  np.testing.assert_allclose(np.exp(summary['patch_log_prior']), prior / prior.sum(), rtol=1e-4)

@@ -6,7 +6,7 @@ import pytest
 from kldino.core import program as program_lib
 from kldino.core import sharding
 from kldino.core import step
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import dinov2_config, random_batch, tiny_config
 
 STEPS_PER_EPOCH = 10
 
@@ -87,3 +87,26 @@ def test_teacher_is_ema_of_student():
   expected = jax.tree.map(lambda t, s: 0.9 * t + 0.1 * s, initial.teacher, state.student)
   assert_trees_close(state.teacher, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics[0]['teacher_momentum'], 0.9, rtol=1e-6)
+
+
+@pytest.mark.parametrize('patch_normalization, separate_head',
+                         [('center', False), ('sinkhorn', True), ('prior', False)])
+def test_dinov2_objective_on_eight_devices_matches_one(patch_normalization, separate_head):
+  """iBOT (masked patches gathered to the static bound) and KoLeo: the global batch's terms,
+  whatever the devices; every term moves the student."""
+  config = dinov2_config(patch_normalization=patch_normalization, prior_source='batch')
+  config.objective.ibot.separate_head = separate_head
+  initial, one, metrics_one, _ = run_steps(config, jax.devices()[:1])
+  _, eight, metrics_eight, _ = run_steps(config, jax.devices()[:8])
+  assert_trees_close(one.student, eight.student)
+  assert_trees_close(one.norm_state, eight.norm_state)
+  assert_trees_close(metrics_one, metrics_eight, rtol=1e-3)
+  for metrics in metrics_one:
+    assert metrics['ibot_loss'] > 0 and np.isfinite(metrics['koleo_loss'])
+    np.testing.assert_allclose(metrics['loss'],
+                               metrics['dino_loss'] + metrics['ibot_loss'] +
+                               0.1 * metrics['koleo_loss'],
+                               rtol=1e-5)
+  assert not np.allclose(initial.student['backbone']['mask_token'],
+                         one.student['backbone']['mask_token'])
+  assert ('patch_head' in one.student) == separate_head

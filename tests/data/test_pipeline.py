@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kldino.data import augment, datasets, pipeline
+from kldino.data import augment, datasets, masking, pipeline
 from tests.data.helpers import (array_source, decoded_positions, index_coded_source, jpeg_config,
                                 jpeg_folder, levels, one_line_error, plain_config, sklearn_split,
                                 smooth_image, write_split)
@@ -113,9 +113,13 @@ def test_crops_do_not_depend_on_the_process_count():
       np.testing.assert_array_equal(crops, single[example])
 
 
-def test_fixed_shards_give_the_same_global_batches_on_any_process_count():
+@pytest.mark.parametrize('ibot', [False, True])
+def test_fixed_shards_give_the_same_global_batches_on_any_process_count(ibot):
   source, config = marked_source(41), marked_config(batch_size=4)
   config.data.shards = 2
+  if ibot:  # iBOT's masks too: each shard's from (seed, epoch, step, shard)
+    config.objective.ibot.loss_weight = 1.0
+    config.model.patch_size = 2
   single = list(pipeline.train_batches(source, config, epoch=2))
   parts = [
       list(pipeline.train_batches(source, config, epoch=2, process_index=index, process_count=2))
@@ -334,3 +338,18 @@ def test_batch_xla_and_per_example_augmentation_give_the_same_batches(tmp_path, 
   for key in ('global_crops', 'local_crops'):
     assert by_mode[0][key].shape == by_mode[10_000][key].shape
     np.testing.assert_allclose(by_mode[0][key], by_mode[10_000][key], atol=2e-5)
+
+
+def test_ibot_masks_resume_and_follow_the_block_masking():
+  source, config = marked_source(41), marked_config(batch_size=8)
+  config.objective.ibot.loss_weight = 1.0
+  config.model.patch_size = 1  # an 8 x 8 patch grid
+  batches = list(pipeline.train_batches(source, config, epoch=1))
+  masks = np.stack([batch['masks'] for batch in batches])
+  assert masks.shape == (len(batches), 8, 2, 64) and masks.dtype == bool
+  # Half the global crops of every batch masked, the others not; never more than the bound.
+  assert (masks.any(-1).sum((1, 2)) == 8).all()
+  assert (masks.sum((1, 2, 3)) <= masking.step_bound(config, 1)).all()
+  assert not np.array_equal(masks[0], masks[1])  # a new draw every step
+  resumed = list(pipeline.train_batches(source, config, epoch=1, start_step=3))
+  np.testing.assert_array_equal(np.stack([batch['masks'] for batch in resumed]), masks[3:])
