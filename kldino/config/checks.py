@@ -67,6 +67,10 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
       objective_config.prior_every_epochs >= 1,
       f'objective.prior_every_epochs (T) = {objective_config.prior_every_epochs} must be '
       '>= 1 epoch')
+  _require(
+      objective_config.teacher_temp_warmup in ('per_epoch', 'per_step'),
+      f"objective.teacher_temp_warmup='{objective_config.teacher_temp_warmup}': use "
+      "'per_epoch' (DINO) or 'per_step' (DINOv2)")
   _require(objective_config.prior_init in ('sweep', 'uniform'),
            f"objective.prior_init='{objective_config.prior_init}': use 'sweep' or 'uniform'")
   for key in ('teacher_temp', 'warmup_teacher_temp', 'student_temp'):

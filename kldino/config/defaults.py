@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.objective.teacher_temp = 0.04
   config.objective.warmup_teacher_temp = 0.04
   config.objective.warmup_teacher_temp_epochs = 0
+  # 'per_epoch': DINO's linspace, constant within an epoch; 'per_step': DINOv2's linear ramp
+  config.objective.teacher_temp_warmup = 'per_epoch'
   # DINOv2's terms (docs/method.md): iBOT's masked-patch loss on the global crops (loss_weight 0:
   # off; needs model.mask_token) with DINOv2's block masks, and KoLeo on the student's CLS.
   config.objective.ibot = ml_collections.ConfigDict()
@@ -128,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 0.04
   config.optim.weight_decay_end = 0.4
   config.optim.clip_grad = 3.0
-  config.optim.clip_mode = 'per_param'  # 'per_param' (DINO) or 'global'
+  config.optim.clip_mode = 'per_param'  # 'per_param' (DINO), 'per_module' (DINOv2) or 'global'
   config.optim.freeze_prototypes_epochs = 1
   config.optim.teacher_momentum = 0.99
   config.optim.teacher_momentum_end = 1.0

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-CLIP_MODES = ('per_param', 'global')
+CLIP_MODES = ('per_param', 'per_module', 'global')
 PROTOTYPES, REST = 'prototypes', 'rest'  # the Adam groups (labels of `optax.partition`)
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax's and PyTorch's AdamW defaults
 
@@ -35,6 +35,22 @@ def clip_by_param_norm(max_norm: float) -> optax.GradientTransformation:
       return grad * jnp.minimum(1.0, max_norm / (norm + 1e-6))
 
     return jax.tree.map(clip_leaf, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
+
+
+def clip_by_module_norm(max_norm: float) -> optax.GradientTransformation:
+  """Rescale the gradient of each module (the backbone, the head, the patch head: the tree's top
+  level) to global norm <= max_norm, as DINOv2 clips each of its student's modules."""
+
+  def clip(updates, state, params=None):
+    del params
+    clipped = {}
+    for name, module in updates.items():
+      norm = optax.tree.norm(module)
+      clipped[name] = jax.tree.map(lambda grad: grad * jnp.minimum(1.0, max_norm / (norm + 1e-6)),
+                                   module)
+    return clipped, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
 
@@ -152,8 +168,11 @@ def make_optimizer(optim_config, schedules) -> optax.GradientTransformationExtra
                      f"{', '.join(CLIP_MODES)}")
   transforms = [cancel_frozen_prototypes()]
   if optim_config.clip_grad > 0:
-    clip = (clip_by_param_norm
-            if optim_config.clip_mode == 'per_param' else optax.clip_by_global_norm)
+    clip = {
+        'per_param': clip_by_param_norm,
+        'per_module': clip_by_module_norm,
+        'global': optax.clip_by_global_norm
+    }[optim_config.clip_mode]
     transforms.append(clip(optim_config.clip_grad))
   # optax.adamw's own chain, with the Adam statistics split by group.
   def adam():

@@ -36,6 +36,17 @@ def epoch_warmup_then_constant(start: float, end: float, warmup_epochs: int,
   return schedule
 
 
+def step_warmup_then_constant(start: float, end: float, warmup_steps: int) -> Callable:
+  """DINOv2's teacher-temperature schedule: linspace(start, end, warmup_steps) over the first
+  steps (so `end` at the last of them), then `end` (its CosineScheduler with a warm-up only)."""
+
+  def schedule(step):
+    fraction = jnp.minimum(jnp.asarray(step) / max(warmup_steps - 1, 1), 1.0)
+    return jnp.where(jnp.asarray(step) < warmup_steps, start + (end - start) * fraction, end)
+
+  return schedule
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedules:
   learning_rate: Callable
@@ -68,9 +79,12 @@ def make_schedules(config, steps_per_epoch: int) -> Schedules:
       weight_decay=cosine_interpolation(optim.weight_decay, optim.weight_decay_end, total_steps),
       teacher_momentum=cosine_interpolation(optim.teacher_momentum, optim.teacher_momentum_end,
                                             total_steps),
-      teacher_temp=epoch_warmup_then_constant(objective.warmup_teacher_temp, objective.teacher_temp,
-                                              objective.warmup_teacher_temp_epochs,
-                                              steps_per_epoch),
+      teacher_temp=(epoch_warmup_then_constant(
+          objective.warmup_teacher_temp, objective.teacher_temp,
+          objective.warmup_teacher_temp_epochs, steps_per_epoch)
+                    if objective.teacher_temp_warmup == 'per_epoch' else step_warmup_then_constant(
+                        objective.warmup_teacher_temp, objective.teacher_temp,
+                        objective.warmup_teacher_temp_epochs * steps_per_epoch)),
       total_steps=total_steps,
       steps_per_epoch=steps_per_epoch,
   )

@@ -1,6 +1,7 @@
-"""configs/imagenet_vit_s16.py is DINO's official ViT-S/16 100-epoch run, value by value, and
-configs/imagenet_vit_s16_boost.py its README's "boosted" 300-epoch run; the recipe's train step
-builds abstractly at full size.
+"""configs/imagenet_vit_s16.py is DINO's official ViT-S/16 100-epoch run, value by value,
+configs/imagenet_vit_s16_boost.py its README's "boosted" 300-epoch run, and
+configs/imagenet_dinov2_vitl16.py DINOv2's ImageNet-1k ViT-L/16 run (DINOV2 below); the recipes'
+train steps build abstractly at full size.
 
 Sources are facebookresearch/dino: main_dino.py's argparse defaults for `--arch vit_small` on
 8 GPUs (README, "Vanilla DINO training": --nproc_per_node=8), its DINOLoss and
@@ -226,3 +227,123 @@ def test_imagenet_vit_s16_recipe_builds_abstractly():
   # The schedules of the recipe: peak lr scaled by batch / 256, tau_t 0.04 throughout.
   assert abs(float(scheds.learning_rate(10 * steps_per_epoch)) - 1e-3) < 1e-6
   assert abs(float(scheds.teacher_temp(30 * steps_per_epoch)) - 0.04) < 1e-7
+
+
+# DINOv2's ImageNet-1k run: facebookresearch/dinov2's dinov2/configs/train/vitl16_short.yaml on
+# dinov2/configs/ssl_default_config.yaml (SSL below), 32 GPUs (README: ViT-L/16 on ImageNet-1k).
+# Its epochs are OFFICIAL_EPOCH_LENGTH = 1250 iterations at batch 2048: two ImageNet epochs.
+SSL = 'ssl_default_config.yaml'
+DINOV2 = [
+    ('num_epochs', 200, f'{SSL} optim.epochs 100 x train.OFFICIAL_EPOCH_LENGTH 1250 iterations'),
+    ('batch_size', 2048, f'{SSL} train.batch_size_per_gpu 64 x 32 GPUs'),
+    ('aug.global_size', 224, f'{SSL} crops.global_crops_size'),
+    ('aug.local_size', 96, f'{SSL} crops.local_crops_size'),
+    ('aug.num_local', 8, f'{SSL} crops.local_crops_number'),
+    ('aug.global_scale', (0.32, 1.0), f'{SSL} crops.global_crops_scale'),
+    ('aug.local_scale', (0.05, 0.32), f'{SSL} crops.local_crops_scale'),
+    ('model.name', 'vit_large', f'{SSL} student.arch'),
+    ('model.patch_size', 16, f'{SSL} student.patch_size'),
+    ('model.drop_path', 0.3, f'{SSL} student.drop_path_rate'),
+    ('model.drop_path_uniform', True, f'{SSL} student.drop_path_uniform'),
+    ('model.layerscale', 1e-5, f'{SSL} student.layerscale'),
+    ('model.ffn', 'mlp', f'{SSL} student.ffn_layer'),
+    ('model.num_registers', 0, f'{SSL} student.num_register_tokens'),
+    ('model.interpolate_offset', 0.1, f'{SSL} student.interpolate_offset'),
+    ('model.interpolate_antialias', False, f'{SSL} student.interpolate_antialias'),
+    ('model.pos_interpolation', 'torch', 'vision_transformer.py interpolate_pos_encoding'),
+    ('model.num_prototypes', 65536, f'{SSL} dino.head_n_prototypes'),
+    ('model.head_bottleneck_dim', 256, f'{SSL} dino.head_bottleneck_dim'),
+    ('model.head_hidden_dim', 2048, f'{SSL} dino.head_hidden_dim'),
+    ('model.head_num_layers', 3, f'{SSL} dino.head_nlayers'),
+    ('model.head_norm', 'none', 'layers/dino_head.py DINOHead use_bn=False'),
+    ('model.head_init', 'dino', 'layers/dino_head.py DINOHead._init_weights trunc_normal_ .02'),
+    ('model.norm_last_layer', False, 'layers/dino_head.py last_layer weight_g trained'),
+    ('objective.ibot.loss_weight', 1.0, f'{SSL} ibot.loss_weight'),
+    ('objective.ibot.separate_head', False, f'{SSL} ibot.separate_head'),
+    ('objective.ibot.mask_sample_probability', 0.5, f'{SSL} ibot.mask_sample_probability'),
+    ('objective.ibot.mask_ratio_min_max', (0.1, 0.5), f'{SSL} ibot.mask_ratio_min_max'),
+    ('objective.koleo_weight', 0.1, f'{SSL} dino.koleo_loss_weight'),
+    ('objective.koleo_group_size', 64, 'train/ssl_meta_arch.py: KoLeo on each GPU\'s 64 images'),
+    ('objective.student_temp', 0.1, 'loss/dino_clstoken_loss.py student_temp'),
+    ('objective.warmup_teacher_temp', 0.04, f'{SSL} teacher.warmup_teacher_temp'),
+    ('objective.teacher_temp', 0.07, f'{SSL} teacher.teacher_temp'),
+    ('objective.warmup_teacher_temp_epochs', 60, f'{SSL} teacher.warmup_teacher_temp_epochs 30'),
+    ('objective.teacher_temp_warmup', 'per_step', 'train/train.py CosineScheduler warmup_iters'),
+    ('objective.center_momentum', 0.9, 'loss/dino_clstoken_loss.py center_momentum'),
+    ('optim.teacher_momentum', 0.992, f'{SSL} teacher.momentum_teacher'),
+    ('optim.teacher_momentum_end', 1.0, f'{SSL} teacher.final_momentum_teacher'),
+    ('optim.lr', 4e-3, f'{SSL} optim.base_lr (for a batch of 1024)'),
+    ('optim.lr_scaling', 'sqrt_wrt_1024', f'{SSL} optim.scaling_rule'),
+    ('optim.min_lr', 1e-6, f'{SSL} optim.min_lr'),
+    ('optim.warmup_epochs', 20, f'{SSL} optim.warmup_epochs 10'),
+    ('optim.weight_decay', 0.04, f'{SSL} optim.weight_decay'),
+    ('optim.weight_decay_end', 0.4, f'{SSL} optim.weight_decay_end'),
+    ('optim.clip_grad', 3.0, f'{SSL} optim.clip_grad'),
+    ('optim.clip_mode', 'per_module', 'train/train.py: clip_grad_norm_ of each student module'),
+    ('optim.freeze_prototypes_epochs', 2, f'{SSL} optim.freeze_last_layer_epochs 1'),
+    ('optim.layerwise_decay', 0.9, f'{SSL} optim.layerwise_decay'),
+    ('optim.patch_embed_lr_mult', 0.2, f'{SSL} optim.patch_embed_lr_mult'),
+    ('eval.knn_k', (10, 20, 100, 200), 'eval/knn.py nb_knn'),
+    ('eval.knn_temperature', 0.07, 'eval/knn.py temperature'),
+    ('eval.linear_lrs', (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+                         1e-1), 'eval/linear.py learning_rates'),
+]
+# The kldino choice: the prior on image and patch targets (DINOv2: centering, or Sinkhorn-Knopp).
+DINOV2_KLDINO_ONLY = {
+    'objective.normalization': 'prior',
+    'objective.patch_normalization': 'prior',
+}
+
+
+@pytest.fixture(scope='module')
+def dinov2():
+  return config_module('imagenet_dinov2_vitl16').get_config()
+
+
+@pytest.mark.parametrize('key, value, source', DINOV2, ids=[row[0] for row in DINOV2])
+def test_dinov2_recipe_value_is_dinov2s(dinov2, key, value, source):
+  assert get(dinov2, key) == value, f'{key}: DINOv2 has {value!r} ({source})'
+
+
+def test_dinov2_recipe_checks_and_its_schedules_are_dinov2s(dinov2):
+  assert len({key for key, _, _ in DINOV2}) == len(DINOV2)
+  for key, value in DINOV2_KLDINO_ONLY.items():
+    assert get(dinov2, key) == value
+  validate_config(dinov2, num_devices=32)
+  steps_per_epoch = 1_281_167 // 2048  # 625: two of them make DINOv2's epoch of 1250
+  scheds = schedules.make_schedules(dinov2, steps_per_epoch)
+  total = 200 * steps_per_epoch
+  assert total == 100 * 1250
+  # lr: 4e-3 x sqrt(2048 / 1024) after 10 DINOv2 epochs (12500 iterations), cosine to 1e-6.
+  assert float(scheds.learning_rate(12_500)) == pytest.approx(4e-3 * np.sqrt(2), rel=1e-6)
+  assert float(scheds.learning_rate(total)) == pytest.approx(1e-6, rel=1e-3)
+  # The teacher temperature: np.linspace(0.04, 0.07, 30 x 1250) over the first iterations.
+  for step in (0, 1000, 37_499):
+    assert float(scheds.teacher_temp(step)) == pytest.approx(np.linspace(0.04, 0.07, 37_500)[step])
+  assert float(scheds.teacher_temp(37_500)) == pytest.approx(0.07)
+  assert float(scheds.teacher_momentum(0)) == pytest.approx(0.992)
+
+
+def test_dinov2_recipe_builds_abstractly(dinov2):
+  """ViT-L/16 (303 M backbone parameters) with iBOT, KoLeo and both priors: one train step
+  traced on abstract arrays keeps the state's shapes."""
+  config = dinov2.copy_and_resolve_references()
+  config.batch_size = 64  # the trace's shapes, not the recipe's
+  config.objective.koleo_group_size = 32
+  scheds = schedules.make_schedules(config, 625)
+  optimizer = optim.make_optimizer(config.optim, scheds)
+  graphdef, abstract_params = step_lib.build_graphdef(config, in_channels=3)
+  backbone_size = sum(x.size for x in jax.tree.leaves(abstract_params['backbone']))
+  assert 303.2e6 < backbone_size < 303.5e6, backbone_size  # ViT-L/16 without a classifier: 303.3M
+  abstract_state = jax.eval_shape(step_lib.make_init_fn(config, 3, optimizer), 0)
+  batch = {
+      'global_crops': jax.ShapeDtypeStruct((64, 2, 224, 224, 3), 'float32'),
+      'local_crops': jax.ShapeDtypeStruct((64, 8, 96, 96, 3), 'float32'),
+      'masks': jax.ShapeDtypeStruct((64, 2, 196), 'bool'),
+  }
+  train_step = step_lib.make_train_step(graphdef, config, scheds, optimizer)
+  new_state, metrics = jax.eval_shape(train_step, abstract_state, batch)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype),
+                      new_state) == jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
+  assert new_state.norm_state['patch']['log_prior'].shape == (65536,)
+  assert {'ibot_loss', 'koleo_loss', 'patch_teacher_entropy'} <= set(metrics)

@@ -275,3 +275,33 @@ def test_sqrt_scaling_and_the_multipliers_reach_the_update():
   np.testing.assert_allclose(updates['head']['layers'][0]['kernel'],
                              -config.optim.lr * 0.5,
                              rtol=1e-3)
+
+
+def test_dinov2s_teacher_temperature_ramp_and_module_clipping():
+  config = tiny_config()
+  config.objective.update(teacher_temp_warmup='per_step',
+                          warmup_teacher_temp=0.04,
+                          teacher_temp=0.07,
+                          warmup_teacher_temp_epochs=3)
+  ramp = schedules_lib.make_schedules(config, 10).teacher_temp
+  # dinov2/utils/utils.py:CosineScheduler with base = final = 0.07: np.linspace over the warm-up.
+  np.testing.assert_allclose([float(ramp(step)) for step in range(35)],
+                             np.concatenate([np.linspace(0.04, 0.07, 30),
+                                             np.full(5, 0.07)]),
+                             rtol=1e-6)
+  grads = {
+      'backbone': {
+          'a': jnp.full((4,), 3.0),
+          'b': jnp.full((9,), 2.0)
+      },
+      'head': {
+          'c': jnp.full((4,), 0.1)
+      }
+  }
+  clipped, _ = optim.clip_by_module_norm(3.0).update(grads, optax.EmptyState())
+  # torch.nn.utils.clip_grad_norm_ on each module: the backbone's norm 8.49 -> 3, the head's kept.
+  backbone_norm = np.sqrt(4 * 9 + 9 * 4)
+  np.testing.assert_allclose(clipped['backbone']['a'],
+                             3.0 * 3.0 / (backbone_norm + 1e-6),
+                             rtol=1e-6)
+  np.testing.assert_allclose(clipped['head']['c'], 0.1, rtol=1e-6)
