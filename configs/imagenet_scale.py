@@ -1,18 +1,21 @@
-"""DINO ViT-S/16, ViT-B/16 and ViT-L/16 on ImageNet-1k, laid out for real hardware.
+"""DINO ViT-S/16, ViT-B/16 and ViT-L/16 and DINOv2 ViT-L/16 on ImageNet-1k, laid out for real
+hardware.
 
-    get_config('MODEL,HARDWARE')   MODEL in vit_s16 | vit_b16 | vit_l16
+    get_config('MODEL,HARDWARE')   MODEL in vit_s16 | vit_b16 | vit_l16 | dinov2_vitl16
                                    HARDWARE in v4-32 | v5e-64 | v5p-128 | h100x8 | h100x32
 
     # TPU pod (run on every worker; launch/tpu_vm.py does this):
     python -m kldino.main --config=configs/imagenet_scale.py:vit_b16,v5p-128 \
         --workdir=gs://BUCKET/kldino/vit_b16 --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
-The recipe is configs/imagenet_vit_s16.py (DINO's, with the prior normalisation); this file sets
-what the model and the hardware decide: the global batch (1024 on the pods, 64 per GPU on the
-H100 hosts), the mesh (FSDP groups where the replicated state would crowd a device's memory), bf16
-compute (float32 master weights), the lr per 256 images (DINO's ViT-B/16: 7.5e-4 at batch 1024),
-stochastic depth, and the TFDS data_dir on a bucket (override it on the command line).
+The recipes are configs/imagenet_vit_s16.py (DINO's) and configs/imagenet_dinov2_vitl16.py
+(DINOv2's), both with the prior normalisation; this file sets what the model and the hardware
+decide: the global batch (the recipe's on the pods, 64 per GPU on the H100 hosts), the mesh (FSDP
+groups where the replicated state would crowd a device's memory), bf16 compute (float32 master
+weights), DINO's lr per 256 images (its ViT-B/16: 7.5e-4 at batch 1024) and stochastic depth,
+and the TFDS data_dir on a bucket (override it on the command line).
 """
+from configs import imagenet_dinov2_vitl16
 from configs import imagenet_vit_s16
 from configs.common import parse_arg
 
@@ -68,6 +71,14 @@ MODELS = {
              },
              n_last_blocks=1,
              avgpool=True),
+    # DINOv2's recipe as it is (drop path, lr, evaluation): only the mesh by device memory.
+    'dinov2_vitl16':
+        dict(recipe=imagenet_dinov2_vitl16, fsdp={
+            16: 16,
+            32: 16,
+            80: 8,
+            95: 8
+        }),
 }
 
 DATA_DIR = 'gs://YOUR_BUCKET/tensorflow_datasets'
@@ -83,18 +94,21 @@ def _parse(arg):
 
 def get_config(arg=None):
   hardware_name, model, hardware = _parse(arg)
-  config = imagenet_vit_s16.get_config()
-  config.model.name = model['name']
-  config.model.drop_path = model['drop_path']
-  config.model.remat = model['remat']
+  if 'recipe' in model:
+    config = model['recipe'].get_config()
+  else:
+    config = imagenet_vit_s16.get_config()
+    config.model.update(name=model['name'], drop_path=model['drop_path'], remat=model['remat'])
+    config.optim.lr = model['lr']
+    config.batch_size = 1024
+    config.eval.n_last_blocks = model['n_last_blocks']
+    config.eval.avgpool_patchtokens = model['avgpool']
   config.model.compute_dtype = 'bfloat16'
-  config.optim.lr = model['lr']
-  config.batch_size = 64 * hardware['devices'] if hardware['kind'] == 'gpu' else 1024
+  if hardware['kind'] == 'gpu':
+    config.batch_size = 64 * hardware['devices']
   config.mesh.fsdp = model['fsdp'][hardware['memory']]
   config.data.data_dir = DATA_DIR
   config.eval.batch_size = config.prior_pass_batch_size = 16 * hardware['devices']
-  config.eval.n_last_blocks = model['n_last_blocks']
-  config.eval.avgpool_patchtokens = model['avgpool']
   config.hardware.update(name=hardware_name,
                          kind=hardware['kind'],
                          devices=hardware['devices'],

@@ -14,7 +14,14 @@ from kldino.config.checks import validate_config
 from tests.helpers import config_module
 
 SCALE = config_module('imagenet_scale')
-BACKBONE_PARAMS = {'vit_s16': 21.7e6, 'vit_b16': 85.8e6, 'vit_l16': 303.3e6}
+BACKBONE_PARAMS = {
+    'vit_s16': 21.7e6,
+    'vit_b16': 85.8e6,
+    'vit_l16': 303.3e6,
+    'dinov2_vitl16': 303.3e6
+}
+# The global batch on the pods: DINO's 1024, DINOv2's 2048.
+POD_BATCH = {'dinov2_vitl16': 2048}
 
 
 def _state_bytes(tree):
@@ -22,6 +29,9 @@ def _state_bytes(tree):
 
 
 def _abstract_train_step(config, batch_size, num_local):
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  config.objective.koleo_group_size = 0  # the traced batch is smaller than the recipe's groups
   scheds = schedules.make_schedules(config, 1000)
   optimizer = optim.make_optimizer(config.optim, scheds)
   graphdef, abstract_params = step.build_graphdef(config, in_channels=3)
@@ -32,6 +42,8 @@ def _abstract_train_step(config, batch_size, num_local):
       'global_crops': jax.ShapeDtypeStruct((batch_size, 2, 224, 224, 3), jnp.float32),
       'local_crops': jax.ShapeDtypeStruct((batch_size, num_local, 96, 96, 3), jnp.float32)
   }
+  if config.objective.ibot.loss_weight:
+    batch['masks'] = jax.ShapeDtypeStruct((batch_size, 2, 196), jnp.bool_)
   return train_step, init_fn, abstract_state, abstract_params, batch
 
 
@@ -45,7 +57,8 @@ def test_every_hardware_config_builds_and_fits(model):
     assert config.model.compute_dtype == 'bfloat16'
     assert config.data.data_dir.startswith('gs://') and config.data.name == 'imagenet2012'
     assert devices % config.mesh.fsdp == 0 and config.batch_size % devices == 0
-    assert config.batch_size == (64 * devices if hardware['kind'] == 'gpu' else 1024)
+    assert config.batch_size == (64 * devices if hardware['kind'] == 'gpu' else POD_BATCH.get(
+        model, 1024))
     mesh = jax.sharding.AbstractMesh((devices // config.mesh.fsdp, config.mesh.fsdp),
                                      sharding.BATCH_AXES)
     assert mesh.size == devices
