@@ -75,7 +75,7 @@ class Trainer:
     self.workdir = workdir
     # The steps per epoch read the dataset's size: a bad dataset fails here, early.
     self.program = program_lib.build(config, self.run.graphdef, self.run.in_channels, self.run.mesh,
-                                     self.run.steps_per_epoch, self.run.data_shards)
+                                     self.run.steps_per_epoch)
     self.schedules = self.program.schedules
     self.evaluators = Evaluators(self.run)
     self.guard = guard_lib.CollapseGuard(config.guard, config.model.num_prototypes,

@@ -52,7 +52,12 @@ def random_batch(config, seed=0, channels=1):
           rng.standard_normal((b, config.aug.num_local, local, local, channels)).astype(np.float32),
   }
   if masking.used(config.objective):
-    batch['masks'] = masking.training_masks(config, epoch=0, step=seed, shard=0, rows=b)
+    batch['masks'] = masking.training_masks(config,
+                                            epoch=0,
+                                            step=seed,
+                                            first_row=0,
+                                            rows=b,
+                                            group=config.objective.ibot.mask_group_size or b)
   return batch
 
 
@@ -60,6 +65,7 @@ def dinov2_config(**objective_overrides):
   """tiny_config with DINOv2's objective: iBOT with its mask token, KoLeo."""
   config = tiny_config(mask_token=True, layerscale=0.1, num_registers=2)
   config.objective.ibot.loss_weight = 1.0
+  config.objective.ibot.mask_group_size = 2  # the same masks on 1 device as on 8
   config.objective.koleo_weight = 0.1
   config.objective.update(objective_overrides)
   return config

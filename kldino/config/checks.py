@@ -83,7 +83,7 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
   _require(config.eval.knn_temperature > 0,
            f'eval.knn_temperature={config.eval.knn_temperature} must be > 0')
   _validate_optim(config)
-  _validate_dinov2(config)
+  _validate_dinov2(config, num_devices, num_processes)
   _validate_aug(config)
   _validate_eval(config, num_devices)
   _validate_guard(config.guard)
@@ -98,7 +98,7 @@ def _positive_finite(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def _validate_dinov2(config):
+def _validate_dinov2(config, num_devices: int, num_processes: int):
   """DINOv2's terms: iBOT, its patch normalisation and masks, KoLeo."""
   objective_config, ibot = config.objective, config.objective.ibot
   try:
@@ -125,6 +125,12 @@ def _validate_dinov2(config):
       0 <= low <= high <= 1,
       f'objective.ibot.mask_ratio_min_max={tuple(ibot.mask_ratio_min_max)} must satisfy '
       '0 <= low <= high <= 1')
+  mask_group = ibot.mask_group_size or config.batch_size // num_devices
+  _require(
+      ibot.mask_group_size >= 0 and (config.batch_size // num_devices) % mask_group == 0 and
+      (config.batch_size // num_processes) % mask_group == 0,
+      f'objective.ibot.mask_group_size={ibot.mask_group_size} must be 0 (each device\'s images) '
+      f'or divide the {config.batch_size // num_devices} images of a device')
   group = objective_config.koleo_group_size
   _require(objective_config.koleo_weight >= 0,
            f'objective.koleo_weight={objective_config.koleo_weight} must be >= 0 (0: no KoLeo)')

@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.objective.ibot.separate_head = False  # False: the DINO head also gives patch logits
   config.objective.ibot.mask_sample_probability = 0.5  # the share of global crops masked
   config.objective.ibot.mask_ratio_min_max = (0.1, 0.5)  # their masked shares, spread
+  config.objective.ibot.mask_group_size = 0  # images masked together (0: each device's share)
   # The patch targets' normalisation, from the same registry as the image targets' (with the
   # same prior_source, prior_every_epochs, ...): a prior over patch prototypes, center, sinkhorn.
   config.objective.patch_normalization = 'prior'

@@ -49,14 +49,8 @@ def abstract_train_batch(config, in_channels: int, mesh) -> dict:
   }
 
 
-def build(config,
-          graphdef,
-          in_channels: int,
-          mesh,
-          steps_per_epoch: int,
-          data_shards: int = 1) -> Program:
-  """The program of `config` with `steps_per_epoch` (the schedules' unit) on `mesh`, reading the
-  data in `data_shards` shards (each masks its own images for iBOT)."""
+def build(config, graphdef, in_channels: int, mesh, steps_per_epoch: int) -> Program:
+  """The program of `config` with `steps_per_epoch` (the schedules' unit) on `mesh`."""
   schedules = schedules_lib.make_schedules(config, steps_per_epoch)
   optimizer = optim.make_optimizer(config.optim, schedules)
   init_fn = step_lib.make_init_fn(config, in_channels, optimizer)
@@ -66,7 +60,7 @@ def build(config,
       lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(
           leaf.shape, leaf.dtype, sharding=leaf_sharding), shape_state, state_shardings)
   train_step = jax.jit(step_lib.make_train_step(graphdef, config, schedules, optimizer,
-                                                data_shards),
+                                                mesh.devices.size),
                        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))

@@ -80,13 +80,14 @@ def _koleo_term(global_cls, group_size: int):
   return jnp.sum(jnp.mean(per_group, axis=0))
 
 
-def make_train_step(graphdef, config, schedules, optimizer, data_shards: int = 1):
+def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1):
   objective_config = config.objective
   normalization = objective.get_normalization(objective_config)
   standardise = normalization.standardise_teacher_embedding
   ibot = objective.uses_ibot(objective_config)
   patch_normalization = objective.get_patch_normalization(objective_config) if ibot else None
-  patch_bound = masking.step_bound(config, data_shards) if ibot else 0
+  group = masking.group_size(config, num_devices) if ibot else 0
+  group_bound = masking.group_bound(config, group) if ibot else 0
   frozen_steps = config.optim.freeze_prototypes_epochs * schedules.steps_per_epoch
   fixed_prototypes = config.model.prototypes == 'fixed'
 
@@ -102,7 +103,7 @@ def make_train_step(graphdef, config, schedules, optimizer, data_shards: int = 1
           patch_standardise=patch_normalization.standardise_teacher_embedding)
       patch_logits = jax.lax.stop_gradient(patch_logits)
       patch_targets = patch_normalization.targets(patch_logits, state.norm_state['patch'],
-                                                  teacher_temp, patches[1])
+                                                  teacher_temp, patches.valid)
     else:
       teacher_logits = forward.teacher_view_logits(graphdef,
                                                    state.teacher,
@@ -126,7 +127,7 @@ def make_train_step(graphdef, config, schedules, optimizer, data_shards: int = 1
         graphdef, student_params, batch['global_crops'], batch['local_crops'], batch['masks'],
         patches, drop_key)
     dino = objective.multicrop_cross_entropy(targets, student_logits, objective_config.student_temp)
-    patch = objective.masked_patch_cross_entropy(patch_targets, patch_logits, patches[2],
+    patch = objective.masked_patch_cross_entropy(patch_targets, patch_logits, patches.weights,
                                                  targets.shape[0] * targets.shape[1],
                                                  objective_config.student_temp)
     terms = {'ibot_loss': patch}
@@ -139,7 +140,7 @@ def make_train_step(graphdef, config, schedules, optimizer, data_shards: int = 1
   def train_step(state: TrainState, batch):
     step = state.step
     teacher_temp = schedules.teacher_temp(step)
-    patches = forward.masked_patches(batch['masks'], patch_bound) if ibot else None
+    patches = forward.masked_patches(batch['masks'], group, group_bound) if ibot else None
     targets, flat_teacher_logits, patch_targets, patch_logits = teacher_side(
         state, batch, teacher_temp, patches)
     drop_key = jax.random.fold_in(state.rng, step)
@@ -161,11 +162,11 @@ def make_train_step(graphdef, config, schedules, optimizer, data_shards: int = 1
       norm_state = {
           **norm_state, 'patch':
               patch_normalization.update(state.norm_state['patch'], patch_logits, teacher_temp,
-                                         patches[1])
+                                         patches.valid)
       }
       diagnostics.update({
           f'patch_{name}': value for name, value in objective.target_diagnostics(
-              patch_logits, patch_targets, teacher_temp, patches[1]).items()
+              patch_logits, patch_targets, teacher_temp, patches.valid).items()
       })
     prior_entropy = objective.entropy(jnp.exp(norm_state['log_prior']))
     metrics = {

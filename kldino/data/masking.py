@@ -96,23 +96,35 @@ def _grid(config) -> tuple[int, int]:
   return side, side
 
 
-def training_masks(config, *, epoch: int, step: int, shard: int, rows: int) -> np.ndarray:
-  """bool [rows, 2, h * w]: the masks of one data shard's `rows` images of a training step (one
-  per global crop), a pure function of (seed, epoch, step in epoch, shard) as the crops are."""
+def group_size(config, device_count: int) -> int:
+  """Images per mask group: objective.ibot.mask_group_size, or (0) one device's share of the
+  batch, as DINOv2 masks each GPU's batch. A group's masks keep to its own bound, so that each
+  device gathers its masked patches to a static size."""
+  return config.objective.ibot.mask_group_size or config.batch_size // device_count
+
+
+def training_masks(config, *, epoch: int, step: int, first_row: int, rows: int,
+                   group: int) -> np.ndarray:
+  """bool [rows, 2, h * w]: the masks of the global batch's rows [first_row, first_row + rows) of
+  a training step (one per global crop), drawn group by group, each group's a pure function of
+  (seed, epoch, step in epoch, group): the same on any number of processes."""
   ibot = config.objective.ibot
-  rng = np.random.default_rng([config.seed, epoch, step, shard])
-  masks = batch_masks(rng,
-                      2 * rows,
-                      _grid(config),
-                      probability=ibot.mask_sample_probability,
-                      ratio_min_max=tuple(ibot.mask_ratio_min_max))
-  return masks.reshape(rows, 2, -1)
+  masks = []
+  for first in range(first_row, first_row + rows, group):
+    rng = np.random.default_rng([config.seed, epoch, step, first // group])
+    masks.append(
+        batch_masks(rng,
+                    2 * group,
+                    _grid(config),
+                    probability=ibot.mask_sample_probability,
+                    ratio_min_max=tuple(ibot.mask_ratio_min_max)).reshape(group, 2, -1))
+  return np.concatenate(masks)
 
 
-def step_bound(config, shards: int) -> int:
-  """The most patches a global training batch can mask (each shard's bound, added up)."""
+def group_bound(config, group: int) -> int:
+  """The most patches one group's masks can mask (masking.max_masked of its 2 * group crops)."""
   ibot, (height, width) = config.objective.ibot, _grid(config)
-  return shards * max_masked(2 * config.batch_size // shards,
-                             height * width,
-                             probability=ibot.mask_sample_probability,
-                             ratio_min_max=tuple(ibot.mask_ratio_min_max))
+  return max_masked(2 * group,
+                    height * width,
+                    probability=ibot.mask_sample_probability,
+                    ratio_min_max=tuple(ibot.mask_ratio_min_max))

@@ -19,6 +19,7 @@ import functools
 import os
 from typing import Iterator
 
+import jax
 import numpy as np
 import tensorflow as tf
 
@@ -383,18 +384,19 @@ def train_batches(source: Source,
 
 def _with_masks(batches: Iterator[dict], config, *, epoch: int, start_step: int, process_index: int,
                 process_count: int) -> Iterator[dict]:
-  """The batches with iBOT's masks [b, 2, patches] (masking.training_masks), each data shard's
-  rows masked from (seed, epoch, step, shard): the same masks on any number of processes."""
-  shards = num_shards(config.data, process_count)
-  per_process = shards // process_count
-  rows = _local_batch(config.batch_size, shards)
+  """The batches with iBOT's masks [b, 2, patches] (masking.training_masks) of this process's
+  rows of the global batch: the same masks on any number of processes."""
+  rows = _local_batch(config.batch_size, process_count)
+  group = masking.group_size(config, jax.device_count())
   for step, batch in enumerate(batches, start=start_step):
     yield {
         **batch, 'masks':
-            np.concatenate([
-                masking.training_masks(config, epoch=epoch, step=step, shard=shard, rows=rows)
-                for shard in range(process_index * per_process, (process_index + 1) * per_process)
-            ])
+            masking.training_masks(config,
+                                   epoch=epoch,
+                                   step=step,
+                                   first_row=process_index * rows,
+                                   rows=rows,
+                                   group=group)
     }
 
 

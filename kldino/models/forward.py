@@ -6,6 +6,8 @@ sharded over devices is reshaped without moving data between devices.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -91,20 +93,38 @@ def student_view_logits(graphdef, params, global_crops, local_crops, drop_key):
   return model.head.logits(embedding).reshape(batch, views, -1)
 
 
-# iBOT: the masked patches of the global crops, gathered to a static number of rows.
+# iBOT: the masked patches of the global crops, gathered group by group (groups of consecutive
+# images, each within one device) to a static number of rows per group.
 
 
-def masked_patches(masks, size: int):
-  """(index [size], valid [size], weights [size]) of the masked patches of `masks` [B, G, N]
-  flattened batch-major: the first `size` of them (the upper bound of masking.max_masked) padded
-  with row 0 and marked invalid, and DINOv2's weight of each, 1 / its crop's masked patches."""
-  flat = masks.reshape(-1)
-  index = jnp.nonzero(flat, size=size, fill_value=0)[0]
-  valid = jnp.arange(size) < jnp.sum(flat)
-  per_crop = masks.reshape(-1, masks.shape[-1])
-  crop_weight = 1.0 / jnp.maximum(jnp.sum(per_crop, axis=-1), 1).astype(jnp.float32)
-  weights = jnp.repeat(crop_weight, masks.shape[-1])[index]
-  return index, valid, jnp.where(valid, weights, 0.0)
+class MaskedPatches(NamedTuple):
+  index: jax.Array  # [groups, size]: positions in the group's flattened [images, G, N] patches
+  valid: jax.Array  # [groups * size]: the rows that are masked patches (the rest pad)
+  weights: jax.Array  # [groups * size]: DINOv2's 1 / (masked patches of the row's crop), 0 pads
+
+
+def masked_patches(masks, group: int, size: int) -> MaskedPatches:
+  """The masked patches of `masks` [B, G, N], B / `group` groups of `group` images, each
+  gathered to its `size` rows (masking.max_masked of its crops: a bound, never exceeded)."""
+  batch, views, patches = masks.shape
+  grouped = masks.reshape(batch // group, group * views * patches)
+  index = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=0)[0])(grouped)
+  valid = jnp.arange(size)[None] < jnp.sum(grouped, axis=1, keepdims=True)
+  crop_weight = 1.0 / jnp.maximum(jnp.sum(masks, axis=-1), 1).astype(jnp.float32)
+  weights = jnp.take_along_axis(jnp.repeat(crop_weight.reshape(batch // group, group * views),
+                                           patches,
+                                           axis=1),
+                                index,
+                                axis=1)
+  return MaskedPatches(index, valid.reshape(-1), jnp.where(valid, weights, 0.0).reshape(-1))
+
+
+def _gather(tokens, patches: MaskedPatches):
+  """The masked patches' rows [groups * size, D] of tokens [B * G, N, D]."""
+  groups = patches.index.shape[0]
+  grouped = tokens.reshape(groups, -1, tokens.shape[-1])
+  return jnp.take_along_axis(grouped, patches.index[..., None],
+                             axis=1).reshape(-1, tokens.shape[-1])
 
 
 def _tokens(model, images, masks=None, drop_key=None):
@@ -115,13 +135,13 @@ def _tokens(model, images, masks=None, drop_key=None):
   return cls.astype(jnp.float32), patches.astype(jnp.float32)
 
 
-def _patch_logits(model, patches, index, valid, standardise=False):
-  """Logits [size, K] of the gathered patches by the patch head (its batch statistics over the
-  valid rows)."""
+def _patch_logits(model, tokens, patches: MaskedPatches, standardise=False):
+  """Logits [groups * size, K] of the masked patches of tokens [B * G, N, D] by the patch head
+  (its batch statistics over the valid rows)."""
   head = model.patch_head if model.patch_head is not None else model.head
-  embedding = head.embed(patches.reshape(-1, patches.shape[-1])[index], valid)
+  embedding = head.embed(_gather(tokens, patches), patches.valid)
   if standardise:
-    embedding = masked_standardise(embedding, valid)
+    embedding = masked_standardise(embedding, patches.valid)
   return head.logits(embedding)
 
 
@@ -163,8 +183,7 @@ def teacher_view_outputs(graphdef,
   if standardise:
     embedding = masked_standardise(embedding)
   cls_logits = model.head.logits(embedding).reshape(batch, views, -1)
-  index, valid, _ = patches
-  return cls_logits, _patch_logits(model, tokens, index, valid, patch_standardise)
+  return cls_logits, _patch_logits(model, tokens, patches, patch_standardise)
 
 
 def student_view_outputs(graphdef, params, global_crops, local_crops, masks, patches, drop_key):
@@ -182,5 +201,4 @@ def student_view_outputs(graphdef, params, global_crops, local_crops, masks, pat
   features = jnp.concatenate(features, axis=1)
   embedding = model.head.embed(features.reshape(-1, features.shape[-1]))
   cls_logits = model.head.logits(embedding).reshape(batch, features.shape[1], -1)
-  index, valid, _ = patches
-  return cls_logits, _patch_logits(model, tokens, index, valid), cls.reshape(batch, views, -1)
+  return cls_logits, _patch_logits(model, tokens, patches), cls.reshape(batch, views, -1)

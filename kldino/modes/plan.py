@@ -101,7 +101,8 @@ def _compiled_programs(config, channels: int, mesh, steps_per_epoch: int):
   replicated = sharding.replicated(mesh)
   sums = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
-      jax.eval_shape(lambda: prior_pass.init_sums(config.model.num_prototypes)))
+      jax.eval_shape(lambda: prior_pass.init_sums(config.model.num_prototypes,
+                                                  patches=objective.uses_ibot(config.objective))))
   temp = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
   prior = program.prior_pass.accumulate.lower(sums, state.teacher, batch, temp).compile()
   return step, prior, state

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from kldino.runtime import hardware
 from kldino.runtime import host_memory
 from kldino.tools import profiling
+from kldino.core import objective
 from kldino.core import program as program_lib
 from kldino.core import sharding
 from kldino.core import step as step_lib
@@ -217,7 +218,9 @@ def bench_prior_pass(config,
           'mask': np.ones((b,), bool)
       }, sharding.batch_sharding(mesh))
   replicated = sharding.replicated(mesh)
-  sums = jax.device_put(prior_pass.init_sums(config.model.num_prototypes), replicated)
+  sums = jax.device_put(
+      prior_pass.init_sums(config.model.num_prototypes,
+                           patches=objective.uses_ibot(config.objective)), replicated)
   temp = jnp.float32(config.objective.teacher_temp)
   compiled = program.prior_pass.accumulate.lower(sums, teacher, batch, temp).compile()
   holder = {'sums': sums}

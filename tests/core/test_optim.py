@@ -119,7 +119,10 @@ def _torch_run(params, grads, scheds, clip_mode):
 
 
 def _kldino_run(params, grads, scheds, clip_mode):
-  config = types.SimpleNamespace(clip_grad=CLIP, clip_mode=clip_mode)
+  config = types.SimpleNamespace(clip_grad=CLIP,
+                                 clip_mode=clip_mode,
+                                 layerwise_decay=1.0,
+                                 patch_embed_lr_mult=1.0)
   optimizer = optim.make_optimizer(config, scheds)
   state_params = _unflat(params)
   opt_state = optimizer.init(state_params)

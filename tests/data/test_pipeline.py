@@ -8,6 +8,7 @@ Everything runs offline in temporary directories. Expected values are computed i
 import math
 
 import ml_collections
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -119,6 +120,7 @@ def test_fixed_shards_give_the_same_global_batches_on_any_process_count(ibot):
   config.data.shards = 2
   if ibot:  # iBOT's masks too: each shard's from (seed, epoch, step, shard)
     config.objective.ibot.loss_weight = 1.0
+    config.objective.ibot.mask_group_size = 2  # within each process's 2 images
     config.model.patch_size = 2
   single = list(pipeline.train_batches(source, config, epoch=2))
   parts = [
@@ -349,7 +351,9 @@ def test_ibot_masks_resume_and_follow_the_block_masking():
   assert masks.shape == (len(batches), 8, 2, 64) and masks.dtype == bool
   # Half the global crops of every batch masked, the others not; never more than the bound.
   assert (masks.any(-1).sum((1, 2)) == 8).all()
-  assert (masks.sum((1, 2, 3)) <= masking.step_bound(config, 1)).all()
+  group = masking.group_size(config, jax.device_count())  # one device's images: 1 of 8 here
+  bounds = masks.reshape(len(batches), 8 // group, -1).sum(-1)
+  assert (bounds <= masking.group_bound(config, group)).all()
   assert not np.array_equal(masks[0], masks[1])  # a new draw every step
   resumed = list(pipeline.train_batches(source, config, epoch=1, start_step=3))
   np.testing.assert_array_equal(np.stack([batch['masks'] for batch in resumed]), masks[3:])
