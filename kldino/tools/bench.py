@@ -32,6 +32,7 @@ from kldino.runtime import hardware
 from kldino.runtime import host_memory
 from kldino.tools import profiling
 from kldino.core import objective
+from kldino.data import masking
 from kldino.core import program as program_lib
 from kldino.core import sharding
 from kldino.core import step as step_lib
@@ -39,7 +40,7 @@ from kldino.core import prior_pass
 from kldino.runtime import xla_env
 from kldino.config.defaults import base_config
 
-_PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits | input')
+_PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits | dinov2_s14 | input')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, '--preset=input: the experiment config (get_config()) whose training input '
     'to measure, e.g. configs/imagenet_vit_s16.py with --config.data.name=folder '
@@ -57,7 +58,7 @@ _PROFILE = flags.DEFINE_string(
     '--baseline=torch the PyTorch step too (kldino/tools/torch_profiling.py)')
 
 # Training images per epoch for the prior pass's share: CIFAR-sized data at 32x32, ImageNet at 224.
-EPOCH_IMAGES = {'tiny32': 50_000, 'small224': 1_281_167, 'digits': 1347}
+EPOCH_IMAGES = {'tiny32': 50_000, 'small224': 1_281_167, 'digits': 1347, 'dinov2_s14': 1_281_167}
 
 
 def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, batch,
@@ -75,6 +76,19 @@ def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, bat
   config.data.image_size = global_size
   config.data.mean, config.data.std = (0.5,) * 3, (0.5,) * 3
   config.batch_size, config.prior_pass_batch_size = batch, prior_pass_batch
+  return config
+
+
+def _dinov2_preset():
+  """DINOv2's ViT-S/14 objective (configs/imagenet_dinov2_vitl16.py's, on ViT-S/14): 2 x 224 +
+  8 x 98 crops, iBOT on the shared head, KoLeo, LayerScale, K = 65536, batch 8."""
+  from configs import imagenet_dinov2_vitl16  # pylint: disable=g-import-not-at-top
+  config = imagenet_dinov2_vitl16.get_config()
+  config.model.update(name='vit_small', patch_size=14, remat=False, compute_dtype='float32')
+  config.aug.update(global_size=224, local_size=98)
+  config.batch_size, config.prior_pass_batch_size = 8, 32
+  config.objective.koleo_group_size = 0
+  config.mesh.fsdp = 1
   return config
 
 
@@ -113,6 +127,7 @@ PRESETS = {
             prior_pass_batch=32),
         3),
     'digits': (_digits_config, 1),
+    'dinov2_s14': (_dinov2_preset, 3),
 }
 
 
@@ -144,12 +159,20 @@ def random_crops(config, channels: int) -> dict:
   """A training batch of normal noise: global_crops [B, 2, G, G, C], local_crops [B, L, l, l, C]."""
   rng = np.random.default_rng(0)
   g, local, b = config.aug.global_size, config.aug.local_size, config.batch_size
-  return {
+  crops = {
       'global_crops':
           rng.standard_normal((b, 2, g, g, channels), np.float32),
       'local_crops':
           rng.standard_normal((b, config.aug.num_local, local, local, channels), np.float32)
   }
+  if masking.used(config.objective):  # iBOT's masks, as the pipeline draws them
+    crops['masks'] = masking.training_masks(config,
+                                            epoch=0,
+                                            step=0,
+                                            first_row=0,
+                                            rows=b,
+                                            group=masking.group_size(config, jax.device_count()))
+  return crops
 
 
 def _random_batch(config, channels: int, mesh):
@@ -273,7 +296,11 @@ def bench_input(config, steps: int) -> float:
   """Images/s of the multi-crop pipeline on the digits, upscaled to the preset's image size."""
   from kldino.data import datasets  # pylint: disable=g-import-not-at-top
   data_config = config.copy_and_resolve_references()
-  data_config.data.update(name='digits', mean=(0.5,), std=(0.5,))
+  data_config.data.update(name='digits',
+                          mean=(0.5,),
+                          std=(0.5,),
+                          train_split='train',
+                          eval_split='test')
   source = datasets.get_source(data_config.data)
   return input_rates(source, data_config, steps, warmup=1)[0]
 

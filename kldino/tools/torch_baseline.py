@@ -211,6 +211,10 @@ def check_config(config):
                                              config.objective.prior_source != 'sweep'):
     problems.append(f"objective.normalization='{normalization}' ('prior' from the prior pass, "
                     "or 'center')")
+  if config.objective.ibot.loss_weight or config.objective.koleo_weight:
+    problems.append('objective.ibot.loss_weight=0 and objective.koleo_weight=0 (no iBOT, no KoLeo)')
+  if model.layerscale or model.ffn != 'mlp' or model.num_registers:
+    problems.append("DINO's ViT (model.layerscale=0, model.ffn='mlp', model.num_registers=0)")
   if config.optim.clip_mode != 'per_param':
     problems.append(f"optim.clip_mode='{config.optim.clip_mode}' ('per_param', DINO's)")
   if problems:
