@@ -26,6 +26,7 @@ from clu import metric_writers
 from kldino import checkpoint as checkpoint_lib
 from kldino import run as run_lib
 from kldino.core import guard as guard_lib
+from kldino.core import objective
 from kldino.core import prior_pass
 from kldino.core import program as program_lib
 from kldino.core import sharding
@@ -78,8 +79,10 @@ class Trainer:
                                      self.run.steps_per_epoch)
     self.schedules = self.program.schedules
     self.evaluators = Evaluators(self.run)
-    self.guard = guard_lib.CollapseGuard(config.guard, config.model.num_prototypes,
-                                         self.schedules.steps_per_epoch)
+    self.guard = guard_lib.CollapseGuard(config.guard,
+                                         config.model.num_prototypes,
+                                         self.schedules.steps_per_epoch,
+                                         patches=objective.uses_ibot(config.objective))
 
   @functools.cached_property
   def train_step(self):

@@ -39,6 +39,7 @@ class Collapse:
   teacher_entropy: float
   teacher_mi: float
   num_prototypes: int
+  targets: str = 'image'  # or 'patch': iBOT's patch targets (their teacher's statistics)
 
   def record(self) -> dict:
     """eval.json's "collapse" (and the sweep runner's summary.json)."""
@@ -49,8 +50,9 @@ class Collapse:
                 f'{self.num_prototypes} per batch, per-image entropy {self.teacher_entropy:.3f} '
                 f'(log K = {math.log(self.num_prototypes):.3f}) and cluster MI '
                 f'{self.teacher_mi:.3f} nats')
-    return (f'{self.kind.replace("_", "-")} collapse at step {self.step}, every logged step '
-            f'since step {self.since_step}: {evidence}; {_FIXES[self.kind]}')
+    targets = 'patch-target ' if self.targets == 'patch' else ''
+    return (f'{targets}{self.kind.replace("_", "-")} collapse at step {self.step}, every logged '
+            f'step since step {self.since_step}: {evidence}; {_FIXES[self.kind]}')
 
 
 def _teacher_clusters(metrics: dict) -> float:
@@ -62,7 +64,12 @@ class CollapseGuard:
   """Feed it each logged step's averaged metrics (`observe`); it returns a Collapse the first
   time one is established, None otherwise, and remembers the first (`collapse`)."""
 
-  def __init__(self, guard_config, num_prototypes: int, steps_per_epoch: int):
+  def __init__(self,
+               guard_config,
+               num_prototypes: int,
+               steps_per_epoch: int,
+               patches: bool = False):
+    """With `patches` (iBOT) the patch targets' teacher (the patch_* metrics) is watched too."""
     self.mode = guard_config.collapse
     self.num_prototypes = num_prototypes
     self.patience_steps = guard_config.patience_epochs * steps_per_epoch
@@ -70,7 +77,11 @@ class CollapseGuard:
     self.uniform_entropy = guard_config.uniform_entropy * math.log(num_prototypes)
     self.uniform_mi = guard_config.uniform_mi
     self.constant_mi = guard_config.constant_mi
-    self.since = {'one_cluster': None, 'uniform': None, 'constant': None}
+    self.watched = ('image', 'patch') if patches else ('image',)
+    self.since = {
+        (targets, kind): None for targets in self.watched
+        for kind in ('one_cluster', 'uniform', 'constant')
+    }
     self.collapse: Collapse | None = None
 
   def _holds(self, metrics: dict) -> dict[str, bool]:
@@ -86,19 +97,24 @@ class CollapseGuard:
   def observe(self, step: int, metrics: dict) -> Collapse | None:
     if self.mode == 'off' or self.collapse is not None:
       return None
-    for kind, holds in self._holds(metrics).items():
-      if not holds:
-        self.since[kind] = None
-        continue
-      if self.since[kind] is None:
-        self.since[kind] = step
-      if step - self.since[kind] >= self.patience_steps:
-        self.collapse = Collapse(kind=kind,
-                                 step=step,
-                                 since_step=self.since[kind],
-                                 teacher_clusters=_teacher_clusters(metrics),
-                                 teacher_entropy=float(metrics['teacher_entropy']),
-                                 teacher_mi=float(metrics['teacher_mi']),
-                                 num_prototypes=self.num_prototypes)
-        return self.collapse
+    for targets in self.watched:
+      prefix = 'patch_' if targets == 'patch' else ''
+      teacher = {name: metrics[prefix + name] for name in ('teacher_entropy', 'teacher_mi')}
+      for kind, holds in self._holds(teacher).items():
+        key = (targets, kind)
+        if not holds:
+          self.since[key] = None
+          continue
+        if self.since[key] is None:
+          self.since[key] = step
+        if step - self.since[key] >= self.patience_steps:
+          self.collapse = Collapse(kind=kind,
+                                   step=step,
+                                   since_step=self.since[key],
+                                   teacher_clusters=_teacher_clusters(teacher),
+                                   teacher_entropy=float(teacher['teacher_entropy']),
+                                   teacher_mi=float(teacher['teacher_mi']),
+                                   num_prototypes=self.num_prototypes,
+                                   targets=targets)
+          return self.collapse
     return None

@@ -90,3 +90,17 @@ def test_bad_guard_settings_are_refused():
     config.guard[key] = value
     with pytest.raises(ConfigError, match=fragment.replace('(', r'\(').replace(')', r'\)')):
       validate_config(config, num_devices=1)
+
+
+def test_with_ibot_the_patch_targets_are_watched_too():
+  config = config_module('digits').get_config().guard
+  config.update(dict(collapse='warn', patience_epochs=1))
+  monitor = guard.CollapseGuard(config, K, 10, patches=True)
+  patch = lambda metrics: {f'patch_{name}': value for name, value in metrics.items()}
+  found = [monitor.observe(step, {**HEALTHY, **patch(ONE_CLUSTER)}) for step in range(5, 30, 5)]
+  (collapse,) = [collapse for collapse in found if collapse is not None]  # healthy images
+  assert (collapse.kind, collapse.targets, collapse.step) == ('one_cluster', 'patch', 15)
+  assert collapse.message().startswith('patch-target one-cluster collapse at step 15')
+  # Records of guards without the field read as the image targets'.
+  record = {k: v for k, v in collapse.record().items() if k != 'targets'}
+  assert guard.Collapse(**record).targets == 'image'
