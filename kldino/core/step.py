@@ -92,50 +92,39 @@ def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1
   fixed_prototypes = config.model.prototypes == 'fixed'
 
   def teacher_side(state, batch, teacher_temp, patches):
-    """(image targets [B, G, K] and their flat teacher logits; patch targets [U, K] and logits)."""
-    if ibot:
-      teacher_logits, patch_logits = forward.teacher_view_outputs(
-          graphdef,
-          state.teacher,
-          batch['global_crops'],
-          patches,
-          standardise=standardise,
-          patch_standardise=patch_normalization.standardise_teacher_embedding)
-      patch_logits = jax.lax.stop_gradient(patch_logits)
-      patch_targets = patch_normalization.targets(patch_logits, state.norm_state['patch'],
-                                                  teacher_temp, patches.valid)
-    else:
-      teacher_logits = forward.teacher_view_logits(graphdef,
-                                                   state.teacher,
-                                                   batch['global_crops'],
-                                                   standardise=standardise)
-      patch_logits = patch_targets = None
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    """(image targets [B, G, K] and their flat teacher logits; with iBOT the patch targets
+    [rows, K] and their teacher logits, else None)."""
+    teacher_logits, patch_logits = jax.lax.stop_gradient(
+        forward.teacher_view_outputs(graphdef,
+                                     state.teacher,
+                                     batch['global_crops'],
+                                     patches,
+                                     standardise=standardise,
+                                     patch_standardise=ibot and
+                                     patch_normalization.standardise_teacher_embedding))
+    patch_targets = (patch_normalization.targets(patch_logits, state.norm_state['patch'],
+                                                 teacher_temp, patches.valid) if ibot else None)
     flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     targets = normalization.targets(flat, state.norm_state, teacher_temp)
     return targets.reshape(teacher_logits.shape), flat, patch_targets, patch_logits
 
   def losses(student_params, batch, targets, patch_targets, patches, drop_key):
-    """The total loss and its terms."""
-    if not ibot:
-      student_logits = forward.student_view_logits(graphdef, student_params, batch['global_crops'],
-                                                   batch['local_crops'], drop_key)
-      dino = objective.multicrop_cross_entropy(targets, student_logits,
-                                               objective_config.student_temp)
-      return dino, {}
+    """The total loss and its terms (with iBOT or KoLeo, each of them)."""
     student_logits, patch_logits, global_cls = forward.student_view_outputs(
-        graphdef, student_params, batch['global_crops'], batch['local_crops'], batch['masks'],
-        patches, drop_key)
+        graphdef, student_params, batch['global_crops'], batch['local_crops'], drop_key,
+        batch.get('masks'), patches)
     dino = objective.multicrop_cross_entropy(targets, student_logits, objective_config.student_temp)
-    patch = objective.masked_patch_cross_entropy(patch_targets, patch_logits, patches.weights,
-                                                 targets.shape[0] * targets.shape[1],
-                                                 objective_config.student_temp)
-    terms = {'ibot_loss': patch}
-    total = dino + objective_config.ibot.loss_weight * patch
+    terms, total = {}, dino
+    if ibot:
+      terms['ibot_loss'] = objective.masked_patch_cross_entropy(patch_targets, patch_logits,
+                                                                patches.weights,
+                                                                targets.shape[0] * targets.shape[1],
+                                                                objective_config.student_temp)
+      total = total + objective_config.ibot.loss_weight * terms['ibot_loss']
     if objective_config.koleo_weight:
       terms['koleo_loss'] = _koleo_term(global_cls, objective_config.koleo_group_size)
       total = total + objective_config.koleo_weight * terms['koleo_loss']
-    return total, {'dino_loss': dino, **terms}
+    return total, ({'dino_loss': dino, **terms} if terms else {})
 
   def train_step(state: TrainState, batch):
     step = state.step

@@ -57,40 +57,19 @@ def unit_prototypes(graphdef, params):
   return nnx.merge(graphdef, params).head.unit_prototypes()
 
 
-def teacher_logits(graphdef, params, images, *, mask=None, standardise=False):
-  """t = w . normalize(z) for un-augmented or global views [N, H, W, C] -> [N, K]."""
-  model = _merge(graphdef, params)
-  embedding = model.head.embed(_backbone(model, images), mask)
+def _cls_logits(model, features, mask=None, standardise=False):
+  """t = w . normalize(z) of backbone features [N, D] -> [N, K]; `mask` [N] keeps padding rows
+  out of batch statistics, `standardise` is the teacher_bn normalisation (paper sec. 5)."""
+  embedding = model.head.embed(features, mask)
   if standardise:
-    embedding = masked_standardise(embedding, mask)  # the teacher_bn normalisation (paper sec. 5)
+    embedding = masked_standardise(embedding, mask)
   return model.head.logits(embedding)
 
 
-def teacher_view_logits(graphdef, params, global_crops, *, standardise=False):
-  """Teacher logits of the global views: [B, G, H, W, C] -> [B, G, K]."""
-  images, batch, views = _flatten_views(global_crops)
-  logits = teacher_logits(graphdef, params, images, standardise=standardise)
-  return logits.reshape(batch, views, -1)
-
-
-def student_view_logits(graphdef, params, global_crops, local_crops, drop_key):
-  """Student logits of all views, global first: -> [B, G + L, K].
-
-  Each resolution goes through the backbone in one call; the features of both are joined along
-  the view axis so that the head (and its batch statistics) sees all crops together.
-  """
+def teacher_logits(graphdef, params, images, *, mask=None, standardise=False):
+  """The teacher's logits of un-augmented views [N, H, W, C] -> [N, K]."""
   model = _merge(graphdef, params)
-  global_key, local_key = jax.random.split(drop_key)
-  features = []
-  for crops, key in ((global_crops, global_key), (local_crops, local_key)):
-    if crops.shape[1] == 0:
-      continue
-    images, batch, views = _flatten_views(crops)
-    features.append(_backbone(model, images, key).reshape(batch, views, -1))
-  features = jnp.concatenate(features, axis=1)
-  batch, views = features.shape[:2]
-  embedding = model.head.embed(features.reshape(batch * views, -1))
-  return model.head.logits(embedding).reshape(batch, views, -1)
+  return _cls_logits(model, _backbone(model, images), mask, standardise)
 
 
 # iBOT: the masked patches of the global crops, gathered group by group (groups of consecutive
@@ -156,49 +135,59 @@ def teacher_image_outputs(graphdef,
   logits of every patch [N * P, K]); `mask` [N] excludes padding rows from batch statistics."""
   model = _merge(graphdef, params)
   cls, tokens = _tokens(model, images)
-  embedding = model.head.embed(cls, mask)
-  if standardise:
-    embedding = masked_standardise(embedding, mask)
   patch_mask = None if mask is None else jnp.repeat(mask, tokens.shape[1])
   head = model.patch_head if model.patch_head is not None else model.head
   patch_embedding = head.embed(tokens.reshape(-1, tokens.shape[-1]), patch_mask)
   if patch_standardise:
     patch_embedding = masked_standardise(patch_embedding, patch_mask)
-  return model.head.logits(embedding), head.logits(patch_embedding)
+  return _cls_logits(model, cls, mask, standardise), head.logits(patch_embedding)
 
 
 def teacher_view_outputs(graphdef,
                          params,
                          global_crops,
-                         patches,
+                         patches: MaskedPatches | None = None,
                          *,
                          standardise=False,
                          patch_standardise=False):
-  """The teacher on the unmasked global crops [B, G, H, W, C]: (CLS logits [B, G, K], the masked
-  patches' logits [size, K]); `patches` = masked_patches(...)."""
+  """The teacher on the (unmasked) global crops [B, G, H, W, C]: (CLS logits [B, G, K], and with
+  iBOT's `patches` (masked_patches) the masked patches' logits [groups * size, K], else None)."""
   model = _merge(graphdef, params)
   images, batch, views = _flatten_views(global_crops)
-  cls, tokens = _tokens(model, images)
-  embedding = model.head.embed(cls)
-  if standardise:
-    embedding = masked_standardise(embedding)
-  cls_logits = model.head.logits(embedding).reshape(batch, views, -1)
-  return cls_logits, _patch_logits(model, tokens, patches, patch_standardise)
+  if patches is None:
+    cls, patch_logits = _backbone(model, images), None
+  else:
+    cls, tokens = _tokens(model, images)
+    patch_logits = _patch_logits(model, tokens, patches, patch_standardise)
+  return _cls_logits(model, cls, None, standardise).reshape(batch, views, -1), patch_logits
 
 
-def student_view_outputs(graphdef, params, global_crops, local_crops, masks, patches, drop_key):
-  """The student with the mask token at the global crops' masked patches: (CLS logits of all
-  views, global first [B, G + L, K], the masked patches' logits [size, K], the global crops'
-  backbone CLS [B, G, D] for KoLeo)."""
+def student_view_outputs(graphdef,
+                         params,
+                         global_crops,
+                         local_crops,
+                         drop_key,
+                         masks=None,
+                         patches: MaskedPatches | None = None):
+  """The student on all views: (CLS logits, global views first [B, G + L, K], the masked
+  patches' logits [groups * size, K] or None, the global views' backbone CLS [B, G, D]). With
+  iBOT's `masks` [B, G, N] and `patches`, the global crops see the mask token at masked patches.
+
+  Each resolution goes through the backbone in one call; the features of both are joined along
+  the view axis so that the head (and its batch statistics) sees all crops together.
+  """
   model = _merge(graphdef, params)
   global_key, local_key = jax.random.split(drop_key)
   images, batch, views = _flatten_views(global_crops)
-  cls, tokens = _tokens(model, images, masks.reshape(batch * views, -1), global_key)
+  if patches is None:
+    cls, patch_logits = _backbone(model, images, global_key), None
+  else:
+    cls, tokens = _tokens(model, images, masks.reshape(batch * views, -1), global_key)
+    patch_logits = _patch_logits(model, tokens, patches)
   features = [cls.reshape(batch, views, -1)]
   if local_crops.shape[1]:
     local_images, _, local_views = _flatten_views(local_crops)
     features.append(_backbone(model, local_images, local_key).reshape(batch, local_views, -1))
   features = jnp.concatenate(features, axis=1)
-  embedding = model.head.embed(features.reshape(-1, features.shape[-1]))
-  cls_logits = model.head.logits(embedding).reshape(batch, features.shape[1], -1)
-  return cls_logits, _patch_logits(model, tokens, patches), cls.reshape(batch, views, -1)
+  cls_logits = _cls_logits(model, features.reshape(-1, features.shape[-1]))
+  return cls_logits.reshape(batch, features.shape[1], -1), patch_logits, features[:, :views]
