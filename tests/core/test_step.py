@@ -110,3 +110,13 @@ def test_dinov2_objective_on_eight_devices_matches_one(patch_normalization, sepa
   assert not np.allclose(initial.student['backbone']['mask_token'],
                          one.student['backbone']['mask_token'])
   assert ('patch_head' in one.student) == separate_head
+
+
+def test_koleo_alone_adds_its_term():
+  config = tiny_config()
+  config.objective.koleo_weight = 0.5
+  _, _, metrics, _ = run_steps(config, jax.devices()[:1], num_steps=1)
+  assert 'ibot_loss' not in metrics[0] and metrics[0]['koleo_loss'] > 0
+  np.testing.assert_allclose(metrics[0]['loss'],
+                             metrics[0]['dino_loss'] + 0.5 * metrics[0]['koleo_loss'],
+                             rtol=1e-6)
