@@ -19,103 +19,52 @@ the whole dataset every epoch; `--config.objective.normalization=center
 --config.objective.patch_normalization=center` gives DINOv2's centering. Mixed precision: bf16
 compute with float32 parameters (DINOv2: fp16 parameters with fp32 reductions).
 """
-from kldino.config.defaults import base_config
+from configs import imagenet_vit_s16
 
 
 def get_config(arg=None):
-  del arg
-  config = base_config()
+  """DINO's ImageNet recipe (its data, crops' sizes and augmentation, head sizes and init, the
+  prior) with what DINOv2 changes."""
+  config = imagenet_vit_s16.get_config(arg)
   config.num_epochs = 200  # DINOv2: 100 x OFFICIAL_EPOCH_LENGTH 1250 iterations at batch 2048
   config.batch_size = 2048  # 64 per GPU on 32 GPUs
-  config.log_every_steps = 100
-
-  config.data.name = 'imagenet2012'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.image_size = 224
-  config.data.mean = (0.485, 0.456, 0.406)
-  config.data.std = (0.229, 0.224, 0.225)
-  config.data.shuffle_buffer = 50_000
-
-  config.aug.global_size = 224
-  config.aug.local_size = 96
-  config.aug.num_local = 8
   config.aug.global_scale = (0.32, 1.0)
   config.aug.local_scale = (0.05, 0.32)
-  config.aug.flip = True
-  config.aug.color_jitter = (0.4, 0.4, 0.2, 0.1)
-  config.aug.color_jitter_prob = 0.8
-  config.aug.grayscale_prob = 0.2
-  config.aug.blur_prob = (1.0, 0.1, 0.5)
-  config.aug.blur_sigma = (0.1, 2.0)
-  config.aug.solarize_prob = 0.2
 
-  config.model.name = 'vit_large'
-  config.model.patch_size = 16
-  config.model.drop_path = 0.3
-  config.model.drop_path_uniform = True
-  config.model.layerscale = 1e-5
-  config.model.ffn = 'mlp'
-  config.model.num_registers = 0
-  config.model.mask_token = True
-  config.model.pos_interpolation = 'torch'
-  config.model.interpolate_offset = 0.1
-  config.model.interpolate_antialias = False
-  config.model.compute_dtype = 'bfloat16'
-  config.model.remat = True
-  config.model.num_prototypes = 65536
-  config.model.head_hidden_dim = 2048
-  config.model.head_bottleneck_dim = 256
-  config.model.head_num_layers = 3
-  config.model.head_norm = 'none'
-  config.model.head_init = 'dino'
-  config.model.prototypes = 'learned'
-  config.model.prototype_init_std = 0.0
-  config.model.norm_last_layer = False  # DINOv2's DINOHead: weight_g is trained
+  config.model.update(name='vit_large',
+                      drop_path=0.3,
+                      drop_path_uniform=True,
+                      layerscale=1e-5,
+                      mask_token=True,
+                      pos_interpolation='torch',
+                      interpolate_offset=0.1,
+                      compute_dtype='bfloat16',
+                      remat=True,
+                      norm_last_layer=False)  # DINOv2's DINOHead: weight_g is trained
 
-  config.objective.normalization = 'prior'
-  config.objective.prior_source = 'sweep'
-  config.objective.prior_every_epochs = 1
   config.objective.patch_normalization = 'prior'
-  config.objective.center_momentum = 0.9
-  config.objective.student_temp = 0.1
-  config.objective.warmup_teacher_temp = 0.04
-  config.objective.teacher_temp = 0.07
-  config.objective.warmup_teacher_temp_epochs = 60
-  config.objective.teacher_temp_warmup = 'per_step'
+  config.objective.update(teacher_temp=0.07,
+                          warmup_teacher_temp_epochs=60,
+                          teacher_temp_warmup='per_step')
   config.objective.ibot.loss_weight = 1.0
-  config.objective.ibot.separate_head = False
-  config.objective.ibot.mask_sample_probability = 0.5
-  config.objective.ibot.mask_ratio_min_max = (0.1, 0.5)
   config.objective.koleo_weight = 0.1
   config.objective.koleo_group_size = 64
 
-  config.optim.lr = 4e-3
-  config.optim.lr_scaling = 'sqrt_wrt_1024'
-  config.optim.min_lr = 1e-6
-  config.optim.warmup_epochs = 20
-  config.optim.weight_decay = 0.04
-  config.optim.weight_decay_end = 0.4
-  config.optim.clip_grad = 3.0
-  config.optim.clip_mode = 'per_module'
-  config.optim.freeze_prototypes_epochs = 2
-  config.optim.teacher_momentum = 0.992
-  config.optim.teacher_momentum_end = 1.0
-  config.optim.layerwise_decay = 0.9
-  config.optim.patch_embed_lr_mult = 0.2
-
+  config.optim.update(lr=4e-3,
+                      lr_scaling='sqrt_wrt_1024',
+                      warmup_epochs=20,
+                      clip_mode='per_module',
+                      freeze_prototypes_epochs=2,
+                      teacher_momentum=0.992,
+                      layerwise_decay=0.9,
+                      patch_embed_lr_mult=0.2)
   config.mesh.fsdp = 8
 
-  config.eval.batch_size = 1024
-  config.prior_pass_batch_size = 1024
   # DINOv2's evaluation (dinov2/eval/knn.py, linear.py): k-NN with k in (10, 20, 100, 200) at
   # T = 0.07; linear heads over its grid of learning rates, here on the CLS and the average
   # patch token of the last block (DINOv2 also tries 4 blocks and picks the best).
-  config.eval.knn_k = (10, 20, 100, 200)
   config.eval.n_last_blocks = 1
   config.eval.avgpool_patchtokens = True
   config.eval.linear_lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
                             1e-1)
-  config.eval.linear_batch_size = 1024
-  del config.evals['linear_probe']  # the feature probe gathers ImageNet's features to the host
   return config
