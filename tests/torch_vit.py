@@ -1,5 +1,5 @@
 """DINO's linear-evaluation features of the official-DINO-style PyTorch ViT
-(kldino/tools/torch_baseline.py's VisionTransformer), the reference for the features tests."""
+(kldino/tools/torch_models.py's VisionTransformer), the reference for the features tests."""
 import torch
 
 

@@ -1,7 +1,7 @@
 """Where the PyTorch baseline's step spends its time (`python -m kldino.bench --baseline=torch
 --profile=DIR`): torch.profiler's CPU events, broken down as kldino/tools/profiling.py breaks down
 kldino's step, so that the two tables line up: by kind of work, by source line of
-kldino/tools/torch_baseline.py, and the top ops.
+the baseline (kldino/tools/torch_baseline.py, torch_models.py), and the top ops.
 
 Times are each ATen op's self time on the thread that called it (PyTorch's intra-op threads are
 not traced separately), so `busy_ms` is about the step's wall time. A backward op counts for the
@@ -33,7 +33,7 @@ _LAYOUT = {
 }
 _FRAME = re.compile(r'^(.*)\((\d+)\): (.*)$')
 _BACKWARD = 'autograd::engine::evaluate_function: '
-_BASELINE_FILE = 'torch_baseline.py'
+_BASELINE_FILES = ('torch_baseline.py', 'torch_models.py')
 _MODULE = 'nn.Module: '
 _PYTHON_EVENTS = (_MODULE, '<')  # nn.Module calls, <built-in function ...>; files: _FRAME
 
@@ -53,18 +53,19 @@ def category(op_name: str) -> str:
 
 
 def _frame_source(event) -> str:
-  """'Module torch_baseline.py:LINE function' when the event is the profiler's record of a Python
-  call into kldino/tools/torch_baseline.py (its module: the nn.Module call that encloses it), else
-  ''."""
+  """'Module FILE:LINE function' when the event is the profiler's record of a Python call into
+  the baseline's files (kldino/tools/torch_baseline.py, torch_models.py; its module: the nn.Module
+  call that encloses it), else ''."""
   match = _FRAME.match(event.name)
-  if not match or not match.group(1).endswith(os.sep + _BASELINE_FILE):
+  file_name = os.path.basename(match.group(1)) if match else ''
+  if file_name not in _BASELINE_FILES:
     return ''
   module, parent = '', event.cpu_parent
   while parent is not None and not module:
     if parent.name.startswith(_MODULE):
       module = parent.name[len(_MODULE):].rsplit('_', 1)[0] + ' '
     parent = parent.cpu_parent
-  return f'{module}{_BASELINE_FILE}:{match.group(2)} {match.group(3)}'
+  return f'{module}{file_name}:{match.group(2)} {match.group(3)}'
 
 
 def _forward_source(event, forward: dict[int, str]) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from configs.smoke import get_config as smoke_config
 from kldino.modes import import_dino as import_mode
-from kldino.tools.torch_baseline import VisionTransformer
+from kldino.tools.torch_models import VisionTransformer
 from tests.helpers import run_kldino, signal_at_log_line, start_kldino
 
 # 2 epochs of 1347 // 64 = 21 steps on digits; heads checkpointed every 5 steps.

@@ -18,7 +18,7 @@ from kldino.models import ViT, build_backbone, build_model, forward, validate_mo
 from kldino.core import step
 from kldino.models.vit import Attention
 from tests.helpers import tiny_config
-from kldino.tools.torch_baseline import VisionTransformer
+from kldino.tools.torch_models import VisionTransformer
 from tests.models.helpers import images, model_config, run
 from tests.torch_vit import linear_eval_features
 

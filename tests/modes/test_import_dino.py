@@ -17,7 +17,7 @@ from kldino.modes import import_dino as convert_dino
 from kldino.errors import ConfigError
 from kldino.models.registry import build_backbone
 from kldino.train import Trainer
-from kldino.tools.torch_baseline import VisionTransformer
+from kldino.tools.torch_models import VisionTransformer
 from tests.torch_vit import linear_eval_features
 
 IMAGE, PATCH, DIM, DEPTH, HEADS, CHANNELS = 16, 4, 32, 2, 2, 1  # vit_nano, as configs/smoke.py

@@ -40,24 +40,33 @@ def _config(normalization: str, freeze_epochs: int):
   return config
 
 
+def _head_params(state: dict, prefix: str, num_layers: int) -> dict:
+  params = {
+      'layers': {
+          index: {
+              'kernel': state[f'{prefix}.mlp.{2 * index}.weight'].T,
+              'bias': state[f'{prefix}.mlp.{2 * index}.bias']
+          } for index in range(num_layers)
+      },
+      'prototypes': state[f'{prefix}.last_layer.weight_v'].T,
+  }
+  if f'{prefix}.last_layer.weight_g' in state:
+    params['prototype_gain'] = state[f'{prefix}.last_layer.weight_g'].T
+  return params
+
+
 def _kldino_params(baseline_model, template: dict) -> dict:
   """The baseline's parameters in kldino's tree (the backbone as DINO's checkpoints convert)."""
   state = {key: value.detach().numpy() for key, value in baseline_model.state_dict().items()}
-  head = template['head']
-  linears = [state[f'head.mlp.{2 * index}.weight'] for index in range(len(head['layers']))]
-  return {
+  backbone = {key: value for key, value in state.items() if key.startswith('backbone.')}
+  params = {
       'backbone':
-          convert_dino.convert(convert_dino.backbone_state_dict(state), template['backbone']),
-      'head': {
-          'layers': {
-              index: {
-                  'kernel': weight.T,
-                  'bias': state[f'head.mlp.{2 * index}.bias']
-              } for index, weight in enumerate(linears)
-          },
-          'prototypes': state['head.last_layer.weight_v'].T,
-      },
+          convert_dino.convert(convert_dino.backbone_state_dict(backbone), template['backbone'])
   }
+  for head in ('head', 'patch_head'):
+    if head in template:
+      params[head] = _head_params(state, head, len(template[head]['layers']))
+  return params
 
 
 def _leaves(tree) -> dict:
@@ -67,31 +76,35 @@ def _leaves(tree) -> dict:
   }
 
 
-@pytest.mark.parametrize('normalization, freeze_epochs', [('prior', 1), ('center', 0)])
-def test_one_step_equals_kldinos(normalization, freeze_epochs):
-  config = _config(normalization, freeze_epochs)
+def _steps_of_both(config, steps: int = 1):
+  """`steps` steps of kldino's and of the baseline from the baseline's initial parameters on the
+  same batch: (kldino's state, its losses, the initial parameters, the baseline)."""
   baseline = torch_baseline.TorchDinoStep(config, CHANNELS, seed=3)
   graphdef, template = step_lib.build_graphdef(config, CHANNELS)
   params = _kldino_params(baseline.student, template)
   assert jax.tree.structure(params) == jax.tree.structure(template)
   mesh = sharding.make_mesh(config.mesh)
   program = program_lib.build(config, graphdef, CHANNELS, mesh, steps_per_epoch=100)
-  schedules, train_step = program.schedules, program.train_step
-  optimizer = optim.make_optimizer(config.optim, schedules)
+  optimizer = optim.make_optimizer(config.optim, program.schedules)
   state = program.init(0)
   state = state.replace(student=params, teacher=params, opt_state=optimizer.init(params))
   crops = bench.random_crops(config, CHANNELS)
-  state, metrics = train_step(state, jax.device_put(crops, sharding.batch_sharding(mesh)))
+  batch = jax.device_put(crops, sharding.batch_sharding(mesh))
+  losses = []
+  for _ in range(steps):
+    state, metrics = program.train_step(state, batch)
+    got = baseline.step(**{name: torch.from_numpy(array) for name, array in crops.items()})
+    losses.append((float(metrics['loss']), got))
+  return state, losses, params, baseline, float(program.schedules.learning_rate(0))
 
-  loss = baseline.step(**{name: torch.from_numpy(array) for name, array in crops.items()})
 
-  np.testing.assert_allclose(loss, float(metrics['loss']), rtol=1e-5)
-  lr = float(schedules.learning_rate(0))
+def _assert_same_models(state, baseline, template, lr: float):
   for name, (expected, got) in {
       'student': (state.student, _kldino_params(baseline.student, template)),
       'teacher': (state.teacher, _kldino_params(baseline.teacher, template)),
   }.items():
     expected, got = _leaves(expected), _leaves(got)
+    assert expected.keys() == got.keys()
     for key in expected:
       if key.endswith("['attn']['qkv']['bias']"):
         # The key bias adds q . b_k to a whole row of scores, which the softmax ignores: its
@@ -105,25 +118,72 @@ def test_one_step_equals_kldinos(normalization, freeze_epochs):
                                  rtol=1e-5,
                                  atol=0.02 * lr,
                                  err_msg=f'{name}{key}')
+
+
+@pytest.mark.parametrize('normalization, freeze_epochs', [('prior', 1), ('center', 0)])
+def test_one_step_equals_kldinos(normalization, freeze_epochs):
+  config = _config(normalization, freeze_epochs)
+  state, losses, params, baseline, lr = _steps_of_both(config)
+  np.testing.assert_allclose(*losses[0], rtol=1e-5)
+  _assert_same_models(state, baseline, params, lr)
   prototypes = "['head']['prototypes']"
   moved = not np.array_equal(_leaves(state.student)[prototypes], params['head']['prototypes'])
   assert moved == (freeze_epochs == 0)  # frozen prototypes do not move in either
   if normalization == 'center':
-    np.testing.assert_allclose(baseline.center.numpy(),
+    np.testing.assert_allclose(baseline.norm_state['image']['center'].numpy(),
                                np.asarray(state.norm_state['center']),
                                rtol=1e-5,
                                atol=1e-7)
 
 
-def test_local_crops_resize_the_position_embeddings_as_dino():
-  """Smaller crops get DINO's bicubic resize of the learned position table (a = -0.75)."""
-  model = torch_baseline.VisionTransformer(16, 4, CHANNELS, 32, 2, 2)
-  table = model.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
-  resized = torch.nn.functional.interpolate(table, size=(2, 2), mode='bicubic', align_corners=False)
-  got = model._position_embedding(2, 2)
-  assert got.shape == (1, 5, 32)
-  torch.testing.assert_close(got[:, 1:], resized.permute(0, 2, 3, 1).reshape(1, 4, 32))
-  assert model(torch.zeros(3, CHANNELS, 8, 8)).shape == (3, 32)
+def _dinov2_config(patch_normalization: str, separate_head: bool):
+  """DINOv2's step on a nano ViT: every option the baseline builds beyond DINO's, each set so
+  that a difference shows within two steps."""
+  config = _config('center', freeze_epochs=0)
+  config.model.update(layerscale=0.5,
+                      ffn='swiglu',
+                      num_registers=2,
+                      mask_token=True,
+                      drop_path_uniform=True,
+                      pos_interpolation='torch',
+                      interpolate_offset=0.1,
+                      interpolate_antialias=True,
+                      norm_last_layer=False)
+  config.aug.local_size = 8  # the position table resized as DINOv2 resizes it
+  config.objective.update(patch_normalization=patch_normalization,
+                          koleo_weight=0.1,
+                          koleo_group_size=4,
+                          teacher_temp=0.04,
+                          teacher_temp_warmup='per_step')
+  config.objective.ibot.update(loss_weight=0.7, separate_head=separate_head)
+  # A clip that binds (it rescales the two steps' gradients differently, which Adam's second step
+  # sees), DINOv2's lr scaling and parameter groups.
+  config.optim.update(clip_grad=0.05,
+                      clip_mode='per_module',
+                      lr_scaling='sqrt_wrt_1024',
+                      layerwise_decay=0.5,
+                      patch_embed_lr_mult=0.2)
+  return config
+
+
+@pytest.mark.parametrize('patch_normalization, separate_head', [('prior', False),
+                                                                ('center', True)])
+def test_two_dinov2_steps_equal_kldinos(patch_normalization, separate_head):
+  """iBOT (shared or separate head), KoLeo per group, LayerScale, SwiGLU, registers, the mask
+  token, DINOv2's interpolation, the learned prototype gain, per-module clipping and DINOv2's
+  parameter groups: two steps of each give the same losses, students, teachers and centers."""
+  config = _dinov2_config(patch_normalization, separate_head)
+  state, losses, params, baseline, lr = _steps_of_both(config, steps=2)
+  for expected, got in losses:
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+  _assert_same_models(state, baseline, params, lr)
+  for kind, kldino_state in (('image', state.norm_state), ('patch', state.norm_state['patch'])):
+    np.testing.assert_allclose(baseline.norm_state[kind]['center'].numpy(),
+                               np.asarray(kldino_state['center']),
+                               rtol=1e-5,
+                               atol=1e-7)
+  # The patch center moves with its own normalisation only.
+  assert np.any(np.asarray(state.norm_state['patch']['center'])) == (patch_normalization == 'center')
 
 
 def test_configs_it_does_not_build_are_named():
