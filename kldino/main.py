@@ -32,7 +32,7 @@ _MODE_FLAGS = {
     'split': 'the split (default: data.eval_split)',
     'num_images': 'how many images of the split',
     'inputs': 'a .npy of float32 NHWC images, already preprocessed (no augmentation, no resizing)',
-    'import_from': 'an official DINO .pth file',
+    'import_from': 'an official DINO or DINOv2 .pth file',
 }
 
 

@@ -164,6 +164,18 @@ class DinoVisionTransformer(nn.Module):
     }
 
 
+  def get_intermediate_layers(self, x, n=1):
+    """DINOv2's get_intermediate_layers(x, n, return_class_token=True, norm=True): (patch tokens,
+    class token) of each of the last n blocks, through the final norm."""
+    x = self.prepare_tokens_with_masks(x)
+    outputs = []
+    for index, block in enumerate(self.blocks):
+      x = block(x)
+      if index >= len(self.blocks) - n:
+        outputs.append(self.norm(x))
+    return [(out[:, 1 + self.num_register_tokens:], out[:, 0]) for out in outputs]
+
+
 # DINOv2's losses (dinov2/loss/ibot_patch_loss.py, koleo_loss.py), one process.
 
 

@@ -365,6 +365,7 @@ VIT_SIZES = {
     'vit_small': dict(dim=384, depth=12, num_heads=6),
     'vit_base': dict(dim=768, depth=12, num_heads=12),
     'vit_large': dict(dim=1024, depth=24, num_heads=16),
+    'vit_giant2': dict(dim=1536, depth=40, num_heads=24),  # DINOv2's ViT-g (64 per head)
 }
 
 

@@ -65,7 +65,7 @@ _register('export',
           **_CHECKPOINT)
 _register('import',
           module='import_dino',
-          summary="an official DINO .pth as the workdir's step-0 checkpoint",
+          summary="an official DINO or DINOv2 .pth as the workdir's step-0 checkpoint",
           flags=('import_from',),
           required=('import_from',),
           writes_workdir=True)

@@ -1,16 +1,17 @@
-"""`--mode=import`: official DINO (PyTorch) ViT weights -> the workdir's step-0 checkpoint, whose
-student and teacher backbones hold them (the head is freshly initialised; no dataset is read).
+"""`--mode=import`: official DINO or DINOv2 (PyTorch) ViT weights -> the workdir's step-0
+checkpoint, whose student and teacher backbones hold them (the head is freshly initialised; no
+dataset is read).
 
-The state dict of DINO's `vision_transformer.VisionTransformer` (the `module.` and `backbone.`
-prefixes of its training checkpoints stripped, the `head.*` keys skipped) maps key by key onto
-kldino's ViT: linear weights [out, in] become kernels [in, out], the OIHW patch convolution an
-HWIO kernel, and the qkv features keep PyTorch's [3, heads, head_dim] order. The table of keys:
-docs/checkpoints.md ("Import mapping").
+The state dict of DINO's `vision_transformer.VisionTransformer` or DINOv2's
+`DinoVisionTransformer` (the `module.` and `backbone.` prefixes of training checkpoints stripped,
+the `head.*` keys skipped) maps key by key onto kldino's ViT (kldino/models/torch_layout.py).
+The architecture it holds (width, depth, patch, position grid, registers, LayerScale, SwiGLU,
+mask token) is read from its keys and shapes first: a config that builds another is refused in
+one line naming the published model it matches (`--config=configs/pretrained.py:NAME`).
 """
 from __future__ import annotations
 
 import os
-import re
 
 import jax
 import numpy as np
@@ -19,16 +20,11 @@ from absl import logging
 from kldino import checkpoint as checkpoint_lib
 from kldino.core import program as program_lib
 from kldino.errors import ConfigError
+from kldino.models import hub
+from kldino.models import torch_layout
 from kldino.run import Run
 
-# DINO's and DINOv2's block keys; DINOv2's training checkpoints chunk the blocks for FSDP
-# (blocks.<chunk>.<index>.*), its hub files do not.
-_BLOCK = re.compile(
-    r'^blocks\.(?:\d+\.)?(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|'
-    r'mlp\.w12|mlp\.w3|ls1|ls2)\.(weight|bias|gamma)$')
-# DINOv2's tokens, in kldino's layout already.
-_TOKENS = ('cls_token', 'pos_embed', 'register_tokens', 'mask_token')
-_SKIPPED_PREFIXES = ('head.',)
+_SKIPPED_PREFIXES = ('head.', 'dino_head.', 'ibot_head.')  # DINO's and DINOv2's heads
 _STRIPPED_PREFIXES = ('module.', 'backbone.')
 
 
@@ -54,35 +50,6 @@ def backbone_state_dict(checkpoint: dict, *, which: str = 'teacher') -> dict:
   }
 
 
-def _linear(weight: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(weight.T)
-
-
-def _target(key: str, value: np.ndarray) -> tuple[tuple, np.ndarray]:
-  """(kldino path, array in kldino's layout) of one PyTorch tensor."""
-  if key in _TOKENS:
-    return (key,), value
-  if key == 'patch_embed.proj.weight':
-    return ('patch_embed', 'kernel'), np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-  if key == 'patch_embed.proj.bias':
-    return ('patch_embed', 'bias'), value
-  if key in ('norm.weight', 'norm.bias'):
-    return ('norm', 'scale' if key.endswith('weight') else 'bias'), value
-  match = _BLOCK.match(key)
-  if match is None:
-    raise ValueError(f"unexpected key '{key}' in the DINO state dict: only ViT backbone keys "
-                     '(cls_token, pos_embed, register_tokens, mask_token, patch_embed.*, '
-                     'blocks.*, norm.*) can be imported')
-  index, module, kind = match.groups()
-  path = ('blocks', int(index), *module.split('.'))
-  if module.startswith('norm'):
-    return (*path, 'scale' if kind == 'weight' else 'bias'), value
-  if kind == 'gamma':  # LayerScale
-    return (*path, 'gamma'), value
-  return (*path,
-          'kernel' if kind == 'weight' else 'bias'), (_linear(value) if kind == 'weight' else value)
-
-
 def convert(state_dict: dict, backbone_params: dict) -> dict:
   """A copy of `backbone_params` (kldino's pure dict) with every tensor from `state_dict`.
 
@@ -91,7 +58,7 @@ def convert(state_dict: dict, backbone_params: dict) -> dict:
   """
   converted = {}
   for key, value in state_dict.items():
-    path, array = _target(key, np.asarray(value, dtype=np.float32))
+    path, array = torch_layout.kldino_entry(key, np.asarray(value, dtype=np.float32))
     node = converted
     for part in path[:-1]:
       node = node.setdefault(part, {})
@@ -124,7 +91,8 @@ def convert(state_dict: dict, backbone_params: dict) -> dict:
 
 def _read_torch_checkpoint(path: str) -> dict:
   if not os.path.isfile(path):
-    raise ConfigError(f'--import_from={path} does not exist: pass an official DINO .pth file')
+    raise ConfigError(f'--import_from={path} does not exist: pass an official DINO or DINOv2 .pth '
+                      'file')
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -135,21 +103,40 @@ def _read_torch_checkpoint(path: str) -> dict:
   except Exception as error:  # pylint: disable=broad-except  # torch raises many kinds
     raise ConfigError(
         f'--import_from={path} is not a PyTorch checkpoint that loads without '
-        f'running code ({type(error).__name__}): pass an official DINO .pth file') from None
+        f'running code ({type(error).__name__}): pass an official DINO or DINOv2 .pth file') from None
   if not isinstance(checkpoint, dict):
     raise ConfigError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
   state_dict = backbone_state_dict(checkpoint)
   not_tensors = sorted(key for key, value in state_dict.items() if not hasattr(value, 'numpy'))
   if not_tensors:
     raise ConfigError(f'--import_from={path} is not a DINO backbone: {not_tensors[0]!r} is not '
-                      'a tensor; pass an official DINO .pth file (a backbone or a training '
+                      'a tensor; pass an official DINO or DINOv2 .pth file (a backbone or a training '
                       'checkpoint)')
   return {key: value.float().numpy() for key, value in state_dict.items()}
+
+
+def check_architecture(state_dict: dict, config, path: str):
+  """ConfigError when the state dict holds another ViT than `config` builds: what differs, and
+  the published models of that architecture (configs/pretrained.py's names)."""
+  found = torch_layout.describe(state_dict)
+  expected = hub.architecture(config.model, config.aug.global_size)
+  differences = [
+      f'{key} {found[key]} (config: {expected[key]})' for key in found if found[key] != expected[key]
+  ]
+  if not differences:
+    return
+  names = hub.matching(found)
+  fix = (f'pass --config=configs/pretrained.py:{names[0]}' if names else
+         'set model.name, patch_size, num_registers, layerscale, ffn, mask_token and '
+         'aug.global_size (the position grid x patch_size) to match it')
+  raise ConfigError(f'{path} holds another ViT than this config builds: ' +
+                    ', '.join(differences) + f'; {fix}')
 
 
 def run(config, workdir: str, *, import_from: str) -> dict:
   """A step-0 checkpoint whose student and teacher backbones hold the imported weights."""
   state_dict = _read_torch_checkpoint(import_from)
+  check_architecture(state_dict, config, import_from)
   opened = Run(config, workdir)
   if opened.checkpointer.all_steps():
     raise ConfigError(f'{workdir} already has checkpoints (steps '

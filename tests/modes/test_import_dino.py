@@ -157,7 +157,7 @@ def test_import_refuses_the_wrong_architecture_and_a_used_workdir(imported_workd
     import_mode.run(smoke_config(), workdir, import_from=path)
   config = smoke_config()
   config.model.name = 'vit_micro'
-  with pytest.raises(ConfigError, match='shape'):
+  with pytest.raises(ConfigError, match=r'dim 32 \(config: 128\), depth 2 \(config: 4\)'):
     import_mode.run(config, str(tmp_path / 'other'), import_from=path)
 
 
