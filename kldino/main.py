@@ -33,6 +33,8 @@ _MODE_FLAGS = {
     'num_images': 'how many images of the split',
     'inputs': 'a .npy of float32 NHWC images, already preprocessed (no augmentation, no resizing)',
     'import_from': 'an official DINO or DINOv2 .pth file',
+    'format': "'npz' (kldino's) or 'pth' (a PyTorch state dict in the official DINO or DINOv2 "
+              'layout)',
 }
 
 
@@ -58,6 +60,7 @@ _MODE_VALUES = {
     'num_images': flags.DEFINE_integer('num_images', 8, _flag_help('num_images'), lower_bound=1),
     'inputs': flags.DEFINE_string('inputs', None, _flag_help('inputs')),
     'import_from': flags.DEFINE_string('import_from', None, _flag_help('import_from')),
+    'format': flags.DEFINE_string('format', 'npz', _flag_help('format')),
     'output': _OUTPUT,
 }
 _COORDINATOR = flags.DEFINE_string(

@@ -60,9 +60,11 @@ _register('features',
           reads_workdir_config=True,
           flags=('step', 'output', 'split', 'inputs'))
 _register('export',
-          summary="a checkpoint's teacher backbone as an .npz",
-          output='.npz path (default DIR/backbone_step<S>.npz)',
-          **_CHECKPOINT)
+          summary="a checkpoint's teacher backbone as an .npz, or with --format=pth a PyTorch "
+          'state dict in the official layout',
+          output='.npz / .pth path (default DIR/backbone_step<S>.<format>)',
+          reads_workdir_config=True,
+          flags=('step', 'output', 'format'))
 _register('import',
           module='import_dino',
           summary="an official DINO or DINOv2 .pth as the workdir's step-0 checkpoint",

@@ -1,7 +1,10 @@
 """`--mode=export`: a checkpoint's teacher backbone as one portable file, for downstream use
-without kldino's train state.
+without kldino's train state: `--format=npz` (the default) or `--format=pth`, a PyTorch state
+dict in the official layout of its family, which DINO's `VisionTransformer` (a plain ViT) or
+DINOv2's `DinoVisionTransformer` (a ViT with LayerScale, SwiGLU, registers or a mask token) loads
+with strict=True (docs/checkpoints.md).
 
-Format (`np.load(path)` reads it; no pickle): one float32 array per backbone parameter named by
+The npz (`np.load(path)` reads it; no pickle): one float32 array per backbone parameter named by
 its path below `backbone/` with '/' separators (`cls_token`, `patch_embed/kernel`,
 `blocks/0/attn/qkv/kernel`, ...; flax layouts: linear kernels [in, out], convolution kernels
 [kh, kw, in, out], qkv outputs [3, heads, head_dim]), and `__meta__`, a JSON string: {"format": 1,
@@ -19,7 +22,10 @@ import numpy as np
 from flax import nnx
 
 from kldino.config.workdir import upgrade
+from kldino.errors import ConfigError
+from kldino.models import torch_layout
 from kldino.models.registry import build_backbone
+from kldino.models.vit import VIT_SIZES
 from kldino.run import Run
 
 FORMAT = 1
@@ -93,10 +99,44 @@ def load_backbone(path: str):
   return backbone, meta
 
 
-def run(config, workdir: str, *, step: int | None, output: str | None) -> dict:
+FORMATS = ('npz', 'pth')
+
+
+def export_torch(path: str, backbone_params: dict, model_config):
+  """The backbone as a PyTorch state dict in its family's official layout (DINO's ViT, or DINOv2's
+  DinoVisionTransformer for a ViT with its options: kldino/models/torch_layout.py)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError('--format=pth needs PyTorch: pip install torch==2.13.0 '
+                      "(or pip install -e '.[torch]'), or export --format=npz") from None
+  if model_config.name not in VIT_SIZES:
+    raise ConfigError(f"--format=pth writes ViTs; model.name='{model_config.name}' has no "
+                      'official PyTorch layout: export it with --format=npz')
+  try:
+    state = torch_layout.to_official(jax.device_get(backbone_params),
+                                     dinov2=torch_layout.uses_dinov2_layout(model_config))
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  torch.save({key: torch.from_numpy(np.array(value, np.float32)) for key, value in state.items()},
+             path)
+
+
+def run(config,
+        workdir: str,
+        *,
+        step: int | None,
+        output: str | None,
+        format: str = 'npz') -> dict:  # pylint: disable=redefined-builtin  # the flag's name
+  if format not in FORMATS:
+    raise ConfigError(f"--format={format}: choose one of {', '.join(FORMATS)}")
   opened = Run(config, workdir)
   teacher, step = opened.restore_teacher(step)
-  output = output or os.path.join(workdir, f'backbone_step{step}.npz')
+  output = output or os.path.join(workdir, f'backbone_step{step}.{format}')
+  if format == 'pth':
+    if jax.process_index() == 0:
+      export_torch(output, teacher['backbone'], config.model)
+    return {'export': output, 'step': step, 'format': format}
   feature_dim = nnx.merge(opened.graphdef, teacher).backbone.num_features
   if jax.process_index() == 0:
     export_backbone(output,
@@ -108,4 +148,4 @@ def run(config, workdir: str, *, step: int | None, output: str | None) -> dict:
                     step=step,
                     mean=config.data.mean,
                     std=config.data.std)
-  return {'export': output, 'step': step}
+  return {'export': output, 'step': step, 'format': format}

@@ -161,6 +161,24 @@ def test_import_refuses_the_wrong_architecture_and_a_used_workdir(imported_workd
     import_mode.run(config, str(tmp_path / 'other'), import_from=path)
 
 
+def test_export_pth_is_dinos_layout_with_the_imported_tensors(imported_workdir, tmp_path):
+  """--format=pth of a plain ViT: DINO's VisionTransformer loads it with strict=True, and every
+  tensor is the one imported."""
+  model, workdir, _, _ = imported_workdir
+  written = export_mode.run(smoke_config(),
+                            workdir,
+                            step=None,
+                            output=str(tmp_path / 'teacher.pth'),
+                            format='pth')
+  state = torch.load(written['export'], weights_only=True)
+  reloaded = VisionTransformer(IMAGE, PATCH, CHANNELS, DIM, DEPTH, HEADS)
+  reloaded.load_state_dict(state, strict=True)
+  for key, value in model.state_dict().items():
+    torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+  with pytest.raises(ConfigError, match='--format=jpg: choose one of npz, pth'):
+    export_mode.run(smoke_config(), workdir, step=None, output=None, format='jpg')
+
+
 def test_import_export_and_array_features_read_no_dataset(tmp_path):
   """import, export and features of --inputs need the config and the weights only: an
   unprepared TFDS dataset (as imagenet2012 before its preparation) is never opened."""

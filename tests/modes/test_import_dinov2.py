@@ -12,6 +12,7 @@ from configs import pretrained
 from kldino.errors import ConfigError
 from kldino.models import hub
 from kldino.models import torch_layout
+from kldino.modes import export as export_mode
 from kldino.modes import import_dino as import_mode
 from kldino.run import Run
 from tests import torch_dinov2
@@ -51,7 +52,7 @@ def imported(tmp_path_factory):
   import_mode.run(pretrained.get_config(NAME), workdir, import_from=path)
   opened = Run(pretrained.get_config(NAME), workdir)
   teacher, _ = opened.restore_teacher(None)
-  return reference, nnx.merge(opened.graphdef, teacher).backbone, path
+  return reference, nnx.merge(opened.graphdef, teacher).backbone, path, workdir
 
 
 def _relative_error(got, expected) -> float:
@@ -61,7 +62,7 @@ def _relative_error(got, expected) -> float:
 @pytest.mark.parametrize('size', [224, 448])
 def test_imported_features_equal_the_official_models(imported, size):
   """CLS, patch tokens (registers left out) and DINOv2's 4-last-blocks linear feature."""
-  reference, backbone, _ = imported
+  reference, backbone, _, _ = imported
   images = np.random.default_rng(size).standard_normal((2, size, size, 3)).astype(np.float32)
   with torch.no_grad():
     nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -76,7 +77,7 @@ def test_imported_features_equal_the_official_models(imported, size):
 
 
 def test_a_config_of_another_architecture_names_the_hub_config(imported, tmp_path):
-  _, _, path = imported
+  _, _, path, _ = imported
   with pytest.raises(ConfigError, match=r'patch_size 14 \(config: 16\).*'
                      r'configs/pretrained.py:dinov2_vits14_reg$'):
     import_mode.run(imagenet_vit_s16.get_config(), str(tmp_path / 'run'), import_from=path)
@@ -92,3 +93,19 @@ def test_each_hub_name_builds_its_architecture_and_names_it_alone():
       hub.HUB_MODELS['dinov2_vits14'], 518)
   with pytest.raises(ValueError, match="':NAME' with NAME in dino_vits16"):
     pretrained.get_config('dinov2_vith14')
+
+
+def test_export_pth_gives_back_the_official_state_dict(imported, tmp_path):
+  """--format=pth of the imported run: DINOv2's layout, loaded with strict=True, every tensor
+  the one imported."""
+  _, _, path, workdir = imported
+  written = export_mode.run(pretrained.get_config(NAME),
+                            workdir,
+                            step=None,
+                            output=str(tmp_path / 'teacher.pth'),
+                            format='pth')
+  state = torch.load(written['export'], weights_only=True)
+  reloaded = _reference(seed=1)
+  reloaded.load_state_dict(state, strict=True)
+  for key, value in torch.load(path, weights_only=True).items():
+    torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)

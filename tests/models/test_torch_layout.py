@@ -1,0 +1,82 @@
+"""kldino/models/torch_layout.py: kldino's ViT parameters in the official PyTorch layouts. A
+DINOv2-style ViT exported from kldino loads into tests/torch_dinov2.py's transcription with
+strict=True and gives kldino's features; a plain one into DINO's layout
+(kldino/tools/torch_models.py's VisionTransformer, DINO's names)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from kldino.models import torch_layout
+from kldino.models.registry import build_backbone
+from kldino.modes import import_dino
+from kldino.tools.torch_models import VisionTransformer
+from tests import torch_dinov2
+from tests.helpers import tiny_config
+
+
+def _backbone(**model_options):
+  config = tiny_config(**model_options)
+  backbone = build_backbone(config.model, in_channels=3, image_size=16, rngs=nnx.Rngs(7))
+  state = nnx.state(backbone, nnx.Param)
+  params = nnx.to_pure_dict(state)
+  # Every tensor random (LayerScale and the registers start near 0), so that none misplaced hides.
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(0)
+  params = treedef.unflatten(
+      [(0.3 * rng.standard_normal(np.shape(leaf))).astype(np.float32) for leaf in leaves])
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(backbone, state)
+  return config, backbone, params
+
+
+@pytest.mark.parametrize('options', [
+    dict(layerscale=0.5, ffn='swiglu', num_registers=2, pos_interpolation='torch',
+         interpolate_offset=0.1),
+    dict(layerscale=0.5, ffn='mlp', num_registers=0, mask_token=False),
+])
+def test_a_dinov2_style_vit_loads_strictly_into_dinov2s_layout(options):
+  config, backbone, params = _backbone(**options)
+  state = torch_layout.to_official(params, dinov2=torch_layout.uses_dinov2_layout(config.model))
+  reference = torch_dinov2.DinoVisionTransformer(img_size=16, patch_size=4, in_chans=3, dim=32,
+                                                 depth=2, num_heads=2, ffn=options['ffn'],
+                                                 init_values=0.5,
+                                                 num_register_tokens=options['num_registers'],
+                                                 interpolate_offset=0.1).eval()
+  reference.load_state_dict({key: torch.from_numpy(np.asarray(value, np.float32))
+                             for key, value in state.items()}, strict=True)
+  images = np.random.default_rng(1).standard_normal((3, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
+  cls, patches = backbone.tokens(jnp.asarray(images))
+  np.testing.assert_allclose(cls, expected['x_norm_clstoken'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(patches, expected['x_norm_patchtokens'], rtol=1e-5, atol=1e-5)
+  if not options.get('mask_token', True):  # DINOv2's model always holds one: zeros
+    np.testing.assert_array_equal(state['mask_token'], np.zeros((1, 32)))
+
+
+def test_a_plain_vit_loads_strictly_into_dinos_layout_and_converts_back():
+  config, backbone, params = _backbone()
+  assert not torch_layout.uses_dinov2_layout(config.model)
+  state = torch_layout.to_official(params, dinov2=False)
+  model = VisionTransformer(16, 4, 3, 32, 2, 2).eval()
+  model.load_state_dict({key: torch.from_numpy(np.asarray(value, np.float32))
+                         for key, value in state.items()}, strict=True)
+  images = np.random.default_rng(2).standard_normal((3, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(backbone(jnp.asarray(images)), expected, rtol=1e-5, atol=1e-5)
+  back = import_dino.convert(state, params)
+  for path, value in torch_layout._leaves(params):
+    node = back
+    for part in path:
+      node = node[part]
+    np.testing.assert_array_equal(node, value)
+
+
+def test_the_conv_stem_has_no_official_layout():
+  _, _, params = _backbone(stem='conv')
+  with pytest.raises(ValueError, match='--format=npz'):
+    torch_layout.to_official(params, dinov2=False)
