@@ -132,5 +132,5 @@ def test_a_small_or_flat_foreground_gives_black_not_nan():
 def test_fewer_than_four_patches_are_refused():
   with pytest.raises(ValueError, match='at least 4, got 3'):
     pca.patch_pca(np.zeros((3, 1, 8)), (1, 1))
-  assert pca.patch_pca(np.random.default_rng(5).standard_normal((4, 1, 8)), (1, 1)).shape == (4, 1,
-                                                                                              4)
+  assert pca.patch_pca(np.random.default_rng(5).standard_normal((4, 1, 8)),
+                       (1, 1)).shape == (4, 1, 4)
