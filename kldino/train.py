@@ -34,13 +34,14 @@ from kldino.data import pipeline
 from kldino.errors import CollapseStopped, ConfigError, NonFiniteLoss
 from kldino.evaluate import pictures
 from kldino.evaluate.evaluators import Evaluators, evaluate, write_eval_json
+from kldino.evaluate.pca import patch_pca
 from kldino.models import forward
 from kldino.models.vit import VIT_SIZES
 from kldino.runtime import files
 from kldino.runtime import host_memory
 from kldino.runtime import signals
 
-# Examples whose crops (first batch) and attention maps (evaluations) TensorBoard shows.
+# Examples whose crops (first batch), attention maps and PCA (evaluations) TensorBoard shows.
 _PICTURES = 4
 
 
@@ -340,9 +341,9 @@ class Trainer:
     return itertools.chain([first], batches)
 
   @functools.cached_property
-  def _attention_inputs(self):
-    """The evaluation views of the eval split's first _PICTURES images and the jitted attention
-    of a teacher on them (every process passes the same images: replicated)."""
+  def _picture_inputs(self):
+    """The evaluation views of the eval split's first _PICTURES images and the jitted (attention,
+    patch tokens) of a teacher on them (every process passes the same images: replicated)."""
     views = pipeline.preview_views(self.source,
                                    self.config.data.eval_split,
                                    self.config,
@@ -350,31 +351,43 @@ class Trainer:
                                    crops=False)
     images = np.stack([view['eval'] for view in views])
     replicated = sharding.replicated(self.mesh)
-    attention = jax.jit(lambda teacher, batch: forward.cls_attention(self.graphdef, teacher, batch),
-                        in_shardings=(self.program.state_shardings.teacher, replicated),
-                        out_shardings=replicated)
-    return images, attention
+    outputs = jax.jit(lambda teacher, batch: (forward.cls_attention(self.graphdef, teacher, batch),
+                                              forward.patch_tokens(self.graphdef, teacher, batch)),
+                      in_shardings=(self.program.state_shardings.teacher, replicated),
+                      out_shardings=replicated)
+    return images, outputs
 
-  def _write_attention(self, teacher, step: int):
-    """The teacher's attention maps of a fixed eval batch (kldino/evaluate/pictures.py), ViTs
-    only."""
+  def _write_pictures(self, teacher, step: int):
+    """The teacher's attention maps and the PCA of its patch tokens (kldino/evaluate/pca.py, one
+    PCA over the batch's patches) of a fixed eval batch, drawn as --mode=attention and --mode=pca
+    draw them; ViTs only."""
     if self.config.model.name not in VIT_SIZES:
       return
-    images, attention = self._attention_inputs
-    maps = np.asarray(jax.device_get(attention(teacher, images)))
+    images, outputs = self._picture_inputs
+    maps, tokens = jax.device_get(outputs(teacher, images))
     side = images.shape[1] // self.config.model.patch_size
     mean, std = self.config.data.mean, self.config.data.std
-    drawn = [
-        np.asarray(pictures.picture(pictures.to_uint8(image, mean, std), image_maps, (side, side)))
-        for image, image_maps in zip(images, maps)
-    ]
-    self.writer.write_images(step, {'attention/teacher': np.stack(drawn)})
+    pixels = [pictures.to_uint8(image, mean, std) for image in images]
+    components = patch_pca(np.asarray(tokens), (side, side))
+    self.writer.write_images(
+        step, {
+            'attention/teacher':
+                np.stack([
+                    np.asarray(pictures.picture(image, image_maps, (side, side)))
+                    for image, image_maps in zip(pixels, maps)
+                ]),
+            'pca/teacher':
+                np.stack([
+                    np.asarray(pictures.pca_picture(image, image_pca, (side, side)))
+                    for image, image_pca in zip(pixels, components)
+                ])
+        })
 
   # --------------------------------------------------------------------------- evaluation
 
   def evaluate(self, teacher, step: int, *, epochs_done: int | None = None) -> dict:
     """The final evaluators (config.evals) on `teacher`, or with `epochs_done` the periodic ones
-    due then ({} if none); scalars and the attention maps also go to TensorBoard."""
+    due then ({} if none); scalars, the attention maps and the PCA also go to TensorBoard."""
     results = evaluate(self.evaluators,
                        teacher,
                        step,
@@ -384,7 +397,7 @@ class Trainer:
       self.writer.write_scalars(step, {
           f'eval/{k}': v for k, v in results.items() if isinstance(v, float)
       })
-      self._write_attention(teacher, step)
+      self._write_pictures(teacher, step)
       self.writer.flush()
     return results
 

@@ -1,10 +1,12 @@
 """Pictures of what the model sees and where it looks, as uint8 arrays and PIL images: views
 de-normalised, grids of views, and DINO's attention maps (visualize_attention.py) with their 60 %
-mass threshold. --mode=preview, --mode=attention and TensorBoard draw with them.
+mass threshold, and DINOv2's PCA of the patch tokens (kldino/evaluate/pca.py). --mode=preview,
+--mode=attention, --mode=pca and TensorBoard draw with them.
 
 An attention picture has two rows: the image, each head's map, the heads' mean; then the image
 kept where each map's mass threshold keeps it. A map is drawn per patch (nearest, each patch a
-square of the image), its values scaled from its own minimum to its maximum.
+square of the image), its values scaled from its own minimum to its maximum. A PCA picture is one
+row: the image, its first component (as a map), its RGB components (background black).
 """
 from __future__ import annotations
 
@@ -60,8 +62,8 @@ def mass_threshold(attention: np.ndarray, keep: float = KEEP_MASS) -> np.ndarray
 
 
 def _enlarge(patch_map: np.ndarray, height: int, width: int) -> np.ndarray:
-  """A [h, w] map to the image's [height, width], each patch a block."""
-  rows, columns = patch_map.shape
+  """A [h, w, ...] map to the image's [height, width, ...], each patch a block."""
+  rows, columns = patch_map.shape[:2]
   return np.repeat(np.repeat(patch_map, height // rows, axis=0), width // columns, axis=1)
 
 
@@ -92,3 +94,20 @@ def picture(image: np.ndarray, attention: np.ndarray, patch_grid: tuple[int, int
       ..., None]).astype(np.uint8)
   bottom = [image] + [dimmed(mask) for mask in kept]
   return grid([top, bottom])
+
+
+def pca_picture(image: np.ndarray, pca: np.ndarray, patch_grid: tuple[int, int]):
+  """The PNG of one image (uint8 [H, W, C]) and its PCA [patches, 4] (kldino/evaluate/pca.py's
+  layout), as a PIL image."""
+  return grid([pca_row(image, pca, patch_grid)])
+
+
+def pca_row(image: np.ndarray, pca: np.ndarray, patch_grid: tuple[int, int]) -> list[np.ndarray]:
+  """The cells of one image's PCA picture (module docstring), uint8."""
+  height, width = image.shape[:2]
+  colours = np.round(pca[:, 1:4].reshape(*patch_grid, 3) * 255).astype(np.uint8)
+  return [
+      _rgb(image),
+      _heat(pca[:, 0].reshape(patch_grid), height, width),
+      _enlarge(colours, height, width)
+  ]

@@ -52,6 +52,12 @@ def cls_attention(graphdef, params, images):
   return model.backbone.cls_attention(images.astype(model.compute_dtype)).astype(jnp.float32)
 
 
+def patch_tokens(graphdef, params, images):
+  """The backbone's (a ViT's) patch tokens after the final norm, registers left out,
+  [N, patches, D] float32 (patches row-major over the grid; ViT.tokens)."""
+  return _tokens(_merge(graphdef, params), images)[1]
+
+
 def unit_prototypes(graphdef, params):
   """The prototypes as the head uses them ([bottleneck, K], unit columns, centered if asked)."""
   return nnx.merge(graphdef, params).head.unit_prototypes()

@@ -41,6 +41,11 @@ def _register(name: str, **spec):
 
 
 _CHECKPOINT = dict(reads_workdir_config=True, flags=('step', 'output'))
+# The modes that draw what a checkpoint's ViT teacher makes of images, into a folder.
+_PICTURES = dict(output_is_folder=True,
+                 reads_workdir_config=True,
+                 flags=('step', 'output', 'split', 'num_images', 'inputs'),
+                 required=('output',))
 
 _register('train',
           summary='train (resuming from the latest checkpoint), then evaluate the teacher',
@@ -81,10 +86,11 @@ _register('preview',
 _register('attention',
           summary="the teacher's last-block CLS attention per head, as .npy and PNGs",
           output='the folder for attention.npy, index.json and the PNGs',
-          output_is_folder=True,
-          reads_workdir_config=True,
-          flags=('step', 'output', 'split', 'num_images', 'inputs'),
-          required=('output',))
+          **_PICTURES)
+_register('pca',
+          summary="DINOv2's PCA of the teacher's patch tokens (foreground, RGB), as .npy and PNGs",
+          output='the folder for pca.npy, index.json, the PNGs and sheet.png',
+          **_PICTURES)
 _register('plan',
           summary="whether the config fits its hardware (hardware.*) and how long it takes",
           needs_workdir=False,

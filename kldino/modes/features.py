@@ -1,8 +1,10 @@
 """`--mode=features`: the teacher backbone's features (eval.n_last_blocks, eval.avgpool_patchtokens)
 of a checkpoint, with their labels, for a split or for a float32 NHWC .npy of already-preprocessed
-images (--inputs: no dataset is read) -> .npy files."""
+images (--inputs: no dataset is read) -> .npy files. Also what the modes that draw a ViT teacher's
+view of images (attention, pca) share: their images, the teacher's outputs, the index they write."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -10,11 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kldino.core import sharding
+from kldino.data import pipeline
 from kldino.errors import ConfigError
 from kldino.evaluate import bank as bank_lib
 from kldino.evaluate.evaluators import SplitBanks
+from kldino.evaluate.pictures import to_uint8
 from kldino.models import forward
 from kldino.models import validate_model_config
+from kldino.models.vit import VIT_SIZES
 from kldino.run import Run
 
 
@@ -61,6 +66,68 @@ def batched(opened: Run, teacher, images: np.ndarray, forward_fn) -> np.ndarray:
         [chunk, np.zeros((batch_size - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)])
     outputs.append(np.asarray(features_fn(teacher, jnp.asarray(padded)))[:chunk.shape[0]])
   return np.concatenate(outputs)
+
+
+def _eval_images(opened: Run, split: str | None, num_images: int, inputs: str | None):
+  """The images to look at, normalised, as the backbone takes them, and their index entries."""
+  config = opened.config
+  if inputs:
+    images = load_inputs(inputs, config, opened.in_channels)
+    return images, [{
+        'file': f'{os.path.abspath(inputs)}[{i}]',
+        'label': None
+    } for i in range(len(images))]
+  split = split or config.data.eval_split
+  try:
+    opened.source.num_examples(split)
+  except ValueError as error:
+    raise ConfigError(f'--split={split}: {error}') from None
+  views = list(pipeline.preview_views(opened.source, split, config, num_images, crops=False))
+  if not views:
+    raise ConfigError(f"--split={split} has no image that decodes: choose another split")
+  return (np.stack([view['eval'] for view in views]), [{
+      'file': view['file'],
+      'label': int(view['label'])
+  } for view in views])
+
+
+def vit_images(config, workdir: str, *, mode: str, shows: str, split: str | None, num_images: int,
+               inputs: str | None) -> tuple[Run, np.ndarray, list[dict]]:
+  """(the Run, the images, their index entries) of a mode that draws what a ViT teacher makes of
+  --inputs or of a split's first --num_images evaluation views; `shows` (what it draws, which
+  other backbones lack) words its refusal of a model that is no ViT."""
+  if config.model.name not in VIT_SIZES:
+    raise ConfigError(f'--mode={mode} shows {shows}: model.name={config.model.name} has none; '
+                      'use it on a run of a vit_* model')
+  if inputs and split:
+    raise ConfigError(f'--mode={mode} takes --inputs=X.npy or --split=S, not both')
+  if jax.process_count() > 1:
+    raise ConfigError(f'--mode={mode} runs on one process: run it without jax.distributed')
+  opened = Run(config, workdir)
+  return (opened, *_eval_images(opened, split, num_images, inputs))
+
+
+def teacher_outputs(opened: Run, step: int | None, images: np.ndarray, forward_fn):
+  """(forward_fn(graphdef, params, images) of the checkpoint's teacher, as numpy, its step)."""
+  teacher, step = opened.restore_teacher(step)
+  return batched(opened, teacher, images,
+                 lambda params, batch: forward_fn(opened.graphdef, params, batch)), step
+
+
+def eval_pixels(config, images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+  """(uint8 pixels of normalised images, their patch grid)."""
+  side = images.shape[1] // config.model.patch_size
+  pixels = np.stack([to_uint8(image, config.data.mean, config.data.std) for image in images])
+  return pixels, (side, side)
+
+
+def write_array_and_index(output: str, name: str, array: np.ndarray, index: list[dict]) -> dict:
+  """OUTPUT/NAME.npy (float32) and OUTPUT/index.json; their paths."""
+  os.makedirs(output, exist_ok=True)
+  np.save(os.path.join(output, f'{name}.npy'), array.astype(np.float32))
+  with open(os.path.join(output, 'index.json'), 'w') as f:
+    json.dump(index, f, indent=1)
+  return {name: os.path.join(output, f'{name}.npy'), 'index': os.path.join(output, 'index.json')}
 
 
 def _split_features(opened: Run, teacher, split: str) -> tuple[np.ndarray, np.ndarray]:

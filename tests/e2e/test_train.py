@@ -53,7 +53,7 @@ def test_training_logs_prior_passes_and_metrics(folder_run):
     for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, event_file)):
       for value in event.summary.value:
         if value.metadata.plugin_data.plugin_name in ('images', 'histograms'):
-          continue  # test_tensorboard_shows_crops_attention_and_the_prior
+          continue  # test_tensorboard_shows_crops_attention_pca_and_the_prior
         scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
   tags = set(scalars)
   for tag in ('loss', 'kl', 'teacher_entropy', 'prior_effective_clusters', 'lr', 'teacher_momentum',
@@ -64,9 +64,10 @@ def test_training_logs_prior_passes_and_metrics(folder_run):
   assert scalars['prior_pass/examples'] == [120.0, 120.0]
 
 
-def test_tensorboard_shows_crops_attention_and_the_prior(folder_run):
-  """The first batch's crops, the teacher's attention maps at each evaluation and, at each prior
-  pass, histograms of the prior and of the prototypes' usage, read back from the event files."""
+def test_tensorboard_shows_crops_attention_pca_and_the_prior(folder_run):
+  """The first batch's crops, the teacher's attention maps and PCA at each evaluation and, at each
+  prior pass, histograms of the prior and of the prototypes' usage, read back from the event
+  files."""
   config, workdir, _ = folder_run
   pictures = {}
   for event_file in (f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')):
@@ -76,14 +77,18 @@ def test_tensorboard_shows_crops_attention_and_the_prior(folder_run):
           pictures.setdefault(value.tag, []).append(
               (value.metadata.plugin_data.plugin_name, event.step, tf.make_ndarray(value.tensor)))
   assert {
-      'input/global_crops', 'input/local_crops', 'attention/teacher', 'prior_pass/prior',
-      'prior_pass/prototype_usage'
+      'input/global_crops', 'input/local_crops', 'attention/teacher', 'pca/teacher',
+      'prior_pass/prior', 'prior_pass/prototype_usage'
   } <= set(pictures), sorted(pictures)
   # Images are stored as [width, height, PNG, PNG, ...]: 4 examples x 2 global crops.
   kind, step, crops = pictures['input/global_crops'][0]
   assert (kind, step, crops[:2].tolist()) == ('images', 1, [b'16', b'16']) and len(crops) == 10
-  assert {step for _, step, _ in pictures['attention/teacher']
-         } >= {config.num_epochs * (120 // config.batch_size)}
+  last_step = config.num_epochs * (120 // config.batch_size)
+  for tag in ('attention/teacher', 'pca/teacher'):
+    assert last_step in {step for _, step, _ in pictures[tag]}, tag
+  # The PCA: 4 images, each one row of three 96-pixel cells (image, first component, RGB).
+  _, _, pca = pictures['pca/teacher'][-1]
+  assert pca[:2].tolist() == [b'304', b'104'] and len(pca) == 6
   # A histogram is [buckets, 3] (left edge, right edge, count): the prior's K values, and the
   # usage counts of all 120 images.
   _, _, prior = pictures['prior_pass/prior'][-1]

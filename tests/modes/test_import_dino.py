@@ -14,6 +14,7 @@ from kldino.modes import export as export_mode
 from kldino.modes import features as features_mode
 from kldino.modes import import_dino as import_mode
 from kldino.modes import import_dino as convert_dino
+from kldino.modes import pca as pca_mode
 from kldino.errors import ConfigError
 from kldino.models.registry import build_backbone
 from kldino.train import Trainer
@@ -239,6 +240,31 @@ def _dino_threshold(attention: torch.Tensor, keep: float) -> torch.Tensor:
   return torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
 
 
+def _saved(tmp_path, images):
+  """The path of `images` saved as the .npy that --inputs takes."""
+  np.save(str(tmp_path / 'inputs.npy'), images)
+  return str(tmp_path / 'inputs.npy')
+
+
+def _draw(mode, workdir, output, *, inputs=None, split=None, num_images=8, config=None):
+  """A mode that draws images (attention, pca): its run as the command line calls it."""
+  return mode.run(config or smoke_config(),
+                  workdir,
+                  step=None,
+                  output=output,
+                  split=split,
+                  num_images=num_images,
+                  inputs=inputs)
+
+
+def _check_split(mode, workdir, output, array, shape):
+  """The mode on a split: its first 4 images in evaluation order, with their files and labels."""
+  written = _draw(mode, workdir, output, split='test', num_images=4)
+  assert written['num_images'] == 4 and np.load(written[array]).shape == shape
+  with open(written['index']) as f:
+    assert [entry['label'] for entry in json.load(f)] != [None] * 4
+
+
 def test_attention_mode_gives_the_official_last_block_attention(imported_workdir, tmp_path):
   """--mode=attention of imported DINO weights: the softmax weights from CLS to each patch of the
   last block equal the PyTorch model's get_last_selfattention()[:, :, 0, 1:] to 1e-5; the 60 %
@@ -246,16 +272,8 @@ def test_attention_mode_gives_the_official_last_block_attention(imported_workdir
   from kldino.evaluate import pictures  # pylint: disable=import-outside-toplevel
   model, workdir, _, _ = imported_workdir
   images = _images(seed=5, count=3)
-  inputs = str(tmp_path / 'inputs.npy')
-  np.save(inputs, images)
   output = str(tmp_path / 'attention')
-  written = attention_mode.run(smoke_config(),
-                               workdir,
-                               step=None,
-                               output=output,
-                               split=None,
-                               num_images=8,
-                               inputs=inputs)
+  written = _draw(attention_mode, workdir, output, inputs=_saved(tmp_path, images))
   with torch.no_grad():
     expected = model.get_last_selfattention(torch.from_numpy(images).permute(0, 3, 1, 2))[:, :, 0,
                                                                                           1:]
@@ -265,28 +283,62 @@ def test_attention_mode_gives_the_official_last_block_attention(imported_workdir
   np.testing.assert_array_equal(pictures.mass_threshold(attention, 0.6),
                                 _dino_threshold(expected, 0.6).numpy())
   assert sorted(os.listdir(output)) == ['0.png', '1.png', '2.png', 'attention.npy', 'index.json']
-  # A split: its first images in evaluation order, with their files and labels.
-  split_output = str(tmp_path / 'split')
-  written = attention_mode.run(smoke_config(),
-                               workdir,
-                               step=None,
-                               output=split_output,
-                               split='test',
-                               num_images=4,
-                               inputs=None)
-  assert written['num_images'] == 4 and np.load(written['attention']).shape == (4, HEADS, 16)
-  with open(written['index']) as f:
-    assert [entry['label'] for entry in json.load(f)] != [None] * 4
+  _check_split(attention_mode, workdir, str(tmp_path / 'split'), 'attention', (4, HEADS, 16))
 
 
 def test_attention_mode_refuses_a_convnet(tmp_path):
   config = smoke_config()
   config.model.name = 'convnet_small'
   with pytest.raises(ConfigError, match='model.name=convnet_small has none'):
-    attention_mode.run(config,
-                       str(tmp_path),
-                       step=None,
-                       output=str(tmp_path / 'a'),
-                       split=None,
-                       num_images=2,
-                       inputs=None)
+    _draw(attention_mode, str(tmp_path), str(tmp_path / 'a'), config=config)
+
+
+def _svd_first_component(patches):
+  """The first principal component's scores of all patches [N, P, D] together, from the SVD."""
+  rows = patches.reshape(-1, patches.shape[-1]).astype(np.float64)
+  u, s, _ = np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
+  return (u[:, 0] * s[0]).reshape(patches.shape[:2])
+
+
+def test_pca_mode_gives_the_pca_of_the_official_patch_tokens(imported_workdir, tmp_path):
+  """--mode=pca of imported DINO weights: the first component is that of the PyTorch model's
+  normed patch tokens (up to its sign), the foreground is where it is > 0 and only there is RGB
+  in [0, 1]; one PNG per image (the image, the first component, the RGB), the sheet, the index."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  model, workdir, _, _ = imported_workdir
+  images = _images(seed=6, count=3)
+  output = str(tmp_path / 'pca')
+  written = _draw(pca_mode, workdir, output, inputs=_saved(tmp_path, images))
+  with torch.no_grad():
+    _, patches = model.forward_tokens(torch.from_numpy(images).permute(0, 3, 1, 2))
+  expected = _svd_first_component(patches.numpy())
+  pca = np.load(written['pca'])
+  assert pca.dtype == np.float32 and pca.shape == (3, (IMAGE // PATCH)**2, 4)
+  sign = np.sign(np.sum(pca[..., 0] * expected))
+  np.testing.assert_allclose(pca[..., 0], sign * expected, atol=1e-4)
+  foreground = pca[..., 0] > 0
+  assert foreground.any() and (~foreground).any()
+  assert not np.any(pca[~foreground][:, 1:])
+  np.testing.assert_allclose(np.ptp(pca[foreground][:, 1:], axis=0), 1.0, atol=1e-6)
+  assert sorted(
+      os.listdir(output)) == ['0.png', '1.png', '2.png', 'index.json', 'pca.npy', 'sheet.png']
+  # 16-pixel images are drawn as 96-pixel cells with 4-pixel gaps: the RGB cell is the third.
+  drawn = np.asarray(Image.open(os.path.join(output, '1.png')))
+  assert drawn.shape == (104, 304, 3)
+  pixels, side = 24, IMAGE // PATCH  # a patch is 24 x 24 pixels of a cell
+  row, column = divmod(int(np.argmax(foreground[1])), side)  # a foreground patch, in colour
+  np.testing.assert_array_equal(drawn[4 + row * pixels + 12, 204 + column * pixels + 12],
+                                np.round(pca[1, row * side + column, 1:] * 255).astype(np.uint8))
+  assert Image.open(written['sheet']).size == (304, 3 * 100 + 4)
+  _check_split(pca_mode, workdir, str(tmp_path / 'split'), 'pca', (4, 16, 4))
+
+
+def test_pca_mode_refuses_a_convnet_and_too_few_patches(tmp_path):
+  """Both before any checkpoint is read (the workdir has none)."""
+  config = smoke_config()
+  config.model.name = 'convnet_small'
+  with pytest.raises(ConfigError, match="shows a ViT's patch tokens: model.name=convnet_small"):
+    _draw(pca_mode, str(tmp_path), str(tmp_path / 'p'), config=config)
+  inputs = _saved(tmp_path, np.zeros((3, PATCH, PATCH, CHANNELS), np.float32))  # 1 patch each
+  with pytest.raises(ConfigError, match=r'at least 4 patches in all, got 3 \(3 images of 1x1\)'):
+    _draw(pca_mode, str(tmp_path), str(tmp_path / 'p'), inputs=inputs)
