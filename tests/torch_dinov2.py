@@ -163,7 +163,6 @@ class DinoVisionTransformer(nn.Module):
         'last_attention': self.blocks[-1].attn.last_weights,
     }
 
-
   def get_intermediate_layers(self, x, n=1):
     """DINOv2's get_intermediate_layers(x, n, return_class_token=True, norm=True): (patch tokens,
     class token) of each of the last n blocks, through the final norm."""

@@ -44,8 +44,12 @@ HUB_MODELS = {
     'dino_vits8': _dino('vit_small', 8),
     'dino_vitb16': _dino('vit_base', 16),
     'dino_vitb8': _dino('vit_base', 8),
-    **{f'dinov2_vit{size}14': _dinov2(name, False) for size, name in _DINOV2_SIZES.items()},
-    **{f'dinov2_vit{size}14_reg': _dinov2(name, True) for size, name in _DINOV2_SIZES.items()},
+    **{
+        f'dinov2_vit{size}14': _dinov2(name, False) for size, name in _DINOV2_SIZES.items()
+    },
+    **{
+        f'dinov2_vit{size}14_reg': _dinov2(name, True) for size, name in _DINOV2_SIZES.items()
+    },
 }
 
 

@@ -88,7 +88,7 @@ def to_official(backbone_params: dict, *, dinov2: bool) -> dict[str, np.ndarray]
 
 
 def uses_dinov2_layout(model_config) -> bool:
-  """Whether a ViT config has any of DINOv2's options, so that only DinoVisionTransformer holds it."""
+  """Whether a ViT config has any of DINOv2's options (only DinoVisionTransformer holds it)."""
   return bool(model_config.layerscale or model_config.ffn != 'mlp' or model_config.num_registers or
               model_config.mask_token)
 
@@ -101,11 +101,11 @@ def describe(state_dict: dict) -> dict:
   return {
       'dim': int(state_dict['cls_token'].shape[-1]) if 'cls_token' in state_dict else None,
       'depth': max(blocks) + 1 if blocks else 0,
-      'patch_size': (int(state_dict[_PATCH_WEIGHT].shape[-1])
-                     if _PATCH_WEIGHT in state_dict else None),
+      'patch_size':
+          (int(state_dict[_PATCH_WEIGHT].shape[-1]) if _PATCH_WEIGHT in state_dict else None),
       'grid': math.isqrt(positions),
-      'num_registers': (int(state_dict['register_tokens'].shape[1])
-                        if 'register_tokens' in state_dict else 0),
+      'num_registers':
+          (int(state_dict['register_tokens'].shape[1]) if 'register_tokens' in state_dict else 0),
       'layerscale': 'blocks.0.ls1.gamma' in state_dict,
       'ffn': 'swiglu' if 'blocks.0.mlp.w12.weight' in state_dict else 'mlp',
       'mask_token': 'mask_token' in state_dict,

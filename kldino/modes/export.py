@@ -118,16 +118,12 @@ def export_torch(path: str, backbone_params: dict, model_config):
                                      dinov2=torch_layout.uses_dinov2_layout(model_config))
   except ValueError as error:
     raise ConfigError(str(error)) from None
-  torch.save({key: torch.from_numpy(np.array(value, np.float32)) for key, value in state.items()},
-             path)
+  torch.save({
+      key: torch.from_numpy(np.array(value, np.float32)) for key, value in state.items()
+  }, path)
 
 
-def run(config,
-        workdir: str,
-        *,
-        step: int | None,
-        output: str | None,
-        format: str = 'npz') -> dict:  # pylint: disable=redefined-builtin  # the flag's name
+def run(config, workdir: str, *, step: int | None, output: str | None, format: str = 'npz') -> dict:  # pylint: disable=redefined-builtin  # the flag's name
   if format not in FORMATS:
     raise ConfigError(f"--format={format}: choose one of {', '.join(FORMATS)}")
   opened = Run(config, workdir)

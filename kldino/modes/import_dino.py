@@ -103,15 +103,17 @@ def _read_torch_checkpoint(path: str) -> dict:
   except Exception as error:  # pylint: disable=broad-except  # torch raises many kinds
     raise ConfigError(
         f'--import_from={path} is not a PyTorch checkpoint that loads without '
-        f'running code ({type(error).__name__}): pass an official DINO or DINOv2 .pth file') from None
+        f'running code ({type(error).__name__}): pass an official DINO or DINOv2 .pth file'
+    ) from None
   if not isinstance(checkpoint, dict):
     raise ConfigError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
   state_dict = backbone_state_dict(checkpoint)
   not_tensors = sorted(key for key, value in state_dict.items() if not hasattr(value, 'numpy'))
   if not_tensors:
-    raise ConfigError(f'--import_from={path} is not a DINO backbone: {not_tensors[0]!r} is not '
-                      'a tensor; pass an official DINO or DINOv2 .pth file (a backbone or a training '
-                      'checkpoint)')
+    raise ConfigError(
+        f'--import_from={path} is not a DINO backbone: {not_tensors[0]!r} is not '
+        'a tensor; pass an official DINO or DINOv2 .pth file (a backbone or a training '
+        'checkpoint)')
   return {key: value.float().numpy() for key, value in state_dict.items()}
 
 
@@ -121,16 +123,17 @@ def check_architecture(state_dict: dict, config, path: str):
   found = torch_layout.describe(state_dict)
   expected = hub.architecture(config.model, config.aug.global_size)
   differences = [
-      f'{key} {found[key]} (config: {expected[key]})' for key in found if found[key] != expected[key]
+      f'{key} {found[key]} (config: {expected[key]})' for key in found
+      if found[key] != expected[key]
   ]
   if not differences:
     return
   names = hub.matching(found)
-  fix = (f'pass --config=configs/pretrained.py:{names[0]}' if names else
-         'set model.name, patch_size, num_registers, layerscale, ffn, mask_token and '
+  fix = (f'pass --config=configs/pretrained.py:{names[0]}'
+         if names else 'set model.name, patch_size, num_registers, layerscale, ffn, mask_token and '
          'aug.global_size (the position grid x patch_size) to match it')
-  raise ConfigError(f'{path} holds another ViT than this config builds: ' +
-                    ', '.join(differences) + f'; {fix}')
+  raise ConfigError(f'{path} holds another ViT than this config builds: ' + ', '.join(differences) +
+                    f'; {fix}')
 
 
 def run(config, workdir: str, *, import_from: str) -> dict:

@@ -219,8 +219,7 @@ class TorchDinoStep:
     student_logits, global_cls, patch_logits = self.student(views, masks, mask_inputs=True)
     loss = self._loss(targets, student_logits, num_global)
     if self.ibot:
-      loss = loss + objective.ibot.loss_weight * self._ibot_loss(patch_targets, patch_logits,
-                                                                 masks)
+      loss = loss + objective.ibot.loss_weight * self._ibot_loss(patch_targets, patch_logits, masks)
     if objective.koleo_weight:
       loss = loss + objective.koleo_weight * self._koleo_loss(global_cls, num_global)
     return loss

@@ -95,8 +95,13 @@ class LayerScale(nn.Module):
 class Block(nn.Module):
   """Pre-norm block; `init_values` > 0 adds DINOv2's LayerScale (ls1, ls2) to both branches."""
 
-  def __init__(self, dim: int, num_heads: int, drop_rate: float = 0.0, *,
-               init_values: float = 0.0, ffn: str = 'mlp'):
+  def __init__(self,
+               dim: int,
+               num_heads: int,
+               drop_rate: float = 0.0,
+               *,
+               init_values: float = 0.0,
+               ffn: str = 'mlp'):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=1e-6)
     self.attn = Attention(dim, num_heads)
@@ -144,11 +149,10 @@ class VisionTransformer(nn.Module):
       self.register_tokens = nn.Parameter(torch.randn(1, num_register_tokens, embed_dim) * 1e-6)
     if mask_token:
       self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-    rates = ([drop_path_rate] * depth
-             if drop_path_uniform else linear_drop_rates(drop_path_rate, depth))
-    self.blocks = nn.ModuleList([
-        Block(embed_dim, num_heads, rate, init_values=init_values, ffn=ffn) for rate in rates
-    ])
+    rates = ([drop_path_rate] *
+             depth if drop_path_uniform else linear_drop_rates(drop_path_rate, depth))
+    self.blocks = nn.ModuleList(
+        [Block(embed_dim, num_heads, rate, init_values=init_values, ffn=ffn) for rate in rates])
     self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
   def _position_embedding(self, height: int, width: int) -> torch.Tensor:
@@ -158,8 +162,10 @@ class VisionTransformer(nn.Module):
     dim = table.shape[-1]
     table = table.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
     if self.interpolate_offset:
-      sizing = {'scale_factor': tuple((size + self.interpolate_offset) / self.grid
-                                      for size in (height, width))}
+      sizing = {
+          'scale_factor':
+              tuple((size + self.interpolate_offset) / self.grid for size in (height, width))
+      }
     else:
       sizing = {'size': (height, width)}
     table = F.interpolate(table, mode='bicubic', antialias=self.interpolate_antialias, **sizing)
@@ -170,8 +176,8 @@ class VisionTransformer(nn.Module):
     by the mask token before the position embedding is added, as DINOv2)."""
     tokens = self.patch_embed(images)
     if masks is not None:
-      tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0),
-                           tokens)
+      tokens = torch.where(masks.unsqueeze(-1),
+                           self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
     patch = self.patch_embed.proj.kernel_size[0]
     position = self._position_embedding(images.shape[2] // patch, images.shape[3] // patch)
     cls = self.cls_token.expand(tokens.shape[0], -1, -1)
@@ -217,21 +223,21 @@ def vision_transformer(model_config, in_channels: int, image_size: int) -> Visio
   """The ViT of a kldino `config.model` (a name of kldino/models/vit.py's VIT_SIZES)."""
   size = VIT_SIZES[model_config.name]
   torch_resize = model_config.pos_interpolation == 'torch'
-  return VisionTransformer(image_size,
-                           model_config.patch_size,
-                           in_channels,
-                           size['dim'],
-                           size['depth'],
-                           size['num_heads'],
-                           drop_path_rate=model_config.drop_path,
-                           drop_path_uniform=model_config.drop_path_uniform,
-                           init_values=model_config.layerscale,
-                           ffn=model_config.ffn,
-                           num_register_tokens=model_config.num_registers,
-                           mask_token=model_config.mask_token,
-                           interpolate_offset=model_config.interpolate_offset if torch_resize else 0.0,
-                           interpolate_antialias=torch_resize and
-                           model_config.interpolate_antialias)
+  return VisionTransformer(
+      image_size,
+      model_config.patch_size,
+      in_channels,
+      size['dim'],
+      size['depth'],
+      size['num_heads'],
+      drop_path_rate=model_config.drop_path,
+      drop_path_uniform=model_config.drop_path_uniform,
+      init_values=model_config.layerscale,
+      ffn=model_config.ffn,
+      num_register_tokens=model_config.num_registers,
+      mask_token=model_config.mask_token,
+      interpolate_offset=model_config.interpolate_offset if torch_resize else 0.0,
+      interpolate_antialias=torch_resize and model_config.interpolate_antialias)
 
 
 class DINOHead(nn.Module):
@@ -239,8 +245,13 @@ class DINOHead(nn.Module):
   `last_layer.weight_v` [K, bottleneck]; the gain `last_layer.weight_g` [K, 1] is fixed at 1
   with `norm_last_layer` (DINO's default) and learned from 1 without it (DINOv2's)."""
 
-  def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int,
-               num_prototypes: int, norm_last_layer: bool = True):
+  def __init__(self,
+               in_dim: int,
+               hidden_dim: int,
+               bottleneck_dim: int,
+               num_layers: int,
+               num_prototypes: int,
+               norm_last_layer: bool = True):
     super().__init__()
     widths = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
     layers = []

@@ -25,28 +25,40 @@ def _backbone(**model_options):
   # Every tensor random (LayerScale and the registers start near 0), so that none misplaced hides.
   leaves, treedef = jax.tree.flatten(params)
   rng = np.random.default_rng(0)
-  params = treedef.unflatten(
-      [(0.3 * rng.standard_normal(np.shape(leaf))).astype(np.float32) for leaf in leaves])
+  params = treedef.unflatten([
+      (0.3 * rng.standard_normal(np.shape(leaf))).astype(np.float32) for leaf in leaves
+  ])
   nnx.replace_by_pure_dict(state, params)
   nnx.update(backbone, state)
   return config, backbone, params
 
 
 @pytest.mark.parametrize('options', [
-    dict(layerscale=0.5, ffn='swiglu', num_registers=2, pos_interpolation='torch',
+    dict(layerscale=0.5,
+         ffn='swiglu',
+         num_registers=2,
+         pos_interpolation='torch',
          interpolate_offset=0.1),
     dict(layerscale=0.5, ffn='mlp', num_registers=0, mask_token=False),
 ])
 def test_a_dinov2_style_vit_loads_strictly_into_dinov2s_layout(options):
   config, backbone, params = _backbone(**options)
   state = torch_layout.to_official(params, dinov2=torch_layout.uses_dinov2_layout(config.model))
-  reference = torch_dinov2.DinoVisionTransformer(img_size=16, patch_size=4, in_chans=3, dim=32,
-                                                 depth=2, num_heads=2, ffn=options['ffn'],
+  reference = torch_dinov2.DinoVisionTransformer(img_size=16,
+                                                 patch_size=4,
+                                                 in_chans=3,
+                                                 dim=32,
+                                                 depth=2,
+                                                 num_heads=2,
+                                                 ffn=options['ffn'],
                                                  init_values=0.5,
                                                  num_register_tokens=options['num_registers'],
                                                  interpolate_offset=0.1).eval()
-  reference.load_state_dict({key: torch.from_numpy(np.asarray(value, np.float32))
-                             for key, value in state.items()}, strict=True)
+  reference.load_state_dict(
+      {
+          key: torch.from_numpy(np.asarray(value, np.float32)) for key, value in state.items()
+      },
+      strict=True)
   images = np.random.default_rng(1).standard_normal((3, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
     expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -62,8 +74,11 @@ def test_a_plain_vit_loads_strictly_into_dinos_layout_and_converts_back():
   assert not torch_layout.uses_dinov2_layout(config.model)
   state = torch_layout.to_official(params, dinov2=False)
   model = VisionTransformer(16, 4, 3, 32, 2, 2).eval()
-  model.load_state_dict({key: torch.from_numpy(np.asarray(value, np.float32))
-                         for key, value in state.items()}, strict=True)
+  model.load_state_dict(
+      {
+          key: torch.from_numpy(np.asarray(value, np.float32)) for key, value in state.items()
+      },
+      strict=True)
   images = np.random.default_rng(2).standard_normal((3, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
     expected = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()

@@ -78,7 +78,8 @@ def test_imported_features_equal_the_official_models(imported, size):
 
 def test_a_config_of_another_architecture_names_the_hub_config(imported, tmp_path):
   _, _, path, _ = imported
-  with pytest.raises(ConfigError, match=r'patch_size 14 \(config: 16\).*'
+  with pytest.raises(ConfigError,
+                     match=r'patch_size 14 \(config: 16\).*'
                      r'configs/pretrained.py:dinov2_vits14_reg$'):
     import_mode.run(imagenet_vit_s16.get_config(), str(tmp_path / 'run'), import_from=path)
 

@@ -166,8 +166,7 @@ def _dinov2_config(patch_normalization: str, separate_head: bool):
   return config
 
 
-@pytest.mark.parametrize('patch_normalization, separate_head', [('prior', False),
-                                                                ('center', True)])
+@pytest.mark.parametrize('patch_normalization, separate_head', [('prior', False), ('center', True)])
 def test_two_dinov2_steps_equal_kldinos(patch_normalization, separate_head):
   """iBOT (shared or separate head), KoLeo per group, LayerScale, SwiGLU, registers, the mask
   token, DINOv2's interpolation, the learned prototype gain, per-module clipping and DINOv2's
@@ -183,7 +182,8 @@ def test_two_dinov2_steps_equal_kldinos(patch_normalization, separate_head):
                                rtol=1e-5,
                                atol=1e-7)
   # The patch center moves with its own normalisation only.
-  assert np.any(np.asarray(state.norm_state['patch']['center'])) == (patch_normalization == 'center')
+  assert np.any(np.asarray(
+      state.norm_state['patch']['center'])) == (patch_normalization == 'center')
 
 
 def test_configs_it_does_not_build_are_named():

@@ -26,12 +26,25 @@ def test_dinov2_options_equal_the_dinov2_transcription(ffn, registers, antialias
   included, at the trained grid and at a resized one."""
   torch.manual_seed(0)
   options = dict(init_values=0.3, ffn=ffn, num_register_tokens=registers)
-  model = torch_models.VisionTransformer(28, 14, CHANNELS, 48, 2, 3, mask_token=True,
-                                         interpolate_offset=0.1, interpolate_antialias=antialias,
+  model = torch_models.VisionTransformer(28,
+                                         14,
+                                         CHANNELS,
+                                         48,
+                                         2,
+                                         3,
+                                         mask_token=True,
+                                         interpolate_offset=0.1,
+                                         interpolate_antialias=antialias,
                                          **options)
-  reference = torch_dinov2.DinoVisionTransformer(img_size=28, patch_size=14, in_chans=CHANNELS,
-                                                 dim=48, depth=2, num_heads=3, ffn=ffn,
-                                                 init_values=0.3, num_register_tokens=registers,
+  reference = torch_dinov2.DinoVisionTransformer(img_size=28,
+                                                 patch_size=14,
+                                                 in_chans=CHANNELS,
+                                                 dim=48,
+                                                 depth=2,
+                                                 num_heads=3,
+                                                 ffn=ffn,
+                                                 init_values=0.3,
+                                                 num_register_tokens=registers,
                                                  interpolate_antialias=antialias)
   with torch.no_grad():
     for param in model.parameters():
