@@ -18,10 +18,12 @@ BACKBONE_PARAMS = {
     'vit_s16': 21.7e6,
     'vit_b16': 85.8e6,
     'vit_l16': 303.3e6,
-    'dinov2_vitl16': 303.3e6
+    'dinov2_vitl16': 303.3e6,
+    'dinov3_vitl16': 303.1e6,  # no position table (RoPE)
+    'dinov3_vitl16_prior': 303.1e6,
 }
-# The global batch on the pods: DINO's 1024, DINOv2's 2048.
-POD_BATCH = {'dinov2_vitl16': 2048}
+# The global batch on the pods: DINO's 1024, DINOv2's and DINOv3's 2048.
+POD_BATCH = {'dinov2_vitl16': 2048, 'dinov3_vitl16': 2048, 'dinov3_vitl16_prior': 2048}
 
 
 def _state_bytes(tree):

@@ -347,3 +347,88 @@ def test_dinov2_recipe_builds_abstractly(dinov2):
                       new_state) == jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
   assert new_state.norm_state['patch']['log_prior'].shape == (65536,)
   assert {'ibot_loss', 'koleo_loss', 'patch_teacher_entropy'} <= set(metrics)
+
+
+# DINOv3's ImageNet-1k run: facebookresearch/dinov3's dinov3/configs/train/vitl_im1k_lin834.yaml
+# (LIN834 below), 64 images on each of 32 GPUs; its epochs are OFFICIAL_EPOCH_LENGTH 1250
+# iterations at batch 2048, two ImageNet epochs.
+LIN834 = 'vitl_im1k_lin834.yaml'
+DINOV3 = [
+    ('num_epochs', 200, f'{LIN834} optim.epochs 100 x train.OFFICIAL_EPOCH_LENGTH 1250'),
+    ('batch_size', 2048, f'{LIN834} train.batch_size_per_gpu 64 x 32 GPUs'),
+    ('aug.global_size', 224, f'{LIN834} crops.global_crops_size'),
+    ('aug.local_size', 96, f'{LIN834} crops.local_crops_size'),
+    ('aug.num_local', 8, f'{LIN834} crops.local_crops_number'),
+    ('aug.global_scale', (0.32, 1.0), f'{LIN834} crops.global_crops_scale'),
+    ('aug.local_scale', (0.05, 0.32), f'{LIN834} crops.local_crops_scale'),
+    ('model.name', 'vit_large', f'{LIN834} student.arch'),
+    ('model.patch_size', 16, f'{LIN834} student.patch_size'),
+    ('model.drop_path', 0.3, f'{LIN834} student.drop_path_rate'),
+    ('model.drop_path_uniform', True, 'models/vision_transformer.py: drop_path_rate in each block'),
+    ('model.layerscale', 1e-5, f'{LIN834} student.layerscale'),
+    ('model.ffn', 'mlp', f'{LIN834} student.ffn_layer'),
+    ('model.num_registers', 0, f'{LIN834} student.n_storage_tokens'),
+    ('model.pos_embed', 'rope', f'{LIN834} student.pos_embed_type'),
+    ('model.rope_base', 100.0, f'{LIN834} student.pos_embed_rope_base'),
+    ('model.rope_normalize_coords', 'separate',
+     f'{LIN834} student.pos_embed_rope_normalize_coords'),
+    ('model.num_prototypes', 65536, f'{LIN834} dino.head_n_prototypes'),
+    ('model.head_bottleneck_dim', 256, f'{LIN834} dino.head_bottleneck_dim'),
+    ('model.head_hidden_dim', 2048, f'{LIN834} dino.head_hidden_dim'),
+    ('model.head_num_layers', 3, f'{LIN834} dino.head_nlayers'),
+    ('model.head_norm', 'none', 'layers/dino_head.py DINOHead'),
+    ('model.norm_last_layer', False, f'{LIN834} dino.head_norm_last_layer'),
+    ('model.compute_dtype', 'bfloat16', f'{LIN834} compute_precision.param_dtype bf16'),
+    ('objective.normalization', 'sinkhorn', f'{LIN834} train.centering sinkhorn_knopp'),
+    ('objective.patch_normalization', 'sinkhorn', f'{LIN834} train.centering sinkhorn_knopp'),
+    ('objective.sinkhorn_iters', 3,
+     'loss/dino_clstoken_loss.py sinkhorn_knopp_teacher n_iterations'),
+    ('objective.ibot.loss_weight', 1.0, f'{LIN834} ibot.loss_weight'),
+    ('objective.ibot.separate_head', True, f'{LIN834} ibot.separate_head'),
+    ('objective.ibot.mask_sample_probability', 0.5, f'{LIN834} ibot.mask_sample_probability'),
+    ('objective.ibot.mask_ratio_min_max', (0.1, 0.5), f'{LIN834} ibot.mask_ratio_min_max'),
+    ('objective.koleo_weight', 0.1, f'{LIN834} dino.koleo_loss_weight'),
+    ('objective.koleo_group_size', 64, f'{LIN834} dino.koleo_loss_distributed false: per GPU'),
+    ('objective.warmup_teacher_temp', 0.04, f'{LIN834} teacher.warmup_teacher_temp'),
+    ('objective.teacher_temp', 0.07, f'{LIN834} teacher.teacher_temp'),
+    ('objective.warmup_teacher_temp_epochs', 60, f'{LIN834} teacher.warmup_teacher_temp_epochs 30'),
+    ('objective.teacher_temp_warmup', 'per_step', 'train/train.py: per-iteration schedules'),
+    ('optim.teacher_momentum', 0.992, f'{LIN834} teacher.momentum_teacher'),
+    ('optim.teacher_momentum_end', 1.0, f'{LIN834} teacher.final_momentum_teacher'),
+    ('optim.lr', 1e-3, f'{LIN834} optim.lr (for a batch of 1024)'),
+    ('optim.lr_scaling', 'sqrt_wrt_1024', f'{LIN834} optim.scaling_rule'),
+    ('optim.min_lr', 1e-6, f'{LIN834} optim.min_lr'),
+    ('optim.warmup_epochs', 20, f'{LIN834} optim.warmup_epochs 10'),
+    ('optim.weight_decay', 0.04, f'{LIN834} optim.weight_decay'),
+    ('optim.weight_decay_end', 0.4, f'{LIN834} optim.weight_decay_end'),
+    ('optim.clip_grad', 3.0, f'{LIN834} optim.clip_grad'),
+    ('optim.clip_mode', 'per_module', 'train/train.py: clip_grad_norm_ of each student module'),
+    ('optim.freeze_prototypes_epochs', 2, f'{LIN834} optim.freeze_last_layer_epochs 1'),
+    ('optim.layerwise_decay', 0.9, f'{LIN834} optim.layerwise_decay'),
+    ('optim.patch_embed_lr_mult', 0.2, f'{LIN834} optim.patch_embed_lr_mult'),
+]
+
+
+@pytest.fixture(scope='module')
+def dinov3():
+  return config_module('imagenet_dinov3_vitl16').get_config()
+
+
+@pytest.mark.parametrize('key, value, source', DINOV3, ids=[row[0] for row in DINOV3])
+def test_dinov3_recipe_value_is_dinov3s(dinov3, key, value, source):
+  assert get(dinov3, key) == value, f'{key}: DINOv3 has {value!r} ({source})'
+
+
+def test_dinov3_prior_variant_differs_in_the_normalisations_only(dinov3):
+  assert len({key for key, _, _ in DINOV3}) == len(DINOV3)
+  module = config_module('imagenet_dinov3_vitl16')
+  prior = module.get_config('prior')
+  for key, value, _ in DINOV3:
+    if key.endswith('normalization'):
+      assert get(prior, key) == 'prior'
+    else:
+      assert get(prior, key) == value, key
+  validate_config(dinov3, num_devices=32)
+  validate_config(prior, num_devices=32)
+  with pytest.raises(ValueError, match="':prior'"):
+    module.get_config('center')
