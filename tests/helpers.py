@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from kldino.config.defaults import base_config
-from kldino.core import gram
+from kldino.data import gram_crops
 from kldino.data import masking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +53,7 @@ def random_batch(config, seed=0, channels=1):
       'local_crops':
           rng.standard_normal((b, config.aug.num_local, local, local, channels)).astype(np.float32),
   }
-  if gram.uses_own_crops(config):
-    size = gram.crop_size(config)
+  if size := gram_crops.size(config):
     batch['gram_crops'] = rng.standard_normal((b, 2, size, size, channels)).astype(np.float32)
   if masking.used(config.objective):
     batch['masks'] = masking.training_masks(config,

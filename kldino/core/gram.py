@@ -25,16 +25,6 @@ def used(config) -> bool:
   return bool(config.gram.use)
 
 
-def crop_size(config) -> int:
-  """The Gram teacher's crop size: gram.teacher_resolution_scale x aug.global_size, rounded."""
-  return int(round(config.gram.teacher_resolution_scale * config.aug.global_size))
-
-
-def uses_own_crops(config) -> bool:
-  """Whether batches carry 'gram_crops' (DINOv3's undistorted Gram teacher crops)."""
-  return used(config) and bool(config.gram.undistorted)
-
-
 def loss_weight(gram_config) -> Callable:
   """step -> the loss weight: 0 before gram.start_step, then DINOv3's half cosine from 0 to
   gram.loss_weight over gram.ramp_steps (its loss_weight_schedule: linspace(0, pi, C), so the

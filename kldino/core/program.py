@@ -13,13 +13,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kldino.core import gram
 from kldino.core import objective
 from kldino.core import optim
 from kldino.core import prior_pass
 from kldino.core import schedules as schedules_lib
 from kldino.core import sharding
 from kldino.core import step as step_lib
+from kldino.data import gram_crops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,7 @@ def abstract_train_batch(config, in_channels: int, mesh) -> dict:
   }
   if objective.uses_ibot(config.objective):
     shapes['masks'] = ((batch, 2, (aug.global_size // config.model.patch_size)**2), jnp.bool_)
-  if gram.uses_own_crops(config):
-    size = gram.crop_size(config)
+  if size := gram_crops.size(config):
     shapes['gram_crops'] = ((batch, 2, size, size, in_channels), jnp.float32)
   return {
       name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))

@@ -20,6 +20,7 @@ from kldino.models import forward
 from kldino.core import gram as gram_lib
 from kldino.core import objective
 from kldino.core import optim
+from kldino.data import gram_crops
 from kldino.data import masking
 from kldino.models import build_model
 
@@ -123,7 +124,7 @@ def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1
   def gram_targets(state, batch):
     """The Gram teacher's patch features [B * G, P, D] of the step, zeros (not computed) before
     gram.start_step."""
-    crops = batch['gram_crops'] if gram_lib.uses_own_crops(config) else batch['global_crops']
+    crops = batch['gram_crops'] if gram_crops.size(config) else batch['global_crops']
     compute = lambda: jax.lax.stop_gradient(
         gram_lib.teacher_patches(graphdef, config, state.teacher, state.gram_teacher, crops,
                                  student_side))
