@@ -110,6 +110,12 @@ def test_init_from_another_model_is_refused_in_one_line(source, tmp_path):
     Trainer(_config({**GRAM, 'init_from': f'{source}:7'}), str(tmp_path / 'step')).restore_or_init()
 
 
+def test_resuming_with_gram_switched_is_refused_in_one_line(source):
+  with pytest.raises(ConfigError, match=r'gram.use=True \(now False\).*--config.init_from') as error:
+    Trainer(_config({**GRAM, 'gram.use': False}), source).restore_or_init()
+  assert '\n' not in str(error.value)
+
+
 def test_an_init_from_run_with_gram_resumes_bit_exactly_after_sigterm(source, tmp_path):
   overrides = _high_res(source)
   reference = str(tmp_path / 'uninterrupted')
