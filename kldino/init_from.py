@@ -53,8 +53,8 @@ def _source_shapes(abstract_tree, saved: dict, key: str, spec: str, step: int):
     name = jax.tree_util.keystr(path, simple=True, separator='/')
     shape = saved.get(name)
     table = _is_position_table(name) and shape is not None and len(shape) == 3
-    if shape != leaf.shape and not (table and (shape[0], shape[2]) == (leaf.shape[0],
-                                                                        leaf.shape[2])):
+    if shape != leaf.shape and not (table and
+                                    (shape[0], shape[2]) == (leaf.shape[0], leaf.shape[2])):
       raise ConfigError(
           f'{key}={spec!r}: its checkpoint at step {step} holds {name} with shape {shape} where '
           f'this config builds {leaf.shape}, another model: use the model.* of the run it '

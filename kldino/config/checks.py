@@ -156,8 +156,9 @@ def _validate_gram(config, num_devices: int):
       _finite(gram.loss_weight) and gram.loss_weight >= 0,
       f'gram.loss_weight={gram.loss_weight} must be finite and >= 0')
   for key in ('ramp_steps', 'start_step', 'refresh_every', 'max_refreshes'):
-    _require(isinstance(gram[key], int) and gram[key] >= 0,
-             f'gram.{key}={gram[key]} must be an integer >= 0')
+    _require(
+        isinstance(gram[key], int) and gram[key] >= 0,
+        f'gram.{key}={gram[key]} must be an integer >= 0')
   scale, size = gram.teacher_resolution_scale, gram_crops.size(config)
   _require(_positive_finite(scale), f'gram.teacher_resolution_scale={scale} must be > 0')
   _require(

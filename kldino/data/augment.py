@@ -585,8 +585,9 @@ def multi_crop_views(image,
                             small_image=small_image,
                             round_uint8=True)
   global_crops = crops(_group_seeds(seed, 0)[0], 2, aug_config.global_size, aug_config.global_scale)
-  gram = {'gram_crops': crops(_group_seeds(seed, 0)[0], 2, gram_size,
-                              aug_config.global_scale)} if gram_size else {}
+  gram = {
+      'gram_crops': crops(_group_seeds(seed, 0)[0], 2, gram_size, aug_config.global_scale)
+  } if gram_size else {}
   num_local, local_size = aug_config.num_local, aug_config.local_size
   if num_local:
     local_crops = crops(_group_seeds(seed, 1)[0], num_local, local_size, aug_config.local_scale)
@@ -609,16 +610,17 @@ def gram_teacher_views(views, seed, *, flip: bool, mean: Sequence[float],
 @functools.lru_cache(maxsize=16)
 def _gram_finisher(shape: tuple, dtype: tf.DType, flip: bool, mean: tuple, std: tuple):
   """gram_teacher_views over a batch [b, 2, S, S, C] and its seeds [b, 2], compiled by XLA."""
+
   @tf.function(
       jit_compile=True,
       autograph=False,
       input_signature=[tf.TensorSpec([None, *shape], dtype),
                        tf.TensorSpec([None, 2], tf.int64)])
   def finish(views, seeds):
-    return tf.map_fn(lambda example: gram_teacher_views(
-        example[0], example[1], flip=flip, mean=mean, std=std),
-                     (views, seeds),
-                     fn_output_signature=tf.TensorSpec(shape, tf.float32))
+    return tf.map_fn(
+        lambda example: gram_teacher_views(example[0], example[1], flip=flip, mean=mean, std=std),
+        (views, seeds),
+        fn_output_signature=tf.TensorSpec(shape, tf.float32))
 
   return finish
 

@@ -111,7 +111,8 @@ def test_init_from_another_model_is_refused_in_one_line(source, tmp_path):
 
 
 def test_resuming_with_gram_switched_is_refused_in_one_line(source):
-  with pytest.raises(ConfigError, match=r'gram.use=True \(now False\).*--config.init_from') as error:
+  with pytest.raises(ConfigError,
+                     match=r'gram.use=True \(now False\).*--config.init_from') as error:
     Trainer(_config({**GRAM, 'gram.use': False}), source).restore_or_init()
   assert '\n' not in str(error.value)
 
