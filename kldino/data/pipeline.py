@@ -54,8 +54,8 @@ def host_batch_bytes(config, process_count: int) -> int:
   """Bytes of the training batches a host holds at once: data.prefetch batches ahead, the one
   being made, and the two the loop sends ahead to the devices (core/sharding.py), float32."""
   aug = config.aug
-  global_sizes = aug.global_size**2 + gram_crops.size(config)**2  # the Gram teacher's crops too
-  pixels = 2 * global_sizes + aug.num_local * aug.local_size**2
+  global_pixels = aug.global_size**2 + gram_crops.size(config)**2  # the Gram teacher's crops too
+  pixels = 2 * global_pixels + aug.num_local * aug.local_size**2
   example_bytes = pixels * len(config.data.mean) * 4
   return (config.batch_size // process_count) * example_bytes * (config.data.prefetch + 3)
 
