@@ -30,6 +30,8 @@ FORMAT = 1
 ARCHITECTURE_KEYS = ('model', 'aug.global_size', 'objective.ibot.separate_head')
 # Keys that place the data: with other values the saved data position means something else.
 DATA_POSITION_KEYS = ('seed', 'batch_size', 'data.name', 'data.path', 'data.train_split')
+# Keys that decide what the train state holds beyond the parameters (a Gram teacher).
+STATE_KEYS = ('gram.use',)
 
 
 def directory(workdir: str) -> str:
@@ -63,6 +65,8 @@ def check_compatible(saved_config: dict,
   checks = [(ARCHITECTURE_KEYS, 'its parameters have other shapes')]
   if for_training:
     checks.append((DATA_POSITION_KEYS, 'its data position means other batches'))
+    checks.append((STATE_KEYS, 'its train state holds a Gram teacher only with gram.use=True '
+                   '(to add Gram anchoring to a run, start one with --config.init_from=WORKDIR)'))
   for prefixes, problem in checks:
     old, new = _selected(saved, prefixes), _selected(current, prefixes)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -150,15 +154,26 @@ class Checkpointer:
       raise WriteFailed(
           f'writing a checkpoint in {self.directory} failed ({cause}); {kept}') from error
 
-  def _check_shapes(self, step: int, abstract_state):
-    """Every array this run builds must be in the checkpoint with the same shape."""
-    saved = _leaf_shapes(self.manager.item_metadata(step)['state'])
-    for path, shape in _leaf_shapes(abstract_state).items():
+  def saved_shapes(self, step: int) -> dict:
+    """{'student/backbone/pos_embed': shape, ...} of every array of the checkpoint's state."""
+    return _leaf_shapes(self.manager.item_metadata(step)['state'])
+
+  def _check_shapes(self, step: int, abstract_state, *, exact: bool = False):
+    """Every array this run builds must be in the checkpoint with the same shape; `exact`: and
+    the checkpoint must hold no other."""
+    saved = self.saved_shapes(step)
+    built = _leaf_shapes(abstract_state)
+    for path, shape in built.items():
       if saved.get(path) != shape:
         raise ConfigError(
             f'the checkpoint at step {step} in {self.directory} holds {path} with shape '
             f'{saved.get(path)} where this config builds {shape}: use the config it was trained '
             'with (data channels, model, crop size) or a new --workdir')
+    extra = sorted(saved.keys() - built.keys()) if exact else []
+    if extra:
+      raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds {extra[0]}, '
+                        'which this config does not build: use the config it was trained with '
+                        'or a new --workdir')
 
   def _restore_step(self, step: int, abstract_tree, config, *, for_training: bool):
     """(state, meta) for training; for evaluation `abstract_tree` is the teacher's parameters
@@ -166,19 +181,21 @@ class Checkpointer:
     meta = self.meta(step)
     check_compatible(meta['config'], config, step, self.directory, for_training=for_training)
     if for_training:
-      self._check_shapes(step, abstract_tree)
-      return self._read_state(step, abstract_tree, partial=False), meta
+      # Exact, but read as a partial tree: a state without a Gram teacher (None, no arrays) reads
+      # the checkpoints written before the field existed.
+      self._check_shapes(step, abstract_tree, exact=True)
+      return self.read(step, abstract_tree), meta
     self._check_shapes(step, {'teacher': abstract_tree})
-    teacher = self._read_state(step, {'teacher': abstract_tree}, partial=True)
-    return teacher['teacher'], meta
+    return self.read(step, {'teacher': abstract_tree})['teacher'], meta
 
-  def _read_state(self, step: int, abstract_tree, *, partial: bool):
-    """Arrays placed directly into the shardings of `abstract_tree` (this run's mesh)."""
+  def read(self, step: int, abstract_tree):
+    """The arrays of `abstract_tree` (part of the state: {'teacher': ...}, ...) of a step, placed
+    directly into its shardings (this run's mesh); no checks."""
     return self.manager.restore(
         step,
         args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=abstract_tree,
-            partial_restore=partial,
+            partial_restore=True,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree))))['state']
 
   def _restore_newest(self, abstract_tree, config, step, for_training: bool):
@@ -255,6 +272,14 @@ def position_meta(config, step: int, steps_per_epoch: int | None, data_shards: i
       'steps_per_epoch': steps_per_epoch,
       'data_shards': data_shards
   }
+
+
+def parse_source(spec: str) -> tuple[str, int | None]:
+  """(workdir, step or None: its newest) of 'WORKDIR[:STEP]' (init_from, gram.ckpt)."""
+  workdir, colon, step = spec.rpartition(':')
+  if colon and step.isdigit() and workdir:
+    return workdir, int(step)
+  return spec, None
 
 
 def write_config_json(config, workdir: str):

@@ -24,6 +24,7 @@ from absl import logging
 from clu import metric_writers
 
 from kldino import checkpoint as checkpoint_lib
+from kldino import init_from
 from kldino import run as run_lib
 from kldino.core import guard as guard_lib
 from kldino.core import objective
@@ -57,13 +58,15 @@ def check_finite(metrics: list, first_step: int, latest_checkpoint: int | None):
 
 
 def _dinov2_terms(averaged: dict) -> str:
-  """The console line's part for iBOT and KoLeo ('' without them)."""
+  """The console line's part for iBOT, KoLeo and Gram anchoring ('' without them)."""
   terms = ''
   if 'ibot_loss' in averaged:
     terms += (f" | ibot {averaged['ibot_loss']:.4f} patch H {averaged['patch_teacher_entropy']:.3f}"
               f" clusters {averaged['patch_batch_effective_clusters']:.1f}")
   if 'koleo_loss' in averaged:
     terms += f" | koleo {averaged['koleo_loss']:.4f}"
+  if 'gram_loss' in averaged:
+    terms += f" | gram {averaged['gram_loss']:.4f}"
   return terms
 
 
@@ -127,10 +130,15 @@ class Trainer:
   # --------------------------------------------------------------------------- checkpoints
 
   def restore_or_init(self, step: int | None = None):
-    """The latest readable checkpoint (or `step`), else a fresh state."""
+    """The latest readable checkpoint (or `step`), else a fresh state (with init_from or
+    gram.ckpt, the parameters of their sources: kldino/init_from.py)."""
     state, meta = self.checkpointer.restore(self.program.abstract_state, self.config, step=step)
     if state is None:
-      return self.program.init(self.config.seed)
+      state = self.program.init(self.config.seed)
+      if self.config.init_from or (self.config.gram.use and self.config.gram.ckpt):
+        state = init_from.start_from(state, self.config, self.run.abstract_params,
+                                     self.program.state_shardings, self.mesh)
+      return state
     step = int(state.step)
     # An imported checkpoint (step 0, written without reading a dataset) records no epoch size.
     if meta['steps_per_epoch'] not in (None, self.schedules.steps_per_epoch):

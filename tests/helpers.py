@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from kldino.config.defaults import base_config
+from kldino.data import gram_crops
 from kldino.data import masking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,8 @@ def tiny_config(**model_overrides):
 
 
 def random_batch(config, seed=0, channels=1):
-  """A training batch of normal noise; with iBOT, the masks of a data shard's batch too."""
+  """A training batch of normal noise; with iBOT, the masks of a data shard's batch too; with
+  DINOv3's Gram teacher crops, those (noise too)."""
   rng = np.random.default_rng(seed)
   b, g, local = config.batch_size, config.aug.global_size, config.aug.local_size
   batch = {
@@ -51,6 +53,8 @@ def random_batch(config, seed=0, channels=1):
       'local_crops':
           rng.standard_normal((b, config.aug.num_local, local, local, channels)).astype(np.float32),
   }
+  if size := gram_crops.size(config):
+    batch['gram_crops'] = rng.standard_normal((b, 2, size, size, channels)).astype(np.float32)
   if masking.used(config.objective):
     batch['masks'] = masking.training_masks(config,
                                             epoch=0,

@@ -8,7 +8,9 @@ from kldino.errors import ConfigError
 from kldino.core import guard
 from kldino.core import objective
 from kldino.core import schedules
+from kldino.data import gram_crops
 from kldino.models import validate_model_config
+from kldino.models.layers import RESIZE_METHODS
 
 
 def _require(condition: bool, message: str):
@@ -84,6 +86,7 @@ def validate_config(config, num_devices: int, num_processes: int = 1):
            f'eval.knn_temperature={config.eval.knn_temperature} must be > 0')
   _validate_optim(config)
   _validate_dinov2(config, num_devices, num_processes)
+  _validate_gram(config, num_devices)
   _validate_aug(config)
   _validate_eval(config, num_devices)
   _validate_guard(config.guard)
@@ -138,6 +141,43 @@ def _validate_dinov2(config, num_devices: int, num_processes: int):
       group == 0 or (group >= 2 and config.batch_size % group == 0),
       f'objective.koleo_group_size={group} must be 0 (the whole batch) or >= 2 and divide '
       f'batch_size={config.batch_size}')
+
+
+def _validate_gram(config, num_devices: int):
+  """DINOv3's Gram anchoring (gram.*), when gram.use."""
+  gram = config.gram
+  if not gram.use:
+    return
+  _require(
+      config.model.name.startswith('vit'),
+      f'gram.use=True compares patch features: model.name={config.model.name} has none; use a '
+      'vit_* model or set gram.use=False')
+  _require(
+      _finite(gram.loss_weight) and gram.loss_weight >= 0,
+      f'gram.loss_weight={gram.loss_weight} must be finite and >= 0')
+  for key in ('ramp_steps', 'start_step', 'refresh_every', 'max_refreshes'):
+    _require(
+        isinstance(gram[key], int) and gram[key] >= 0,
+        f'gram.{key}={gram[key]} must be an integer >= 0')
+  scale, size = gram.teacher_resolution_scale, gram_crops.size(config)
+  _require(_positive_finite(scale), f'gram.teacher_resolution_scale={scale} must be > 0')
+  _require(
+      gram.undistorted or scale == 1,
+      f'gram.teacher_resolution_scale={scale} needs crops of their own: set gram.undistorted=True '
+      '(the Gram teacher then sees the undistorted crops) or the scale to 1')
+  _require(
+      not size or size % config.model.patch_size == 0,
+      f'the Gram teacher crops (gram.teacher_resolution_scale x aug.global_size = {size} px) '
+      f'must be a multiple of model.patch_size={config.model.patch_size}: change the scale')
+  _require(gram.resize_method in RESIZE_METHODS,
+           f"gram.resize_method='{gram.resize_method}': use one of {', '.join(RESIZE_METHODS)}")
+  _require(not (gram.remove_neg and gram.remove_only_teacher_neg),
+           'gram.remove_neg and gram.remove_only_teacher_neg exclude each other: set one False')
+  group = gram.group_size or config.batch_size // num_devices
+  _require(
+      gram.img_level or (gram.group_size >= 0 and (config.batch_size // num_devices) % group == 0),
+      f'gram.group_size={gram.group_size} must be 0 (each device\'s images) or divide the '
+      f'{config.batch_size // num_devices} images of a device')
 
 
 def _validate_optim(config):

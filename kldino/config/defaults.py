@@ -13,6 +13,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500  # and always at the end and on SIGTERM / preemption
   config.keep_checkpoints = 3
+  # WORKDIR[:STEP]: start from that run's checkpoint (its student, teacher and Gram teacher) with a
+  # fresh optimizer, normalisation state, step 0 and schedules, at this config's crop sizes
+  # (DINOv3's high-resolution phase; docs/checkpoints.md). '' : from scratch.
+  config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'digits'  # 'digits', 'folder', or any TFDS name
@@ -120,6 +124,32 @@ def base_config() -> ml_collections.ConfigDict:
   config.objective.patch_normalization = 'prior'
   config.objective.koleo_weight = 0.0  # DINOv2: 0.1
   config.objective.koleo_group_size = 0  # images per KoLeo group (0: the global batch)
+
+  # DINOv3's Gram anchoring (dinov3/loss/gram_loss.py, docs/method.md): the student's patch
+  # similarities on the global crops pulled towards those of the Gram teacher, a frozen copy of
+  # the EMA teacher's backbone. Off by default (the state then holds no Gram teacher).
+  config.gram = ml_collections.ConfigDict()
+  config.gram.use = False
+  config.gram.loss_weight = 1.0  # DINOv3's gram anchoring: 2.0; high-resolution phase: 1.5
+  config.gram.ramp_steps = 0  # the weight rises 0 -> loss_weight along half a cosine over these
+  # steps from start_step (DINOv3's loss_weight_schedule); 0: at once
+  config.gram.start_step = 0  # the Gram teacher is the EMA teacher of this step; the loss counts
+  # from it on (0 before)
+  config.gram.refresh_every = 0  # then copied again every N steps (0: never; DINOv3: 10000)
+  config.gram.max_refreshes = 0  # at most this many copies after the first (0: no limit; DINOv3 3)
+  config.gram.ckpt = ''  # WORKDIR[:STEP]: the first Gram teacher is that checkpoint's teacher
+  # backbone, from step 0 ('' : the EMA teacher at start_step)
+  config.gram.teacher_resolution_scale = 1.0  # the Gram teacher's crops are this times
+  # aug.global_size (DINOv3: 2), its patch features resized to the student's grid
+  config.gram.undistorted = True  # DINOv3's gram_teacher_no_distortions: the global crops' windows
+  # and flips without colour distortions; False: the student's global crops themselves (scale 1)
+  config.gram.resize_method = 'bicubic'  # the patch features' resize: 'bicubic' or 'bilinear'
+  config.gram.resize_antialias = False  # as torch's interpolate(antialias=...) (DINOv3: False)
+  config.gram.normalized = True  # L2-normalise the patch features before their Gram matrices
+  config.gram.img_level = True  # Gram matrices per crop; False: over the patches of a group of
+  config.gram.group_size = 0  # ... this many images (0: each device's images, DINOv3's local batch)
+  config.gram.remove_neg = False  # negative similarities of both matrices set to 0
+  config.gram.remove_only_teacher_neg = False  # those of the Gram teacher's only
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 2e-3  # per 256 images; scaled by batch_size / 256 (optim.lr_scaling)

@@ -1,5 +1,5 @@
 """Teacher normalisations, the losses (DINO's multi-crop cross-entropy, iBOT's masked-patch
-cross-entropy, KoLeo) and the collapse diagnostics.
+cross-entropy, KoLeo, DINOv3's Gram anchoring) and the collapse diagnostics.
 
 Every normalisation of docs/method.md ("Teacher normalisations") lives here, behind one registry
 keyed by `objective.normalization` (and `objective.prior_source` for `prior`); the patch targets
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kldino.data import masking
+from kldino.models.layers import l2_normalize
 from kldino.registry import Registry
 
 # ----------------------------------------------------------------------------- cluster prior
@@ -266,6 +267,35 @@ def koleo(embeddings, eps=1e-8):
   nearest = unit[jnp.argmax(dots, axis=1)]
   distances = jnp.linalg.norm(unit - nearest + eps, axis=-1)  # torch's PairwiseDistance(eps)
   return -jnp.mean(jnp.log(distances + eps))
+
+
+def gram_loss(student_patches,
+              teacher_patches,
+              *,
+              normalized: bool = True,
+              group: int = 0,
+              remove_neg: bool = False,
+              remove_only_teacher_neg: bool = False):
+  """DINOv3's Gram anchoring (dinov3/loss/gram_loss.py): the mean squared difference between the
+  Gram matrices of the student's and the Gram teacher's patch features [N, P, D], row by row
+  L2-normalised when `normalized` (F.normalize, eps 1e-12). Per crop ([N, P, P]: img_level), or
+  with `group` > 0 over the patches of each `group` consecutive crops ([N / group, gP, gP]).
+  remove_neg sets both matrices' negative entries to 0; remove_only_teacher_neg the teacher's
+  only (its student-side condition tests the already-cleared teacher matrix, so never holds)."""
+  if normalized:
+    student_patches = l2_normalize(student_patches)
+    teacher_patches = l2_normalize(teacher_patches)
+  if group:
+    student_patches = student_patches.reshape(-1, group * student_patches.shape[1],
+                                              student_patches.shape[-1])
+    teacher_patches = teacher_patches.reshape(student_patches.shape)
+  gram = lambda x: jnp.einsum('npd,nqd->npq', x, x, precision=jax.lax.Precision.HIGHEST)
+  student_gram, teacher_gram = gram(student_patches), gram(teacher_patches)
+  if remove_neg or remove_only_teacher_neg:
+    teacher_gram = jnp.maximum(teacher_gram, 0.0)
+  if remove_neg:
+    student_gram = jnp.maximum(student_gram, 0.0)
+  return jnp.mean(jnp.square(student_gram - teacher_gram))
 
 
 def entropy(probs, axis=-1):

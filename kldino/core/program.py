@@ -19,6 +19,7 @@ from kldino.core import prior_pass
 from kldino.core import schedules as schedules_lib
 from kldino.core import sharding
 from kldino.core import step as step_lib
+from kldino.data import gram_crops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Program:
 def abstract_train_batch(config, in_channels: int, mesh) -> dict:
   """The train step's batch as abstract arrays sharded over `mesh` (to compile without data):
   global_crops [B, 2, G, G, C] and local_crops [B, L, l, l, C], float32; with iBOT, masks
-  [B, 2, patches] bool."""
+  [B, 2, patches] bool; with DINOv3's Gram teacher crops, gram_crops [B, 2, S, S, C] float32."""
   aug, batch = config.aug, config.batch_size
   shapes = {
       'global_crops': ((batch, 2, aug.global_size, aug.global_size, in_channels), jnp.float32),
@@ -43,6 +44,8 @@ def abstract_train_batch(config, in_channels: int, mesh) -> dict:
   }
   if objective.uses_ibot(config.objective):
     shapes['masks'] = ((batch, 2, (aug.global_size // config.model.patch_size)**2), jnp.bool_)
+  if size := gram_crops.size(config):
+    shapes['gram_crops'] = ((batch, 2, size, size, in_channels), jnp.float32)
   return {
       name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
       for name, (shape, dtype) in shapes.items()

@@ -1,8 +1,9 @@
 """The train state and the jitted train step.
 
 One step: teacher logits of the global views -> normalised targets -> multi-crop cross-entropy of
-the student (with iBOT, also the masked patches' targets and cross-entropy; with KoLeo, its term)
--> AdamW update -> EMA teacher -> normalisation-state update -> metrics. The program builder
+the student (with iBOT, also the masked patches' targets and cross-entropy; with KoLeo, its term;
+with Gram anchoring, the Gram teacher's patch features and the Gram loss) -> AdamW update -> EMA
+teacher -> Gram teacher refresh -> normalisation-state update -> metrics. The program builder
 (kldino/core/program.py) jits it with explicit shardings over the mesh, donating its state.
 """
 from __future__ import annotations
@@ -16,8 +17,10 @@ import optax
 from flax import nnx
 
 from kldino.models import forward
+from kldino.core import gram as gram_lib
 from kldino.core import objective
 from kldino.core import optim
+from kldino.data import gram_crops
 from kldino.data import masking
 from kldino.models import build_model
 
@@ -30,6 +33,9 @@ class TrainState:
   opt_state: Any
   norm_state: dict  # {'log_prior': [K], 'center': [K]}
   rng: jax.Array  # root key; step s uses fold_in(rng, s), so resuming needs no RNG state
+  # DINOv3's Gram teacher: backbone parameters (kldino/core/gram.py); None without Gram anchoring,
+  # so that the states (and checkpoints) of runs without it are what they were.
+  gram_teacher: Any = None
 
 
 def _separate_patch_head(config) -> bool:
@@ -66,7 +72,8 @@ def make_init_fn(config, in_channels: int, optimizer):
                       norm_state=objective.init_norm_state(config.model.num_prototypes,
                                                            patches=objective.uses_ibot(
                                                                config.objective)),
-                      rng=step_key)
+                      rng=step_key,
+                      gram_teacher=params['backbone'] if gram_lib.used(config) else None)
 
   return init
 
@@ -90,6 +97,12 @@ def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1
   group_bound = masking.group_bound(config, group) if ibot else 0
   frozen_steps = config.optim.freeze_prototypes_epochs * schedules.steps_per_epoch
   fixed_prototypes = config.model.prototypes == 'fixed'
+  gram = gram_lib.used(config)
+  gram_weight = gram_lib.loss_weight(config.gram) if gram else None
+  # img_level=False: the Gram matrix over the patches of a group of images (DINOv3's local batch).
+  gram_group = 0 if config.gram.img_level else (config.gram.group_size or
+                                                config.batch_size // num_devices)
+  student_side = config.aug.global_size // config.model.patch_size
 
   def teacher_side(state, batch, teacher_temp, patches):
     """(image targets [B, G, K] and their flat teacher logits; with iBOT the patch targets
@@ -108,13 +121,46 @@ def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1
     targets = normalization.targets(flat, state.norm_state, teacher_temp)
     return targets.reshape(teacher_logits.shape), flat, patch_targets, patch_logits
 
-  def losses(student_params, batch, targets, patch_targets, patches, drop_key):
-    """The total loss and its terms (with iBOT or KoLeo, each of them)."""
-    student_logits, patch_logits, global_cls = forward.student_view_outputs(
-        graphdef, student_params, batch['global_crops'], batch['local_crops'], drop_key,
-        batch.get('masks'), patches)
+  def gram_targets(state, batch):
+    """The Gram teacher's patch features [B * G, P, D] of the step, zeros (not computed) before
+    gram.start_step."""
+    crops = batch['gram_crops'] if gram_crops.size(config) else batch['global_crops']
+    compute = lambda: jax.lax.stop_gradient(
+        gram_lib.teacher_patches(graphdef, config, state.teacher, state.gram_teacher, crops,
+                                 student_side))
+    if not config.gram.start_step:
+      return compute()
+    shape = jax.eval_shape(compute)
+    return jax.lax.cond(state.step >= config.gram.start_step, compute,
+                        lambda: jnp.zeros(shape.shape, shape.dtype))
+
+  def gram_term(student_patches, teacher_patches, step):
+    """The Gram loss (0 before gram.start_step)."""
+    group = gram_group * (student_patches.shape[0] // config.batch_size)  # crops per group
+    loss = objective.gram_loss(student_patches,
+                               teacher_patches,
+                               normalized=config.gram.normalized,
+                               group=group,
+                               remove_neg=config.gram.remove_neg,
+                               remove_only_teacher_neg=config.gram.remove_only_teacher_neg)
+    return jnp.where(step >= config.gram.start_step, loss, 0.0)
+
+  def losses(student_params, batch, targets, patch_targets, patches, drop_key, gram_patches, step):
+    """The total loss and its terms (with iBOT, KoLeo or Gram anchoring, each of them)."""
+    student_logits, patch_logits, global_cls, student_patches = forward.student_view_outputs(
+        graphdef,
+        student_params,
+        batch['global_crops'],
+        batch['local_crops'],
+        drop_key,
+        batch.get('masks'),
+        patches,
+        global_patches=gram)
     dino = objective.multicrop_cross_entropy(targets, student_logits, objective_config.student_temp)
     terms, total = {}, dino
+    if gram:
+      terms['gram_loss'] = gram_term(student_patches, gram_patches, step)
+      total = total + gram_weight(step) * terms['gram_loss']
     if ibot:
       terms['ibot_loss'] = objective.masked_patch_cross_entropy(patch_targets, patch_logits,
                                                                 patches.weights,
@@ -133,9 +179,10 @@ def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1
     targets, flat_teacher_logits, patch_targets, patch_logits = teacher_side(
         state, batch, teacher_temp, patches)
     drop_key = jax.random.fold_in(state.rng, step)
-    (loss, terms), grads = jax.value_and_grad(losses,
-                                              has_aux=True)(state.student, batch, targets,
-                                                            patch_targets, patches, drop_key)
+    gram_patches = gram_targets(state, batch) if gram else None
+    (loss, terms), grads = jax.value_and_grad(losses, has_aux=True)(state.student, batch, targets,
+                                                                    patch_targets, patches,
+                                                                    drop_key, gram_patches, step)
     # DINO cancels the prototypes' gradient in epoch 0 (PyTorch's AdamW then skips them: no
     # step count, moments or weight decay; kldino/core/optim.py); 'fixed' prototypes never learn.
     frozen = jnp.logical_or(fixed_prototypes, step < frozen_steps)
@@ -169,6 +216,9 @@ def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1
         'weight_decay': schedules.weight_decay(step),
         'teacher_momentum': momentum,
         'teacher_temp': teacher_temp,
+        **({
+            'gram_weight': gram_weight(step)
+        } if gram else {}),
     }
     # A non-finite loss or gradient leaves the state as it was (the step still counts): no
     # non-finite value ever reaches the state or a checkpoint, without a host sync per step;
@@ -183,6 +233,9 @@ def make_train_step(graphdef, config, schedules, optimizer, num_devices: int = 1
                               teacher=teacher,
                               opt_state=opt_state,
                               norm_state=norm_state)
+    if gram:  # after the EMA update, as DINOv3 (the kept teacher when the step was not finite)
+      new_state = new_state.replace(
+          gram_teacher=gram_lib.refreshed(config.gram, state.gram_teacher, teacher, step + 1))
     return new_state, metrics
 
   return train_step

@@ -569,11 +569,14 @@ def multi_crop_views(image,
                      *,
                      min_size: int = 0,
                      num_channels: int | None = None,
-                     small_image: bool | None = None) -> dict[str, tf.Tensor]:
+                     small_image: bool | None = None,
+                     gram_size: int = 0) -> dict[str, tf.Tensor]:
   """The crop stage of multi-crop: {'global_crops': [2, G, G, C], 'local_crops': [L, l, l, C]}
   un-augmented, uint8 for uint8 or encoded images (float32 in [0, 1] for float ones), from one
   image, encoded (decoded whole, into `num_channels`) or decoded; `min_size` and `small_image`
-  as in random_resized_crops. augment_views finishes them."""
+  as in random_resized_crops. With `gram_size`, also 'gram_crops' [2, S, S, C]: the global
+  crops' windows (the same seed) at that size, DINOv3's Gram teacher crops. augment_views
+  finishes them."""
   image = _decoded(image, num_channels)
   crops = functools.partial(random_resized_crops,
                             image,
@@ -582,12 +585,44 @@ def multi_crop_views(image,
                             small_image=small_image,
                             round_uint8=True)
   global_crops = crops(_group_seeds(seed, 0)[0], 2, aug_config.global_size, aug_config.global_scale)
+  gram = {
+      'gram_crops': crops(_group_seeds(seed, 0)[0], 2, gram_size, aug_config.global_scale)
+  } if gram_size else {}
   num_local, local_size = aug_config.num_local, aug_config.local_size
   if num_local:
     local_crops = crops(_group_seeds(seed, 1)[0], num_local, local_size, aug_config.local_scale)
   else:
     local_crops = tf.zeros([0, local_size, local_size, image.shape[-1]], global_crops.dtype)
-  return {'global_crops': global_crops, 'local_crops': local_crops}
+  return {'global_crops': global_crops, 'local_crops': local_crops, **gram}
+
+
+def gram_teacher_views(views, seed, *, flip: bool, mean: Sequence[float],
+                       std: Sequence[float]) -> tf.Tensor:
+  """One example's Gram teacher crops [2, S, S, C] (multi_crop_views) finished as DINOv3 finishes
+  them without distortions: the global crops' flips (the same draws), then normalisation."""
+  views = tf.cast(views, tf.float32) * (1 / 255) if views.dtype == tf.uint8 else views
+  if flip:
+    flips = _coins(_group_seeds(tf.cast(seed, tf.int64), 0)[1], [0.5] * views.shape[0])
+    views = tf.where(flips, tf.reverse(views, axis=[2]), views)
+  return normalize(views, mean, std)
+
+
+@functools.lru_cache(maxsize=16)
+def _gram_finisher(shape: tuple, dtype: tf.DType, flip: bool, mean: tuple, std: tuple):
+  """gram_teacher_views over a batch [b, 2, S, S, C] and its seeds [b, 2], compiled by XLA."""
+
+  @tf.function(
+      jit_compile=True,
+      autograph=False,
+      input_signature=[tf.TensorSpec([None, *shape], dtype),
+                       tf.TensorSpec([None, 2], tf.int64)])
+  def finish(views, seeds):
+    return tf.map_fn(
+        lambda example: gram_teacher_views(example[0], example[1], flip=flip, mean=mean, std=std),
+        (views, seeds),
+        fn_output_signature=tf.TensorSpec(shape, tf.float32))
+
+  return finish
 
 
 def _checked_options(aug_config, channels: int, mean, std) -> list[tuple]:
@@ -599,23 +634,31 @@ def augment_example(crops: dict, seed, aug_config, mean: Sequence[float],
                     std: Sequence[float]) -> dict[str, tf.Tensor]:
   """The augmentation stage of multi-crop on one example, op by op (in tf.data): crops
   {'global_crops': [2, G, G, C], 'local_crops': [L, l, l, C]} from multi_crop_views -> the same
-  augmented and normalised, float32."""
+  augmented and normalised, float32 (and 'gram_crops', if any, by gram_teacher_views)."""
   seed = tf.cast(seed, tf.int64)
   keys = ('global_crops', 'local_crops')
   options = _checked_options(aug_config, crops[keys[0]].shape[-1], mean, std)
-  return {
+  out = {
       key:
           _augment(crops[key], seed, per_view=False, **dict(group_options))
           if crops[key].shape[0] else tf.zeros(crops[key].shape, tf.float32)
       for key, group_options in zip(keys, options)
   }
+  if 'gram_crops' in crops:
+    out['gram_crops'] = gram_teacher_views(crops['gram_crops'],
+                                           seed,
+                                           flip=bool(aug_config.flip),
+                                           mean=mean,
+                                           std=std)
+  return out
 
 
 def augment_views(batch: dict, seeds, aug_config, mean: Sequence[float],
                   std: Sequence[float]) -> dict[str, tf.Tensor]:
   """augment_example on a batch, with the examples' seeds [b, 2]: {'global_crops':
   [b, 2, G, G, C], 'local_crops': [b, L, l, l, C]} -> the same augmented and normalised,
-  float32, by one XLA program per view group and batch size (module docstring)."""
+  float32, by one XLA program per view group and batch size (module docstring); 'gram_crops',
+  if any, by gram_teacher_views."""
   seeds = tf.cast(seeds, tf.int64)
   keys = ('global_crops', 'local_crops')
   options = _checked_options(aug_config, batch[keys[0]].shape[-1], mean, std)
@@ -626,6 +669,11 @@ def augment_views(batch: dict, seeds, aug_config, mean: Sequence[float],
       out[key] = tf.zeros(views.shape, tf.float32)
       continue
     out[key] = _augmenter(tuple(views.shape[1:]), views.dtype, **dict(group_options))(views, seeds)
+  if 'gram_crops' in batch:
+    views = tf.convert_to_tensor(batch['gram_crops'])
+    finish = _gram_finisher(tuple(views.shape[1:]), views.dtype, bool(aug_config.flip),
+                            tuple(float(x) for x in mean), tuple(float(x) for x in std))
+    out['gram_crops'] = finish(views, seeds)
   return out
 
 

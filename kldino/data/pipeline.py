@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from kldino.data import augment
+from kldino.data import gram_crops
 from kldino.data import masking
 from kldino.data import unreadable
 from kldino.data.datasets import Source, shard_range
@@ -53,7 +54,8 @@ def host_batch_bytes(config, process_count: int) -> int:
   """Bytes of the training batches a host holds at once: data.prefetch batches ahead, the one
   being made, and the two the loop sends ahead to the devices (core/sharding.py), float32."""
   aug = config.aug
-  pixels = 2 * aug.global_size**2 + aug.num_local * aug.local_size**2
+  global_pixels = aug.global_size**2 + gram_crops.size(config)**2  # the Gram teacher's crops too
+  pixels = 2 * global_pixels + aug.num_local * aug.local_size**2
   example_bytes = pixels * len(config.data.mean) * 4
   return (config.batch_size // process_count) * example_bytes * (config.data.prefetch + 3)
 
@@ -123,9 +125,10 @@ def _batch_augmented(config) -> bool:
 
 
 def _crops(example, *, config, epoch: int, num_channels: int, small_shape) -> dict:
-  """An example's multi-crop views: augment.multi_crop_views, then augment.augment_example unless
-  _batch_augmented (then with the seed that augment_views takes). Small images of one size
-  (`small_shape`, the digits) are upscaled to data.image_size and cropped by matmuls."""
+  """An example's multi-crop views (and DINOv3's Gram teacher crops, gram_crops.size):
+  augment.multi_crop_views, then augment.augment_example unless _batch_augmented (then with the
+  seed that augment_views takes). Small images of one size (`small_shape`, the digits) are
+  upscaled to data.image_size and cropped by matmuls."""
   seed = _example_seed(config, epoch, example['index'])
   image = example['image']
   if small_shape:
@@ -137,7 +140,8 @@ def _crops(example, *, config, epoch: int, num_channels: int, small_shape) -> di
                                    config.aug,
                                    min_size=config.data.image_size,
                                    num_channels=num_channels,
-                                   small_image=bool(small_shape))
+                                   small_image=bool(small_shape),
+                                   gram_size=gram_crops.size(config))
   if _batch_augmented(config):
     return {**crops, 'seed': seed}
   return augment.augment_example(crops, seed, config.aug, config.data.mean, config.data.std)
@@ -302,6 +306,7 @@ def _augmented(batches: tf.data.Dataset, config) -> Iterator[dict[str, np.ndarra
   chunk it lands in."""
   workers = os.cpu_count() or 1
   aug = config.aug
+  gram_size = gram_crops.size(config)
   channels = len(config.data.mean)
 
   def augment_chunk(out, start, chunk):  # each thread copies its rows into the batch
@@ -317,6 +322,8 @@ def _augmented(batches: tf.data.Dataset, config) -> Iterator[dict[str, np.ndarra
         'local_crops':
             np.empty((rows, aug.num_local, aug.local_size, aug.local_size, channels), np.float32)
     }
+    if gram_size:
+      out['gram_crops'] = np.empty((rows, 2, gram_size, gram_size, channels), np.float32)
     return out, [
         pool.submit(augment_chunk, out, start, chunk) for start, chunk in _chunks(batch, workers)
     ]
@@ -345,7 +352,8 @@ def train_batches(source: Source,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, steps_per_epoch) of an epoch: {'global_crops': float32 [b, 2, G, G, C],
   'local_crops': float32 [b, L, l, l, C]}, b = batch_size / process_count, the rows of this
-  process's shards side by side (shard order); with iBOT, 'masks': bool [b, 2, patches].
+  process's shards side by side (shard order); with iBOT, 'masks': bool [b, 2, patches]; with
+  DINOv3's Gram teacher crops, 'gram_crops': float32 [b, 2, S, S, C].
 
   Each example's crops are cut in tf.data (augment.multi_crop_views: decode, crop windows of the
   full-resolution image, resize) and augmented on whole batches (augment.augment_views), both

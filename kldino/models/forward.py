@@ -168,16 +168,25 @@ def teacher_view_outputs(graphdef,
   return _cls_logits(model, cls, None, standardise).reshape(batch, views, -1), patch_logits
 
 
+class StudentOutputs(NamedTuple):
+  cls_logits: jax.Array  # [B, G + L, K], the global views first
+  patch_logits: jax.Array | None  # [groups * size, K] of iBOT's masked patches, else None
+  global_cls: jax.Array  # [B, G, D]: the global views' backbone CLS
+  global_patches: jax.Array | None  # [B * G, P, D] (with `global_patches`), else None
+
+
 def student_view_outputs(graphdef,
                          params,
                          global_crops,
                          local_crops,
                          drop_key,
                          masks=None,
-                         patches: MaskedPatches | None = None):
-  """The student on all views: (CLS logits, global views first [B, G + L, K], the masked
-  patches' logits [groups * size, K] or None, the global views' backbone CLS [B, G, D]). With
-  iBOT's `masks` [B, G, N] and `patches`, the global crops see the mask token at masked patches.
+                         patches: MaskedPatches | None = None,
+                         *,
+                         global_patches: bool = False) -> StudentOutputs:
+  """The student on all views (StudentOutputs). With iBOT's `masks` [B, G, N] and `patches`, the
+  global crops see the mask token at masked patches; `global_patches` also returns their patch
+  tokens after the final norm, as the student sees them (DINOv3's Gram anchoring).
 
   Each resolution goes through the backbone in one call; the features of both are joined along
   the view axis so that the head (and its batch statistics) sees all crops together.
@@ -185,10 +194,13 @@ def student_view_outputs(graphdef,
   model = _merge(graphdef, params)
   global_key, local_key = jax.random.split(drop_key)
   images, batch, views = _flatten_views(global_crops)
-  if patches is None:
-    cls, patch_logits = _backbone(model, images, global_key), None
+  tokens = patch_logits = None
+  if patches is None and not global_patches:
+    cls = _backbone(model, images, global_key)
   else:
-    cls, tokens = _tokens(model, images, masks.reshape(batch * views, -1), global_key)
+    flat_masks = None if masks is None else masks.reshape(batch * views, -1)
+    cls, tokens = _tokens(model, images, flat_masks, global_key)
+  if patches is not None:
     patch_logits = _patch_logits(model, tokens, patches)
   features = [cls.reshape(batch, views, -1)]
   if local_crops.shape[1]:
@@ -196,4 +208,5 @@ def student_view_outputs(graphdef,
     features.append(_backbone(model, local_images, local_key).reshape(batch, local_views, -1))
   features = jnp.concatenate(features, axis=1)
   cls_logits = _cls_logits(model, features.reshape(-1, features.shape[-1]))
-  return cls_logits.reshape(batch, features.shape[1], -1), patch_logits, features[:, :views]
+  return StudentOutputs(cls_logits.reshape(batch, features.shape[1], -1), patch_logits,
+                        features[:, :views], tokens if global_patches else None)

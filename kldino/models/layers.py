@@ -93,30 +93,69 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
   return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
-def bicubic_matrix(in_size: int,
-                   out_size: int,
-                   scale: float | None = None,
-                   antialias: bool = False) -> np.ndarray:
-  """[out_size, in_size] float32 weights of torch.nn.functional.interpolate(mode='bicubic',
+def _triangle(x: np.ndarray) -> np.ndarray:
+  """The bilinear kernel."""
+  return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+# method -> (the kernel without antialias, the kernel with it, its half-width in input pixels).
+_TORCH_KERNELS = {
+    'bicubic': (lambda x: _cubic(x, -0.75), lambda x: _cubic(x, -0.5), 2.0),
+    'bilinear': (_triangle, _triangle, 1.0),
+}
+RESIZE_METHODS = tuple(_TORCH_KERNELS)
+
+
+def torch_resize_matrix(in_size: int,
+                        out_size: int,
+                        scale: float | None = None,
+                        antialias: bool = False,
+                        method: str = 'bicubic') -> np.ndarray:
+  """[out_size, in_size] float32 weights of torch.nn.functional.interpolate(mode=`method`,
   align_corners=False) along one axis: `scale` is its scale_factor (None: out_size / in_size),
-  which sets where the samples fall. Without antialias, Keys' kernel a = -0.75 on the four nearest
-  pixels, indices clamped at the border; with it (and when shrinking, the kernel widened by the
-  shrink factor), a = -0.5 over the pixels the kernel covers, renormalised, as PIL resizes."""
+  which sets where the samples fall. Without antialias, the kernel (bicubic: Keys a = -0.75) on
+  the nearest pixels, indices clamped at the border (bilinear: a negative sample position is
+  clamped to 0, as torch does); with it (and when shrinking, the kernel widened by the shrink
+  factor; bicubic a = -0.5) over the pixels the kernel covers, renormalised, as PIL resizes."""
+  plain_kernel, antialias_kernel, half_width = _TORCH_KERNELS[method]
   source_step = 1.0 / scale if scale else in_size / out_size
   weights = np.zeros((out_size, in_size), np.float64)
   for out_index in range(out_size):
     if antialias:
-      support = 2.0 * max(source_step, 1.0)
+      support = half_width * max(source_step, 1.0)
       center = source_step * (out_index + 0.5)
       low = max(int(center - support + 0.5), 0)
       high = min(int(center + support + 0.5), in_size)
       taps = np.arange(low, high)
-      tap_weights = _cubic((taps - center + 0.5) / max(source_step, 1.0), -0.5)
+      tap_weights = antialias_kernel((taps - center + 0.5) / max(source_step, 1.0))
       weights[out_index, taps] = tap_weights / tap_weights.sum()
-    else:
-      source = (out_index + 0.5) * source_step - 0.5
-      floor = math.floor(source)
-      for offset in range(-1, 3):
-        tap = min(max(floor + offset, 0), in_size - 1)
-        weights[out_index, tap] += _cubic(np.asarray(source - floor - offset), -0.75)
+      continue
+    source = (out_index + 0.5) * source_step - 0.5
+    if method == 'bilinear':
+      source = max(source, 0.0)
+    floor = math.floor(source)
+    for offset in range(1 - int(half_width), 1 + int(half_width)):
+      tap = min(max(floor + offset, 0), in_size - 1)
+      weights[out_index, tap] += plain_kernel(np.asarray(source - floor - offset))
   return weights.astype(np.float32)
+
+
+def resize_patch_grid(tokens: jax.Array,
+                      out_side: int,
+                      *,
+                      method: str = 'bicubic',
+                      antialias: bool = False) -> jax.Array:
+  """Patch tokens [N, h * h, D] of a square grid (row-major) resized to [N, out_side^2, D] as
+  torch's interpolate(size=(out_side, out_side), mode=`method`, align_corners=False) resizes
+  [N, D, h, h] (DINOv3's Gram teacher features, dinov3/train/ssl_meta_arch.py)."""
+  side = math.isqrt(tokens.shape[1])
+  if side == out_side:
+    return tokens
+  matrix = jnp.asarray(torch_resize_matrix(side, out_side, antialias=antialias, method=method))
+  grid = tokens.reshape(tokens.shape[0], side, side, tokens.shape[-1])
+  resized = jnp.einsum('oh,nhwd,pw->nopd',
+                       matrix,
+                       grid,
+                       matrix,
+                       precision=jax.lax.Precision.HIGHEST)
+  return resized.reshape(tokens.shape[0], out_side * out_side, tokens.shape[-1])

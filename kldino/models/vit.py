@@ -4,12 +4,14 @@ register tokens, a mask token for masked patches, and PyTorch's interpolation of
 embeddings with DINOv2's offset and antialiasing."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kldino.models.layers import (bicubic_matrix, block_key, drop_path, gelu, linear_drop_rates,
-                                  run_blocks)
+from kldino.models.layers import (block_key, drop_path, gelu, linear_drop_rates, run_blocks,
+                                  torch_resize_matrix)
 from kldino.models.registry import register_backbone
 
 # DINO's init for linears and tokens: trunc_normal_(std=.02, a=-2, b=2), zero biases. Its bounds
@@ -160,6 +162,35 @@ class ConvStem(nnx.Module):
     return self.project(x)
 
 
+def resize_position_table(table: jax.Array,
+                          grid: tuple[int, int],
+                          *,
+                          interpolation: str = 'jax',
+                          offset: float = 0.0,
+                          antialias: bool = False) -> jax.Array:
+  """A position table [1, 1 + g * g, dim] (CLS first, then a square grid) for a grid (h, w): the
+  patch positions resized bicubically as model.pos_interpolation says (module constants), the
+  CLS position kept; the table itself when the grid is its own."""
+  side = math.isqrt(table.shape[1] - 1)
+  grid_height, grid_width = grid
+  if (grid_height, grid_width) == (side, side):
+    return table
+  cls_position, patch_positions = table[:, :1], table[0, 1:]
+  patches = patch_positions.reshape(side, side, -1)
+  if interpolation == 'torch':
+    matrices = [
+        torch_resize_matrix(side, size, (size + offset) / side if offset else None, antialias)
+        for size in (grid_height, grid_width)
+    ]
+    resized = jnp.einsum('oh,hwc,pw->opc', matrices[0], patches.astype(jnp.float32),
+                         matrices[1]).astype(patches.dtype)
+  else:  # no antialiasing (as DINO): a pure interpolation of the table, also when shrinking
+    resized = jax.image.resize(patches, (grid_height, grid_width, patches.shape[-1]),
+                               method='bicubic',
+                               antialias=False)
+  return jnp.concatenate([cls_position, resized.reshape(1, -1, patches.shape[-1])], axis=1)
+
+
 class ViT(nnx.Module):
   """images [B, H, W, C] -> CLS token after the final LayerNorm [B, dim].
 
@@ -231,24 +262,10 @@ class ViT(nnx.Module):
 
   def position_embedding(self, grid_height: int, grid_width: int) -> jax.Array:
     """[1, 1 + h * w, dim]: the learned table, bicubically resized when the grid differs."""
-    table = self.pos_embed[...]
-    if (grid_height, grid_width) == (self.grid_size, self.grid_size):
-      return table
-    cls_position, patch_positions = table[:, :1], table[0, 1:]
-    grid = patch_positions.reshape(self.grid_size, self.grid_size, -1)
-    if self.pos_interpolation == 'torch':
-      matrices = [
-          bicubic_matrix(self.grid_size, size, (size + self.interpolate_offset) /
-                         self.grid_size if self.interpolate_offset else None,
-                         self.interpolate_antialias) for size in (grid_height, grid_width)
-      ]
-      resized = jnp.einsum('oh,hwc,pw->opc', *matrices[:1], grid.astype(jnp.float32),
-                           matrices[1]).astype(grid.dtype)
-    else:  # no antialiasing (as DINO): a pure interpolation of the table, also when shrinking
-      resized = jax.image.resize(grid, (grid_height, grid_width, grid.shape[-1]),
-                                 method='bicubic',
-                                 antialias=False)
-    return jnp.concatenate([cls_position, resized.reshape(1, -1, grid.shape[-1])], axis=1)
+    return resize_position_table(self.pos_embed[...], (grid_height, grid_width),
+                                 interpolation=self.pos_interpolation,
+                                 offset=self.interpolate_offset,
+                                 antialias=self.interpolate_antialias)
 
   def _check_images(self, images: jax.Array):
     if images.ndim != 4 or images.shape[-1] != self.in_channels:

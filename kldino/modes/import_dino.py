@@ -153,12 +153,14 @@ def run(config, workdir: str, *, import_from: str) -> dict:
   except ValueError as error:
     raise ConfigError(str(error)) from None
   backbone = jax.device_put(backbone, program.state_shardings.student['backbone'])
+  gram = {} if state.gram_teacher is None else {'gram_teacher': backbone}  # Gram anchoring's too
   state = state.replace(student={
       **state.student, 'backbone': backbone
   },
                         teacher={
                             **state.teacher, 'backbone': backbone
-                        })
+                        },
+                        **gram)
   checkpoint_lib.write_config_json(config, workdir)
   opened.checkpointer.save(0,
                            state,

@@ -72,3 +72,28 @@ def test_ibot_needs_the_mask_token():
     validate_config(config, num_devices=8)
   config.model.mask_token = True
   validate_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize('key, value, fragment', [
+    ('model.name', 'convnet_small', 'gram.use=True compares patch features'),
+    ('gram.loss_weight', -1.0, 'gram.loss_weight=-1.0 must be finite and >= 0'),
+    ('gram.refresh_every', -5, 'gram.refresh_every=-5 must be an integer >= 0'),
+    ('gram.teacher_resolution_scale', 0.0, 'gram.teacher_resolution_scale=0.0 must be > 0'),
+    ('gram.teacher_resolution_scale', 1.25, '(gram.teacher_resolution_scale x aug.global_size = '
+     '20 px) must be a multiple of model.patch_size=8'),
+    ('gram.undistorted', False, 'set gram.undistorted=True'),
+    ('gram.resize_method', 'nearest', "gram.resize_method='nearest': use one of bicubic, bilinear"),
+    ('gram.remove_only_teacher_neg', True, 'exclude each other'),
+    ('gram.img_level', False, 'gram.group_size=3 must be 0'),
+])
+def test_bad_gram_values_are_refused_with_one_line(key, value, fragment):
+  config = base_config()
+  config.model.name, config.model.patch_size = 'vit_nano', 8
+  config.gram.use, config.gram.teacher_resolution_scale = True, 2.0
+  config.gram.remove_neg, config.gram.group_size = True, 3
+  section, _, name = key.rpartition('.')
+  config[section][name] = value
+  validate_config(base_config(), num_devices=8)  # gram.use=False: its keys are not read
+  with pytest.raises(ConfigError) as error:
+    validate_config(config, num_devices=8)
+  assert fragment in str(error.value) and '\n' not in str(error.value)

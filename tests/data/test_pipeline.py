@@ -357,3 +357,32 @@ def test_ibot_masks_resume_and_follow_the_block_masking():
   assert not np.array_equal(masks[0], masks[1])  # a new draw every step
   resumed = list(pipeline.train_batches(source, config, epoch=1, start_step=3))
   np.testing.assert_array_equal(np.stack([batch['masks'] for batch in resumed]), masks[3:])
+
+
+@pytest.mark.parametrize('xla_min_size', [0, 10_000])
+def test_gram_crops_are_the_global_crops_windows_and_flips_undistorted(tmp_path, xla_min_size):
+  """DINOv3's Gram teacher crops: with the colour distortions off, at the global size they are
+  the global crops themselves (the same windows, the same flips), on either augmentation path;
+  at twice the size, the same windows at twice the resolution."""
+  jpeg_folder(tmp_path)
+  config = jpeg_config(tmp_path)
+  plain_aug(config, global_size=16, local_size=8, num_local=2)
+  config.aug.xla_min_size = xla_min_size
+  config.gram.use = True
+  source = datasets.get_source(config.data)
+  unflipped = next(pipeline.train_batches(source, config, epoch=0))['gram_crops']
+  config.aug.flip = True
+  batches = list(pipeline.train_batches(source, config, epoch=0))
+  for batch in batches:
+    np.testing.assert_allclose(batch['gram_crops'], batch['global_crops'], atol=2e-5)
+  mirrored = [
+      np.allclose(got, expected[:, ::-1], atol=2e-5) and not np.allclose(got, expected, atol=2e-5)
+      for got, expected in zip(batches[0]['gram_crops'].reshape(-1, 16, 16, 3),
+                               unflipped.reshape(-1, 16, 16, 3))
+  ]
+  assert 0 < sum(mirrored) < len(mirrored)  # some views flipped, the same in both crops
+  config.gram.teacher_resolution_scale = 2.0
+  batch = next(pipeline.train_batches(source, config, epoch=0))
+  assert batch['gram_crops'].shape == (4, 2, 32, 32, 3)
+  pooled = batch['gram_crops'].reshape(4, 2, 16, 2, 16, 2, 3).mean(axis=(3, 5))
+  assert np.abs(pooled - batches[0]['global_crops']).mean() < 0.05
