@@ -199,6 +199,11 @@ def _validate_aug(config):
            f'aug.blur_sigma={tuple(aug.blur_sigma)} must satisfy 0 < low <= high')
   _require(config.data.image_size >= 1,
            f'data.image_size={config.data.image_size} must be >= 1 pixel')
+  _require(
+      config.data.shuffle in ('permutation', 'buffer'),
+      f"data.shuffle='{config.data.shuffle}': use 'permutation' (a full permutation of each "
+      "data shard per epoch, DINO's) or 'buffer' (a shuffle buffer of data.shuffle_buffer "
+      'examples)')
   fraction = config.data.max_corrupt_fraction
   _require(
       _finite(fraction) and 0 <= fraction <= 1,

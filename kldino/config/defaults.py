@@ -28,6 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
   # rounded (18 for the 16x16 view of the 8x8 digits)
   config.data.mean = (0.5,)  # per channel, after scaling to [0, 1]
   config.data.std = (0.5,)
+  # The training order of each epoch: 'permutation' (DINO's DistributedSampler), each data
+  # shard fully permuted (a folder by position; a source read in order, TFDS, through a shuffle
+  # buffer of the whole shard, which must fit in memory); 'buffer', a shuffle buffer of
+  # shuffle_buffer examples, for large datasets read in order.
+  config.data.shuffle = 'permutation'
   config.data.shuffle_buffer = 4096
   config.data.shards = 0  # training data shards (0: one per process); fixing it makes
   # the batches independent of the number of processes

@@ -116,6 +116,11 @@ UPGRADES = (
     Upgrade('2026-12-01', 'guard.constant_mi', "the collapse guard's constant kind", lambda flat: {
         **flat, 'guard.constant_mi': 0.0
     }),
+    Upgrade('2026-12-07', 'data.shuffle',
+            "data.shuffle, a full permutation per epoch (before: data.shuffle_buffer's buffer)",
+            lambda flat: {
+                **flat, 'data.shuffle': 'buffer'
+            }),
 )
 
 

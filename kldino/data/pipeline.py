@@ -86,15 +86,21 @@ def _shard_size(source: Source, split: str, process_index: int, process_count: i
   return stop - start
 
 
-def _examples(source: Source, split: str, config, process_index: int,
-              process_count: int) -> tf.data.Dataset:
+def _shard_bytes(source: Source, split: str, config, process_index: int,
+                 process_count: int) -> float:
+  """About the bytes of one process's examples of a split, as stored."""
   shard_size = _shard_size(source, split, process_index, process_count)
   stored = source.info.num_bytes.get(split, 0)
   if stored:
-    shard_bytes = stored * shard_size / source.num_examples(split)
-  else:  # decoded arrays of unknown size: about image_size^2 pixels each
-    shard_bytes = shard_size * config.data.image_size**2 * source.info.num_channels
-  return _shard(source, split, process_index, process_count, shard_bytes <= _CACHE_BYTES)
+    return stored * shard_size / source.num_examples(split)
+  # decoded arrays of unknown size: about image_size^2 pixels each
+  return shard_size * config.data.image_size**2 * source.info.num_channels
+
+
+def _examples(source: Source, split: str, config, process_index: int,
+              process_count: int) -> tf.data.Dataset:
+  in_memory = _shard_bytes(source, split, config, process_index, process_count) <= _CACHE_BYTES
+  return _shard(source, split, process_index, process_count, in_memory)
 
 
 def _small_shape(source: Source) -> tuple[int, int] | None:
@@ -107,6 +113,49 @@ def _small_shape(source: Source) -> tuple[int, int] | None:
 def _shuffle_seed(seed: int, epoch: int) -> int:
   # tf.data takes one integer: mix (seed, epoch) so that neighbouring epochs are unrelated.
   return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
+
+
+def epoch_permutation(seed: int, epoch: int, shard: int, size: int) -> np.ndarray:
+  """The order of a data shard's `size` examples in an epoch with data.shuffle='permutation'
+  on a source read by position: a uniform permutation of range(size), a function of (seed,
+  epoch, shard) alone."""
+  return np.random.default_rng([seed % 2**32, epoch, shard]).permutation(size)
+
+
+def _shuffled_examples(source: Source, split: str, config, *, epoch: int, shard: int,
+                       shards: int) -> tf.data.Dataset:
+  """A data shard's examples of a split in the epoch's order (data.shuffle): 'permutation', a
+  full permutation of the shard (epoch_permutation on a source read by position; else a shuffle
+  buffer of the whole shard, held in memory: a uniform permutation too); 'buffer', a shuffle
+  buffer of data.shuffle_buffer examples. Either is a function of (seed, epoch) and the shard."""
+  data = config.data
+  shard_size = _shard_size(source, split, shard, shards)
+  if data.shuffle == 'permutation' and source.read_positions is not None and shard_size:
+    start, _ = shard_range(source.num_examples(split), shard, shards)
+    order = start + epoch_permutation(config.seed, epoch, shard, shard_size)
+    return source.read_at(split, order, decode=False)
+  buffer = shard_size if data.shuffle == 'permutation' else min(shard_size, data.shuffle_buffer)
+  return _examples(source, split, config, shard,
+                   shards).shuffle(max(1, buffer),
+                                   seed=_shuffle_seed(config.seed, epoch),
+                                   reshuffle_each_iteration=False)
+
+
+def check_shuffle(source: Source, config, process_count: int):
+  """Refuses, before anything is read, data.shuffle='permutation' of a source read in order
+  (not by position) whose data shard exceeds the in-memory cache: it would buffer the whole
+  shard."""
+  data = config.data
+  if data.shuffle != 'permutation' or source.read_positions is not None:
+    return
+  shard_bytes = _shard_bytes(source, data.train_split, config, 0, num_shards(data, process_count))
+  if shard_bytes > _CACHE_BYTES:
+    raise ValueError(
+        f"data.shuffle='permutation' buffers a whole data shard of a source read in order, and "
+        f"a shard of '{source.name}' split '{data.train_split}' takes about "
+        f'{shard_bytes / 2**30:.1f} GiB (at most {_CACHE_BYTES / 2**30:.0f}): set '
+        "data.shuffle='buffer' (data.shuffle_buffer examples), or read the images as a folder "
+        "(data.name='folder'), which is permuted by position")
 
 
 def _example_seed(config, epoch: int, index) -> tf.Tensor:
@@ -178,10 +227,12 @@ def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int,
   if shard_size == 0 and num_steps > 0:
     raise ValueError(f'data shard {shard} of {shards} has no examples of '
                      f"'{data.train_split}' to train on: use fewer shards or processes")
-  examples = _examples(source, data.train_split, config, shard, shards)
-  examples = examples.shuffle(max(1, min(shard_size, data.shuffle_buffer)),
-                              seed=_shuffle_seed(config.seed, epoch),
-                              reshuffle_each_iteration=False)
+  examples = _shuffled_examples(source,
+                                data.train_split,
+                                config,
+                                epoch=epoch,
+                                shard=shard,
+                                shards=shards)
   # Contiguous shards can leave the last ones a few examples short of N // S: they wrap around
   # to the start of their own order rather than run fewer steps than the others.
   num_examples = (num_steps - start_step) * shard_batch

@@ -47,6 +47,7 @@ from kldino.config.defaults import base_config
     ('optim.layerwise_decay', 0.9, 'decays by ViT block: model.name=convnet_small has none'),
     ('optim.patch_embed_lr_mult', 0.0, 'optim.patch_embed_lr_mult=0.0 must be > 0'),
     ('model.ffn', 'geglu', "unknown model.ffn 'geglu'"),
+    ('data.shuffle', 'random', "data.shuffle='random': use 'permutation'"),
 ])
 def test_bad_values_are_refused_with_one_line(key, value, fragment):
   config = base_config()
