@@ -252,7 +252,7 @@ def _validate_eval(config, num_devices: int):
   lrs = tuple(eval_config.linear_lrs) or (eval_config.linear_lr,)
   _require(all(_positive_finite(lr) for lr in lrs),
            f'eval.linear_lr / eval.linear_lrs = {lrs}: every learning rate must be finite and > 0')
-  for key in ('linear_epochs', 'probe_epochs'):
+  for key in ('linear_epochs', 'linear_eval_every_epochs', 'probe_epochs'):
     _require(eval_config[key] >= 1, f'eval.{key}={eval_config[key]} must be >= 1')
   _require(
       eval_config.linear_batch_size >= 1 and eval_config.linear_batch_size % num_devices == 0,

@@ -165,6 +165,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.linear_epochs = 100
   config.eval.linear_batch_size = 1024  # global (DINO: 128 per GPU on 8 GPUs)
   config.eval.linear_crop_scale = (0.08, 1.0)  # RandomResizedCrop of the training views
+  # The heads are scored on the eval split after epochs 1, 1 + k, 1 + 2k, ... and the last (DINO's
+  # --val_freq k, default 1); linear_eval.json reports the best top-1 over them (DINO's figure)
+  # beside the last epoch's.
+  config.eval.linear_eval_every_epochs = 1
 
   # Named evaluators (kldino/evaluate/evaluators.py): type, every_epochs during training (0: not
   # during training), final (at the end of training and in --mode=eval).
