@@ -123,13 +123,13 @@ def epoch_permutation(seed: int, epoch: int, shard: int, size: int) -> np.ndarra
   return np.random.default_rng([seed % 2**32, epoch, shard]).permutation(size)
 
 
-def _shuffled_examples(source: Source, split: str, config, *, epoch: int, shard: int,
-                       shards: int) -> tf.data.Dataset:
-  """A data shard's examples of a split in the epoch's order (data.shuffle): 'permutation', a
+def _epoch_examples(source: Source, config, *, epoch: int, shard: int,
+                    shards: int) -> tf.data.Dataset:
+  """A data shard's training examples in the epoch's order (data.shuffle): 'permutation', a
   full permutation of the shard (epoch_permutation on a source read by position; else a shuffle
   buffer of the whole shard, held in memory: a uniform permutation too); 'buffer', a shuffle
   buffer of data.shuffle_buffer examples. Either is a function of (seed, epoch) and the shard."""
-  data = config.data
+  data, split = config.data, config.data.train_split
   shard_size = _shard_size(source, split, shard, shards)
   if data.shuffle == 'permutation' and source.read_positions is not None and shard_size:
     start, _ = shard_range(source.num_examples(split), shard, shards)
@@ -228,12 +228,7 @@ def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int,
   if shard_size == 0 and num_steps > 0:
     raise ValueError(f'data shard {shard} of {shards} has no examples of '
                      f"'{data.train_split}' to train on: use fewer shards or processes")
-  examples = _shuffled_examples(source,
-                                data.train_split,
-                                config,
-                                epoch=epoch,
-                                shard=shard,
-                                shards=shards)
+  examples = _epoch_examples(source, config, epoch=epoch, shard=shard, shards=shards)
   # Contiguous shards can leave the last ones a few examples short of N // S: they wrap around
   # to the start of their own order rather than run fewer steps than the others.
   num_examples = (num_steps - start_step) * shard_batch
@@ -254,12 +249,7 @@ def _whole_shard_batches(source: Source, config, view, *, epoch: int, start_step
   are skipped, the padding moving up."""
   data = config.data
   shard_batch = _local_batch(batch_size, shards)
-  examples = _shuffled_examples(source,
-                                data.train_split,
-                                config,
-                                epoch=epoch,
-                                shard=shard,
-                                shards=shards)
+  examples = _epoch_examples(source, config, epoch=epoch, shard=shard, shards=shards)
   views = unreadable.tolerant_map(examples.skip(start_step * shard_batch),
                                   _traced(functools.partial(view, epoch=epoch)),
                                   tally=source.unreadable,

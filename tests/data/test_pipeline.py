@@ -214,13 +214,8 @@ def png_folder(root, count: int) -> datasets.Source:
 
 def epoch_order(source, config, *, epoch: int, shard: int = 0, shards: int = 1) -> list[int]:
   """The example indices of a data shard in an epoch's training order."""
-  examples = pipeline._shuffled_examples(  # pylint: disable=protected-access
-      source,
-      'train',
-      config,
-      epoch=epoch,
-      shard=shard,
-      shards=shards)
+  examples = pipeline._epoch_examples(  # pylint: disable=protected-access
+      source, config, epoch=epoch, shard=shard, shards=shards)
   return [int(example['index']) for example in examples.as_numpy_iterator()]
 
 
