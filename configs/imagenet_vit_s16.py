@@ -36,6 +36,9 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.mean = (0.485, 0.456, 0.406)
   config.data.std = (0.229, 0.224, 0.225)
+  # TFDS reads its records in order: a buffer of 50k examples. DINO's full permutation per epoch
+  # ('permutation') needs the images read by position: data.name='folder'.
+  config.data.shuffle = 'buffer'
   config.data.shuffle_buffer = 50_000
 
   config.aug.global_size = 224

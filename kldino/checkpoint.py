@@ -29,7 +29,8 @@ FORMAT = 1
 # Keys that fix the parameters' shapes: a checkpoint written with other values cannot be loaded.
 ARCHITECTURE_KEYS = ('model', 'aug.global_size', 'objective.ibot.separate_head')
 # Keys that place the data: with other values the saved data position means something else.
-DATA_POSITION_KEYS = ('seed', 'batch_size', 'data.name', 'data.path', 'data.train_split')
+DATA_POSITION_KEYS = ('seed', 'batch_size', 'data.name', 'data.path', 'data.train_split',
+                      'data.shuffle')
 # Keys that decide what the train state holds beyond the parameters (a Gram teacher).
 STATE_KEYS = ('gram.use',)
 

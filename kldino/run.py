@@ -114,3 +114,10 @@ class Run:
       raise ConfigError(f'no readable checkpoint in {self.checkpointer.directory}: train first '
                         'or pass the --workdir of a training run')
     return teacher, step
+
+  def check_training_order(self):
+    """Refuses, before anything is read, a data.shuffle that the dataset cannot give."""
+    try:
+      pipeline.check_shuffle(self.source, self.config, jax.process_count())
+    except ValueError as error:
+      raise ConfigError(str(error)) from None

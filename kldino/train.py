@@ -76,6 +76,7 @@ class Trainer:
 
   def __init__(self, config, workdir: str):
     self.run = run_lib.Run(config, workdir)
+    self.run.check_training_order()
     self.config = config
     self.workdir = workdir
     # The steps per epoch read the dataset's size: a bad dataset fails here, early.

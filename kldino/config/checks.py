@@ -239,6 +239,11 @@ def _validate_aug(config):
            f'aug.blur_sigma={tuple(aug.blur_sigma)} must satisfy 0 < low <= high')
   _require(config.data.image_size >= 1,
            f'data.image_size={config.data.image_size} must be >= 1 pixel')
+  _require(
+      config.data.shuffle in ('permutation', 'buffer'),
+      f"data.shuffle='{config.data.shuffle}': use 'permutation' (a full permutation of each "
+      "data shard per epoch, DINO's) or 'buffer' (a shuffle buffer of data.shuffle_buffer "
+      'examples)')
   fraction = config.data.max_corrupt_fraction
   _require(
       _finite(fraction) and 0 <= fraction <= 1,
@@ -287,7 +292,7 @@ def _validate_eval(config, num_devices: int):
   lrs = tuple(eval_config.linear_lrs) or (eval_config.linear_lr,)
   _require(all(_positive_finite(lr) for lr in lrs),
            f'eval.linear_lr / eval.linear_lrs = {lrs}: every learning rate must be finite and > 0')
-  for key in ('linear_epochs', 'probe_epochs'):
+  for key in ('linear_epochs', 'linear_eval_every_epochs', 'probe_epochs'):
     _require(eval_config[key] >= 1, f'eval.{key}={eval_config[key]} must be >= 1')
   _require(
       eval_config.linear_batch_size >= 1 and eval_config.linear_batch_size % num_devices == 0,

@@ -32,6 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   # rounded (18 for the 16x16 view of the 8x8 digits)
   config.data.mean = (0.5,)  # per channel, after scaling to [0, 1]
   config.data.std = (0.5,)
+  # The training order of each epoch: 'permutation' (DINO's DistributedSampler), each data
+  # shard fully permuted (a folder by position; a source read in order, TFDS, through a shuffle
+  # buffer of the whole shard, which must fit in memory); 'buffer', a shuffle buffer of
+  # shuffle_buffer examples, for large datasets read in order.
+  config.data.shuffle = 'permutation'
   config.data.shuffle_buffer = 4096
   config.data.shards = 0  # training data shards (0: one per process); fixing it makes
   # the batches independent of the number of processes
@@ -190,6 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.linear_epochs = 100
   config.eval.linear_batch_size = 1024  # global (DINO: 128 per GPU on 8 GPUs)
   config.eval.linear_crop_scale = (0.08, 1.0)  # RandomResizedCrop of the training views
+  # The heads are scored on the eval split after epochs 1, 1 + k, 1 + 2k, ... and the last (DINO's
+  # --val_freq k, default 1); linear_eval.json reports the best top-1 over them (DINO's figure)
+  # beside the last epoch's.
+  config.eval.linear_eval_every_epochs = 1
 
   # Named evaluators (kldino/evaluate/evaluators.py): type, every_epochs during training (0: not
   # during training), final (at the end of training and in --mode=eval).

@@ -116,6 +116,16 @@ UPGRADES = (
     Upgrade('2026-12-01', 'guard.constant_mi', "the collapse guard's constant kind", lambda flat: {
         **flat, 'guard.constant_mi': 0.0
     }),
+    # Today's default: scoring more epochs adds linear_eval.json keys and changes none.
+    Upgrade(
+        '2026-12-07', 'eval.linear_eval_every_epochs',
+        "--mode=linear_eval scores every eval.linear_eval_every_epochs epochs (DINO's best "
+        'over the epochs) and trains on the last partial batch', lambda flat: flat),
+    Upgrade('2026-12-07', 'data.shuffle',
+            "data.shuffle, a full permutation per epoch (before: data.shuffle_buffer's buffer)",
+            lambda flat: {
+                **flat, 'data.shuffle': 'buffer'
+            }),
 )
 
 

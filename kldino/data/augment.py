@@ -15,6 +15,7 @@ measurements: docs/input.md ("How the views are cut").
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Sequence
 
@@ -26,6 +27,9 @@ _MIN_RATIO, _MAX_RATIO = 3 / 4, 4 / 3  # RandomResizedCrop's aspect ratios (widt
 _RNG = 'philox'
 _CROP_ATTEMPTS = 10  # then a centre crop, as torchvision falls back after 10 tries
 _SOLARIZE_THRESHOLD = 0.5  # torchvision's 128 of 255
+# ColorJitter's ops by torchvision's index (fn_idx), and the 24 orders its randperm(4) draws.
+JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')
+JITTER_ORDERS = tuple(itertools.permutations(range(len(JITTER_OPS))))
 LINEAR_SCALE = (0.08, 1.0)  # RandomResizedCrop's default scale, the linear evaluation's crops
 # DINO evaluates on Resize(256) then CenterCrop(224); data.eval_resize = 0 keeps that ratio.
 EVAL_RESIZE_RATIO = 256 / 224
@@ -369,9 +373,10 @@ def _shift_hue(views, shift) -> tf.Tensor:
 
 
 def _jitter_factors(seed, num: int, strengths: Sequence[float]) -> dict[str, tf.Tensor]:
-  """ColorJitter's draws for `num` views, each [num, 1, 1, 1]; only for the strengths > 0."""
+  """ColorJitter.get_params for `num` views: each op's factor [num, 1, 1, 1], only for the
+  strengths > 0, and 'order' [num], each view's order of the ops (an index into JITTER_ORDERS)."""
   brightness, contrast, saturation, hue = strengths
-  seeds = _seeds(seed, 4)
+  seeds = _seeds(seed, 5)
   factors = {}
   if brightness > 0:
     factors['brightness'] = _factors(seeds[0], num, brightness)
@@ -381,26 +386,76 @@ def _jitter_factors(seed, num: int, strengths: Sequence[float]) -> dict[str, tf.
     factors['saturation'] = _factors(seeds[2], num, saturation)
   if hue > 0:
     factors['hue'] = _uniform(seeds[3], [num, 1, 1, 1], -hue, hue)
+  factors['order'] = _jitter_order_index(seeds[4], num)
   return factors
 
 
+def _jitter_order_index(seed, num: int) -> tf.Tensor:
+  """[num] int32: each view's order of the four ops, an index into JITTER_ORDERS drawn
+  uniformly: a uniform random permutation, as torchvision's torch.randperm(4)."""
+  return tf.random.stateless_uniform([num],
+                                     seed,
+                                     minval=0,
+                                     maxval=len(JITTER_ORDERS),
+                                     dtype=tf.int32,
+                                     alg=_RNG)
+
+
+def jitter_orders(seed, num: int) -> tf.Tensor:
+  """[num, 4] int32: the order of JITTER_OPS' indices that views drawing from `seed` apply."""
+  return tf.gather(tf.constant(JITTER_ORDERS, tf.int32), _jitter_order_index(seed, num))
+
+
+def _jitter_op(name: str, views, factor) -> tf.Tensor:
+  """One of ColorJitter's ops (JITTER_OPS) on [n, S, S, C] with per-view factors [n, 1, 1, 1]."""
+  if name == 'brightness':
+    return _blend(views, 0.0, factor)
+  if name == 'contrast':
+    return _blend(views, tf.reduce_mean(_gray(views), axis=[1, 2, 3], keepdims=True), factor)
+  if name == 'saturation':
+    return _blend(views, _gray(views), factor)
+  return _shift_hue(views, factor)
+
+
+def _jitter_steps(order_index, ops: Sequence[int]) -> tf.Tensor:
+  """[n, len(ops)] int32: per view, the positions in `ops` (JITTER_OPS' indices) in the order
+  the view applies them, from its order's index into JITTER_ORDERS (a table lookup)."""
+  table = [[ops.index(op) for op in order if op in ops] for order in JITTER_ORDERS]
+  return tf.gather(tf.constant(table, tf.int32), order_index)
+
+
 def _jitter(views, factors: dict[str, tf.Tensor]) -> tf.Tensor:
+  """ColorJitter's ops with the drawn `factors` in each view's drawn order. One view: a
+  switch per step runs its op alone (under XLA, only that op's work is done); several: every op
+  on the whole stack at each step, each view keeping its own op's result (op by op in tf.data,
+  a few large ops cost less than a few per view). Saturation and hue leave one channel as is."""
   colour = views.shape[-1] == 3
-  if 'brightness' in factors:
-    views = _blend(views, 0.0, factors['brightness'])
-  if 'contrast' in factors:
-    mean = tf.reduce_mean(_gray(views), axis=[1, 2, 3], keepdims=True)
-    views = _blend(views, mean, factors['contrast'])
-  if 'saturation' in factors and colour:
-    views = _blend(views, _gray(views), factors['saturation'])
-  if 'hue' in factors and colour:
-    views = _shift_hue(views, factors['hue'])
+  ops = [
+      index for index, name in enumerate(JITTER_OPS)
+      if name in factors and (colour or name in ('brightness', 'contrast'))
+  ]
+  applied = [
+      functools.partial(_jitter_op, JITTER_OPS[op], factor=factors[JITTER_OPS[op]]) for op in ops
+  ]
+  if len(applied) <= 1:  # no order to follow
+    return applied[0](views) if applied else views
+  steps = _jitter_steps(factors['order'], ops)
+  for step in range(len(ops)):
+    if views.shape[0] == 1:
+      views = tf.switch_case(steps[0, step], [functools.partial(f, views) for f in applied])
+    else:
+      step_op = tf.reshape(steps[:, step], [-1, 1, 1, 1])
+      results = [apply(views) for apply in applied]
+      views = functools.reduce(
+          lambda kept, position: tf.where(step_op == position, results[position], kept),
+          range(1, len(ops)), results[0])
   return views
 
 
 def color_jitter(views, seed, strengths: Sequence[float]) -> tf.Tensor:
-  """torchvision's ColorJitter on [n, S, S, C], in a fixed order: brightness, contrast,
-  saturation, hue; each factor U(1 - s, 1 + s) (hue: shift U(-s, s)), drawn per view."""
+  """torchvision's ColorJitter on [n, S, S, C]: brightness, contrast, saturation and hue in an
+  order drawn per view (a uniform permutation, as torch.randperm(4)); each factor
+  U(1 - s, 1 + s) (hue: shift U(-s, s)), drawn per view."""
   return _jitter(views, _jitter_factors(seed, views.shape[0], strengths))
 
 

@@ -62,6 +62,9 @@ class Source:
   # (split, count) -> the absolute paths of the split's first `count` images, for sources that
   # read files; None: images are named by their dataset key (`name:split[index]`).
   read_paths: Callable[[str, int], list[str]] | None = None
+  # (split, positions) -> the examples at those positions of the split, in that order, as
+  # read_range gives them: sources with random access (files); None: read in order only.
+  read_positions: Callable[[str, np.ndarray], tf.data.Dataset] | None = None
   name: str = ''
   # The images the pipelines could not decode, and skipped (kldino/data/unreadable.py).
   unreadable: unreadable.Tally = dataclasses.field(default_factory=unreadable.Tally)
@@ -98,6 +101,18 @@ class Source:
     else:
       examples = self.read_range(split, start, stop)
     return examples.enumerate(start).map(
+        functools.partial(_as_example, num_channels=self.info.num_channels, decode=decode))
+
+  def read_at(self, split: str, positions, *, decode: bool = True) -> tf.data.Dataset:
+    """The examples at `positions` of a split, in that order, as `read` gives them; only for
+    sources with random access (read_positions)."""
+    if self.read_positions is None:
+      raise ValueError(f"the '{self.name}' source reads its examples in order only: read it with "
+                       'read(), or shuffle it through a buffer')
+    positions = np.asarray(positions, np.int64)
+    examples = self.read_positions(split, positions)
+    indexed = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(positions), examples)
+    return indexed.map(
         functools.partial(_as_example, num_channels=self.info.num_channels, decode=decode))
 
 
@@ -260,23 +275,36 @@ def _folder_bytes(paths: list[str], sample: int = 64) -> int:
   return round(sum(sizes) / max(1, len(sizes)) * len(paths))
 
 
+def _indexable(paths: list[str], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+  """A split's paths and labels as arrays that a permutation indexes: the paths as the same
+  Python strings (dtype object; a fixed-width unicode array of ImageNet's is 4x larger)."""
+  return np.asarray(paths, dtype=object), np.asarray(labels, np.int64)
+
+
 def _read_file(path, label) -> dict:
   return {'image': tf.io.read_file(path), 'label': label}
+
+
+def _read_files(paths: np.ndarray, labels: np.ndarray) -> tf.data.Dataset:
+  return tf.data.Dataset.from_tensor_slices(
+      (paths, labels)).map(_read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _read_folder_range(files: dict, split: str, start: int, stop: int) -> tf.data.Dataset:
   """The encoded bytes of files [start, stop) of a split, in order."""
   paths, labels = files[split]
-  return tf.data.Dataset.from_tensor_slices(
-      (paths[start:stop], np.asarray(labels[start:stop],
-                                     np.int64))).map(_read_file,
-                                                     num_parallel_calls=tf.data.AUTOTUNE,
-                                                     deterministic=True)
+  return _read_files(paths[start:stop], labels[start:stop])
+
+
+def _read_folder_positions(files: dict, split: str, positions: np.ndarray) -> tf.data.Dataset:
+  """The encoded bytes of a split's files at `positions`, in that order."""
+  paths, labels = files[split]
+  return _read_files(paths[positions], labels[positions])
 
 
 def _folder_paths(files: dict, split: str, count: int) -> list[str]:
   """Absolute paths of a split's first images: ROOT/<split>/<class>/<file name>."""
-  return [os.path.abspath(path) for path in files[split][0][:count]]
+  return [str(os.path.abspath(path)) for path in files[split][0][:count]]
 
 
 @SOURCES.register('folder')
@@ -292,7 +320,7 @@ def _folder_source(data_config) -> Source:
       if split.num_examples > 0
   }
   _check_splits(num_examples, data_config, f'the folder {root} (layout {FOLDER_LAYOUT})')
-  files = {split: _folder_files(builder, split) for split in num_examples}
+  files = {split: _indexable(*_folder_files(builder, split)) for split in num_examples}
   info = DatasetInfo(num_classes=builder.info.features['label'].num_classes,
                      num_channels=_folder_channels(files[data_config.train_split][0]),
                      num_examples=num_examples,
@@ -302,4 +330,5 @@ def _folder_source(data_config) -> Source:
   return Source(info=info,
                 read_range=functools.partial(_read_folder_range, files),
                 read_paths=functools.partial(_folder_paths, files),
+                read_positions=functools.partial(_read_folder_positions, files),
                 name='folder')

@@ -5,7 +5,8 @@ Training batches are a pure function of (seed, epoch, data shards): the split is
 batch_size / shards examples to every global batch, each example augmented with a seed from
 (seed, epoch, index); a resumed run (`start_step`) sees the batches of an uninterrupted one, and
 with a fixed data.shards so does a run on another number of processes. The linear evaluation's
-batches (`linear_train_batches`) are made the same way with one crop-and-flip view. Evaluation
+batches (`linear_train_batches`) are made the same way with one crop-and-flip view, each example
+once per epoch (the last batch filled with masked padding, as DINO keeps it). Evaluation
 reads every example exactly once over all processes, every process yielding as many batches
 (padding masked out). Examples stay encoded until a view is cut (kldino/data/augment.py); a small
 shard is cached in memory. The evaluation view is DINO's Resize(data.eval_resize) +
@@ -88,15 +89,21 @@ def _shard_size(source: Source, split: str, process_index: int, process_count: i
   return stop - start
 
 
-def _examples(source: Source, split: str, config, process_index: int,
-              process_count: int) -> tf.data.Dataset:
+def _shard_bytes(source: Source, split: str, config, process_index: int,
+                 process_count: int) -> float:
+  """About the bytes of one process's examples of a split, as stored."""
   shard_size = _shard_size(source, split, process_index, process_count)
   stored = source.info.num_bytes.get(split, 0)
   if stored:
-    shard_bytes = stored * shard_size / source.num_examples(split)
-  else:  # decoded arrays of unknown size: about image_size^2 pixels each
-    shard_bytes = shard_size * config.data.image_size**2 * source.info.num_channels
-  return _shard(source, split, process_index, process_count, shard_bytes <= _CACHE_BYTES)
+    return stored * shard_size / source.num_examples(split)
+  # decoded arrays of unknown size: about image_size^2 pixels each
+  return shard_size * config.data.image_size**2 * source.info.num_channels
+
+
+def _examples(source: Source, split: str, config, process_index: int,
+              process_count: int) -> tf.data.Dataset:
+  in_memory = _shard_bytes(source, split, config, process_index, process_count) <= _CACHE_BYTES
+  return _shard(source, split, process_index, process_count, in_memory)
 
 
 def _small_shape(source: Source) -> tuple[int, int] | None:
@@ -109,6 +116,49 @@ def _small_shape(source: Source) -> tuple[int, int] | None:
 def _shuffle_seed(seed: int, epoch: int) -> int:
   # tf.data takes one integer: mix (seed, epoch) so that neighbouring epochs are unrelated.
   return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
+
+
+def epoch_permutation(seed: int, epoch: int, shard: int, size: int) -> np.ndarray:
+  """The order of a data shard's `size` examples in an epoch with data.shuffle='permutation'
+  on a source read by position: a uniform permutation of range(size), a function of (seed,
+  epoch, shard) alone."""
+  return np.random.default_rng([seed % 2**32, epoch, shard]).permutation(size)
+
+
+def _epoch_examples(source: Source, config, *, epoch: int, shard: int,
+                    shards: int) -> tf.data.Dataset:
+  """A data shard's training examples in the epoch's order (data.shuffle): 'permutation', a
+  full permutation of the shard (epoch_permutation on a source read by position; else a shuffle
+  buffer of the whole shard, held in memory: a uniform permutation too); 'buffer', a shuffle
+  buffer of data.shuffle_buffer examples. Either is a function of (seed, epoch) and the shard."""
+  data, split = config.data, config.data.train_split
+  shard_size = _shard_size(source, split, shard, shards)
+  if data.shuffle == 'permutation' and source.read_positions is not None and shard_size:
+    start, _ = shard_range(source.num_examples(split), shard, shards)
+    order = start + epoch_permutation(config.seed, epoch, shard, shard_size)
+    return source.read_at(split, order, decode=False)
+  buffer = shard_size if data.shuffle == 'permutation' else min(shard_size, data.shuffle_buffer)
+  return _examples(source, split, config, shard,
+                   shards).shuffle(max(1, buffer),
+                                   seed=_shuffle_seed(config.seed, epoch),
+                                   reshuffle_each_iteration=False)
+
+
+def check_shuffle(source: Source, config, process_count: int):
+  """Refuses, before anything is read, data.shuffle='permutation' of a source read in order
+  (not by position) whose data shard exceeds the in-memory cache: it would buffer the whole
+  shard."""
+  data = config.data
+  if data.shuffle != 'permutation' or source.read_positions is not None:
+    return
+  shard_bytes = _shard_bytes(source, data.train_split, config, 0, num_shards(data, process_count))
+  if shard_bytes > _CACHE_BYTES:
+    raise ValueError(
+        f"data.shuffle='permutation' buffers a whole data shard of a source read in order, and "
+        f"a shard of '{source.name}' split '{data.train_split}' takes about "
+        f'{shard_bytes / 2**30:.1f} GiB (at most {_CACHE_BYTES / 2**30:.0f}): set '
+        "data.shuffle='buffer' (data.shuffle_buffer examples), or read the images as a folder "
+        "(data.name='folder'), which is permuted by position")
 
 
 def _example_seed(config, epoch: int, index) -> tf.Tensor:
@@ -182,10 +232,7 @@ def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int,
   if shard_size == 0 and num_steps > 0:
     raise ValueError(f'data shard {shard} of {shards} has no examples of '
                      f"'{data.train_split}' to train on: use fewer shards or processes")
-  examples = _examples(source, data.train_split, config, shard, shards)
-  examples = examples.shuffle(max(1, min(shard_size, data.shuffle_buffer)),
-                              seed=_shuffle_seed(config.seed, epoch),
-                              reshuffle_each_iteration=False)
+  examples = _epoch_examples(source, config, epoch=epoch, shard=shard, shards=shards)
   # Contiguous shards can leave the last ones a few examples short of N // S: they wrap around
   # to the start of their own order rather than run fewer steps than the others.
   num_examples = (num_steps - start_step) * shard_batch
@@ -196,6 +243,35 @@ def _shard_batches(source: Source, config, view, *, epoch: int, start_step: int,
                                   tally=source.unreadable,
                                   split=data.train_split)
   return views.take(num_examples).batch(shard_batch, drop_remainder=True)
+
+
+def _whole_shard_batches(source: Source, config, view, *, epoch: int, start_step: int, shard: int,
+                         shards: int, num_steps: int, batch_size: int) -> tf.data.Dataset:
+  """Steps [start_step, num_steps) of one shard's part of an epoch that keeps its last partial
+  batch: each of the shard's examples once, in the epoch's order, mapped by view(example,
+  epoch=...), then padding rows (mask False) up to num_steps; images that cannot be decoded
+  are skipped, the padding moving up."""
+  data = config.data
+  shard_batch = _local_batch(batch_size, shards)
+  examples = _epoch_examples(source, config, epoch=epoch, shard=shard, shards=shards)
+  views = unreadable.tolerant_map(examples.skip(start_step * shard_batch),
+                                  _traced(functools.partial(view, epoch=epoch)),
+                                  tally=source.unreadable,
+                                  split=data.train_split,
+                                  end_marker=_end_marker(source, examples))
+  return _padded_batches(views,
+                         source,
+                         config,
+                         num_batches=num_steps - start_step,
+                         shard_batch=shard_batch)
+
+
+def _padded_batches(views: tf.data.Dataset, source: Source, config, *, num_batches: int,
+                    shard_batch: int) -> tf.data.Dataset:
+  """`num_batches` batches of `shard_batch` rows: the views, then padding rows (mask False)."""
+  padding = tf.data.Dataset.from_tensors(_padding(config.data.image_size,
+                                                  source.info.num_channels)).repeat()
+  return views.concatenate(padding).take(num_batches * shard_batch).batch(shard_batch)
 
 
 def _max_unreadable(data_config, num_examples: int) -> int:
@@ -228,10 +304,16 @@ def _checked(batches: Iterator, source: Source, split: str, config, num_batches:
         'unreadable images')
 
 
-def _checked_epoch(batches: Iterator, source: Source, config, *, batch_size: int, start_step: int,
-                   process_count: int) -> Iterator:
-  """_checked for steps [start_step, steps_per_epoch) of a training epoch."""
-  num_steps = _epoch_steps(source, config, batch_size, process_count)
+def _checked_epoch(batches: Iterator,
+                   source: Source,
+                   config,
+                   *,
+                   batch_size: int,
+                   start_step: int,
+                   process_count: int,
+                   keep_last: bool = False) -> Iterator:
+  """_checked for steps [start_step, steps of the epoch) of a training epoch."""
+  num_steps = _epoch_steps(source, config, batch_size, process_count, keep_last=keep_last)
   return _checked(batches, source, config.data.train_split, config, num_steps - start_step)
 
 
@@ -260,32 +342,52 @@ def _process_batches(make_shard_batches, shards: int, process_index: int,
   return tf.data.Dataset.zip(tuple(parts)).map(_concat_shards)
 
 
-def _epoch_steps(source: Source, config, batch_size: int, process_count: int) -> int:
+def _epoch_steps(source: Source,
+                 config,
+                 batch_size: int,
+                 process_count: int,
+                 *,
+                 keep_last: bool = False) -> int:
+  """Steps of an epoch: the full batches (steps_per_epoch), or with keep_last every example's
+  (the last batch partial, as num_eval_batches counts them)."""
   shards = num_shards(config.data, process_count)
   _local_batch(batch_size, shards)
-  return steps_per_epoch(source.num_examples(config.data.train_split), batch_size, shards)
+  num_examples = source.num_examples(config.data.train_split)
+  if keep_last:
+    return num_eval_batches(num_examples, batch_size, shards)
+  return steps_per_epoch(num_examples, batch_size, shards)
 
 
-def _epoch_batches(source: Source, config, view, *, epoch: int, start_step: int, batch_size: int,
-                   process_index: int, process_count: int) -> tf.data.Dataset:
-  """Steps [start_step, steps_per_epoch) of an epoch of the training split in global batches of
-  `batch_size`, each example mapped by `view`; this process's rows of each batch."""
+def _epoch_batches(source: Source,
+                   config,
+                   view,
+                   *,
+                   epoch: int,
+                   start_step: int,
+                   batch_size: int,
+                   process_index: int,
+                   process_count: int,
+                   keep_last: bool = False) -> tf.data.Dataset:
+  """Steps [start_step, steps of the epoch) of the training split in global batches of
+  `batch_size`, each example mapped by `view`; this process's rows of each batch. With
+  keep_last every example once (_whole_shard_batches), else full batches (_shard_batches)."""
   data = config.data
   shards = num_shards(data, process_count)
-  num_steps = _epoch_steps(source, config, batch_size, process_count)
+  num_steps = _epoch_steps(source, config, batch_size, process_count, keep_last=keep_last)
   if not 0 <= start_step <= num_steps:
     raise ValueError(f'start_step={start_step} is outside the {num_steps} steps of an epoch: '
                      f'resume from a step in [0, {num_steps}]')
+  shard_batches = _whole_shard_batches if keep_last else _shard_batches
   batches = _process_batches(
-      lambda shard: _shard_batches(source,
-                                   config,
-                                   view,
-                                   epoch=epoch,
-                                   start_step=start_step,
-                                   shard=shard,
-                                   shards=shards,
-                                   num_steps=num_steps,
-                                   batch_size=batch_size), shards, process_index, process_count)
+      lambda shard: shard_batches(source,
+                                  config,
+                                  view,
+                                  epoch=epoch,
+                                  start_step=start_step,
+                                  shard=shard,
+                                  shards=shards,
+                                  num_steps=num_steps,
+                                  batch_size=batch_size), shards, process_index, process_count)
   return _with_threading(batches.prefetch(data.prefetch))
 
 
@@ -413,8 +515,9 @@ def linear_steps_per_epoch(source: Source,
                            *,
                            batch_size: int,
                            process_count: int = 1) -> int:
-  """Steps of an epoch of linear_train_batches with global batch `batch_size`."""
-  return _epoch_steps(source, config, batch_size, process_count)
+  """Steps of an epoch of linear_train_batches with global batch `batch_size`: every example's,
+  the last batch partial (DINO's linear training keeps it: drop_last=False)."""
+  return _epoch_steps(source, config, batch_size, process_count, keep_last=True)
 
 
 def linear_train_batches(source: Source,
@@ -427,13 +530,14 @@ def linear_train_batches(source: Source,
                          process_index: int = 0,
                          process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Steps [start_step, linear_steps_per_epoch) of an epoch of the linear evaluation's training:
-  {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b] (all True)},
-  S = data.image_size, b = batch_size / process_count.
+  {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b]}, S = data.image_size,
+  b = batch_size / process_count.
 
-  Each data shard's examples come in the shuffled order of train_batches' epoch (a function of
-  seed and epoch); each view is augment.linear_train_view (a random resized crop of `scale` cut
-  from the image at its own resolution, a JPEG decoding only the crop's window, then a flip when
-  aug.flip) with the seed of (seed, epoch, example index).
+  Each data shard's examples come once, in the shuffled order of train_batches' epoch (a
+  function of seed and epoch), the shard's last batch filled with padding rows (mask False, all
+  zero); each view is augment.linear_train_view (a random resized crop of `scale` cut from the
+  image at its own resolution, a JPEG decoding only the crop's window, then a flip when aug.flip)
+  with the seed of (seed, epoch, example index).
   """
   view = functools.partial(_linear_view,
                            config=config,
@@ -447,13 +551,15 @@ def linear_train_batches(source: Source,
                            start_step=start_step,
                            batch_size=batch_size,
                            process_index=process_index,
-                           process_count=process_count)
+                           process_count=process_count,
+                           keep_last=True)
   return _checked_epoch(batches.as_numpy_iterator(),
                         source,
                         config,
                         batch_size=batch_size,
                         start_step=start_step,
-                        process_count=process_count)
+                        process_count=process_count,
+                        keep_last=True)
 
 
 def _center(example, *, data_config, num_channels: int, image_shape=None) -> dict:
@@ -499,9 +605,7 @@ def _shard_eval_batches(source: Source, split: str, config, *, shard: int, shard
                                   tally=source.unreadable,
                                   split=split,
                                   end_marker=_end_marker(source, examples))
-  padding = tf.data.Dataset.from_tensors(_padding(data.image_size,
-                                                  source.info.num_channels)).repeat()
-  return views.concatenate(padding).take(num_batches * shard_batch).batch(shard_batch)
+  return _padded_batches(views, source, config, num_batches=num_batches, shard_batch=shard_batch)
 
 
 def eval_batches(source: Source,

@@ -133,25 +133,45 @@ def make_train_step(feature_fn: FeatureFn, optimizer: optax.GradientTransformati
   return train_step
 
 
-def make_eval_step(feature_fn: FeatureFn):
-  """eval_step(heads, backbone_params, batch) -> {'top1': [H], 'top5': [H], 'count': []}.
+def head_counts(heads, features, labels, mask) -> dict[str, jax.Array]:
+  """{'top1': [H], 'top5': [H], 'count': []} of every head on features [B, F].
 
   Counts (int32) over the rows where mask is True: top1 = rows whose largest logit is the label,
   top5 = rows whose label is among the 5 largest logits (with fewer than 5 classes, among all of
   them, so every row), count = the rows. Accuracy = top1 / count summed over the eval batches.
   """
+  logits = head_logits(heads, features)
+  num_classes = logits.shape[-1]
+  _, top = jax.lax.top_k(logits, min(TOP_K, num_classes))  # [H, B, k], largest first
+  hits = top == labels.astype(top.dtype)[None, :, None]
+  return {
+      'top1': (hits[..., 0] & mask[None, :]).sum(axis=1, dtype=jnp.int32),
+      'top5': (hits.any(axis=-1) & mask[None, :]).sum(axis=1, dtype=jnp.int32),
+      'count': mask.sum(dtype=jnp.int32)
+  }
 
-  def eval_step(heads, backbone_params, batch):
-    features = feature_fn(backbone_params, batch['image'])
-    logits = head_logits(heads, features)
-    num_classes = logits.shape[-1]
-    _, top = jax.lax.top_k(logits, min(TOP_K, num_classes))  # [H, B, k], largest first
-    hits = top == batch['label'].astype(top.dtype)[None, :, None]
-    mask = batch['mask'][None, :]
-    return {
-        'top1': (hits[..., 0] & mask).sum(axis=1, dtype=jnp.int32),
-        'top5': (hits.any(axis=-1) & mask).sum(axis=1, dtype=jnp.int32),
-        'count': batch['mask'].sum(dtype=jnp.int32)
-    }
 
-  return eval_step
+def evaluated_after(epochs_done: int, *, every_epochs: int, epochs: int) -> bool:
+  """Whether the heads are scored after `epochs_done` epochs of `epochs`: DINO's eval_linear.py
+  validates after 0-based epoch e when e % val_freq == 0 or e == epochs - 1, i.e. after epochs
+  1, 1 + k, 1 + 2k, ... and the last (k = every_epochs)."""
+  return 1 <= epochs_done <= epochs and ((epochs_done - 1) % every_epochs == 0 or
+                                         epochs_done == epochs)
+
+
+def best_over_epochs(evaluations: Sequence[dict], learning_rates: Sequence[float]) -> dict:
+  """DINO's reported figure: the best top-1 over the evaluated epochs and the heads (DINOv2's lr
+  sweep keeps the best head), as {'best_top1', 'best_top5' (the same head's), 'best_epoch',
+  'best_lr'}; the earliest epoch, then the first head, on a tie; {} without evaluations.
+  `evaluations`: {'epoch', 'top1': [H], 'top5': [H]} each, heads in learning_rates' order."""
+  best = {}
+  for evaluation in sorted(evaluations, key=lambda evaluation: evaluation['epoch']):
+    for lr, top1, top5 in zip(learning_rates, evaluation['top1'], evaluation['top5']):
+      if not best or top1 > best['best_top1']:
+        best = {
+            'best_top1': top1,
+            'best_top5': top5,
+            'best_epoch': evaluation['epoch'],
+            'best_lr': lr
+        }
+  return best

@@ -22,6 +22,7 @@ from kldino.config.defaults import base_config
     ('eval.linear_lr', -1e-3, 'every learning rate must be finite and > 0'),
     ('eval.linear_batch_size', 100, 'eval.linear_batch_size=100 must be a positive multiple'),
     ('eval.linear_epochs', 0, 'eval.linear_epochs=0 must be >= 1'),
+    ('eval.linear_eval_every_epochs', 0, 'eval.linear_eval_every_epochs=0 must be >= 1'),
     ('eval.linear_crop_scale', (0.5, 0.1), 'must satisfy 0 < low <= high <= 1'),
     ('optim.lr', float('nan'), 'optim.lr=nan must be finite and > 0'),
     ('optim.lr', -1e-3, 'optim.lr=-0.001 must be finite and > 0'),
@@ -47,6 +48,7 @@ from kldino.config.defaults import base_config
     ('optim.layerwise_decay', 0.9, 'decays by ViT block: model.name=convnet_small has none'),
     ('optim.patch_embed_lr_mult', 0.0, 'optim.patch_embed_lr_mult=0.0 must be > 0'),
     ('model.ffn', 'geglu', "unknown model.ffn 'geglu'"),
+    ('data.shuffle', 'random', "data.shuffle='random': use 'permutation'"),
 ])
 def test_bad_values_are_refused_with_one_line(key, value, fragment):
   config = base_config()

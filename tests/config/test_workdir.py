@@ -15,3 +15,14 @@ def test_a_saved_config_with_renamed_keys_reads_with_the_new_names():
   restored = config_from_dict(saved)
   assert (restored.prior_pass_batch_size, restored.eval.prior_pass_diagnostics) == (96, True)
   assert 'sweep_batch_size' not in restored and 'sweep_diagnostics' not in restored.eval
+
+
+def test_a_config_saved_before_data_shuffle_keeps_its_shuffle_buffer():
+  """Runs saved before data.shuffle read through data.shuffle_buffer's buffer: they keep it (a
+  resumed epoch goes on in its order); a saved data.shuffle is kept, and today's default is the
+  full permutation."""
+  saved = base_config().to_dict()
+  assert saved['data'].pop('shuffle') == 'permutation'
+  assert config_from_dict(saved).data.shuffle == 'buffer'
+  saved['data']['shuffle'] = 'permutation'
+  assert config_from_dict(saved).data.shuffle == 'permutation'

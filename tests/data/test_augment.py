@@ -6,7 +6,10 @@ RandomResizedCrop / Resize / CenterCrop arithmetic written out in Python, and PI
 resize) for pixels. Tolerances are measured (the numbers in each test) and explained where they are
 set.
 """
+import collections
+import colorsys
 import io
+import itertools
 import math
 
 import ml_collections
@@ -15,6 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 from scipy import ndimage
+from scipy import stats
 
 from kldino.data import augment, datasets, pipeline
 from tests.data.helpers import (encode, jpeg, jpeg_config, levels, one_line_error, smooth_image)
@@ -196,6 +200,93 @@ def test_colour_jitter_stays_in_range():
   assert jittered.shape == views.shape
   assert 0.0 <= jittered.numpy().min() and jittered.numpy().max() <= 1.0
   assert not np.allclose(jittered, views)
+
+
+def torchvision_jitter_order(rng) -> np.ndarray:
+  """ColorJitter.get_params' order rule, transcribed (torchvision is not a dependency):
+  fn_idx = torch.randperm(4), a uniform random permutation of (brightness, contrast, saturation,
+  hue)."""
+  return rng.permutation(4)
+
+
+def order_counts(orders: np.ndarray) -> np.ndarray:
+  """How often each of the 24 permutations of range(4) occurs among the rows of `orders`."""
+  names = [tuple(p) for p in itertools.permutations(range(4))]
+  counts = collections.Counter(tuple(row) for row in orders)
+  return np.array([counts[name] for name in names])
+
+
+def test_jitter_orders_are_torchvisions_uniform_permutations():
+  """Each view's order is a permutation of the four ops; over 24000 views each of the 24 orders
+  is as likely (chi-square against uniform, and against the same number of torchvision-rule
+  draws), each op in each position a quarter of the time (5 standard errors: 0.014); a view's
+  order is a function of its seed alone."""
+  num = 24_000
+  orders = augment.jitter_orders(tf.constant([5, 6], tf.int64), num).numpy()
+  np.testing.assert_array_equal(np.sort(orders, axis=1), np.tile(np.arange(4), (num, 1)))
+  rng = np.random.default_rng(0)
+  reference = np.stack([torchvision_jitter_order(rng) for _ in range(num)])
+  ours, theirs = order_counts(orders), order_counts(reference)
+  assert stats.chisquare(ours).pvalue > 1e-3 and stats.chisquare(theirs).pvalue > 1e-3
+  assert stats.chi2_contingency(np.stack([ours, theirs])).pvalue > 1e-3
+  for draws in (orders, reference):
+    shares = np.stack([(draws == op).mean(axis=0) for op in range(4)])  # [op, position]
+    np.testing.assert_allclose(shares, 0.25, atol=0.014)
+  again = augment.jitter_orders(tf.constant([5, 6], tf.int64), num).numpy()
+  other = augment.jitter_orders(tf.constant([5, 7], tf.int64), num).numpy()
+  np.testing.assert_array_equal(again, orders)
+  assert (other != orders).any(axis=1).mean() > 0.9
+
+
+def numpy_jitter(view: np.ndarray, order, factors: dict) -> np.ndarray:
+  """ColorJitter's ops on one view [S, S, C] in `order` (indices of brightness, contrast,
+  saturation, hue), in numpy and colorsys: blends with black, the mean luma and the luma, and a
+  hue rotation in HSV; saturation and hue leave a one-channel view as is."""
+  luma = lambda x: x @ np.array([0.2989, 0.5870, 0.1140]) if x.shape[-1] == 3 else x[..., 0]
+  blend = lambda x, reference, factor: np.clip(reference + factor * (x - reference), 0, 1)
+  view = view.astype(np.float64)
+  for op in order:
+    name = augment.JITTER_OPS[op]
+    if name not in factors or (op >= 2 and view.shape[-1] == 1):
+      continue
+    factor = factors[name]
+    if name == 'brightness':
+      view = blend(view, 0.0, factor)
+    elif name == 'contrast':
+      view = blend(view, luma(view).mean(), factor)
+    elif name == 'saturation':
+      view = blend(view, luma(view)[..., None], factor)
+    else:
+      hsv = [colorsys.rgb_to_hsv(*pixel) for pixel in view.reshape(-1, 3)]
+      rgb = [colorsys.hsv_to_rgb((h + factor) % 1.0, s, v) for h, s, v in hsv]
+      view = np.clip(np.reshape(rgb, view.shape), 0, 1)
+  return view
+
+
+@pytest.mark.parametrize('channels,strengths', [(3, (0.4, 0.4, 0.2, 0.1)),
+                                                (1, (0.4, 0.4, 0.0, 0.0))])
+def test_jitter_applies_the_ops_in_each_views_drawn_order(channels, strengths):
+  """color_jitter (the whole stack, as in tf.data) and _jitter of one view compiled by XLA (as
+  augment_views runs it) equal the four ops applied in each view's drawn order (numpy_jitter);
+  the views drew several orders, and the fixed order brightness, contrast, saturation, hue gives
+  other pixels for some of them (clipping makes the order matter)."""
+  num, seed = 12, tf.constant([3, 1], tf.int64)
+  views = RNG.uniform(0, 1, (num, 8, 8, channels)).astype(np.float32)
+  draws = augment._jitter_factors(seed, num, strengths)  # pylint: disable=protected-access
+  orders = np.array(augment.JITTER_ORDERS)[draws['order'].numpy()]
+  factors = [{
+      k: float(v.numpy()[i].item()) for k, v in draws.items() if k != 'order'
+  } for i in range(num)]
+  expected = np.stack([numpy_jitter(v, o, f) for v, o, f in zip(views, orders, factors)])
+  stacked = augment.color_jitter(tf.constant(views), seed, strengths).numpy()
+  np.testing.assert_allclose(stacked, expected, atol=2e-6)
+  one_view = tf.function(augment._jitter, jit_compile=True)  # pylint: disable=protected-access
+  for i in range(num):
+    view = one_view(views[i:i + 1], {key: value[i:i + 1] for key, value in draws.items()})
+    np.testing.assert_allclose(view.numpy()[0], expected[i], atol=2e-6)
+  assert len({tuple(order) for order in orders}) > 3
+  fixed = np.stack([numpy_jitter(v, range(4), f) for v, f in zip(views, factors)])
+  assert np.abs(fixed - expected).max() > 0.01
 
 
 def test_center_view_resizes_and_normalises():

@@ -129,6 +129,24 @@ def test_folder_dataset_batches(tmp_path):
   assert evaluated[0]['image'].shape == (3, 8, 8, 1)
 
 
+def test_a_folder_reads_examples_at_any_positions(tmp_path):
+  """read_at gives the examples at the positions, in their order, as read() gives them (the
+  same bytes, labels and indices); a source read in order only refuses in one line."""
+  images = {f'{"ab"[k % 2]}_{k}.png': smooth_image(8 + k, 8, seed=k) for k in range(5)}
+  write_split(tmp_path, 'train', images)
+  write_split(tmp_path, 'test', images)
+  source = datasets.get_source(plain_config(name='folder', path=str(tmp_path)).data)
+  in_order = list(source.read('train', decode=False).as_numpy_iterator())
+  positions = [3, 0, 4, 1]
+  picked = list(source.read_at('train', positions, decode=False).as_numpy_iterator())
+  assert [example['index'] for example in picked] == positions
+  for example, position in zip(picked, positions):
+    assert example['image'] == in_order[position]['image']
+    assert example['label'] == in_order[position]['label']
+  one_line_error('reads its examples in order only',
+                 index_coded_source(RNG, 4).read_at, 'train', [1, 0])
+
+
 def test_the_cache_and_shuffle_buffer_hold_encoded_bytes(tmp_path):
   images = {f'a_{k}.jpg': smooth_image(45 + k, 60, seed=k) for k in range(3)}
   write_split(tmp_path, 'train', images)

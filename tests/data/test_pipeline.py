@@ -5,6 +5,7 @@ once, and full-resolution images cropped as PIL crops them.
 Everything runs offline in temporary directories. Expected values are computed independently
 (numpy, scikit-learn, PIL) wherever they can be.
 """
+import dataclasses
 import math
 
 import ml_collections
@@ -199,6 +200,75 @@ def test_a_small_shard_is_read_once_per_run():
 
 def test_batch_that_does_not_divide_over_processes_is_rejected():
   one_line_error('multiple of the 3 data shards', pipeline.steps_per_epoch, 100, 64, 3)
+
+
+# --------------------------------------------------------------------------- epoch order
+
+
+def png_folder(root, count: int) -> datasets.Source:
+  """A folder source (read by position) of `count` 8x8 PNGs, in one class."""
+  write_split(root, 'train', {f'a_{k:03d}.png': smooth_image(8, 8, seed=k) for k in range(count)})
+  write_split(root, 'test', {'a_0.png': smooth_image(8, 8)})
+  return datasets.get_source(plain_config(name='folder', path=str(root)).data)
+
+
+def epoch_order(source, config, *, epoch: int, shard: int = 0, shards: int = 1) -> list[int]:
+  """The example indices of a data shard in an epoch's training order."""
+  examples = pipeline._epoch_examples(  # pylint: disable=protected-access
+      source, config, epoch=epoch, shard=shard, shards=shards)
+  return [int(example['index']) for example in examples.as_numpy_iterator()]
+
+
+@pytest.mark.parametrize('kind', ['folder', 'in_order'])
+@pytest.mark.parametrize('shards', [1, 3])
+def test_permutation_is_every_example_once_per_epoch(tmp_path, kind, shards):
+  """data.shuffle='permutation': each data shard's examples once per epoch, the union over the
+  shards the split; another order each epoch, the same for the same (seed, epoch). A folder is
+  read by position in numpy's permutation of (seed, epoch, shard); a source read in order
+  (TFDS, here arrays) through a buffer of its whole shard."""
+  num_examples = 40
+  source = png_folder(tmp_path, num_examples) if kind == 'folder' else marked_source(num_examples)
+  config = plain_config(shuffle='permutation')
+  seen = []
+  for shard in range(shards):
+    start, stop = datasets.shard_range(num_examples, shard, shards)
+    order = epoch_order(source, config, epoch=2, shard=shard, shards=shards)
+    assert sorted(order) == list(range(start, stop))
+    assert order == epoch_order(source, config, epoch=2, shard=shard, shards=shards)
+    assert order != epoch_order(source, config, epoch=3, shard=shard, shards=shards)
+    if kind == 'folder':
+      expected = np.random.default_rng([config.seed, 2, shard]).permutation(stop - start)
+      np.testing.assert_array_equal(order, start + expected)
+    seen.extend(order)
+  assert sorted(seen) == list(range(num_examples))
+
+
+def test_permutation_reaches_where_a_buffer_cannot():
+  """The first example of an epoch is any of the shard's under 'permutation' (here 30 epochs reach
+  past the first quarter of 40), and among the first data.shuffle_buffer examples under
+  'buffer'."""
+  source = marked_source(40)
+  firsts = {}
+  for shuffle in ('permutation', 'buffer'):
+    config = plain_config(shuffle=shuffle, shuffle_buffer=4)
+    firsts[shuffle] = [epoch_order(source, config, epoch=epoch)[0] for epoch in range(30)]
+  assert max(firsts['buffer']) < 4 and max(firsts['permutation']) >= 10
+
+
+def test_permutation_of_a_large_source_read_in_order_is_refused():
+  """A whole-shard buffer of a source read in order must fit in memory: one line naming
+  data.shuffle='buffer'; a folder of any size is permuted by position."""
+  source = marked_source(8)
+  large = datasets.Source(info=dataclasses.replace(source.info, num_bytes={'train': 2**33}),
+                          read_range=source.read_range,
+                          name='imagenet2012')
+  config = plain_config(shuffle='permutation')
+  message = one_line_error("set data.shuffle='buffer'", pipeline.check_shuffle, large, config, 1)
+  assert "'imagenet2012' split 'train' takes about 8.0 GiB" in message
+  config.data.shuffle = 'buffer'
+  pipeline.check_shuffle(large, config, 1)
+  config.data.shuffle = 'permutation'
+  pipeline.check_shuffle(large, config, 8)  # shards of 1 GiB fit
 
 
 # --------------------------------------------------------------------------- evaluation batches

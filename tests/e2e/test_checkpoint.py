@@ -229,6 +229,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(uninterrupted, 
     ('model.num_prototypes', 32, 'model.num_prototypes=16 (now 32)'),
     ('model.name', 'vit_micro', "model.name='vit_nano' (now 'vit_micro')"),
     ('batch_size', 16, 'batch_size=32 (now 16)'),
+    ('data.shuffle', 'buffer', "data.shuffle='permutation' (now 'buffer')"),
 ])
 def test_incompatible_config_is_refused(uninterrupted, key, value, fragment):
   reference, _ = uninterrupted

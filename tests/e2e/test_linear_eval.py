@@ -2,6 +2,7 @@
 at once, checkpointed: a kill -9 in the middle and a rerun give the uninterrupted JSON."""
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,13 +17,14 @@ from kldino.modes import import_dino as import_mode
 from kldino.tools.torch_models import VisionTransformer
 from tests.helpers import run_kldino, signal_at_log_line, start_kldino
 
-# 2 epochs of 1347 // 64 = 21 steps on digits; heads checkpointed every 5 steps.
+# 2 epochs of ceil(1347 / 64) = 22 steps on digits (the last of 3 rows); heads checkpointed every
+# 5 steps, scored after each epoch.
 OPTIONS = [
     '--config.eval.linear_epochs=2', '--config.eval.linear_batch_size=64',
     '--config.eval.linear_lrs=(0.1,1.0)', '--config.eval.n_last_blocks=2',
     '--config.checkpoint_every_steps=5', '--config.log_every_steps=5'
 ]
-TOTAL_STEPS = 2 * (1347 // 64)
+TOTAL_STEPS = 2 * math.ceil(1347 / 64)
 
 
 @pytest.fixture(scope='module')
@@ -72,8 +74,20 @@ def test_reports_every_head_and_the_best(uninterrupted):
           printed['linear_lr']) == (best['top1'], best['top5'], best['lr'])
   for head in printed['heads']:
     assert 0.0 <= head['top1'] <= head['top5'] <= 1.0
-  # 42 steps on a random ViT's features: clearly above chance (0.1) on 10 classes.
+  # 44 steps on a random ViT's features: clearly above chance (0.1) on 10 classes.
   assert printed['linear_top1'] > 0.15
+  # DINO's figure: the best top-1 over both epochs' scores and the heads; the last epoch's scores
+  # are the heads' above.
+  evaluations = printed['evaluations']
+  assert [evaluation['epoch'] for evaluation in evaluations] == [1, 2]
+  assert evaluations[-1]['top1'] == [head['top1'] for head in printed['heads']]
+  scores = [(evaluation['top1'][h], evaluation['epoch'], lr)
+            for evaluation in evaluations
+            for h, lr in enumerate((0.1, 1.0))]
+  assert (printed['best_top1'], printed['best_epoch'],
+          printed['best_lr']) == max(scores, key=lambda score: score[0])
+  assert printed['best_top1'] >= printed['linear_top1']
+  assert 'linear_eval epoch 1/2: top-1' in result.stderr
   assert printed['step'] == 0 and printed['linear_steps'] == TOTAL_STEPS
   assert printed['feature_dim'] == 2 * 32 and printed['n_last_blocks'] == 2
   assert 'linear_eval step' in result.stderr and 'ETA' in result.stderr
@@ -105,6 +119,27 @@ def test_other_protocol_values_are_refused_in_one_line(uninterrupted):
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('kldino: ') and 'other eval.* values' in last and 'delete' in last
+
+
+def test_heads_of_epochs_without_the_partial_batch_are_refused_in_one_line(uninterrupted, tmp_path):
+  """Heads saved by a kldino that dropped the last partial batch (21 steps an epoch here, not
+  22) cannot resume: one line saying so and to delete them."""
+  workdir = str(tmp_path / 'dropped')
+  shutil.copytree(uninterrupted[0], workdir)
+  os.remove(os.path.join(workdir, 'linear_eval.json'))
+  path = os.path.join(workdir, 'linear_eval', 'step_0', 'checkpoints', str(TOTAL_STEPS), 'meta',
+                      'metadata')
+  with open(path) as f:
+    meta = json.load(f)
+  meta.update(epoch=2, step_in_epoch=0, steps_per_epoch=1347 // 64)
+  meta.pop('linear_evals')
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+  result = _run(workdir)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('kldino: ') and 'with 21 steps an epoch where this evaluation takes 22' \
+      in last and 'delete' in last
 
 
 def test_sigterm_while_scoring_exits_0_and_the_rerun_scores(uninterrupted, tmp_path):

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kldino.data import augment, datasets, pipeline
 from kldino.evaluate import linear_eval
+from tests.data.helpers import sklearn_split
 from tests.helpers import config_module
 
 RNG = np.random.default_rng(0)
@@ -182,6 +183,49 @@ def test_training_with_a_sharded_batch_matches_one_device(torch_problem):
     np.testing.assert_allclose(eight[key], one_device[key], atol=1e-6)
 
 
+def test_the_last_partial_batch_trains_as_pytorch_on_its_real_rows():
+  """N = 2 * 16 + 5 rows in batches of 16, the last one padded to 16 with garbage rows masked out:
+  the losses and the trained heads equal PyTorch's on DINO's DataLoader batches (drop_last=False:
+  a last batch of the 5 rows, its loss their mean cross-entropy)."""
+  rng = np.random.default_rng(11)
+  num_rows, dim, num_classes, batch_size, epochs = 37, 12, 5, 16, 3
+  features = rng.normal(size=(num_rows, dim)).astype(np.float32)
+  labels = rng.integers(0, num_classes, num_rows).astype(np.int64)
+  orders = [np.split(rng.permutation(num_rows), [16, 32]) for _ in range(epochs)]
+  base_lrs = (2.0, 16.0)
+  start = linear_eval.init_heads(jax.random.key(5), base_lrs, dim, num_classes)
+  optimizer = linear_eval.make_optimizer(base_lrs,
+                                         batch_size=batch_size,
+                                         steps_per_epoch=3,
+                                         epochs=epochs)
+  step = jax.jit(linear_eval.make_train_step(identity_features, optimizer))
+  heads, opt_state, losses = start, optimizer.init(start), []
+  for order in orders:
+    for rows in order:
+      padding = batch_size - len(rows)
+      batch = {
+          'image': np.concatenate([features[rows],
+                                   np.full((padding, dim), 1e3, np.float32)]),
+          'label': np.concatenate([labels[rows], np.full(padding, 3)]).astype(np.int32),
+          'mask': np.arange(batch_size) < len(rows)
+      }
+      heads, opt_state, head_losses = step(heads, opt_state, None, batch)
+      losses.append(np.asarray(head_losses))
+  expected, expected_losses = torch_reference(np.asarray(start['kernel']),
+                                              np.asarray(start['bias']),
+                                              base_lrs,
+                                              features,
+                                              labels,
+                                              orders,
+                                              batch_size=batch_size,
+                                              epochs=epochs)
+  assert [len(rows) for rows in orders[0]] == [16, 16, 5]
+  np.testing.assert_allclose(np.array(losses), expected_losses, rtol=1e-5, atol=1e-6)
+  for h, (kernel, bias) in enumerate(expected):
+    np.testing.assert_allclose(heads['kernel'][h], kernel, atol=1e-5)
+    np.testing.assert_allclose(heads['bias'][h], bias, atol=1e-5)
+
+
 def test_the_backbone_gets_no_gradient():
 
   def feature_fn(params, images):
@@ -209,8 +253,7 @@ def test_eval_counts_match_numpy(num_classes):
       'kernel': jnp.asarray(RNG.normal(size=(num_heads, dim, num_classes)), jnp.float32),
       'bias': jnp.asarray(RNG.normal(size=(num_heads, num_classes)), jnp.float32)
   }
-  eval_step = jax.jit(linear_eval.make_eval_step(identity_features))
-  counts = eval_step(heads, None, {'image': features, 'label': labels, 'mask': mask})
+  counts = jax.jit(linear_eval.head_counts)(heads, features, labels, mask)
   kernel, bias = np.asarray(heads['kernel']), np.asarray(heads['bias'])
   for h in range(num_heads):
     logits = features.astype(np.float64) @ kernel[h] + bias[h]
@@ -225,6 +268,42 @@ def test_eval_counts_match_numpy(num_classes):
     np.testing.assert_array_equal(counts['top5'], [mask.sum()] * num_heads)
   else:
     assert (np.asarray(counts['top5']) < mask.sum()).any()
+
+
+@pytest.mark.parametrize('every,epochs', [(1, 5), (2, 5), (3, 7), (10, 4), (1, 1)])
+def test_evaluated_epochs_are_dinos(every, epochs):
+  """DINO's eval_linear.py, transcribed: after 0-based epoch e it validates when
+  `epoch % args.val_freq == 0 or epoch == args.epochs - 1`."""
+  dino = [e + 1 for e in range(epochs) if e % every == 0 or e == epochs - 1]
+  ours = [
+      n for n in range(epochs + 2)
+      if linear_eval.evaluated_after(n, every_epochs=every, epochs=epochs)
+  ]
+  assert ours == dino and ours[-1] == epochs
+
+
+def test_best_over_epochs_is_the_first_largest_top1():
+  """Against numpy's argmax over the [epochs, heads] table in (epoch, head) order, which returns
+  the first largest: a tie (0.9 at epochs 3 and 5) goes to the earlier epoch; the epochs may come
+  in any order; top-5 and lr are the best head's."""
+  top1 = np.array([[0.5, 0.6], [0.7, 0.9], [0.8, 0.4], [0.2, 0.9]])
+  top5 = top1 / 2 + 0.5
+  epochs, lrs = [1, 3, 4, 5], [0.1, 1.0]
+  evaluations = [{
+      'epoch': epoch,
+      'top1': list(top1[i]),
+      'top5': list(top5[i])
+  } for i, epoch in enumerate(epochs)]
+  best = linear_eval.best_over_epochs(evaluations[::-1], lrs)
+  row, head = np.unravel_index(np.argmax(top1), top1.shape)
+  assert best == {
+      'best_top1': top1[row, head],
+      'best_top5': top5[row, head],
+      'best_epoch': epochs[row],
+      'best_lr': lrs[head]
+  }
+  assert (best['best_epoch'], best['best_lr']) == (3, 1.0)
+  assert linear_eval.best_over_epochs([], lrs) == {}
 
 
 # --------------------------------------------------------------------------- the training view
@@ -290,15 +369,20 @@ def test_linear_batches_of_digits(digits, digits_epoch0):
   source, config = digits
   size = config.data.image_size
   steps = pipeline.linear_steps_per_epoch(source, config, batch_size=64)
-  assert steps == 1347 // 64 == len(digits_epoch0)
+  assert steps == math.ceil(1347 / 64) == len(digits_epoch0) == 22
   low, high = [(value - config.data.mean[0]) / config.data.std[0] for value in (0.0, 1.0)]
   for batch in digits_epoch0:
     assert set(batch) == {'image', 'label', 'mask'}
     assert batch['image'].shape == (64, size, size, 1) and batch['image'].dtype == np.float32
     assert batch['label'].dtype == np.int32 and batch['mask'].dtype == np.bool_
-    assert batch['mask'].all()
     assert ((0 <= batch['label']) & (batch['label'] < 10)).all()
-    assert low - 1e-5 <= batch['image'].min() and batch['image'].max() <= high + 1e-5
+    real = batch['image'][batch['mask']]
+    assert low - 1e-5 <= real.min() and real.max() <= high + 1e-5
+  # Every example once: 21 full batches and 1347 - 21 * 64 = 3 rows, then masked zero padding.
+  assert [batch['mask'].sum() for batch in digits_epoch0] == [64] * 21 + [3]
+  assert not digits_epoch0[-1]['image'][~digits_epoch0[-1]['mask']].any()
+  labels = np.concatenate([batch['label'][batch['mask']] for batch in digits_epoch0])
+  np.testing.assert_array_equal(np.bincount(labels), np.bincount(sklearn_split('train')[1]))
 
 
 def test_linear_batches_are_deterministic_per_epoch(digits, digits_epoch0):
@@ -352,6 +436,24 @@ def test_each_epoch_is_an_order_of_every_example():
   ]
   assert sorted(orders[0]) == sorted(orders[1]) == list(range(40))
   assert not np.array_equal(orders[0], orders[1])
+
+
+@pytest.mark.parametrize('num_examples,shards,last_mask', [(11, 1, [True] * 3 + [False]),
+                                                           (10, 2, [True, False] * 2)])
+def test_an_epoch_of_k_batches_and_r_rows_trains_on_all_of_them(num_examples, shards, last_mask):
+  """N = 2 * 4 + r examples in global batches of 4: 3 steps, every example once (labels name
+  them), the padding rows masked: 11 in one shard end with 3 real rows; 10 in 2 data shards of 5
+  (2 rows of each batch) end with one real row of each. A resumed epoch gives the same last
+  batch."""
+  source, config = labelled_source(num_examples), small_config(shards=shards)
+  batches = epoch_of(source, config, 1, batch_size=4)
+  assert pipeline.linear_steps_per_epoch(source, config, batch_size=4) == len(batches) == 3
+  real = np.concatenate([batch['label'][batch['mask']] for batch in batches])
+  assert sorted(real) == list(range(num_examples))
+  assert [list(batch['mask']) for batch in batches] == [[True] * 4] * 2 + [last_mask]
+  resumed = epoch_of(source, config, 1, batch_size=4, start_step=2)
+  for key in batches[2]:
+    np.testing.assert_array_equal(resumed[0][key], batches[2][key])
 
 
 def test_linear_batches_do_not_depend_on_the_process_count():
