@@ -163,8 +163,8 @@ class DinoVisionTransformer(nn.Module):
                                             pos_embed_rope_normalize_coords)
     eps = NORM_EPS[norm_layer]
     self.blocks = nn.ModuleList([
-        SelfAttentionBlock(embed_dim, num_heads, ffn_ratio, ffn_layer, layerscale_init,
-                           mask_k_bias, eps) for _ in range(depth)
+        SelfAttentionBlock(embed_dim, num_heads, ffn_ratio, ffn_layer, layerscale_init, mask_k_bias,
+                           eps) for _ in range(depth)
     ])
     self.norm = nn.LayerNorm(embed_dim, eps=eps)
     self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))

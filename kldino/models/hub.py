@@ -91,12 +91,13 @@ def architecture(model, image_size: int) -> dict:
   """What a ViT's options (`config.model`, or a HUB_MODELS entry) build, as torch_layout.describe
   reads it from a state dict."""
   size = VIT_SIZES.get(model['name'], {})
-  rope = model['pos_embed'] == 'rope'
+  rope = model['pos_embed'] == 'rope' and bool(size)
+  head_dim = size['dim'] // size['num_heads'] if size else None
   return {
       'dim': size.get('dim'),
       'depth': size.get('depth', 0),
       'patch_size': model['patch_size'],
-      'grid': 0 if rope else image_size // model['patch_size'],
+      'grid': 0 if model['pos_embed'] == 'rope' else image_size // model['patch_size'],
       'num_registers': model['num_registers'],
       'layerscale': bool(model['layerscale']),
       'ffn': model['ffn'],
@@ -104,8 +105,7 @@ def architecture(model, image_size: int) -> dict:
       'mask_token': bool(model['mask_token']),
       'pos_embed': model['pos_embed'],
       # read back from the periods as describe does, so that both round alike
-      'rope_base': (rope_base(rope_periods(model['rope_base'], size['dim'] // size['num_heads']))
-                    if rope and size else None),
+      'rope_base': rope_base(rope_periods(model['rope_base'], head_dim)) if rope else None,
       'mask_k_bias': bool(model['mask_k_bias']),
   }
 

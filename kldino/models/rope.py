@@ -2,11 +2,12 @@
 dinov3/layers/attention.py): axial RoPE without learned weights.
 
 Each patch has coordinates in [-1, 1] per axis (patch centres over the grid, normalised as
-`normalize_coords` says; 'min' goes beyond on the longer axis). Per head, the first half of the features rotates by angles
-2 pi * (h, w) / period over head_dim / 4 periods base^(i / (head_dim / 4)), the second half by
-the same angles (rotate_half pairs feature j with j + head_dim / 2). Only the patch tokens'
-queries and keys rotate; CLS and register tokens pass unchanged. In training, DINOv3 may shift,
-jitter (per axis) or rescale (both axes) the coordinates with fresh draws in every block.
+`normalize_coords` says; 'min' goes beyond on the longer axis). Per head, feature pairs
+(j, j + head_dim / 2) rotate by 2 pi * coordinate / period: the first head_dim / 4 pairs by the
+row, the others by the column, over the periods base^(4i / head_dim), i < head_dim / 4. Only the
+patch tokens' queries and keys rotate; CLS and register tokens pass unchanged. In training,
+DINOv3 may shift, jitter (per axis) or rescale (both axes) the coordinates with fresh draws in
+every block.
 """
 from __future__ import annotations
 

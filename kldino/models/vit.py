@@ -283,8 +283,8 @@ class ViT(nnx.Module):
                                   kernel_init=_patch_init,
                                   rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, dim)))
-    self.pos_embed = (nnx.Param(_token_init(rngs.params(), (1, 1 + self.grid_size**2, dim)))
-                      if rope is None else None)
+    table_shape = (1, 1 + self.grid_size**2, dim)
+    self.pos_embed = nnx.Param(_token_init(rngs.params(), table_shape)) if rope is None else None
     # DINOv2's inits: registers normal(1e-6), the mask token zeros.
     self.register_tokens = (nnx.Param(1e-6 * jax.random.normal(rngs.params(),
                                                                (1, num_registers, dim)))
@@ -498,8 +498,8 @@ def validate_vit_options(model_config):
        f"unknown model.rope_normalize_coords '{model_config.rope_normalize_coords}': choose one "
        f"of {', '.join(NORMALIZE_COORDS)}"),
       (model_config.rope_base > 0, f'model.rope_base={model_config.rope_base} must be > 0'),
-      (model_config.rope_shift_coords >= 0,
-       f'model.rope_shift_coords={model_config.rope_shift_coords} must be >= 0 (0: off)'),
+      (model_config.rope_shift_coords
+       >= 0, f'model.rope_shift_coords={model_config.rope_shift_coords} must be >= 0 (0: off)'),
       *[(value == 0 or value >= 1, f'model.{key}={value} must be 0 (off) or >= 1')
         for key, value in _rope_factors(model_config)],
       (model_config.norm_eps > 0, f'model.norm_eps={model_config.norm_eps} must be > 0'),

@@ -94,8 +94,9 @@ def convert(state_dict: dict, backbone_params: dict) -> dict:
 
 def _read_torch_checkpoint(path: str) -> dict:
   if not os.path.isfile(path):
-    raise ConfigError(f'--import_from={path} does not exist: pass an official DINO, DINOv2 or DINOv3 .pth '
-                      'file')
+    raise ConfigError(
+        f'--import_from={path} does not exist: pass an official DINO, DINOv2 or DINOv3 .pth '
+        'file')
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -99,8 +99,8 @@ def _assert_converts_back(state, params):
 
 
 @pytest.mark.parametrize('ffn, registers, mask_k_bias', [('swiglu', 2, True), ('mlp', 0, False)])
-def test_a_rope_vit_loads_strictly_into_dinov3s_layout_and_converts_back(ffn, registers,
-                                                                          mask_k_bias):
+def test_a_rope_vit_loads_strictly_into_dinov3s_layout_and_converts_back(
+    ffn, registers, mask_k_bias):
   options = dict(pos_embed='rope',
                  mask_token=True,
                  layerscale=0.5,
@@ -120,7 +120,9 @@ def test_a_rope_vit_loads_strictly_into_dinov3s_layout_and_converts_back(ffn, re
                                                  layerscale_init=0.5,
                                                  n_storage_tokens=registers,
                                                  mask_k_bias=mask_k_bias).eval()
-  reference.load_state_dict({key: torch.from_numpy(value) for key, value in state.items()},
+  reference.load_state_dict({
+      key: torch.from_numpy(value) for key, value in state.items()
+  },
                             strict=True)
   images = np.random.default_rng(3).standard_normal((2, 16, 20, 3)).astype(np.float32)
   with torch.no_grad():
