@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# DINOv3's Mlp (fc1, GELU, fc2) and LayerScale (gamma) are DINOv2's: the same modules and names.
+from tests.torch_dinov2 import LayerScale, Mlp
+
 NORM_EPS = {'layernorm': 1e-6, 'layernormbf16': 1e-5}
 
 
@@ -85,16 +88,6 @@ class SelfAttention(nn.Module):
     return self.proj((weights @ v).transpose(1, 2).reshape(batch, length, dim))
 
 
-class Mlp(nn.Module):
-
-  def __init__(self, dim, hidden):
-    super().__init__()
-    self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-  def forward(self, x):
-    return self.fc2(F.gelu(self.fc1(x)))
-
-
 class SwiGLUFFN(nn.Module):
 
   def __init__(self, dim, hidden, align_to=8):
@@ -106,16 +99,6 @@ class SwiGLUFFN(nn.Module):
 
   def forward(self, x):
     return self.w3(F.silu(self.w1(x)) * self.w2(x))
-
-
-class LayerScale(nn.Module):
-
-  def __init__(self, dim, init_values):
-    super().__init__()
-    self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-  def forward(self, x):
-    return x * self.gamma
 
 
 class SelfAttentionBlock(nn.Module):

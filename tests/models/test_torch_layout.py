@@ -57,19 +57,25 @@ def test_a_dinov2_style_vit_loads_strictly_into_dinov2s_layout(options):
                                                  init_values=0.5,
                                                  num_register_tokens=options['num_registers'],
                                                  interpolate_offset=0.1).eval()
+  _assert_loads_with_the_same_tokens(reference, state, backbone, (3, 16, 16, 3))
+  if not options.get('mask_token', True):  # DINOv2's model always holds one: zeros
+    np.testing.assert_array_equal(state['mask_token'], np.zeros((1, 32)))
+
+
+def _assert_loads_with_the_same_tokens(reference, state, backbone, shape):
+  """`state` loads into the transcription `reference` with strict=True, and both give the same
+  CLS and patch tokens on random images of `shape` (NHWC)."""
   reference.load_state_dict(
       {
           key: torch.from_numpy(np.asarray(value, np.float32)) for key, value in state.items()
       },
       strict=True)
-  images = np.random.default_rng(1).standard_normal((3, 16, 16, 3)).astype(np.float32)
+  images = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
   with torch.no_grad():
     expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
   cls, patches = backbone.tokens(jnp.asarray(images))
   np.testing.assert_allclose(cls, expected['x_norm_clstoken'], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(patches, expected['x_norm_patchtokens'], rtol=1e-5, atol=1e-5)
-  if not options.get('mask_token', True):  # DINOv2's model always holds one: zeros
-    np.testing.assert_array_equal(state['mask_token'], np.zeros((1, 32)))
 
 
 def test_a_plain_vit_loads_strictly_into_dinos_layout_and_converts_back():
@@ -120,16 +126,7 @@ def test_a_rope_vit_loads_strictly_into_dinov3s_layout_and_converts_back(
                                                  layerscale_init=0.5,
                                                  n_storage_tokens=registers,
                                                  mask_k_bias=mask_k_bias).eval()
-  reference.load_state_dict({
-      key: torch.from_numpy(value) for key, value in state.items()
-  },
-                            strict=True)
-  images = np.random.default_rng(3).standard_normal((2, 16, 20, 3)).astype(np.float32)
-  with torch.no_grad():
-    expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
-  cls, patches = backbone.tokens(jnp.asarray(images))
-  np.testing.assert_allclose(cls, expected['x_norm_clstoken'], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(patches, expected['x_norm_patchtokens'], rtol=1e-5, atol=1e-5)
+  _assert_loads_with_the_same_tokens(reference, state, backbone, (2, 16, 20, 3))
   _assert_converts_back(state, params)
   assert torch_layout.describe(state)['rope_base'] == 100.0
 

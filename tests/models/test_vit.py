@@ -303,9 +303,6 @@ def _dinov2_pair(ffn, layerscale, registers, offset, antialias):
                                                  num_register_tokens=registers,
                                                  interpolate_offset=offset,
                                                  interpolate_antialias=antialias).eval()
-  with torch.no_grad():  # every parameter away from its init, LayerScale's gains included
-    for parameter in reference.parameters():
-      parameter.add_(0.05 * torch.randn_like(parameter))
   config = model_config(name='vit_nano',
                         patch_size=DINOV2_PATCH,
                         ffn=ffn,
@@ -315,12 +312,21 @@ def _dinov2_pair(ffn, layerscale, registers, offset, antialias):
                         pos_interpolation='torch',
                         interpolate_offset=offset,
                         interpolate_antialias=antialias)
-  backbone = build_backbone(config, in_channels=CHANNELS, image_size=DINOV2_IMAGE, rngs=nnx.Rngs(0))
+  return reference, _kldino_twin(reference, config, DINOV2_IMAGE, 0.05)
+
+
+def _kldino_twin(reference, config, image_size, scale):
+  """kldino's ViT of `config` holding `reference`'s parameters, after adding noise of `scale` to
+  every one of them (away from its init: LayerScale's gains, a masked key bias)."""
+  with torch.no_grad():
+    for parameter in reference.parameters():
+      parameter.add_(scale * torch.randn_like(parameter))
+  backbone = build_backbone(config, in_channels=CHANNELS, image_size=image_size, rngs=nnx.Rngs(0))
   state = nnx.state(backbone, nnx.Param)
   state_dict = {key: value.detach().numpy() for key, value in reference.state_dict().items()}
   nnx.replace_by_pure_dict(state, convert_dino.convert(state_dict, nnx.to_pure_dict(state)))
   nnx.update(backbone, state)
-  return reference, backbone
+  return backbone
 
 
 @nnx.jit
@@ -337,6 +343,12 @@ def test_dinov2_options_give_dinov2s_tokens(options, size):
   rng = np.random.default_rng(size)
   pixels = rng.standard_normal((3, size, size, CHANNELS)).astype(np.float32)
   masks = rng.random((3, (size // DINOV2_PATCH)**2)) < 0.4
+  _assert_same_tokens(reference, backbone, pixels, masks, options[2], _max_abs_error)
+
+
+def _assert_same_tokens(reference, backbone, pixels, masks, registers, error):
+  """The transcription's and kldino's CLS and patch tokens, unmasked and with `masks`, within
+  1e-5 by `error`, and the last block's CLS attention within 1e-5."""
   attention = None
   for mask in (None, masks):
     with torch.no_grad():
@@ -345,11 +357,11 @@ def test_dinov2_options_give_dinov2s_tokens(options, size):
           None if mask is None else torch.from_numpy(mask))
     cls, patches = _tokens(backbone, jnp.asarray(pixels),
                            None if mask is None else jnp.asarray(mask))
-    assert _max_abs_error(cls, expected['x_norm_clstoken'].numpy()) < 1e-5
-    assert _max_abs_error(patches, expected['x_norm_patchtokens'].numpy()) < 1e-5
+    assert error(cls, expected['x_norm_clstoken'].numpy()) < 1e-5
+    assert error(patches, expected['x_norm_patchtokens'].numpy()) < 1e-5
     attention = expected['last_attention'] if attention is None else attention
   np.testing.assert_allclose(np.asarray(backbone.cls_attention(jnp.asarray(pixels))),
-                             attention[:, :, 0, 1 + options[2]:].numpy(),
+                             attention[:, :, 0, 1 + registers:].numpy(),
                              atol=1e-5)
 
 
@@ -392,9 +404,6 @@ def _dinov3_pair(ffn, mlp_ratio, registers, mask_k_bias, normalize):
                                                  n_storage_tokens=registers,
                                                  mask_k_bias=mask_k_bias,
                                                  pos_embed_rope_normalize_coords=normalize).eval()
-  with torch.no_grad():  # every parameter away from its init, the masked key bias included
-    for parameter in reference.parameters():
-      parameter.add_(0.3 * torch.randn_like(parameter))
   config = model_config(name='vit_nano',
                         patch_size=DINOV3_PATCH,
                         ffn=ffn,
@@ -407,12 +416,8 @@ def _dinov3_pair(ffn, mlp_ratio, registers, mask_k_bias, normalize):
                         rope_rescale_coords=2.0,
                         mask_k_bias=mask_k_bias,
                         norm_eps=1e-5)
-  backbone = build_backbone(config, in_channels=CHANNELS, image_size=16, rngs=nnx.Rngs(0))
+  backbone = _kldino_twin(reference, config, 16, 0.3)
   assert backbone.pos_embed is None
-  state = nnx.state(backbone, nnx.Param)
-  state_dict = {key: value.detach().numpy() for key, value in reference.state_dict().items()}
-  nnx.replace_by_pure_dict(state, convert_dino.convert(state_dict, nnx.to_pure_dict(state)))
-  nnx.update(backbone, state)
   return reference, backbone
 
 
@@ -426,20 +431,7 @@ def test_dinov3_options_give_dinov3s_tokens(options, height, width):
   rng = np.random.default_rng(height * width)
   pixels = rng.standard_normal((3, height, width, CHANNELS)).astype(np.float32)
   masks = rng.random((3, height * width // DINOV3_PATCH**2)) < 0.4
-  attention = None
-  for mask in (None, masks):
-    with torch.no_grad():
-      expected = reference.forward_features(
-          torch.from_numpy(pixels).permute(0, 3, 1, 2),
-          None if mask is None else torch.from_numpy(mask))
-    cls, patches = _tokens(backbone, jnp.asarray(pixels),
-                           None if mask is None else jnp.asarray(mask))
-    assert _relative_error(cls, expected['x_norm_clstoken'].numpy()) < 1e-5
-    assert _relative_error(patches, expected['x_norm_patchtokens'].numpy()) < 1e-5
-    attention = expected['last_attention'] if attention is None else attention
-  np.testing.assert_allclose(np.asarray(backbone.cls_attention(jnp.asarray(pixels))),
-                             attention[:, :, 0, 1 + options[2]:].numpy(),
-                             atol=1e-5)
+  _assert_same_tokens(reference, backbone, pixels, masks, options[2], _relative_error)
 
 
 def _relative_error(actual, expected) -> float:

@@ -14,29 +14,20 @@ from kldino.errors import ConfigError
 from kldino.models import hub
 from kldino.models import torch_layout
 from kldino.models.registry import build_backbone
-from kldino.modes import export as export_mode
 from kldino.modes import import_dino as import_mode
-from kldino.run import Run
 from tests import torch_dinov3
+from tests.modes.hub_imports import (assert_export_gives_back, import_reference, randomise,
+                                     relative_error)
 from tests.helpers import tiny_config
 
 NAME = 'dinov3_vits16'
-
-
-def _randomise(model: torch.nn.Module, seed: int):
-  """Every parameter random (the buffers as DINOv3 initialises them)."""
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      param.copy_(torch.randn_like(param) * (0.1 if name.endswith('gamma') else 0.05))
-  return model
 
 
 def _reference(name: str = NAME, seed: int = 0):
   """The hub model `name` (a ViT-S) with every tensor random, as dinov3/hub/backbones.py builds
   it."""
   model = hub.HUB_MODELS[name]
-  return _randomise(
+  return randomise(
       torch_dinov3.DinoVisionTransformer(patch_size=16,
                                          embed_dim=384,
                                          depth=12,
@@ -51,18 +42,9 @@ def _reference(name: str = NAME, seed: int = 0):
 
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
-  reference = _reference()
-  path = str(tmp_path_factory.mktemp('pth') / 'dinov3_vits16_pretrain_lvd1689m.pth')
-  torch.save(reference.state_dict(), path)
-  workdir = str(tmp_path_factory.mktemp('run'))
-  import_mode.run(pretrained.get_config(NAME), workdir, import_from=path)
-  opened = Run(pretrained.get_config(NAME), workdir)
-  teacher, _ = opened.restore_teacher(None)
-  return reference, nnx.merge(opened.graphdef, teacher).backbone, path, workdir
-
-
-def _relative_error(got, expected) -> float:
-  return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+  """The random ViT-S/16 (buffers as DINOv3 initialises them) imported with its named config."""
+  return import_reference(_reference(), NAME, 'dinov3_vits16_pretrain_lvd1689m.pth',
+                          tmp_path_factory)
 
 
 @nnx.jit
@@ -84,15 +66,15 @@ def test_imported_features_equal_the_official_models(imported, size):
   with torch.no_grad():
     expected = reference.forward_features(nchw)
   cls, patches = _tokens(backbone, jnp.asarray(images))
-  assert _relative_error(np.asarray(cls), expected['x_norm_clstoken'].numpy()) < 1e-5
-  assert _relative_error(np.asarray(patches), expected['x_norm_patchtokens'].numpy()) < 1e-5
+  assert relative_error(np.asarray(cls), expected['x_norm_clstoken'].numpy()) < 1e-5
+  assert relative_error(np.asarray(patches), expected['x_norm_patchtokens'].numpy()) < 1e-5
   if size != 224:
     return
   with torch.no_grad():
     layers = reference.get_intermediate_layers(nchw, n=4)
   expected_four = torch.cat([cls_token for _, cls_token in layers], dim=-1).numpy()
-  assert _relative_error(np.asarray(_four_blocks(backbone, jnp.asarray(images))),
-                         expected_four) < 1e-5
+  assert relative_error(np.asarray(_four_blocks(backbone, jnp.asarray(images))),
+                        expected_four) < 1e-5
 
 
 def test_a_config_of_another_architecture_names_the_hub_config(imported, tmp_path):
@@ -123,23 +105,12 @@ def test_export_pth_gives_back_the_official_state_dict(imported, tmp_path):
   """--format=pth of the imported run: DINOv3's layout, loaded with strict=True, every tensor
   the one imported, buffers included."""
   _, _, path, workdir = imported
-  written = export_mode.run(pretrained.get_config(NAME),
-                            workdir,
-                            step=None,
-                            output=str(tmp_path / 'teacher.pth'),
-                            format='pth')
-  state = torch.load(written['export'], weights_only=True)
-  reloaded = _reference(seed=1)
-  reloaded.load_state_dict(state, strict=True)
-  original = torch.load(path, weights_only=True)
-  assert sorted(state) == sorted(original)
-  for key, value in original.items():
-    torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+  assert_export_gives_back(NAME, path, workdir, _reference(seed=1), str(tmp_path / 'teacher.pth'))
 
 
 def _tiny_pair(bias_mask_fill: float):
   """A small DINOv3 ViT whose qkv bias_mask holds `bias_mask_fill` everywhere, and a kldino one."""
-  reference = _randomise(
+  reference = randomise(
       torch_dinov3.DinoVisionTransformer(patch_size=4, embed_dim=32, depth=2, num_heads=2), 0)
   for block in reference.blocks:
     block.attn.qkv.bias_mask.fill_(bias_mask_fill)
@@ -165,7 +136,7 @@ def test_a_zero_bias_mask_as_the_published_files_hold_is_folded_into_the_bias():
   with torch.no_grad():
     expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
   cls, patches = backbone.tokens(jnp.asarray(images))
-  assert _relative_error(np.asarray(cls), expected['x_norm_clstoken'].numpy()) < 1e-5
-  assert _relative_error(np.asarray(patches), expected['x_norm_patchtokens'].numpy()) < 1e-5
+  assert relative_error(np.asarray(cls), expected['x_norm_clstoken'].numpy()) < 1e-5
+  assert relative_error(np.asarray(patches), expected['x_norm_patchtokens'].numpy()) < 1e-5
   with pytest.raises(ValueError, match='blocks.0.attn.qkv.bias_mask is not a key-bias mask'):
     _tiny_pair(float('nan'))
