@@ -79,6 +79,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.pos_interpolation = 'jax'  # 'jax' or 'torch' (DINO's, DINOv2's resize)
   config.model.interpolate_offset = 0.0  # 'torch': DINOv2's scale-factor offset (0.1)
   config.model.interpolate_antialias = False  # 'torch': antialias when shrinking (DINOv2 _reg)
+  # DINOv3's ViT options (kldino/models/vit.py, rope.py); the defaults are DINO's and DINOv2's.
+  config.model.pos_embed = 'learned'  # 'learned' (a table) or 'rope' (DINOv3: none, any size)
+  config.model.rope_base = 100.0  # 'rope': the periods base^(4i / head_dim)
+  config.model.rope_normalize_coords = 'separate'  # 'rope': coords / each axis, 'min' or 'max'
+  config.model.rope_shift_coords = 0.0  # 'rope', training: shift in [-s, s] per axis (0: off)
+  config.model.rope_jitter_coords = 0.0  # 'rope', training: x [1/j, j] per axis (0: off)
+  config.model.rope_rescale_coords = 0.0  # 'rope', training: x [1/r, r] (0: off; DINOv3: 2)
+  config.model.mask_k_bias = False  # the key third of the qkv bias zero (DINOv3)
+  config.model.norm_eps = 1e-6  # the LayerNorms' epsilon (DINOv3's hub models: 1e-5)
+  config.model.mlp_ratio = 4.0  # the feed-forward width / dim (DINOv3's ViT-S+: 6)
   config.model.num_prototypes = 256
   config.model.head_hidden_dim = 512
   config.model.head_bottleneck_dim = 32

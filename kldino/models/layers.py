@@ -70,19 +70,23 @@ def masked_standardise(x: jax.Array, mask: jax.Array | None = None, eps: float =
   return (x - mean) * jax.lax.rsqrt(variance + eps)
 
 
-def run_blocks(blocks, x, drop_key, *, remat: bool):
-  """x through residual blocks in order, each with its own stochastic-depth key. With `remat`,
-  each block's activations are recomputed in the backward pass instead of stored (memory for
-  compute: large models at large batch)."""
+def run_blocks(blocks, x, drop_key, *, remat: bool, positions=None):
+  """x through residual blocks in order, each with its own stochastic-depth key (and, when given,
+  a ViT's RoPE `positions`). With `remat`, each block's activations are recomputed in the
+  backward pass instead of stored (memory for compute: large models at large batch)."""
   for index, block in enumerate(blocks):
     key = block_key(drop_key, index)
-    x = _rematted_call(block, x, key) if remat else block(x, drop_key=key)
+    x = (_rematted_call if remat else _call)(block, x, key, positions)
   return x
 
 
-@nnx.remat
-def _rematted_call(block, x, key):
-  return block(x, drop_key=key)
+def _call(block, x, key, positions):
+  if positions is None:
+    return block(x, drop_key=key)
+  return block(x, drop_key=key, positions=positions)
+
+
+_rematted_call = nnx.remat(_call)
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:

@@ -1,18 +1,23 @@
 """Vision Transformer (as in DINO): patch embedding, CLS token, pre-norm blocks, final LayerNorm;
 with DINOv2's options (dinov2/models/vision_transformer.py): LayerScale, the SwiGLU feed-forward,
 register tokens, a mask token for masked patches, and PyTorch's interpolation of the position
-embeddings with DINOv2's offset and antialiasing."""
+embeddings with DINOv2's offset and antialiasing; and DINOv3's (dinov3/models/
+vision_transformer.py): rotary position embeddings instead of the table (kldino/models/rope.py),
+the masked key bias, the LayerNorm epsilon and the feed-forward ratio."""
 from __future__ import annotations
 
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kldino.models.layers import (block_key, drop_path, gelu, linear_drop_rates, run_blocks,
                                   torch_resize_matrix)
 from kldino.models.registry import register_backbone
+from kldino.models.rope import (NORMALIZE_COORDS, RopeOptions, augment_coords, patch_coords,
+                                rope_periods, rotate, sin_cos)
 
 # DINO's init for linears and tokens: trunc_normal_(std=.02, a=-2, b=2), zero biases. Its bounds
 # are absolute, +-100 std, so it never truncates: a plain normal is the same distribution.
@@ -26,36 +31,78 @@ FFNS = ('mlp', 'swiglu')
 # by sizes); 'torch' as torch.nn.functional.interpolate does in DINO and DINOv2 (a = -0.75, by the
 # scale factor of model.interpolate_offset, and model.interpolate_antialias).
 POS_INTERPOLATIONS = ('jax', 'torch')
+# model.pos_embed: DINO's and DINOv2's learned table added to the tokens, or DINOv3's RoPE.
+POS_EMBEDS = ('learned', 'rope')
 
 
 def _linear(fan_in: int, fan_out: int, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(fan_in, fan_out, kernel_init=_token_init, rngs=rngs)
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention with one fused qkv projection."""
+def key_bias_mask(dim: int) -> np.ndarray:
+  """[3 * dim] ones with the key third zero: DINOv3's LinearKMaskedBias.bias_mask as its
+  init_weights_vit sets it (dinov3/models/vision_transformer.py)."""
+  return np.concatenate([np.ones(dim), np.zeros(dim), np.ones(dim)]).astype(np.float32)
 
-  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with one fused qkv projection; with `rope`, the patch tokens'
+  queries and keys rotate by their `positions`; with `mask_k_bias`, the key bias is zero."""
+
+  def __init__(self,
+               dim: int,
+               num_heads: int,
+               *,
+               rope: RopeOptions | None = None,
+               mask_k_bias: bool = False,
+               rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f'dim={dim} is not divisible by num_heads={num_heads}: change either')
+    if rope is not None and (dim // num_heads) % 4:
+      raise ValueError(f'RoPE needs a head width divisible by 4, got {dim // num_heads}: change '
+                       "model.name or model.pos_embed='learned'")
     self.num_heads = num_heads
+    self.rope = rope
+    self.mask_k_bias = mask_k_bias
     self.qkv = _linear(dim, 3 * dim, rngs)
     self.proj = _linear(dim, dim, rngs)
 
-  def _qkv(self, tokens: jax.Array) -> jax.Array:
+  def _project(self, tokens: jax.Array) -> jax.Array:
+    if not self.mask_k_bias:
+      return self.qkv(tokens)
+    # As DINOv3's LinearKMaskedBias: the key bias times 0 neither acts nor learns. (Without RoPE
+    # it would add the same logit to every key, which the softmax ignores; RoPE rotates it.)
+    bias = self.qkv.bias[...] * key_bias_mask(tokens.shape[-1]).astype(tokens.dtype)
+    return tokens @ self.qkv.kernel[...] + bias
+
+  def _rope_tables(self, positions: jax.Array, rope_key: jax.Array | None):
+    coords = positions if rope_key is None else augment_coords(positions, rope_key, self.rope)
+    head_dim = self.qkv.kernel.shape[0] // self.num_heads
+    return sin_cos(coords, rope_periods(self.rope.base, head_dim))
+
+  def _qkv(self, tokens: jax.Array, positions: jax.Array | None, rope_key: jax.Array | None):
     batch, length, dim = tokens.shape
     # qkv features are laid out [3, heads, head_dim], as in DINO's checkpoints.
-    return self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+    qkv = self._project(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+    queries, keys, values = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if positions is None:
+      return queries, keys, values
+    sin, cos = self._rope_tables(positions, rope_key)
+    return rotate(queries, sin, cos), rotate(keys, sin, cos), values
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    qkv = self._qkv(tokens)
-    mixed = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+  def __call__(self,
+               tokens: jax.Array,
+               *,
+               positions: jax.Array | None = None,
+               rope_key: jax.Array | None = None) -> jax.Array:
+    """`positions` [h * w, 2]: the RoPE coordinates of the trailing patch tokens (None: no
+    RoPE); `rope_key` draws the training-time coordinate augmentations."""
+    mixed = jax.nn.dot_product_attention(*self._qkv(tokens, positions, rope_key))
     return self.proj(mixed.reshape(tokens.shape))
 
-  def weights(self, tokens: jax.Array) -> jax.Array:
+  def weights(self, tokens: jax.Array, *, positions: jax.Array | None = None) -> jax.Array:
     """The softmax attention weights [B, heads, queries, keys] that __call__ mixes with."""
-    qkv = self._qkv(tokens)
-    queries, keys = qkv[:, :, 0], qkv[:, :, 1]
+    queries, keys, _ = self._qkv(tokens, positions, None)
     logits = jnp.einsum('bqhd,bkhd->bhqk', queries, keys) * queries.shape[-1]**-0.5
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
@@ -71,8 +118,15 @@ class MLP(nnx.Module):
 
 
 def swiglu_hidden_dim(hidden_dim: int) -> int:
-  """DINOv2's fused SwiGLU width for an MLP of `hidden_dim`: 2/3 of it, rounded up to 8."""
+  """DINOv2's fused SwiGLU width for an MLP of `hidden_dim`: 2/3 of it, rounded up to 8 (also
+  DINOv3's SwiGLUFFN with its default align_to=8, dinov3/layers/ffn_layers.py)."""
   return (int(hidden_dim * 2 / 3) + 7) // 8 * 8
+
+
+def ffn_width(dim: int, mlp_ratio: float, ffn: str) -> int:
+  """The hidden width of a block's feed-forward (SwiGLU: of each of its two branches)."""
+  hidden_dim = int(dim * mlp_ratio)
+  return swiglu_hidden_dim(hidden_dim) if ffn == 'swiglu' else hidden_dim
 
 
 class SwiGLU(nnx.Module):
@@ -110,18 +164,26 @@ class Block(nnx.Module):
                *,
                layerscale: float = 0.0,
                ffn: str = 'mlp',
+               norm_eps: float = _NORM_EPS,
+               rope: RopeOptions | None = None,
+               mask_k_bias: bool = False,
                rngs: nnx.Rngs):
-    self.norm1 = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
-    self.attn = Attention(dim, num_heads, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
+    self.attn = Attention(dim, num_heads, rope=rope, mask_k_bias=mask_k_bias, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
     self.mlp = (SwiGLU if ffn == 'swiglu' else MLP)(dim, int(dim * mlp_ratio), rngs=rngs)
     self.ls1 = LayerScale(dim, layerscale) if layerscale else None
     self.ls2 = LayerScale(dim, layerscale) if layerscale else None
     self.drop_rate = drop_rate
 
-  def __call__(self, tokens: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
+  def __call__(self,
+               tokens: jax.Array,
+               *,
+               drop_key: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
     attn_key, mlp_key = block_key(drop_key, 0), block_key(drop_key, 1)
-    attended = self.attn(self.norm1(tokens))
+    # DINOv3 draws the RoPE augmentations anew for every block (forward_features_list).
+    attended = self.attn(self.norm1(tokens), positions=positions, rope_key=block_key(drop_key, 2))
     attended = self.ls1(attended) if self.ls1 is not None else attended
     tokens = tokens + drop_path(attended, self.drop_rate, attn_key)
     transformed = self.mlp(self.norm2(tokens))
@@ -196,8 +258,10 @@ class ViT(nnx.Module):
 
   Position embeddings are learned for the (image_size / patch_size)^2 grid and resized
   bicubically to other grids (local crops, `pos_interpolation`); the CLS position is kept as is.
-  Register tokens (no position embedding) follow the CLS token inside the blocks and are left
-  out of every output; with `mask_token`, `masks` [B, h * w] replace masked patches by it.
+  With `rope` there is no table: every attention rotates the patch tokens' queries and keys by
+  their grid coordinates, at any resolution. Register tokens (no position) follow the CLS token
+  inside the blocks and are left out of every output; with `mask_token`, `masks` [B, h * w]
+  replace masked patches by it.
   """
 
   def __init__(self,
@@ -220,6 +284,9 @@ class ViT(nnx.Module):
                pos_interpolation: str = 'jax',
                interpolate_offset: float = 0.0,
                interpolate_antialias: bool = False,
+               rope: RopeOptions | None = None,
+               mask_k_bias: bool = False,
+               norm_eps: float = _NORM_EPS,
                rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}: '
@@ -233,6 +300,7 @@ class ViT(nnx.Module):
     self.pos_interpolation = pos_interpolation
     self.interpolate_offset = interpolate_offset
     self.interpolate_antialias = interpolate_antialias
+    self.rope = rope
     if stem not in VIT_STEMS:
       raise ValueError(f"unknown ViT stem '{stem}': choose one of {', '.join(VIT_STEMS)}")
     if stem == 'conv':
@@ -246,7 +314,8 @@ class ViT(nnx.Module):
                                   kernel_init=_patch_init,
                                   rngs=rngs)
     self.cls_token = nnx.Param(_token_init(rngs.params(), (1, 1, dim)))
-    self.pos_embed = nnx.Param(_token_init(rngs.params(), (1, 1 + self.grid_size**2, dim)))
+    table_shape = (1, 1 + self.grid_size**2, dim)
+    self.pos_embed = nnx.Param(_token_init(rngs.params(), table_shape)) if rope is None else None
     # DINOv2's inits: registers normal(1e-6), the mask token zeros.
     self.register_tokens = (nnx.Param(1e-6 * jax.random.normal(rngs.params(),
                                                                (1, num_registers, dim)))
@@ -255,10 +324,18 @@ class ViT(nnx.Module):
     rates = [drop_path_rate] * depth if drop_path_uniform else linear_drop_rates(
         drop_path_rate, depth)
     self.blocks = nnx.List([
-        Block(dim, num_heads, mlp_ratio, rate, layerscale=layerscale, ffn=ffn, rngs=rngs)
-        for rate in rates
+        Block(dim,
+              num_heads,
+              mlp_ratio,
+              rate,
+              layerscale=layerscale,
+              ffn=ffn,
+              norm_eps=norm_eps,
+              rope=rope,
+              mask_k_bias=mask_k_bias,
+              rngs=rngs) for rate in rates
     ])
-    self.norm = nnx.LayerNorm(dim, epsilon=_NORM_EPS, rngs=rngs)
+    self.norm = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
 
   def position_embedding(self, grid_height: int, grid_width: int) -> jax.Array:
     """[1, 1 + h * w, dim]: the learned table, bicubically resized when the grid differs."""
@@ -289,12 +366,28 @@ class ViT(nnx.Module):
       patches = jnp.where(masks[..., None], self.mask_token[...].astype(patches.dtype), patches)
     cls_tokens = jnp.broadcast_to(self.cls_token[...], (batch, 1, dim))
     tokens = jnp.concatenate([cls_tokens, patches], axis=1)
-    tokens = tokens + self.position_embedding(grid_height, grid_width)
+    if self.pos_embed is not None:
+      tokens = tokens + self.position_embedding(grid_height, grid_width)
     if self.register_tokens is None:
       return tokens
     registers = jnp.broadcast_to(self.register_tokens[...].astype(tokens.dtype),
                                  (batch, self.num_registers, dim))
     return jnp.concatenate([tokens[:, :1], registers, tokens[:, 1:]], axis=1)
+
+  def _positions(self, images: jax.Array) -> jax.Array | None:
+    """The RoPE coordinates [h * w, 2] of the images' patch grid (None: the learned table)."""
+    if self.rope is None:
+      return None
+    height, width = images.shape[1:3]
+    return patch_coords(height // self.patch_size, width // self.patch_size,
+                        self.rope.normalize_coords)
+
+  def _run(self, images: jax.Array, masks: jax.Array | None, drop_key: jax.Array | None):
+    return run_blocks(self.blocks,
+                      self._embed(images, masks),
+                      drop_key,
+                      remat=self.remat,
+                      positions=self._positions(images))
 
   @property
   def _first_patch(self) -> int:
@@ -303,24 +396,25 @@ class ViT(nnx.Module):
   def block_outputs(self, images: jax.Array) -> list[jax.Array]:
     """The token sequences [B, 1 + h * w, dim] after each block, first block first, before the
     final norm (deterministic: no stochastic depth)."""
-    tokens = self._embed(images)
+    tokens, positions = self._embed(images), self._positions(images)
     outputs = []
     for block in self.blocks:
-      tokens = block(tokens)
+      tokens = block(tokens, positions=positions)
       outputs.append(tokens)
     return outputs
 
   def cls_attention(self, images: jax.Array) -> jax.Array:
     """The last block's self-attention from the CLS token to every patch, per head:
     [B, heads, h * w] float32, as DINO's get_last_selfattention()[:, :, 0, 1:]."""
-    tokens = self._embed(images)
+    tokens, positions = self._embed(images), self._positions(images)
     for block in self.blocks[:-1]:
-      tokens = block(tokens)
+      tokens = block(tokens, positions=positions)
     last = self.blocks[-1]
-    return last.attn.weights(last.norm1(tokens))[:, :, 0, self._first_patch:]
+    weights = last.attn.weights(last.norm1(tokens), positions=positions)
+    return weights[:, :, 0, self._first_patch:]
 
   def __call__(self, images: jax.Array, *, drop_key: jax.Array | None = None) -> jax.Array:
-    tokens = run_blocks(self.blocks, self._embed(images), drop_key, remat=self.remat)
+    tokens = self._run(images, None, drop_key)
     # The final norm is per token, so normalising only the CLS token gives the same result.
     return self.norm(tokens[:, 0])
 
@@ -331,8 +425,7 @@ class ViT(nnx.Module):
              drop_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(CLS [B, dim], patches [B, h * w, dim]) after the final LayerNorm, the registers left out;
     `masks` [B, h * w] (bool) put the mask token at masked patches (iBOT's student)."""
-    tokens = run_blocks(self.blocks, self._embed(images, masks), drop_key, remat=self.remat)
-    normed = self.norm(tokens)
+    normed = self.norm(self._run(images, masks, drop_key))
     return normed[:, 0], normed[:, self._first_patch:]
 
   def _check_feature_options(self, n_last_blocks: int, avgpool_patchtokens: bool):
@@ -386,6 +479,21 @@ VIT_SIZES = {
 }
 
 
+def _rope_factors(model_config) -> list[tuple[str, float]]:
+  return [(key, model_config[key]) for key in ('rope_jitter_coords', 'rope_rescale_coords')]
+
+
+def rope_options(model_config) -> RopeOptions | None:
+  """The RoPE of `config.model` (None: the learned position table)."""
+  if model_config.pos_embed != 'rope':
+    return None
+  return RopeOptions(base=model_config.rope_base,
+                     normalize_coords=model_config.rope_normalize_coords,
+                     shift_coords=model_config.rope_shift_coords,
+                     jitter_coords=model_config.rope_jitter_coords,
+                     rescale_coords=model_config.rope_rescale_coords)
+
+
 def validate_vit_options(model_config):
   """The ViT options of `config.model`; ValueError naming the key and the choices."""
   checks = [
@@ -401,6 +509,18 @@ def validate_vit_options(model_config):
       (0 <= model_config.interpolate_offset < 1,
        f'model.interpolate_offset={model_config.interpolate_offset} must be in [0, 1) (DINOv2: '
        '0.1)'),
+      (model_config.pos_embed in POS_EMBEDS, f"unknown model.pos_embed '{model_config.pos_embed}'"
+       f": choose one of {', '.join(POS_EMBEDS)}"),
+      (model_config.rope_normalize_coords in NORMALIZE_COORDS,
+       f"unknown model.rope_normalize_coords '{model_config.rope_normalize_coords}': choose one "
+       f"of {', '.join(NORMALIZE_COORDS)}"),
+      (model_config.rope_base > 0, f'model.rope_base={model_config.rope_base} must be > 0'),
+      (model_config.rope_shift_coords
+       >= 0, f'model.rope_shift_coords={model_config.rope_shift_coords} must be >= 0 (0: off)'),
+      *[(value == 0 or value >= 1, f'model.{key}={value} must be 0 (off) or >= 1')
+        for key, value in _rope_factors(model_config)],
+      (model_config.norm_eps > 0, f'model.norm_eps={model_config.norm_eps} must be > 0'),
+      (model_config.mlp_ratio > 0, f'model.mlp_ratio={model_config.mlp_ratio} must be > 0'),
   ]
   for holds, message in checks:
     if not holds:
@@ -412,6 +532,7 @@ def _register_vit(name: str, size: dict):
   @register_backbone(name, uses_patches=True, validate=validate_vit_options)
   def build(model_config, *, in_channels, image_size, rngs):
     return ViT(patch_size=model_config.patch_size,
+               mlp_ratio=model_config.mlp_ratio,
                drop_path_rate=model_config.drop_path,
                in_channels=in_channels,
                remat=model_config.remat,
@@ -425,6 +546,9 @@ def _register_vit(name: str, size: dict):
                pos_interpolation=model_config.pos_interpolation,
                interpolate_offset=model_config.interpolate_offset,
                interpolate_antialias=model_config.interpolate_antialias,
+               rope=rope_options(model_config),
+               mask_k_bias=model_config.mask_k_bias,
+               norm_eps=model_config.norm_eps,
                rngs=rngs,
                **size)
 

@@ -1,8 +1,8 @@
 """`--mode=export`: a checkpoint's teacher backbone as one portable file, for downstream use
 without kldino's train state: `--format=npz` (the default) or `--format=pth`, a PyTorch state
-dict in the official layout of its family, which DINO's `VisionTransformer` (a plain ViT) or
-DINOv2's `DinoVisionTransformer` (a ViT with LayerScale, SwiGLU, registers or a mask token) loads
-with strict=True (docs/checkpoints.md).
+dict in the official layout of its family, which DINO's `VisionTransformer` (a plain ViT),
+DINOv2's `DinoVisionTransformer` (a ViT with LayerScale, SwiGLU, registers or a mask token) or
+DINOv3's (a ViT with RoPE) loads with strict=True (docs/checkpoints.md).
 
 The npz (`np.load(path)` reads it; no pickle): one float32 array per backbone parameter named by
 its path below `backbone/` with '/' separators (`cls_token`, `patch_embed/kernel`,
@@ -103,8 +103,8 @@ FORMATS = ('npz', 'pth')
 
 
 def export_torch(path: str, backbone_params: dict, model_config):
-  """The backbone as a PyTorch state dict in its family's official layout (DINO's ViT, or DINOv2's
-  DinoVisionTransformer for a ViT with its options: kldino/models/torch_layout.py)."""
+  """The backbone as a PyTorch state dict in its family's official layout (DINO's ViT, DINOv2's
+  or DINOv3's DinoVisionTransformer for a ViT with their options: kldino/models/torch_layout.py)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -114,8 +114,7 @@ def export_torch(path: str, backbone_params: dict, model_config):
     raise ConfigError(f"--format=pth writes ViTs; model.name='{model_config.name}' has no "
                       'official PyTorch layout: export it with --format=npz')
   try:
-    state = torch_layout.to_official(jax.device_get(backbone_params),
-                                     dinov2=torch_layout.uses_dinov2_layout(model_config))
+    state = torch_layout.to_official(jax.device_get(backbone_params), model_config)
   except ValueError as error:
     raise ConfigError(str(error)) from None
   torch.save({

@@ -1,13 +1,14 @@
-"""`--mode=import`: official DINO or DINOv2 (PyTorch) ViT weights -> the workdir's step-0
-checkpoint, whose student and teacher backbones hold them (the head is freshly initialised; no
-dataset is read).
+"""`--mode=import`: official DINO, DINOv2 or DINOv3 (PyTorch) ViT weights -> the workdir's
+step-0 checkpoint, whose student and teacher backbones hold them (the head is freshly
+initialised; no dataset is read).
 
-The state dict of DINO's `vision_transformer.VisionTransformer` or DINOv2's
+The state dict of DINO's `vision_transformer.VisionTransformer` or DINOv2's or DINOv3's
 `DinoVisionTransformer` (the `module.` and `backbone.` prefixes of training checkpoints stripped,
 the `head.*` keys skipped) maps key by key onto kldino's ViT (kldino/models/torch_layout.py).
-The architecture it holds (width, depth, patch, position grid, registers, LayerScale, SwiGLU,
-mask token) is read from its keys and shapes first: a config that builds another is refused in
-one line naming the published model it matches (`--config=configs/pretrained.py:NAME`).
+The architecture it holds (width, depth, patch, position grid or RoPE, registers, LayerScale,
+the feed-forward, mask token, masked key bias) is read from its keys and shapes first: a config
+that builds another is refused in one line naming the published model it matches
+(`--config=configs/pretrained.py:NAME`).
 """
 from __future__ import annotations
 
@@ -51,14 +52,16 @@ def backbone_state_dict(checkpoint: dict, *, which: str = 'teacher') -> dict:
 
 
 def convert(state_dict: dict, backbone_params: dict) -> dict:
-  """A copy of `backbone_params` (kldino's pure dict) with every tensor from `state_dict`.
+  """A copy of `backbone_params` (kldino's pure dict) with every tensor from `state_dict` (its
+  buffers, DINOv3's RoPE periods and key-bias masks, folded in or checked by the import).
 
   Every parameter of the kldino backbone must be present with the matching shape, and every
   tensor of the state dict must land somewhere: anything else is an error naming the key.
   """
   converted = {}
-  for key, value in state_dict.items():
-    path, array = torch_layout.kldino_entry(key, np.asarray(value, dtype=np.float32))
+  arrays = {key: np.asarray(value, dtype=np.float32) for key, value in state_dict.items()}
+  for key, value in torch_layout.canonical(arrays).items():
+    path, array = torch_layout.kldino_entry(key, value)
     node = converted
     for part in path[:-1]:
       node = node.setdefault(part, {})
@@ -91,8 +94,9 @@ def convert(state_dict: dict, backbone_params: dict) -> dict:
 
 def _read_torch_checkpoint(path: str) -> dict:
   if not os.path.isfile(path):
-    raise ConfigError(f'--import_from={path} does not exist: pass an official DINO or DINOv2 .pth '
-                      'file')
+    raise ConfigError(
+        f'--import_from={path} does not exist: pass an official DINO, DINOv2 or DINOv3 .pth '
+        'file')
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -103,7 +107,7 @@ def _read_torch_checkpoint(path: str) -> dict:
   except Exception as error:  # pylint: disable=broad-except  # torch raises many kinds
     raise ConfigError(
         f'--import_from={path} is not a PyTorch checkpoint that loads without '
-        f'running code ({type(error).__name__}): pass an official DINO or DINOv2 .pth file'
+        f'running code ({type(error).__name__}): pass an official DINO, DINOv2 or DINOv3 .pth file'
     ) from None
   if not isinstance(checkpoint, dict):
     raise ConfigError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
@@ -112,7 +116,7 @@ def _read_torch_checkpoint(path: str) -> dict:
   if not_tensors:
     raise ConfigError(
         f'--import_from={path} is not a DINO backbone: {not_tensors[0]!r} is not '
-        'a tensor; pass an official DINO or DINOv2 .pth file (a backbone or a training '
+        'a tensor; pass an official DINO, DINOv2 or DINOv3 .pth file (a backbone or a training '
         'checkpoint)')
   return {key: value.float().numpy() for key, value in state_dict.items()}
 
@@ -130,8 +134,9 @@ def check_architecture(state_dict: dict, config, path: str):
     return
   names = hub.matching(found)
   fix = (f'pass --config=configs/pretrained.py:{names[0]}'
-         if names else 'set model.name, patch_size, num_registers, layerscale, ffn, mask_token and '
-         'aug.global_size (the position grid x patch_size) to match it')
+         if names else 'set model.name, patch_size, num_registers, layerscale, ffn, mlp_ratio, '
+         'mask_token, pos_embed, rope_base, mask_k_bias and aug.global_size (the position grid x '
+         'patch_size) to match it')
   raise ConfigError(f'{path} holds another ViT than this config builds: ' + ', '.join(differences) +
                     f'; {fix}')
 

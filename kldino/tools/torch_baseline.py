@@ -41,6 +41,10 @@ def _check_normalization(objective_config, key: str) -> list[str]:
   return [f"objective.{key}='{normalization}' ('prior' from the prior pass, or 'center')"]
 
 
+# What the baseline's ViT builds of DINOv3's options (pos_embed, mask_k_bias, norm_eps, mlp_ratio).
+_DINOV2_VIT = ('learned', False, 1e-6, 4.0)
+
+
 def check_config(config):
   """ValueError naming what the baseline does not build (it mirrors the bench presets' step)."""
   model, objective = config.model, config.objective
@@ -50,6 +54,9 @@ def check_config(config):
                     f"{', '.join(VIT_SIZES)}, with the 'patch' stem)")
   if model.compute_dtype != 'float32':
     problems.append(f"model.compute_dtype='{model.compute_dtype}' ('float32')")
+  if (model.pos_embed, model.mask_k_bias, model.norm_eps, model.mlp_ratio) != _DINOV2_VIT:
+    problems.append(f"DINOv3's ViT options (model.pos_embed='{model.pos_embed}', mask_k_bias, "
+                    "norm_eps, mlp_ratio: 'learned', False, 1e-6, 4.0)")
   if model.head_norm != 'none' or model.prototypes != 'learned':
     problems.append(f"model.head_norm='{model.head_norm}', model.prototypes='{model.prototypes}' "
                     "('none' and 'learned': DINO's head)")

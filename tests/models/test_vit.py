@@ -303,9 +303,6 @@ def _dinov2_pair(ffn, layerscale, registers, offset, antialias):
                                                  num_register_tokens=registers,
                                                  interpolate_offset=offset,
                                                  interpolate_antialias=antialias).eval()
-  with torch.no_grad():  # every parameter away from its init, LayerScale's gains included
-    for parameter in reference.parameters():
-      parameter.add_(0.05 * torch.randn_like(parameter))
   config = model_config(name='vit_nano',
                         patch_size=DINOV2_PATCH,
                         ffn=ffn,
@@ -315,12 +312,21 @@ def _dinov2_pair(ffn, layerscale, registers, offset, antialias):
                         pos_interpolation='torch',
                         interpolate_offset=offset,
                         interpolate_antialias=antialias)
-  backbone = build_backbone(config, in_channels=CHANNELS, image_size=DINOV2_IMAGE, rngs=nnx.Rngs(0))
+  return reference, _kldino_twin(reference, config, DINOV2_IMAGE, 0.05)
+
+
+def _kldino_twin(reference, config, image_size, scale):
+  """kldino's ViT of `config` holding `reference`'s parameters, after adding noise of `scale` to
+  every one of them (away from its init: LayerScale's gains, a masked key bias)."""
+  with torch.no_grad():
+    for parameter in reference.parameters():
+      parameter.add_(scale * torch.randn_like(parameter))
+  backbone = build_backbone(config, in_channels=CHANNELS, image_size=image_size, rngs=nnx.Rngs(0))
   state = nnx.state(backbone, nnx.Param)
   state_dict = {key: value.detach().numpy() for key, value in reference.state_dict().items()}
   nnx.replace_by_pure_dict(state, convert_dino.convert(state_dict, nnx.to_pure_dict(state)))
   nnx.update(backbone, state)
-  return reference, backbone
+  return backbone
 
 
 @nnx.jit
@@ -337,6 +343,12 @@ def test_dinov2_options_give_dinov2s_tokens(options, size):
   rng = np.random.default_rng(size)
   pixels = rng.standard_normal((3, size, size, CHANNELS)).astype(np.float32)
   masks = rng.random((3, (size // DINOV2_PATCH)**2)) < 0.4
+  _assert_same_tokens(reference, backbone, pixels, masks, options[2], _max_abs_error)
+
+
+def _assert_same_tokens(reference, backbone, pixels, masks, registers, error):
+  """The transcription's and kldino's CLS and patch tokens, unmasked and with `masks`, within
+  1e-5 by `error`, and the last block's CLS attention within 1e-5."""
   attention = None
   for mask in (None, masks):
     with torch.no_grad():
@@ -345,11 +357,11 @@ def test_dinov2_options_give_dinov2s_tokens(options, size):
           None if mask is None else torch.from_numpy(mask))
     cls, patches = _tokens(backbone, jnp.asarray(pixels),
                            None if mask is None else jnp.asarray(mask))
-    assert _max_abs_error(cls, expected['x_norm_clstoken'].numpy()) < 1e-5
-    assert _max_abs_error(patches, expected['x_norm_patchtokens'].numpy()) < 1e-5
+    assert error(cls, expected['x_norm_clstoken'].numpy()) < 1e-5
+    assert error(patches, expected['x_norm_patchtokens'].numpy()) < 1e-5
     attention = expected['last_attention'] if attention is None else attention
   np.testing.assert_allclose(np.asarray(backbone.cls_attention(jnp.asarray(pixels))),
-                             attention[:, :, 0, 1 + options[2]:].numpy(),
+                             attention[:, :, 0, 1 + registers:].numpy(),
                              atol=1e-5)
 
 
@@ -365,3 +377,84 @@ def test_dinov2_options_are_checked_and_drop_path_can_be_uniform():
   assert [block.drop_rate for block in uniform.blocks] == [0.3] * 4
   with pytest.raises(ValueError, match='model.mask_token=True'):
     _backbone().tokens(jnp.zeros((1, IMAGE, IMAGE, CHANNELS)), masks=jnp.ones((1, 16), bool))
+
+
+# DINOv3's options against tests/torch_dinov3.py: (feed-forward, its ratio, storage tokens,
+# masked key bias, coordinate normalisation); LayerScale and LayerNorm eps 1e-5 throughout.
+DINOV3_OPTIONS = [
+    ('mlp', 4.0, 4, True, 'separate'),  # the shape of DINOv3's ViT-S/B/L hub models
+    ('swiglu', 6.0, 4, True, 'separate'),  # ViT-S+: the unfused SwiGLU, ratio 6
+    ('mlp', 4.0, 0, False, 'max'),
+]
+DINOV3_PATCH = 4
+
+
+def _dinov3_pair(ffn, mlp_ratio, registers, mask_k_bias, normalize):
+  """The PyTorch DINOv3 ViT with random parameters and kldino's ViT holding the same ones."""
+  from tests import torch_dinov3  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  reference = torch_dinov3.DinoVisionTransformer(patch_size=DINOV3_PATCH,
+                                                 in_chans=CHANNELS,
+                                                 embed_dim=32,
+                                                 depth=2,
+                                                 num_heads=2,
+                                                 ffn_ratio=mlp_ratio,
+                                                 ffn_layer=ffn,
+                                                 layerscale_init=0.5,
+                                                 n_storage_tokens=registers,
+                                                 mask_k_bias=mask_k_bias,
+                                                 pos_embed_rope_normalize_coords=normalize).eval()
+  config = model_config(name='vit_nano',
+                        patch_size=DINOV3_PATCH,
+                        ffn=ffn,
+                        mlp_ratio=mlp_ratio,
+                        layerscale=0.5,
+                        num_registers=registers,
+                        mask_token=True,
+                        pos_embed='rope',
+                        rope_normalize_coords=normalize,
+                        rope_rescale_coords=2.0,
+                        mask_k_bias=mask_k_bias,
+                        norm_eps=1e-5)
+  backbone = _kldino_twin(reference, config, 16, 0.3)
+  assert backbone.pos_embed is None
+  return reference, backbone
+
+
+@pytest.mark.parametrize('options', DINOV3_OPTIONS)
+@pytest.mark.parametrize('height, width', [(16, 16), (24, 16), (12, 32)])
+def test_dinov3_options_give_dinov3s_tokens(options, height, width):
+  """CLS and patch tokens (storage tokens left out) equal DINOv3's to 1e-5 relative on square and
+  rectangular grids (RoPE: no table to resize), with masked patches too, and the last CLS
+  attention."""
+  reference, backbone = _dinov3_pair(*options)
+  rng = np.random.default_rng(height * width)
+  pixels = rng.standard_normal((3, height, width, CHANNELS)).astype(np.float32)
+  masks = rng.random((3, height * width // DINOV3_PATCH**2)) < 0.4
+  _assert_same_tokens(reference, backbone, pixels, masks, options[2], _relative_error)
+
+
+def _relative_error(actual, expected) -> float:
+  """The largest deviation over the largest magnitude (the normed tokens reach ~3)."""
+  return _max_abs_error(actual, expected) / float(np.max(np.abs(expected)))
+
+
+def test_rope_augmentations_act_in_training_only_and_differ_per_key():
+  _, backbone = _dinov3_pair(*DINOV3_OPTIONS[0])
+  x = images((2, 16, 16, CHANNELS))
+  assert np.array_equal(run(backbone, x), run(backbone, x))
+  trained = [np.asarray(run(backbone, x, jax.random.key(seed))) for seed in (0, 1)]
+  assert not np.allclose(trained[0], trained[1], atol=1e-4)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('pos_embed', 'sincos', "unknown model.pos_embed 'sincos': choose one of learned, rope"),
+    ('rope_normalize_coords', 'mean',
+     "unknown model.rope_normalize_coords 'mean': choose one of min, max, separate"),
+    ('rope_rescale_coords', 0.5, r'model.rope_rescale_coords=0.5 must be 0 \(off\) or >= 1'),
+    ('rope_shift_coords', -1.0, r'model.rope_shift_coords=-1.0 must be >= 0'),
+    ('norm_eps', 0.0, 'model.norm_eps=0.0 must be > 0'),
+])
+def test_dinov3_options_are_checked(key, value, message):
+  with pytest.raises(ValueError, match=message):
+    validate_model_config(model_config(name='vit_nano', **{key: value}))

@@ -5,17 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from configs import imagenet_vit_s16
 from configs import pretrained
 from kldino.errors import ConfigError
 from kldino.models import hub
 from kldino.models import torch_layout
-from kldino.modes import export as export_mode
 from kldino.modes import import_dino as import_mode
-from kldino.run import Run
 from tests import torch_dinov2
+from tests.modes.hub_imports import (assert_export_gives_back, import_reference, randomise,
+                                     relative_error)
 
 NAME = 'dinov2_vits14_reg'
 
@@ -23,7 +22,6 @@ NAME = 'dinov2_vits14_reg'
 def _reference(name: str = NAME, seed: int = 0):
   """The hub model `name` (a ViT-S) with every tensor random, as DINOv2 builds it."""
   model = hub.HUB_MODELS[name]
-  torch.manual_seed(seed)
   reference = torch_dinov2.DinoVisionTransformer(
       img_size=model['image_size'],
       patch_size=14,
@@ -36,27 +34,12 @@ def _reference(name: str = NAME, seed: int = 0):
       num_register_tokens=model['num_registers'],
       interpolate_offset=model['interpolate_offset'],
       interpolate_antialias=model['interpolate_antialias']).eval()
-  with torch.no_grad():
-    for name_, param in reference.named_parameters():
-      scale = 0.1 if name_.endswith('gamma') else 0.05
-      param.copy_(torch.randn_like(param) * scale)
-  return reference
+  return randomise(reference, seed)
 
 
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
-  reference = _reference()
-  path = str(tmp_path_factory.mktemp('pth') / 'dinov2_vits14_reg4_pretrain.pth')
-  torch.save(reference.state_dict(), path)
-  workdir = str(tmp_path_factory.mktemp('run'))
-  import_mode.run(pretrained.get_config(NAME), workdir, import_from=path)
-  opened = Run(pretrained.get_config(NAME), workdir)
-  teacher, _ = opened.restore_teacher(None)
-  return reference, nnx.merge(opened.graphdef, teacher).backbone, path, workdir
-
-
-def _relative_error(got, expected) -> float:
-  return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+  return import_reference(_reference(), NAME, 'dinov2_vits14_reg4_pretrain.pth', tmp_path_factory)
 
 
 @pytest.mark.parametrize('size', [224, 448])
@@ -69,11 +52,11 @@ def test_imported_features_equal_the_official_models(imported, size):
     expected = reference.forward_features(nchw)
     layers = reference.get_intermediate_layers(nchw, n=4)
   cls, patches = backbone.tokens(jnp.asarray(images))
-  assert _relative_error(np.asarray(cls), expected['x_norm_clstoken'].numpy()) < 1e-5
-  assert _relative_error(np.asarray(patches), expected['x_norm_patchtokens'].numpy()) < 1e-5
+  assert relative_error(np.asarray(cls), expected['x_norm_clstoken'].numpy()) < 1e-5
+  assert relative_error(np.asarray(patches), expected['x_norm_patchtokens'].numpy()) < 1e-5
   four_blocks = np.asarray(backbone.features(jnp.asarray(images), n_last_blocks=4))
   expected_four = torch.cat([cls_token for _, cls_token in layers], dim=-1).numpy()
-  assert _relative_error(four_blocks, expected_four) < 1e-5
+  assert relative_error(four_blocks, expected_four) < 1e-5
 
 
 def test_a_config_of_another_architecture_names_the_hub_config(imported, tmp_path):
@@ -100,13 +83,4 @@ def test_export_pth_gives_back_the_official_state_dict(imported, tmp_path):
   """--format=pth of the imported run: DINOv2's layout, loaded with strict=True, every tensor
   the one imported."""
   _, _, path, workdir = imported
-  written = export_mode.run(pretrained.get_config(NAME),
-                            workdir,
-                            step=None,
-                            output=str(tmp_path / 'teacher.pth'),
-                            format='pth')
-  state = torch.load(written['export'], weights_only=True)
-  reloaded = _reference(seed=1)
-  reloaded.load_state_dict(state, strict=True)
-  for key, value in torch.load(path, weights_only=True).items():
-    torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+  assert_export_gives_back(NAME, path, workdir, _reference(seed=1), str(tmp_path / 'teacher.pth'))

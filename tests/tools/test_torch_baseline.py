@@ -190,3 +190,6 @@ def test_configs_it_does_not_build_are_named():
   config = base_config()  # the digits head: batch norm inside the MLP
   with pytest.raises(ValueError, match="model.head_norm='batch'"):
     torch_baseline.check_config(config)
+  config.model.update(head_norm='none', name='vit_nano', pos_embed='rope')
+  with pytest.raises(ValueError, match="DINOv3's ViT options \\(model.pos_embed='rope'"):
+    torch_baseline.check_config(config)
