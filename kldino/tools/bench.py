@@ -40,7 +40,8 @@ from kldino.core import prior_pass
 from kldino.runtime import xla_env
 from kldino.config.defaults import base_config
 
-_PRESET = flags.DEFINE_string('preset', 'tiny32', 'tiny32 | small224 | digits | dinov2_s14 | input')
+_PRESET = flags.DEFINE_string('preset', 'tiny32',
+                              'tiny32 | small224 | digits | dinov2_s14 | dinov3_s16 | input')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, '--preset=input: the experiment config (get_config()) whose training input '
     'to measure, e.g. configs/imagenet_vit_s16.py with --config.data.name=folder '
@@ -58,7 +59,13 @@ _PROFILE = flags.DEFINE_string(
     '--baseline=torch the PyTorch step too (kldino/tools/torch_profiling.py)')
 
 # Training images per epoch for the prior pass's share: CIFAR-sized data at 32x32, ImageNet at 224.
-EPOCH_IMAGES = {'tiny32': 50_000, 'small224': 1_281_167, 'digits': 1347, 'dinov2_s14': 1_281_167}
+EPOCH_IMAGES = {
+    'tiny32': 50_000,
+    'small224': 1_281_167,
+    'digits': 1347,
+    'dinov2_s14': 1_281_167,
+    'dinov3_s16': 1_281_167
+}
 
 
 def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, batch,
@@ -79,17 +86,29 @@ def _vit_preset(config, *, name, patch, global_size, local_size, prototypes, bat
   return config
 
 
-def _dinov2_preset():
-  """DINOv2's ViT-S/14 objective (configs/imagenet_dinov2_vitl16.py's, on ViT-S/14): 2 x 224 +
-  8 x 98 crops, iBOT on the shared head, KoLeo, LayerScale, K = 65536, batch 8."""
-  from configs import imagenet_dinov2_vitl16  # pylint: disable=g-import-not-at-top
-  config = imagenet_dinov2_vitl16.get_config()
-  config.model.update(name='vit_small', patch_size=14, remat=False, compute_dtype='float32')
-  config.aug.update(global_size=224, local_size=98)
+def _small_preset(config, patch_size: int, local_size: int):
+  """A family's ImageNet recipe on ViT-S at float32: 2 x 224 + 8 x `local_size` crops, K = 65536,
+  batch 8, KoLeo over the batch, one device."""
+  config.model.update(name='vit_small', patch_size=patch_size, remat=False, compute_dtype='float32')
+  config.aug.update(global_size=224, local_size=local_size)
   config.batch_size, config.prior_pass_batch_size = 8, 32
   config.objective.koleo_group_size = 0
   config.mesh.fsdp = 1
   return config
+
+
+def _dinov2_preset():
+  """DINOv2's ViT-S/14 objective (configs/imagenet_dinov2_vitl16.py's): 2 x 224 + 8 x 98 crops,
+  iBOT on the shared head, KoLeo, LayerScale, the prior on image and patch targets."""
+  from configs import imagenet_dinov2_vitl16  # pylint: disable=g-import-not-at-top
+  return _small_preset(imagenet_dinov2_vitl16.get_config(), 14, 98)
+
+
+def _dinov3_preset():
+  """DINOv3's ViT-S/16 objective (configs/imagenet_dinov3_vitl16.py's): 2 x 224 + 8 x 96 crops,
+  RoPE, iBOT on a separate head, KoLeo, LayerScale, Sinkhorn-Knopp on image and patch targets."""
+  from configs import imagenet_dinov3_vitl16  # pylint: disable=g-import-not-at-top
+  return _small_preset(imagenet_dinov3_vitl16.get_config(), 16, 96)
 
 
 def _digits_config():
@@ -128,6 +147,7 @@ PRESETS = {
         3),
     'digits': (_digits_config, 1),
     'dinov2_s14': (_dinov2_preset, 3),
+    'dinov3_s16': (_dinov3_preset, 3),
 }
 
 

@@ -1,11 +1,11 @@
 """The PyTorch baseline of `python -m kldino.bench --baseline=torch`: kldino's train step written
-the way the official DINO and DINOv2 train (eager PyTorch, main_dino.py's and DINOv2's
+the way the official DINO, DINOv2 and DINOv3 train (eager PyTorch, main_dino.py's and
 ssl_meta_arch.py's order of operations), so that the benchmark puts kldino's step next to what its
 users would otherwise run, in one process.
 
-One step as kldino/core/step.py's: the teacher on the global crops -> image targets (`prior` or
-`center`; with iBOT also the masked patches' targets) -> the student on every crop (one backbone
-call per resolution, the mask token at masked patches of the global crops) -> the multi-crop
+One step as kldino/core/step.py's: the teacher on the global crops -> image targets (`prior`,
+`center` or `sinkhorn`; with iBOT also the masked patches' targets) -> the student on every crop
+(one backbone call per resolution, the mask token at masked patches of the global crops) -> the multi-crop
 cross-entropy (+ iBOT's masked-patch cross-entropy, + KoLeo) -> backward -> the prototypes'
 gradient dropped while frozen -> gradients clipped per parameter (DINO), per module (DINOv2) or
 globally -> AdamW with DINOv2's parameter groups (layer-wise lr decay, the patch embedding's lr
@@ -35,14 +35,17 @@ _EMBEDDINGS = ('pos_embed', 'patch_embed', 'mask_token', 'cls_token', 'register_
 
 def _check_normalization(objective_config, key: str) -> list[str]:
   normalization = objective_config[key]
-  if normalization == 'center' or (normalization == 'prior' and
-                                   objective_config.prior_source == 'sweep'):
+  if normalization in ('center', 'sinkhorn') or (normalization == 'prior' and
+                                                 objective_config.prior_source == 'sweep'):
     return []
-  return [f"objective.{key}='{normalization}' ('prior' from the prior pass, or 'center')"]
+  return [
+      f"objective.{key}='{normalization}' ('prior' from the prior pass, 'center' or 'sinkhorn')"
+  ]
 
 
-# What the baseline's ViT builds of DINOv3's options (pos_embed, mask_k_bias, norm_eps, mlp_ratio).
-_DINOV2_VIT = ('learned', False, 1e-6, 4.0)
+# What the baseline's ViT builds of DINOv3's options: RoPE without training-time augmentations
+# (rope_shift_coords, rope_jitter_coords, rope_rescale_coords), mask_k_bias, norm_eps, mlp_ratio.
+_DINOV3_VIT = (0.0, 0.0, 0.0, False, 1e-6, 4.0)
 
 
 def check_config(config):
@@ -54,9 +57,11 @@ def check_config(config):
                     f"{', '.join(VIT_SIZES)}, with the 'patch' stem)")
   if model.compute_dtype != 'float32':
     problems.append(f"model.compute_dtype='{model.compute_dtype}' ('float32')")
-  if (model.pos_embed, model.mask_k_bias, model.norm_eps, model.mlp_ratio) != _DINOV2_VIT:
-    problems.append(f"DINOv3's ViT options (model.pos_embed='{model.pos_embed}', mask_k_bias, "
-                    "norm_eps, mlp_ratio: 'learned', False, 1e-6, 4.0)")
+  if (model.rope_shift_coords, model.rope_jitter_coords, model.rope_rescale_coords,
+      model.mask_k_bias, model.norm_eps, model.mlp_ratio) != _DINOV3_VIT:
+    problems.append("DINOv3's ViT options (model.rope_shift_coords, rope_jitter_coords, "
+                    'rope_rescale_coords, mask_k_bias, norm_eps, mlp_ratio: 0, 0, 0, False, '
+                    '1e-6, 4.0)')
   if model.head_norm != 'none' or model.prototypes != 'learned':
     problems.append(f"model.head_norm='{model.head_norm}', model.prototypes='{model.prototypes}' "
                     "('none' and 'learned': DINO's head)")
@@ -66,8 +71,8 @@ def check_config(config):
   if config.optim.clip_mode not in CLIP_MODES:
     problems.append(f"optim.clip_mode='{config.optim.clip_mode}' ({', '.join(CLIP_MODES)})")
   if problems:
-    raise ValueError("the PyTorch baseline builds DINO's and DINOv2's step on a ViT; this config "
-                     'has ' + '; '.join(problems))
+    raise ValueError("the PyTorch baseline builds DINO's, DINOv2's and DINOv3's step on a ViT; "
+                     'this config has ' + '; '.join(problems))
 
 
 class DinoModel(nn.Module):
@@ -133,6 +138,18 @@ def koleo(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
   return -torch.log(distances + eps).mean()
 
 
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int):
+  """DINOv2's and DINOv3's sinkhorn_knopp_teacher: exp(t / tau) made doubly stochastic over the
+  rows given (every prototype 1 / K of the mass, every row 1 / rows), rows summing to one."""
+  q = torch.exp(teacher_logits / teacher_temp).t()  # [K, rows]
+  prototypes, rows = q.shape
+  q = q / q.sum()
+  for _ in range(iterations):
+    q = q / q.sum(dim=1, keepdim=True) / prototypes
+    q = q / q.sum(dim=0, keepdim=True) / rows
+  return (q * rows).t()
+
+
 class TorchDinoStep:
   """One training step of kldino's, in PyTorch. `step(global_crops, local_crops, masks=None)`
   takes NHWC tensors [B, V, H, W, C] (as kldino's batches; with iBOT the masks [B, G, N]) and
@@ -167,6 +184,8 @@ class TorchDinoStep:
     normalization = objective.normalization if kind == 'image' else objective.patch_normalization
     if normalization == 'prior':
       return F.softmax(teacher_logits / temp - state['log_prior'], dim=-1)
+    if normalization == 'sinkhorn':
+      return sinkhorn_knopp(teacher_logits, temp, objective.sinkhorn_iters)
     targets = F.softmax((teacher_logits - state['center']) / temp, dim=-1)
     momentum = objective.center_momentum
     state['center'] = momentum * state['center'] + (1 - momentum) * teacher_logits.mean(dim=0)

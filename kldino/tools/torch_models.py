@@ -37,6 +37,39 @@ class PatchEmbed(nn.Module):
     return self.proj(images).flatten(2).transpose(1, 2)
 
 
+class RopeEmbedding(nn.Module):
+  """DINOv3's RopePositionEmbedding without its training-time augmentations: the (sin, cos)
+  [h * w, head_dim] of a patch grid, coordinates of the patch centres in [-1, 1] per axis."""
+
+  def __init__(self, head_dim: int, base: float, normalize_coords: str):
+    super().__init__()
+    exponents = 2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2)
+    self.register_buffer('periods', base**exponents)
+    self.normalize_coords = normalize_coords
+
+  def forward(self, height: int, width: int):
+    divisors = {
+        'separate': (height, width),
+        'max': (max(height, width),) * 2,
+        'min': (min(height, width),) * 2
+    }[self.normalize_coords]
+    rows = (torch.arange(height, dtype=torch.float32) + 0.5) / divisors[0]
+    columns = (torch.arange(width, dtype=torch.float32) + 0.5) / divisors[1]
+    coords = 2.0 * torch.stack(torch.meshgrid(rows, columns, indexing='ij'), dim=-1) - 1.0
+    angles = 2 * math.pi * coords.reshape(-1, 2, 1) / self.periods  # [n, 2, head_dim / 4]
+    angles = angles.flatten(1).tile(2)
+    return torch.sin(angles), torch.cos(angles)
+
+
+def rotate_patches(x: torch.Tensor, rope) -> torch.Tensor:
+  """RoPE on the patch tokens (the last h * w) of queries or keys [B, heads, N, head_dim]."""
+  sin, cos = rope
+  prefix = x.shape[2] - sin.shape[0]
+  first, second = x[:, :, prefix:].chunk(2, dim=-1)
+  rotated = x[:, :, prefix:] * cos + torch.cat([-second, first], dim=-1) * sin
+  return torch.cat([x[:, :, :prefix], rotated], dim=2)
+
+
 class Attention(nn.Module):
 
   def __init__(self, dim: int, num_heads: int):
@@ -46,10 +79,12 @@ class Attention(nn.Module):
     self.qkv = nn.Linear(dim, dim * 3, bias=True)
     self.proj = nn.Linear(dim, dim)
 
-  def forward(self, x, return_attention: bool = False):
+  def forward(self, x, rope=None, return_attention: bool = False):
     batch, length, dim = x.shape
     qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
+    if rope is not None:
+      q, k = rotate_patches(q, rope), rotate_patches(k, rope)
     weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
     if return_attention:
       return weights
@@ -111,15 +146,16 @@ class Block(nn.Module):
     self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
     self.drop_rate = drop_rate
 
-  def forward(self, x):
-    x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_rate, self.training)
+  def forward(self, x, rope=None):
+    x = x + drop_path(self.ls1(self.attn(self.norm1(x), rope)), self.drop_rate, self.training)
     return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_rate, self.training)
 
 
 class VisionTransformer(nn.Module):
   """DINO's ViT, with DINOv2's options. Position embeddings of other grids are resized bicubically
   (PyTorch's, a = -0.75): to the grid's size, or with `interpolate_offset` > 0 by DINOv2's scale
-  factor (grid + offset) / trained grid, antialiased with `interpolate_antialias`."""
+  factor (grid + offset) / trained grid, antialiased with `interpolate_antialias`. With
+  `rope_base` there is no table: DINOv3's RoPE rotates the patch tokens in every attention."""
 
   def __init__(self,
                img_size: int,
@@ -136,7 +172,9 @@ class VisionTransformer(nn.Module):
                num_register_tokens: int = 0,
                mask_token: bool = False,
                interpolate_offset: float = 0.0,
-               interpolate_antialias: bool = False):
+               interpolate_antialias: bool = False,
+               rope_base: float | None = None,
+               rope_normalize_coords: str = 'separate'):
     super().__init__()
     self.grid = img_size // patch_size
     self.num_register_tokens = num_register_tokens
@@ -144,7 +182,10 @@ class VisionTransformer(nn.Module):
     self.interpolate_antialias = interpolate_antialias
     self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
     self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-    self.pos_embed = nn.Parameter(torch.randn(1, self.grid**2 + 1, embed_dim) * 0.02)
+    if rope_base is None:
+      self.pos_embed = nn.Parameter(torch.randn(1, self.grid**2 + 1, embed_dim) * 0.02)
+    else:
+      self.rope_embed = RopeEmbedding(embed_dim // num_heads, rope_base, rope_normalize_coords)
     if num_register_tokens:
       self.register_tokens = nn.Parameter(torch.randn(1, num_register_tokens, embed_dim) * 1e-6)
     if mask_token:
@@ -172,51 +213,52 @@ class VisionTransformer(nn.Module):
     return torch.cat([cls_position, table.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
   def _embed(self, images, masks=None):
-    """Tokens entering the first block: CLS, the registers, the patches (masked ones replaced
-    by the mask token before the position embedding is added, as DINOv2)."""
+    """(tokens entering the first block: CLS, the registers, the patches, masked ones replaced by
+    the mask token before the position embedding is added, as DINOv2; RoPE's (sin, cos) or
+    None)."""
     tokens = self.patch_embed(images)
     if masks is not None:
       tokens = torch.where(masks.unsqueeze(-1),
                            self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
     patch = self.patch_embed.proj.kernel_size[0]
-    position = self._position_embedding(images.shape[2] // patch, images.shape[3] // patch)
+    grid = (images.shape[2] // patch, images.shape[3] // patch)
     cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-    tokens = torch.cat([cls, tokens], dim=1) + position
-    if not self.num_register_tokens:
-      return tokens
-    registers = self.register_tokens.expand(tokens.shape[0], -1, -1)
-    return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+    tokens = torch.cat([cls, tokens], dim=1)
+    rope = self.rope_embed(*grid) if hasattr(self, 'rope_embed') else None
+    if rope is None:
+      tokens = tokens + self._position_embedding(*grid)
+    if self.num_register_tokens:
+      registers = self.register_tokens.expand(tokens.shape[0], -1, -1)
+      tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+    return tokens, rope
+
+  def _block_outputs(self, images, masks=None, blocks: int | None = None):
+    """The token sequences after each of the first `blocks` blocks (all by default), and RoPE's
+    tables."""
+    tokens, rope = self._embed(images, masks)
+    outputs = []
+    for block in self.blocks[:blocks]:
+      tokens = block(tokens, rope)
+      outputs.append(tokens)
+    return outputs or [tokens], rope
 
   def forward_tokens(self, images, masks=None):
     """(CLS [B, D], patches [B, N, D]) after the final norm, the registers left out."""
-    tokens = self._embed(images, masks)
-    for block in self.blocks:
-      tokens = block(tokens)
-    normed = self.norm(tokens)
+    normed = self.norm(self._block_outputs(images, masks)[0][-1])
     return normed[:, 0], normed[:, 1 + self.num_register_tokens:]
 
   def forward(self, images):
-    tokens = self._embed(images)
-    for block in self.blocks:
-      tokens = block(tokens)
-    return self.norm(tokens[:, 0])
+    return self.norm(self._block_outputs(images)[0][-1][:, 0])
 
   def get_last_selfattention(self, images):
     """The last block's attention weights [B, heads, N + 1, N + 1] (DINO's visualisation)."""
-    tokens = self._embed(images)
-    for block in self.blocks[:-1]:
-      tokens = block(tokens)
-    return self.blocks[-1].attn(self.blocks[-1].norm1(tokens), return_attention=True)
+    outputs, rope = self._block_outputs(images, blocks=len(self.blocks) - 1)
+    last = self.blocks[-1]
+    return last.attn(last.norm1(outputs[-1]), rope, return_attention=True)
 
   def get_intermediate_layers(self, images, n: int = 1):
     """The whole token sequences after each of the last n blocks, each through `norm`."""
-    tokens = self._embed(images)
-    normed = []
-    for index, block in enumerate(self.blocks):
-      tokens = block(tokens)
-      if index >= len(self.blocks) - n:
-        normed.append(self.norm(tokens))
-    return normed
+    return [self.norm(tokens) for tokens in self._block_outputs(images)[0][-n:]]
 
 
 def vision_transformer(model_config, in_channels: int, image_size: int) -> VisionTransformer:
@@ -237,7 +279,9 @@ def vision_transformer(model_config, in_channels: int, image_size: int) -> Visio
       num_register_tokens=model_config.num_registers,
       mask_token=model_config.mask_token,
       interpolate_offset=model_config.interpolate_offset if torch_resize else 0.0,
-      interpolate_antialias=torch_resize and model_config.interpolate_antialias)
+      interpolate_antialias=torch_resize and model_config.interpolate_antialias,
+      rope_base=model_config.rope_base if model_config.pos_embed == 'rope' else None,
+      rope_normalize_coords=model_config.rope_normalize_coords)
 
 
 class DINOHead(nn.Module):

@@ -186,10 +186,23 @@ def test_two_dinov2_steps_equal_kldinos(patch_normalization, separate_head):
       state.norm_state['patch']['center'])) == (patch_normalization == 'center')
 
 
+def test_two_dinov3_steps_equal_kldinos():
+  """RoPE instead of the position table (local crops at another grid), iBOT on a separate head,
+  Sinkhorn-Knopp on image and patch targets: two steps give kldino's losses and models."""
+  config = _dinov2_config('sinkhorn', separate_head=True)
+  config.objective.normalization = 'sinkhorn'
+  config.model.update(pos_embed='rope', rope_normalize_coords='separate')
+  state, losses, params, baseline, lr = _steps_of_both(config, steps=2)
+  assert 'pos_embed' not in params['backbone']
+  for expected, got in losses:
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+  _assert_same_models(state, baseline, params, lr)
+
+
 def test_configs_it_does_not_build_are_named():
   config = base_config()  # the digits head: batch norm inside the MLP
   with pytest.raises(ValueError, match="model.head_norm='batch'"):
     torch_baseline.check_config(config)
-  config.model.update(head_norm='none', name='vit_nano', pos_embed='rope')
-  with pytest.raises(ValueError, match="DINOv3's ViT options \\(model.pos_embed='rope'"):
+  config.model.update(head_norm='none', name='vit_nano', pos_embed='rope', rope_jitter_coords=1.4)
+  with pytest.raises(ValueError, match="DINOv3's ViT options \\(model.rope_shift_coords"):
     torch_baseline.check_config(config)
