@@ -5,13 +5,13 @@ users would otherwise run, in one process.
 
 One step as kldino/core/step.py's: the teacher on the global crops -> image targets (`prior`,
 `center` or `sinkhorn`; with iBOT also the masked patches' targets) -> the student on every crop
-(one backbone call per resolution, the mask token at masked patches of the global crops) -> the multi-crop
-cross-entropy (+ iBOT's masked-patch cross-entropy, + KoLeo) -> backward -> the prototypes'
-gradient dropped while frozen -> gradients clipped per parameter (DINO), per module (DINOv2) or
-globally -> AdamW with DINOv2's parameter groups (layer-wise lr decay, the patch embedding's lr
-multiplier; no weight decay on biases and 1-D parameters, DINO's rule, which picks the same
-parameters as DINOv2's name rule in these models) -> the teacher's EMA. The models are
-kldino/tools/torch_models.py's. Needs the `torch` extra.
+(one backbone call per resolution, the mask token at masked patches of the global crops) -> the
+multi-crop cross-entropy (+ iBOT's masked-patch cross-entropy, + KoLeo) -> backward -> the
+prototypes' gradient dropped while frozen -> gradients clipped per parameter (DINO), per module
+(DINOv2, DINOv3) or globally -> AdamW with DINOv2's parameter groups (layer-wise lr decay, the
+patch embedding's lr multiplier; no weight decay on biases and 1-D parameters, DINO's rule, which
+picks the same parameters as DINOv2's name rule in these models) -> the teacher's EMA. The models
+are kldino/tools/torch_models.py's. Needs the `torch` extra.
 """
 from __future__ import annotations
 
