@@ -117,7 +117,8 @@ class Run:
 
   def check_training_order(self):
     """Refuses, before anything is read, a data.shuffle that the dataset cannot give."""
+    source = self.source  # its own errors are the data's (DataError), raised as they are
     try:
-      pipeline.check_shuffle(self.source, self.config, jax.process_count())
+      pipeline.check_shuffle(source, self.config, jax.process_count())
     except ValueError as error:
       raise ConfigError(str(error)) from None

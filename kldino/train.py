@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers
 
 from kldino import checkpoint as checkpoint_lib
-from kldino import init_from
+
 from kldino import run as run_lib
 from kldino.core import guard as guard_lib
 from kldino.core import objective
@@ -132,13 +132,13 @@ class Trainer:
 
   def restore_or_init(self, step: int | None = None):
     """The latest readable checkpoint (or `step`), else a fresh state (with init_from or
-    gram.ckpt, the parameters of their sources: kldino/init_from.py)."""
+    gram.ckpt, the parameters of their sources: kldino/checkpoint.py, start_from)."""
     state, meta = self.checkpointer.restore(self.program.abstract_state, self.config, step=step)
     if state is None:
       state = self.program.init(self.config.seed)
       if self.config.init_from or (self.config.gram.use and self.config.gram.ckpt):
-        state = init_from.start_from(state, self.config, self.run.abstract_params,
-                                     self.program.state_shardings, self.mesh)
+        state = checkpoint_lib.start_from(state, self.config, self.run.abstract_params,
+                                          self.program.state_shardings, self.mesh)
       return state
     step = int(state.step)
     # An imported checkpoint (step 0, written without reading a dataset) records no epoch size.
