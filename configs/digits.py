@@ -10,8 +10,8 @@ spread compared with tau_t. What made the ViT learn here (docs/results.md): a hi
 per 256 images), no stochastic depth for a 4-block model, a 2-epoch warmup, and a prior floor of
 1e-3: with 1e-6, the inverse prior of the many empty clusters flattens the targets and starves
 the student.
-Measured (`make pretrain`, docs/results.md): k-NN 0.50 -> 0.944, linear 0.73 -> 0.960 in 80
-epochs (0.934 / 0.953 over seeds 0-2, docs/input.md); with
+Measured (`make pretrain`, docs/results.md): k-NN 0.50 -> 0.960, linear 0.73 -> 0.969 in 80
+epochs (seed 0; 0.934 / 0.953 over seeds 0-2 before the per-view jitter order, docs/input.md); with
 `--config.objective.normalization=none` the run collapses to one cluster (the collapse guard
 stops it at epoch 20 with guard.collapse=stop). The crops are bilinear: on whole-pixel windows
 DINO's bicubic crops reached k-NN 0.864 here and bilinear ones 0.900 (docs/input.md).
